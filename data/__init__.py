@@ -1,0 +1,1 @@
+"""Data: image folders, class names, CLIP prompt templates, views for the tokenizer."""

@@ -1,0 +1,1 @@
+"""Small shared plumbing for the stage scripts: flags, artifacts, distributed runs."""

@@ -1,0 +1,223 @@
+"""Artifacts on disk: atomic writes, manifests that chain stages, resumable chunks.
+
+Every stage writes into its own directory a set of data files plus
+``manifest.json``::
+
+    {"stage": "vocab", "id": "<sha256>", "config": {...}, "inputs": {"vocab": {"dir": ..., "id": ...}},
+     "files": {"vocab.json": {"sha256": ..., "bytes": ...}}, "code_version": ..., "created": ..., "info": {...}}
+
+``id`` is a hash of the stage name, the ids of its inputs and the hashes of its
+files: it is content-addressed, so the same data gives the same id whatever the
+number of processes that made it. The next stage records that id and refuses an
+input whose id differs (a codebook made from another vocabulary, say).
+
+The manifest is written last, so a directory without one is an unfinished
+stage. Long stages save fixed-size chunks as they go (``ChunkStore``); a killed
+run resumes from the chunks on disk, and the chunk boundaries do not depend on
+the number of ranks, so a 2-process run writes exactly what a 1-process run does.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from utils.errors import V2LError
+
+MANIFEST = "manifest.json"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; move it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_json(path, obj) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+
+
+def load_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def save_tensors(path, tensors: dict[str, torch.Tensor]) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+
+
+def load_tensors(path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def save_torch(path, obj) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def file_sha256(path, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def code_version() -> str:
+    """The git commit of this code (with '+dirty' when modified), or 'unknown' outside git."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=5)
+        if rev.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def write_manifest(out_dir, stage: str, config: dict, files: list[str],
+                   inputs: dict[str, str | os.PathLike] | None = None,
+                   info: dict | None = None) -> dict:
+    """Hash ``files`` (relative to out_dir), record the input manifests' ids, write manifest.json last."""
+    out_dir = Path(out_dir)
+    entries = {}
+    for name in files:
+        p = out_dir / name
+        entries[name] = {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+    input_entries = {}
+    for name, d in (inputs or {}).items():
+        m = read_manifest(d)
+        input_entries[name] = {"dir": str(d), "stage": m["stage"], "id": m["id"]}
+    ident = hashlib.sha256(json.dumps(
+        [stage, {k: v["id"] for k, v in input_entries.items()},
+         {k: v["sha256"] for k, v in entries.items()}], sort_keys=True).encode()).hexdigest()
+    manifest = {
+        "stage": stage, "id": ident, "config": _jsonable(config), "inputs": input_entries,
+        "files": entries, "code_version": code_version(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "info": _jsonable(info or {}),
+    }
+    save_json(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(out_dir, stage: str | None = None, made_by: str | None = None) -> dict:
+    """Read a finished stage's manifest, or fail with the command that makes it."""
+    out_dir = Path(out_dir)
+    path = out_dir / MANIFEST
+    fix = f"; run {made_by} first" if made_by else ""
+    if not out_dir.is_dir():
+        raise V2LError(f"{out_dir}: directory not found{fix}")
+    if not path.is_file():
+        raise V2LError(f"{out_dir}: no finished artifact here ({MANIFEST} missing){fix}")
+    try:
+        manifest = load_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise V2LError(f"{path}: unreadable manifest ({e}); delete the directory and rerun its stage")
+    if stage is not None and manifest.get("stage") != stage:
+        raise V2LError(f"{out_dir}: holds a '{manifest.get('stage')}' artifact, expected '{stage}'"
+                       f"{fix or ''}")
+    for name, entry in manifest.get("files", {}).items():
+        p = out_dir / name
+        if not p.is_file() or p.stat().st_size != entry["bytes"]:
+            raise V2LError(f"{p}: missing or truncated (manifest says {entry['bytes']} bytes); "
+                           f"delete {out_dir} and rerun its stage")
+    return manifest
+
+
+def require_input(manifest: dict, name: str, expected: dict, what: str) -> None:
+    """Check that ``manifest`` was made from the artifact whose manifest is ``expected``."""
+    got = manifest.get("inputs", {}).get(name, {}).get("id")
+    if got != expected["id"]:
+        raise V2LError(
+            f"{what} was made from a different {name} artifact (id {str(got)[:12]} vs "
+            f"{expected['id'][:12]}); rebuild it from the same {name} or pass the matching one")
+
+
+def is_complete(out_dir, stage: str) -> bool:
+    """True when out_dir holds a finished artifact of this stage (for skipping reruns)."""
+    try:
+        read_manifest(out_dir, stage)
+        return True
+    except V2LError:
+        return False
+
+
+class ChunkStore:
+    """Fixed-size chunks of a long job, saved as they finish, so a killed run resumes.
+
+    Items [0, total) are cut into chunks of ``chunk_size``; chunk i belongs to
+    rank i % world. ``key`` (the settings that change the result) names the
+    chunk folder, so a run with other settings never picks up stale chunks.
+    """
+
+    def __init__(self, out_dir, total: int, chunk_size: int, key: dict):
+        self.total, self.chunk_size = total, chunk_size
+        digest = hashlib.sha256(json.dumps(_jsonable(key), sort_keys=True).encode()).hexdigest()[:16]
+        self.dir = Path(out_dir) / f".chunks-{digest}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.n_chunks = (total + chunk_size - 1) // chunk_size
+
+    def _path(self, i: int) -> Path:
+        return self.dir / f"chunk{i:06d}.safetensors"
+
+    def bounds(self, i: int) -> tuple[int, int]:
+        return i * self.chunk_size, min(self.total, (i + 1) * self.chunk_size)
+
+    def done(self, i: int) -> bool:
+        return self._path(i).is_file()
+
+    def todo(self, rank: int = 0, world: int = 1) -> list[int]:
+        return [i for i in range(rank, self.n_chunks, world) if not self.done(i)]
+
+    def n_done(self) -> int:
+        return sum(self.done(i) for i in range(self.n_chunks))
+
+    def save(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
+        save_tensors(self._path(i), tensors)
+
+    def gather(self) -> dict[str, torch.Tensor]:
+        missing = [i for i in range(self.n_chunks) if not self.done(i)]
+        if missing:
+            raise V2LError(f"{self.dir}: {len(missing)} of {self.n_chunks} chunks missing; "
+                           "rerun the same command to finish them")
+        parts = [load_tensors(self._path(i)) for i in range(self.n_chunks)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def cleanup(self) -> None:
+        for p in self.dir.glob("*"):
+            p.unlink()
+        self.dir.rmdir()
