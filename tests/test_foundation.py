@@ -1,0 +1,147 @@
+"""The shared plumbing: flags from constants, atomic artifacts and manifests, robust images."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data.images import ImageFolderDataset, collate_skip_bad, load_rgb, scan_split
+from data.transforms import TokenizerViews, clip_crop
+from utils.artifacts import (ChunkStore, atomic_path, is_complete, read_manifest, require_input,
+                             save_json, save_tensors, write_manifest)
+from utils.cli import build_parser, configure
+from utils.errors import V2LError
+
+SCRIPT = '''"""A toy stage."""
+# how many rows per chunk
+CHUNK = 64  # rows per chunk
+NAME = "abc"  # a name
+FLAG = False  # a flag
+OPT = None  # an optional path
+KS = (5, 21)  # several values
+RATE = 1.5  # a float
+'''
+
+
+def test_flags_come_from_constants(tmp_path):
+    script = tmp_path / "toy.py"
+    script.write_text(SCRIPT)
+    g = {"__file__": str(script), "__doc__": "A toy stage."}
+    cfg = configure(g, ["--chunk", "3", "--flag", "--opt", "p", "--ks", "1", "2", "--rate", "0.5"])
+    assert cfg == {"chunk": 3, "name": "abc", "flag": True, "opt": "p", "ks": (1, 2), "rate": 0.5}
+    assert g["CHUNK"] == 3 and g["KS"] == (1, 2)
+    cfg = configure(g, ["--flag", "false", "--opt", "none"])
+    assert cfg["flag"] is False and cfg["opt"] is None and cfg["chunk"] == 64
+    help_text = build_parser(SCRIPT, "A toy stage.")[0].format_help()
+    assert "how many rows per chunk rows per chunk" in help_text and "a name (default: 'abc')" in help_text
+    with pytest.raises(SystemExit):
+        configure(g, ["--chunk", "x"])
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "a.json"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            Path(tmp).write_text("half")
+            raise RuntimeError("killed")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_manifest_chain(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    save_tensors(a / "x.safetensors", {"x": torch.arange(4)})
+    ma = write_manifest(a, "vocab", {"k": 1}, ["x.safetensors"])
+    save_json(b / "y.json", [1, 2])
+    mb = write_manifest(b, "codebook", {}, ["y.json"], inputs={"vocab": a})
+    assert read_manifest(b, "codebook")["inputs"]["vocab"]["id"] == ma["id"]
+    require_input(mb, "vocab", ma, "codebook")
+    with pytest.raises(V2LError, match="different vocab"):
+        require_input(mb, "vocab", {"id": "0" * 64}, "codebook")
+    with pytest.raises(V2LError, match="expected 'global'"):
+        read_manifest(b, "global")
+    with pytest.raises(V2LError, match="run step1.py first"):
+        read_manifest(tmp_path / "missing", "vocab", made_by="step1.py")
+    # same content -> same id, whatever else differs
+    c = tmp_path / "c"
+    save_json(c / "y.json", [1, 2])
+    assert write_manifest(c, "codebook", {"other": 2}, ["y.json"], inputs={"vocab": a})["id"] == mb["id"]
+    # a truncated data file is noticed
+    (a / "x.safetensors").write_bytes(b"12")
+    assert not is_complete(a, "vocab")
+
+
+def test_chunkstore_resume_and_sharding(tmp_path):
+    key = {"model": "m"}
+    store = ChunkStore(tmp_path, total=10, chunk_size=3, key=key)
+    assert store.n_chunks == 4 and store.bounds(3) == (9, 10)
+    assert store.todo(0, 2) == [0, 2] and store.todo(1, 2) == [1, 3]
+    for i in store.todo(0, 2):
+        lo, hi = store.bounds(i)
+        store.save(i, {"v": torch.arange(lo, hi)})
+    with pytest.raises(V2LError, match="2 of 4 chunks missing"):
+        store.gather()
+    again = ChunkStore(tmp_path, total=10, chunk_size=3, key=key)
+    assert again.todo() == [1, 3]
+    for i in again.todo():
+        lo, hi = again.bounds(i)
+        again.save(i, {"v": torch.arange(lo, hi)})
+    assert torch.equal(again.gather()["v"], torch.arange(10))
+    assert ChunkStore(tmp_path, 10, 3, {"model": "other"}).todo() == [0, 1, 2, 3]
+
+
+def _write_odd_images(root: Path):
+    rng = np.random.default_rng(0)
+    (root / "cat").mkdir(parents=True)
+    (root / "dog").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(root / "cat/rgb.jpg")
+    Image.fromarray(rng.integers(0, 255, (40, 50), dtype=np.uint8)).save(root / "cat/gray.png")
+    Image.new("CMYK", (30, 30), (10, 200, 30, 0)).save(root / "dog/cmyk.jpg")
+    Image.fromarray(rng.integers(0, 255, (5, 5, 3), dtype=np.uint8)).save(root / "dog/tiny.png")
+    rgba = Image.new("RGBA", (20, 20), (255, 0, 0, 0))
+    rgba.save(root / "dog/alpha.png")
+    (root / "dog/corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "dog/notes.txt").write_text("ignored")
+
+
+def test_odd_images_become_rgb_and_corrupt_ones_are_skipped(tmp_path, capsys):
+    _write_odd_images(tmp_path / "train")
+    paths, labels, classes = scan_split(tmp_path, "train")
+    assert classes == ["cat", "dog"] and len(paths) == 6 and labels.count(1) == 4
+    assert load_rgb(tmp_path / "train/dog/cmyk.jpg").mode == "RGB"
+    assert load_rgb(tmp_path / "train/dog/alpha.png").getpixel((0, 0)) == (255, 255, 255)
+    ds = ImageFolderDataset(tmp_path, "train", transform=clip_crop(16))
+    batch = collate_skip_bad([ds[i] for i in range(len(ds))])
+    assert batch["n_skipped"] == 1 and batch["image"].shape == (5, 3, 16, 16)
+    assert "corrupt.jpg" in capsys.readouterr().err
+
+
+def test_empty_folder_is_one_clear_error(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(V2LError, match="no images found"):
+        scan_split(tmp_path, "train")
+    with pytest.raises(V2LError, match="not found"):
+        scan_split(tmp_path, "val")
+
+
+def test_flat_val_with_labels_file(tmp_path):
+    val = tmp_path / "val"
+    val.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(val / f"ILSVRC2012_val_{i:08d}.JPEG")
+    (tmp_path / "labels.txt").write_text(
+        "ILSVRC2012_val_00000000.JPEG n02\nILSVRC2012_val_00000001.JPEG n01\n")
+    paths, labels, classes = scan_split(tmp_path, "val", labels_file=tmp_path / "labels.txt")
+    assert classes == ["n01", "n02"] and labels == [1, 0, -1]
+
+
+def test_tokenizer_views_follow_the_clip_crop():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8))
+    small, clip = TokenizerViews(224, (0.5,) * 3, (0.25,) * 3)(image)
+    assert small.shape == (3, 128, 128) and clip.shape == (3, 224, 224)
+    assert -1 <= small.min() and small.max() <= 1
+    crop = clip * 0.25 + 0.5
+    ref = torch.nn.functional.interpolate(crop[None], size=128, mode="bilinear", align_corners=False)[0]
+    assert torch.allclose(small, ref.clamp(0, 1) * 2 - 1, atol=1e-5)
