@@ -1,0 +1,424 @@
+"""Reconstruction metrics: PSNR and SSIM on Y, LPIPS (VGG), FID, Inception Score, codebook usage.
+
+Conventions (the same for every evaluation in this project):
+
+- Images come in as float tensors [B, 3, H, W] in [-1, 1] and are first
+  quantised to 8 bits, ``round((x + 1) * 127.5)``, as if both were read back
+  from PNG files; every metric sees these 8-bit images.
+- PSNR and SSIM are computed on the luma channel Y of ITU-R BT.601 as in the
+  common super-resolution code: with R, G, B scaled to [0, 1],
+  ``Y = 16 + 65.481 R + 128.553 G + 24.966 B`` (range [16, 235]), peak 255,
+  no border crop, averaged over images. Identical images count as 100 dB.
+- SSIM: Gaussian window 11x11 with sigma 1.5, K1 = 0.01, K2 = 0.03, data
+  range 255, population (not sample) covariances, mean of the SSIM map over
+  the positions where the whole window fits in the image (what
+  ``skimage.metrics.structural_similarity(..., gaussian_weights=True,
+  sigma=1.5, use_sample_covariance=False, data_range=255)`` returns).
+- LPIPS: the VGG variant, fed images in [-1, 1] (``normalize=False``), the
+  range the LPIPS network expects; mean over images.
+- FID and IS use the TF-Inception (2015-12-05) weights of pytorch-fid /
+  torch-fidelity through torch-fidelity's ``inception-v3-compat`` extractor:
+  FID on the 2048-d pool features (real vs reconstructed), IS on the
+  reconstructions' 1008-way logits, 10 splits. Without the weights file the
+  two are skipped by name, with the reason; numbers from random weights are
+  never reported.
+- Codebook usage: how many distinct local codes were used, that count over
+  the codebook size, and the perplexity (exp of the entropy) of the histogram.
+
+Everything streams: :class:`ReconstructionMetrics` keeps only sums (float64
+first and second moments for FID, per-split sums for IS), so its state is
+small, can be saved to resume, and adds up across processes.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from utils.errors import V2LError
+
+PSNR_IDENTICAL_DB = 100.0
+INCEPTION_FILES = ("weights-inception-2015-12-05-6726825d.pth",   # torch-fidelity's name
+                   "pt_inception-2015-12-05-6726825d.pth")        # pytorch-fid's name
+ALL_METRICS = ("psnr", "ssim", "lpips", "fid", "is", "codebook")
+
+
+# ----------------------------------------------------------------------------- pixels
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float images -> uint8 images (round half up, clamped)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5 + 0.5).floor().to(torch.uint8)
+
+
+def rgb_to_y(x255: torch.Tensor) -> torch.Tensor:
+    """RGB [B, 3, H, W] in [0, 255] -> BT.601 luma [B, 1, H, W] in [16, 235] (float64)."""
+    w = torch.tensor([65.481, 128.553, 24.966], dtype=torch.float64, device=x255.device)
+    return 16.0 + torch.einsum("bchw,c->bhw", x255.double() / 255.0, w)[:, None]
+
+
+def psnr_y(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB) on Y between uint8 RGB batches [B, 3, H, W]; identical -> 100 dB."""
+    mse = (rgb_to_y(real) - rgb_to_y(fake)).pow(2).flatten(1).mean(1)
+    psnr = 10.0 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-300))
+    return torch.where(mse == 0, torch.full_like(psnr, PSNR_IDENTICAL_DB), psnr)
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5, device=None) -> torch.Tensor:
+    r = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
+    g = torch.exp(-r ** 2 / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+def ssim_y(real: torch.Tensor, fake: torch.Tensor, win_size: int = 11, sigma: float = 1.5,
+           k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
+    """Per-image SSIM on Y between uint8 RGB batches [B, 3, H, W] (Gaussian window, valid part)."""
+    x, y = rgb_to_y(real), rgb_to_y(fake)
+    if min(x.shape[-2:]) < win_size:
+        raise V2LError(f"SSIM needs images of at least {win_size}x{win_size} pixels, "
+                       f"got {tuple(x.shape[-2:])}")
+    g = _gaussian_window(win_size, sigma, x.device)
+
+    def blur(t):  # separable valid convolution
+        t = F.conv2d(t, g.view(1, 1, 1, -1))
+        return F.conv2d(t, g.view(1, 1, -1, 1))
+
+    c1, c2 = (k1 * 255) ** 2, (k2 * 255) ** 2
+    mx, my = blur(x), blur(y)
+    vx = blur(x * x) - mx * mx
+    vy = blur(y * y) - my * my
+    cxy = blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(1)
+
+
+# ----------------------------------------------------------------------------- FID
+
+class GaussianStats:
+    """Streaming mean and covariance of feature vectors (float64 sums, no features kept)."""
+
+    def __init__(self, n: torch.Tensor, sum_: torch.Tensor, outer: torch.Tensor):
+        self.n, self.sum, self.outer = n, sum_, outer  # updated in place
+
+    @classmethod
+    def zeros(cls, dim: int, device="cpu") -> "GaussianStats":
+        z = dict(dtype=torch.float64, device=device)
+        return cls(torch.zeros((), **z), torch.zeros(dim, **z), torch.zeros(dim, dim, **z))
+
+    def update(self, feats: torch.Tensor) -> None:
+        f = feats.to(self.sum.device, torch.float64)
+        self.n += f.shape[0]
+        self.sum += f.sum(0)
+        self.outer += f.T @ f
+
+    def mean_cov(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and unbiased covariance (as numpy.cov, which pytorch-fid uses)."""
+        n = self.n.item()
+        if n < 2:
+            raise V2LError(f"FID needs at least 2 images per side, got {int(n)}")
+        mu = self.sum / n
+        cov = (self.outer - n * torch.outer(mu, mu)) / (n - 1)
+        return mu, (cov + cov.T) / 2
+
+
+def _sqrt_psd(m: torch.Tensor) -> torch.Tensor:
+    """Symmetric square root of a symmetric PSD matrix (negative round-off eigenvalues -> 0)."""
+    vals, vecs = torch.linalg.eigh(m)
+    return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
+
+
+def frechet_distance(mu1, cov1, mu2, cov2) -> float:
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2), in float64.
+
+    tr sqrt(S1 S2) is the sum of the square roots of the eigenvalues of
+    S1 S2, which equal those of the symmetric PSD matrix sqrt(S1) S2 sqrt(S1):
+    two symmetric eigendecompositions, no general matrix square root, no
+    complex round-off (eigenvalues clipped at 0).
+    """
+    mu1, mu2, cov1, cov2 = (torch.as_tensor(t, dtype=torch.float64) for t in (mu1, mu2, cov1, cov2))
+    r1 = _sqrt_psd(cov1)
+    middle = r1 @ cov2 @ r1
+    tr_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + cov1.trace() + cov2.trace() - 2 * tr_sqrt)
+
+
+def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """FID between two feature sets [N, D] (plain helper over :class:`GaussianStats`)."""
+    a, b = GaussianStats.zeros(real.shape[1]), GaussianStats.zeros(fake.shape[1])
+    a.update(real)
+    b.update(fake)
+    return frechet_distance(*a.mean_cov(), *b.mean_cov())
+
+
+# ----------------------------------------------------------------------------- IS
+
+class InceptionScoreStats:
+    """Streaming Inception Score: images go to split ``index % splits``; per split the count,
+    the sum of class probabilities and the sum of sum_c p log p are kept."""
+
+    def __init__(self, n: torch.Tensor, p_sum: torch.Tensor, plogp_sum: torch.Tensor):
+        self.n, self.p_sum, self.plogp_sum = n, p_sum, plogp_sum  # [splits], [splits, C], [splits]
+        self.splits = n.numel()
+
+    @classmethod
+    def zeros(cls, n_classes: int, splits: int = 10, device="cpu") -> "InceptionScoreStats":
+        z = dict(dtype=torch.float64, device=device)
+        return cls(torch.zeros(splits, **z), torch.zeros(splits, n_classes, **z),
+                   torch.zeros(splits, **z))
+
+    def update(self, logits: torch.Tensor, index: torch.Tensor) -> None:
+        dev = self.n.device
+        log_p = torch.log_softmax(logits.to(dev, torch.float64), dim=1)
+        p = log_p.exp()
+        split = index.to(dev).long() % self.splits
+        self.n.index_add_(0, split, torch.ones_like(split, dtype=torch.float64))
+        self.p_sum.index_add_(0, split, p)
+        self.plogp_sum.index_add_(0, split, (p * log_p).sum(1))
+
+    def compute(self) -> tuple[float, float]:
+        """(mean, std) over the non-empty splits of exp(E_x KL(p(y|x) || p(y)))."""
+        keep = self.n > 0
+        n, p_sum, plogp = self.n[keep], self.p_sum[keep], self.plogp_sum[keep]
+        if n.numel() == 0:
+            raise V2LError("Inception Score needs at least one image")
+        p_mean = p_sum / n[:, None]
+        kl = plogp / n - torch.special.xlogy(p_mean, p_mean).sum(1)
+        scores = kl.exp()
+        return float(scores.mean()), float(scores.std(unbiased=False))
+
+
+def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
+    """IS (mean, std) of logits [N, C]; image i goes to split i % splits."""
+    stats = InceptionScoreStats.zeros(logits.shape[1], splits)
+    stats.update(logits, torch.arange(logits.shape[0]))
+    return stats.compute()
+
+
+# ----------------------------------------------------------------------------- codebook
+
+def codebook_usage(counts: torch.Tensor) -> dict:
+    """Distinct codes used, fraction of the codebook, perplexity of the histogram."""
+    counts = counts.double()
+    total = counts.sum()
+    q = counts / total.clamp_min(1)
+    entropy = -torch.special.xlogy(q, q).sum()
+    used = int((counts > 0).sum())
+    return {"codebook_used": used, "codebook_size": counts.numel(),
+            "codebook_usage": used / counts.numel(), "codebook_perplexity": float(entropy.exp())}
+
+
+# ----------------------------------------------------------------------------- networks
+
+def inception_weights_path(path=None) -> Path:
+    """The TF-Inception weights file: ``path`` if given, else torch hub's checkpoint folder."""
+    if path is not None:
+        if not Path(path).is_file():
+            raise V2LError(f"{path}: Inception weights file not found; give the path of "
+                           f"{INCEPTION_FILES[0]} (torch-fidelity) or {INCEPTION_FILES[1]} (pytorch-fid)")
+        return Path(path)
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    for name in INCEPTION_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise V2LError(f"TF-Inception weights not found: put {INCEPTION_FILES[0]} (torch-fidelity's "
+                   f"release file) or {INCEPTION_FILES[1]} (pytorch-fid's) into {folder}, "
+                   "or pass its path with --inception_weights")
+
+
+def load_inception(path=None, device="cpu") -> Callable:
+    """torch-fidelity's TF-compatible InceptionV3: uint8 [B, 3, H, W] -> (pool [B, 2048], logits [B, 1008])."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    path = inception_weights_path(path)
+    try:  # refuse anything but a plain tensor state dict before torch-fidelity unpickles it
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise V2LError(f"{path}: not a readable Inception state dict ({str(e).splitlines()[0]}); "
+                       "download the file again")
+    try:
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                          feature_extractor_weights_path=str(path))
+    except RuntimeError as e:
+        raise V2LError(f"{path}: does not fit torch-fidelity's InceptionV3 "
+                       f"({str(e).splitlines()[0]}); use {INCEPTION_FILES[0]}")
+    return net.to(device)
+
+
+def load_lpips_metric(device="cpu", vgg_path=None):
+    """The project's LPIPS (VGG) network (the one loader, in models.losses): (a, b) in [-1, 1] -> [B]."""
+    from models.losses import VGG16_URL, load_lpips, vgg16_weights_path
+
+    path = Path(vgg_path) if vgg_path else vgg16_weights_path()
+    if not path.is_file():
+        raise V2LError(f"LPIPS needs torchvision's ImageNet VGG16 weights: {path} not found; "
+                       f"download {VGG16_URL} and put it there, or pass --lpips_vgg FILE")
+    return load_lpips(device=device, vgg_path=path)
+
+
+# ----------------------------------------------------------------------------- accumulator
+
+class ReconstructionMetrics:
+    """Streaming PSNR/SSIM/LPIPS/FID/IS/codebook-usage accumulator.
+
+    ``update(real, fake)`` takes image batches in [-1, 1]; ``compute()`` returns
+    a flat dict of numbers plus ``skipped`` ({metric: reason}) for the metrics
+    that could not run (missing weights). ``state_dict()``/``load_state_dict()``
+    and ``merge()`` save, resume and add up partial results (sums only), so
+    accumulators of different processes or chunks combine exactly.
+
+    ``inception`` and ``lpips`` may be given as callables (tests, custom
+    networks): ``inception(uint8 images) -> (pool features, logits)``,
+    ``lpips(a, b) -> [B]`` (or [B, 1, 1, 1]) distances for images in [-1, 1].
+    ``inception_weights`` / ``lpips_vgg``: weight files when not in torch hub's cache.
+    """
+
+    def __init__(self, metrics=ALL_METRICS, device="cpu", n_codes: int | None = None,
+                 inception: Callable | None = None, inception_weights=None,
+                 lpips: Callable | None = None, lpips_vgg=None, is_splits: int = 10):
+        unknown = set(metrics) - set(ALL_METRICS)
+        if unknown:
+            raise V2LError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(ALL_METRICS)}")
+        self.device = torch.device(device)
+        self.skipped: dict[str, str] = {}
+        self.metrics = list(metrics)
+        if "codebook" in self.metrics and n_codes is None:
+            self.metrics.remove("codebook")
+        self.inception = inception
+        if self.inception is None and ({"fid", "is"} & set(self.metrics)):
+            self.inception = self._try("fid", lambda: load_inception(inception_weights, self.device),
+                                       also=("is",))
+        self.lpips = lpips
+        if self.lpips is None and "lpips" in self.metrics:
+            self.lpips = self._try("lpips", lambda: load_lpips_metric(self.device, lpips_vgg))
+        self.is_splits = is_splits
+        self.n_codes = n_codes
+        self._state: dict[str, torch.Tensor] | None = None
+        self._seen = 0
+
+    def _try(self, name: str, load: Callable, also: tuple = ()):
+        try:
+            return load()
+        except V2LError as e:
+            for m in (name, *also):
+                if m in self.metrics:
+                    self.metrics.remove(m)
+                    self.skipped[m] = str(e)
+                    print(f"warning: metric {m} skipped: {e}", file=sys.stderr)
+            return None
+
+    def _init_state(self, n_feat: int = 0, n_logits: int = 0) -> dict[str, torch.Tensor]:
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=self.device)  # noqa: E731
+        state = {"n": z(())}
+        for m in ("psnr", "ssim", "lpips"):
+            if m in self.metrics:
+                state[f"{m}_sum"] = z(())
+        if "fid" in self.metrics:
+            for side in ("real", "fake"):
+                state[f"fid_{side}_n"], state[f"fid_{side}_sum"] = z(()), z(n_feat)
+                state[f"fid_{side}_outer"] = z(n_feat, n_feat)
+        if "is" in self.metrics:
+            state["is_n"], state["is_p_sum"] = z(self.is_splits), z(self.is_splits, n_logits)
+            state["is_plogp_sum"] = z(self.is_splits)
+        if "codebook" in self.metrics:
+            state["codebook_counts"] = z(self.n_codes)
+        return state
+
+    # Views of the state as the streaming helpers (they share the tensors).
+    def _gauss(self, side: str) -> GaussianStats:
+        return GaussianStats(*(self._state[f"fid_{side}_{k}"] for k in ("n", "sum", "outer")))
+
+    def _isc(self) -> InceptionScoreStats:
+        return InceptionScoreStats(*(self._state[f"is_{k}"] for k in ("n", "p_sum", "plogp_sum")))
+
+    @torch.no_grad()
+    def update(self, real: torch.Tensor, fake: torch.Tensor, codes: torch.Tensor | None = None,
+               index: torch.Tensor | None = None) -> None:
+        """Add a batch: ``real``/``fake`` [B, 3, H, W] in [-1, 1]; ``codes`` local codebook rows
+        (any shape, values in [0, n_codes)); ``index`` the images' dataset indices (IS splits)."""
+        if real.shape != fake.shape or real.dim() != 4 or real.shape[1] != 3:
+            raise V2LError(f"metrics need real and fake batches of the same shape [B, 3, H, W], "
+                           f"got {tuple(real.shape)} and {tuple(fake.shape)}")
+        b = real.shape[0]
+        if index is None:
+            index = torch.arange(self._seen, self._seen + b)
+        self._seen += b
+        r8, f8 = to_uint8(real.to(self.device)), to_uint8(fake.to(self.device))
+        feats = None
+        if self.inception is not None:
+            (pool_r, _), (pool_f, logits_f) = self.inception(r8), self.inception(f8)
+            feats = (pool_r, pool_f, logits_f)
+        if self._state is None:
+            self._state = self._init_state(feats[0].shape[1] if feats else 0,
+                                           feats[2].shape[1] if feats else 0)
+        st = self._state
+        st["n"] += b
+        if "psnr" in self.metrics:
+            st["psnr_sum"] += psnr_y(r8, f8).sum()
+        if "ssim" in self.metrics:
+            st["ssim_sum"] += ssim_y(r8, f8).sum()
+        if "lpips" in self.metrics:
+            d = self.lpips(r8.float() / 127.5 - 1, f8.float() / 127.5 - 1)
+            st["lpips_sum"] += d.double().sum()  # any shape with B values: [B] or [B, 1, 1, 1]
+        if "fid" in self.metrics:
+            self._gauss("real").update(feats[0])
+            self._gauss("fake").update(feats[1])
+        if "is" in self.metrics:
+            self._isc().update(feats[2], index)
+        if "codebook" in self.metrics:
+            if codes is None:
+                raise V2LError("codebook usage is on (n_codes given) but update() got no codes")
+            st["codebook_counts"] += torch.bincount(codes.reshape(-1).to(self.device),
+                                                    minlength=self.n_codes).double()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The sums (CPU float64 tensors); empty before the first update."""
+        return {k: v.cpu() for k, v in (self._state or {}).items()}
+
+    def merge(self, state: dict[str, torch.Tensor]) -> None:
+        """Add another accumulator's ``state_dict()`` (a chunk, a process) to this one."""
+        if not state:
+            return
+        if self._state is None:
+            self._state = {k: v.to(self.device, torch.float64).clone() for k, v in state.items()}
+            return
+        if state.keys() != self._state.keys():
+            raise V2LError(f"cannot merge metric states with different metrics "
+                           f"({sorted(state)} vs {sorted(self._state)}); rerun with the same settings")
+        for k, v in state.items():
+            self._state[k] += v.to(self.device, torch.float64)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._state = None
+        self.merge(state)
+
+    # ------------------------------------------------------------------ results
+    def compute(self) -> dict:
+        """{"n_images", "psnr", "ssim", "lpips", "fid", "is", "is_std", "codebook_*", "skipped"}."""
+        st = self._state
+        if st is None or st["n"].item() == 0:
+            raise V2LError("no images were evaluated; check the data path and MAX_IMAGES")
+        n = st["n"].item()
+        out: dict = {"n_images": int(n)}
+        for m in ("psnr", "ssim", "lpips"):
+            if m in self.metrics:
+                out[m] = float(st[f"{m}_sum"] / n)
+        if "fid" in self.metrics:
+            out["fid"] = frechet_distance(*self._gauss("real").mean_cov(),
+                                          *self._gauss("fake").mean_cov())
+        if "is" in self.metrics:
+            out["is"], out["is_std"] = self._isc().compute()
+        if "codebook" in self.metrics:
+            out.update(codebook_usage(st["codebook_counts"]))
+        out["skipped"] = dict(self.skipped)
+        return out
+
+    def codebook_counts(self) -> torch.Tensor | None:
+        """The histogram of local codes used so far (for plots), or None when not tracked."""
+        if self._state is None or "codebook_counts" not in self._state:
+            return None
+        return self._state["codebook_counts"].cpu().long()

@@ -1,0 +1,200 @@
+"""Reconstruction metrics against reference implementations (scikit-image, scipy, torch-fidelity)."""
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from models import metrics as M
+from utils.errors import V2LError
+
+
+def _images(b=3, size=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    real = torch.rand(b, 3, size, size, generator=g) * 2 - 1
+    # a blurred, noisy copy: realistic PSNR/SSIM, not the trivial extremes
+    fake = torch.nn.functional.avg_pool2d(real, 3, 1, 1) + 0.1 * torch.randn(real.shape, generator=g)
+    return real, fake.clamp(-1, 1)
+
+
+def _y_numpy(x8):
+    """The documented Y formula, written independently in numpy: [3, H, W] uint8 -> [H, W]."""
+    r, g, b = (x8.numpy().astype(np.float64) / 255.0)
+    return 16.0 + 65.481 * r + 128.553 * g + 24.966 * b
+
+
+def test_psnr_and_ssim_match_scikit_image():
+    real, fake = _images()
+    r8, f8 = M.to_uint8(real), M.to_uint8(fake)
+    psnr, ssim = M.psnr_y(r8, f8), M.ssim_y(r8, f8)
+    for i in range(real.shape[0]):
+        yr, yf = _y_numpy(r8[i]), _y_numpy(f8[i])
+        ref_psnr = peak_signal_noise_ratio(yr, yf, data_range=255)
+        ref_ssim = structural_similarity(yr, yf, gaussian_weights=True, sigma=1.5,
+                                         use_sample_covariance=False, data_range=255)
+        assert abs(psnr[i].item() - ref_psnr) < 1e-3
+        assert abs(ssim[i].item() - ref_ssim) < 1e-3
+    assert 0.0 < ssim.min() and ssim.max() < 0.99  # a non-trivial comparison
+
+
+def test_psnr_ssim_identical_images():
+    real, _ = _images(b=2)
+    r8 = M.to_uint8(real)
+    assert torch.all(M.psnr_y(r8, r8) == M.PSNR_IDENTICAL_DB)
+    assert torch.allclose(M.ssim_y(r8, r8), torch.ones(2, dtype=torch.float64))
+
+
+def test_y_channel_range_and_quantisation():
+    x = torch.tensor([-1.0, 1.0, 0.0]).view(1, 3, 1, 1).expand(1, 3, 2, 2)
+    x8 = M.to_uint8(x)
+    assert x8[0, :, 0, 0].tolist() == [0, 255, 128]
+    white = M.rgb_to_y(torch.full((1, 3, 1, 1), 255.0))
+    black = M.rgb_to_y(torch.zeros(1, 3, 1, 1))
+    assert abs(white.item() - 235.0) < 1e-9 and abs(black.item() - 16.0) < 1e-9
+
+
+def _scipy_fid(f1, f2):
+    f1, f2 = f1.double().numpy(), f2.double().numpy()
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    covmean = covmean.real if np.iscomplexobj(covmean) else covmean
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+@pytest.mark.parametrize("n,d", [(300, 64), (40, 64)])  # full-rank and rank-deficient covariances
+def test_fid_matches_scipy_sqrtm(n, d):
+    g = torch.Generator().manual_seed(1)
+    mix = torch.randn(d, d, generator=g) / math.sqrt(d)
+    f1 = torch.randn(n, d, generator=g) @ mix + 1.0
+    f2 = torch.randn(n, d, generator=g) * 1.3 + 0.8
+    ours, ref = M.fid_from_features(f1, f2), _scipy_fid(f1, f2)
+    assert abs(ours - ref) <= 1e-3 * abs(ref)
+    assert ours > 1.0
+    assert abs(M.fid_from_features(f1, f1)) < 1e-6 * ref
+
+
+def test_fid_streaming_equals_one_shot():
+    g = torch.Generator().manual_seed(2)
+    f = torch.randn(100, 16, generator=g) * 3 + 5
+    stats = M.GaussianStats.zeros(16)
+    for part in f.split(7):
+        stats.update(part)
+    mu, cov = stats.mean_cov()
+    assert torch.allclose(mu, f.double().mean(0))
+    assert torch.allclose(cov, torch.from_numpy(np.cov(f.double().numpy(), rowvar=False)))
+
+
+def test_inception_score_known_distributions():
+    n_cls, n = 7, 700
+    onehot = torch.nn.functional.one_hot(torch.arange(n) // 10 % n_cls, n_cls).double() * 100
+    mean, std = M.inception_score(onehot, splits=10)
+    assert abs(mean - n_cls) < 1e-6 and std < 1e-6
+    same = torch.randn(1, n_cls).expand(n, n_cls)
+    assert abs(M.inception_score(same)[0] - 1.0) < 1e-9
+
+
+def test_inception_score_matches_torch_fidelity():
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(200, 30, generator=g) * 3
+    ours = M.inception_score(logits, splits=10)
+    # ours: image i -> split i % 10; torch-fidelity: contiguous chunks of the (unshuffled) order
+    grouped = torch.cat([logits[s::10] for s in range(10)])
+    ref = isc_features_to_metric(grouped, splits=10, shuffle=False)
+    assert abs(ours[0] - ref["inception_score_mean"]) < 1e-9
+    assert abs(ours[1] - ref["inception_score_std"]) < 1e-9
+
+
+def test_codebook_usage():
+    out = M.codebook_usage(torch.tensor([5, 5, 0, 5, 5, 0, 0, 0]))
+    assert out["codebook_used"] == 4 and out["codebook_usage"] == 0.5
+    assert abs(out["codebook_perplexity"] - 4.0) < 1e-9
+    assert abs(M.codebook_usage(torch.tensor([9, 0, 0]))["codebook_perplexity"] - 1.0) < 1e-12
+
+
+class _StandIn:
+    """A fixed random projection in place of Inception: uint8 images -> (features, logits)."""
+
+    def __init__(self, size=16):
+        g = torch.Generator().manual_seed(4)
+        self.wf = torch.randn(3 * size * size, 12, generator=g)
+        self.wl = torch.randn(3 * size * size, 5, generator=g) / 50
+
+    def __call__(self, x8):
+        x = x8.float().flatten(1) / 255
+        return x @ self.wf, x @ self.wl
+
+
+def _lpips_standin(a, b):
+    return (a - b).abs().flatten(1).mean(1)
+
+
+def test_accumulator_streams_merges_and_matches_plain_functions():
+    real, fake = _images(b=10, size=16, seed=5)
+    codes = torch.randint(0, 20, (10, 4, 4))
+    net = _StandIn()
+    kwargs = dict(inception=net, lpips=_lpips_standin, n_codes=20, is_splits=2)
+    whole = M.ReconstructionMetrics(**kwargs)
+    whole.update(real, fake, codes=codes, index=torch.arange(10))
+    res = whole.compute()
+
+    parts = []
+    for sl in (slice(0, 3), slice(3, 10)):  # two "processes" / chunks
+        acc = M.ReconstructionMetrics(**kwargs)
+        acc.update(real[sl], fake[sl], codes=codes[sl], index=torch.arange(10)[sl])
+        parts.append(acc.state_dict())
+    merged = M.ReconstructionMetrics(**kwargs)
+    for p in parts:
+        merged.merge(p)
+    res2 = merged.compute()
+    for k in ("psnr", "ssim", "lpips", "fid", "is", "is_std", "codebook_perplexity"):
+        assert abs(res[k] - res2[k]) < 1e-9 * max(1.0, abs(res[k])), k
+
+    r8, f8 = M.to_uint8(real), M.to_uint8(fake)
+    assert res["n_images"] == 10 and res["skipped"] == {}
+    assert abs(res["psnr"] - M.psnr_y(r8, f8).mean().item()) < 1e-9
+    assert abs(res["ssim"] - M.ssim_y(r8, f8).mean().item()) < 1e-9
+    assert abs(res["fid"] - M.fid_from_features(net(r8)[0], net(f8)[0])) < 1e-6
+    assert abs(res["is"] - M.inception_score(net(f8)[1], splits=2)[0]) < 1e-9
+    assert res["codebook_used"] == len(codes.unique())
+
+
+def test_inception_missing_weights_skips_fid_and_is_by_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    acc = M.ReconstructionMetrics(metrics=("psnr", "fid", "is"))
+    assert set(acc.skipped) == {"fid", "is"}
+    msg = acc.skipped["fid"]
+    assert M.INCEPTION_FILES[0] in msg and str(tmp_path / "hub" / "checkpoints") in msg
+    real, fake = _images(b=2, size=16)
+    acc.update(real, fake)
+    res = acc.compute()
+    assert "fid" not in res and "is" not in res and "psnr" in res
+    assert res["skipped"]["is"] == msg
+
+    with pytest.raises(V2LError, match="nowhere.pth"):
+        M.load_inception(tmp_path / "nowhere.pth")
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(V2LError, match="bad.pth"):
+        M.load_inception(bad)
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(V2LError, match="unknown metrics"):
+        M.ReconstructionMetrics(metrics=("psnr", "bleu"))
+    acc = M.ReconstructionMetrics(metrics=("psnr",))
+    with pytest.raises(V2LError, match="same shape"):
+        acc.update(torch.zeros(2, 3, 16, 16), torch.zeros(2, 3, 8, 8))
+    with pytest.raises(V2LError, match="no images"):
+        acc.compute()
+
+
+def test_lpips_missing_vgg_skips_by_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    acc = M.ReconstructionMetrics(metrics=("ssim", "lpips"))
+    assert list(acc.skipped) == ["lpips"]
+    assert "vgg16-397923af.pth" in acc.skipped["lpips"]
+    assert str(tmp_path / "hub" / "checkpoints") in acc.skipped["lpips"]
