@@ -1,0 +1,84 @@
+"""Nearest-code search and vector quantisation for the V2L tokenizer's two codebooks.
+
+- Local tokens: every grid vector is replaced by its nearest (squared L2)
+  projected code; ``vector_quantize`` adds the straight-through estimator
+  and the VQ loss.
+- Global tokens: the CLIP image embedding's k nearest global entries
+  (``topk_nearest``).
+
+The search uses ||z||^2 - 2 z.c + ||c||^2 as one matrix product per block of
+tokens and codes, keeping the running best, so memory is bounded by
+``block_elems`` whatever the number of tokens or codes (no [tokens, V, D]
+tensor, not even a full [tokens, V] one when V is large).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+BLOCK_ELEMS = 1 << 24          # distance-matrix entries per block (64 MiB in float32)
+
+
+@torch.no_grad()
+def nearest_code(z: torch.Tensor, codes: torch.Tensor, block_elems: int = BLOCK_ELEMS) -> torch.Tensor:
+    """Index of the nearest code (squared L2) for each row: z [N, D], codes [V, D] -> [N] long.
+
+    Ties go to the lowest index, as with ``argmin`` over the full matrix.
+    """
+    z, codes = z.float(), codes.float()
+    n, v = z.shape[0], codes.shape[0]
+    code_block = min(v, max(1, block_elems))
+    token_block = max(1, block_elems // code_block)
+    code_sq = codes.pow(2).sum(1)
+    best = torch.empty(n, dtype=torch.long, device=z.device)
+    for t0 in range(0, n, token_block):
+        zt = z[t0:t0 + token_block]
+        z_sq = zt.pow(2).sum(1, keepdim=True)
+        best_d = torch.full((zt.shape[0],), float("inf"), device=z.device)
+        best_i = torch.zeros(zt.shape[0], dtype=torch.long, device=z.device)
+        for c0 in range(0, v, code_block):
+            c = codes[c0:c0 + code_block]
+            d = torch.addmm(z_sq + code_sq[c0:c0 + code_block], zt, c.t(), alpha=-2.0)
+            d_min, i_min = d.min(1)
+            better = d_min < best_d
+            best_d = torch.where(better, d_min, best_d)
+            best_i = torch.where(better, i_min + c0, best_i)
+        best[t0:t0 + token_block] = best_i
+    return best
+
+
+def vector_quantize(z: torch.Tensor, codes: torch.Tensor, beta: float = 0.33,
+                    block_elems: int = BLOCK_ELEMS):
+    """Quantise a feature map to its nearest codes with the straight-through estimator.
+
+    z [B, D, H, W], codes [V, D] (differentiable: the projected codebook) ->
+    (z_q [B, D, H, W] carrying z's gradient, vq_loss, rows [B, H, W]) where
+    vq_loss = mean((sg(z_q) - z)^2) + beta * mean((z_q - sg(z))^2): the first
+    term pulls the encoder to its codes, the second (weighted by beta, as in
+    the authors' code) the projected codebook to the encoder outputs.
+    """
+    b, d, h, w = z.shape
+    flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+    rows = nearest_code(flat.detach(), codes.detach(), block_elems)
+    zq = F.embedding(rows, codes).to(flat.dtype)
+    loss = torch.mean((zq.detach() - flat) ** 2) + beta * torch.mean((zq - flat.detach()) ** 2)
+    zq = flat + (zq - flat).detach()
+    return zq.reshape(b, h, w, d).permute(0, 3, 1, 2), loss, rows.reshape(b, h, w)
+
+
+@torch.no_grad()
+def topk_nearest(query: torch.Tensor, codes: torch.Tensor, k: int, metric: str = "l2") -> torch.Tensor:
+    """Indices of the k nearest codes per query, nearest first: query [B, D], codes [M, D] -> [B, k].
+
+    ``l2``: squared Euclidean distance (the authors' global-token rule; their
+    global entries are means of unit vectors, so their norms differ and this
+    is not the cosine order). ``cosine``: cosine similarity.
+    """
+    query, codes = query.float(), codes.float()
+    if metric == "l2":
+        score = 2 * query @ codes.t() - codes.pow(2).sum(1)      # = -(distance) + ||q||^2
+    elif metric == "cosine":
+        score = F.normalize(query, dim=-1) @ F.normalize(codes, dim=-1).t()
+    else:
+        raise ValueError(f"unknown metric {metric!r}; use 'l2' or 'cosine'")
+    return score.topk(k, dim=1).indices
