@@ -12,11 +12,19 @@
 
 The preprocessing (image size, mean, std, interpolation) is read off the
 loaded model, never hard-coded: 224 px for ViT-L/14, other sizes for others.
+
+Text side (step 2): ``encode_text_templates`` embeds strings the way CLIP's
+zero-shot classifier does (80 prompt templates, each L2-normalised, averaged).
+It runs the text tower on the padded context cut to the longest prompt of the
+batch (``encode_text_truncated``): exact, because the tower is causal and
+pools at the end-of-text position, and much cheaper than 77 positions.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from data.classes import imagenet_templates
 from data.transforms import ClipView, TokenizerViews
 from utils.errors import V2LError
 
@@ -150,3 +159,135 @@ def save_open_clip_dir(model: torch.nn.Module, model_cfg: dict, out_dir, preproc
               str(out / "open_clip_model.safetensors"))
     with open(out / "open_clip_config.json", "w") as f:
         json.dump({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, f, indent=1)
+
+
+# ----------------------------------------------------------------------------- text tower
+
+def autocast_context(device: torch.device, precision: str = "auto"):
+    """Mixed precision for inference: "auto" = fp16 autocast on CUDA, fp32 elsewhere;
+    "fp32", "fp16", "bf16" force it (fp16/bf16 only apply on CUDA)."""
+    if precision not in ("auto", "fp32", "fp16", "bf16"):
+        raise V2LError(f"precision '{precision}': expected auto, fp32, fp16 or bf16")
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _can_truncate(model) -> bool:
+    """True for open_clip's built-in causal text tower with position-based pooling."""
+    return (hasattr(model, "attn_mask") and model.attn_mask is not None
+            and hasattr(model, "positional_embedding")
+            and getattr(model, "text_pool_type", "argmax") in ("argmax", "eos", "first"))
+
+
+def _pool_positions(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Index of the pooled position of each row (what open_clip's text_global_pool reads)."""
+    pool = getattr(model, "text_pool_type", "argmax")
+    if pool == "argmax":
+        return tokens.argmax(dim=-1)
+    if pool == "eos":
+        return (tokens == model.text_eos_id).int().argmax(dim=-1)
+    return torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+
+
+@torch.no_grad()
+def encode_text_truncated(model, tokens: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text(tokens)`` (unnormalised) computed on the first L positions only,
+    L = the last pooled position in the batch + 1.
+
+    Exact: the causal mask means positions < L never see positions >= L, and the pooled
+    feature sits below L. Only the causal mask and positional embeddings depend on the
+    length, so they are sliced; everything else is the model's own submodules. Towers
+    this does not apply to (HF text encoders, 'last' pooling) use ``encode_text``."""
+    if not _can_truncate(model):
+        return model.encode_text(tokens)
+    pos = _pool_positions(model, tokens)
+    length = int(pos.max()) + 1
+    t = tokens[:, :length]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(t).to(cast) + model.positional_embedding[:length].to(cast)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), pos]
+    proj = model.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+    return x
+
+
+# A string of ASCII letters, digits and spaces is cleaned and split into BPE words by
+# CLIP's tokenizer independently of the text around it, provided a space or a '.'
+# separates it from that text: its tokens can then be spliced into each template.
+_SPLICEABLE = re.compile(r"[A-Za-z0-9 ]*[A-Za-z0-9][A-Za-z0-9 ]*")
+
+
+def _template_parts(tokenizer, templates) -> list[tuple[list[int], list[int]]] | None:
+    """Token ids of each template's text before and after '{}', or None when splicing
+    would not be exact (another tokenizer, or a template that glues text to '{}')."""
+    from open_clip.tokenizer import SimpleTokenizer
+    if type(tokenizer) is not SimpleTokenizer or getattr(tokenizer, "reduction_fn", None):
+        return None
+    parts = []
+    for t in templates:
+        if t.count("{}") != 1:
+            return None
+        before, after = t.split("{}")
+        if (before and not before.endswith(" ")) or (after and after[0] not in " ."):
+            return None
+        parts.append((tokenizer.encode(before), tokenizer.encode(after)))
+    return parts
+
+
+def tokenize_templates(tokenizer, strings: list[str], templates) -> torch.Tensor:
+    """Token ids [len(strings) * len(templates), context] of every string in every template
+    (string-major), identical to ``tokenizer([t.format(s) for s in strings for t in templates])``.
+
+    Fast path: a plain alphanumeric string is BPE-encoded once and spliced between each
+    template's pre-encoded parts; any other string is tokenized prompt by prompt."""
+    templates = list(templates)
+    ctx = tokenizer.context_length
+    parts = _template_parts(tokenizer, templates)
+    out = torch.zeros(len(strings) * len(templates), ctx, dtype=torch.long)
+    for i, s in enumerate(strings):
+        rows = slice(i * len(templates), (i + 1) * len(templates))
+        if parts is None or not _SPLICEABLE.fullmatch(s):
+            out[rows] = tokenizer([t.format(s) for t in templates])
+            continue
+        mid = tokenizer.encode(s)
+        for j, (before, after) in enumerate(parts):
+            ids = [tokenizer.sot_token_id] + before + mid + after + [tokenizer.eot_token_id]
+            if len(ids) > ctx:
+                ids = ids[:ctx]
+                ids[-1] = tokenizer.eot_token_id
+            out[rows.start + j, :len(ids)] = torch.tensor(ids)
+    return out
+
+
+@torch.no_grad()
+def encode_text_templates(bundle: ClipBundle, strings: list[str], templates=None,
+                          batch_size: int = 32, precision: str = "auto") -> torch.Tensor:
+    """Template-averaged CLIP text embeddings, float32 [len(strings), D] on the CPU.
+
+    Each string is formatted into every template (default: CLIP's 80 ImageNet templates),
+    each prompt's embedding is L2-normalised, and the mean over templates is returned
+    WITHOUT renormalisation (as the V2L authors do). ``batch_size`` strings are encoded per
+    forward pass (x templates prompts); strings are grouped by prompt length so each batch
+    is cut to a similar, short context."""
+    templates = list(templates or imagenet_templates())
+    n_t = len(templates)
+    out = torch.empty(len(strings), bundle.embed_dim)
+    if not strings:
+        return out
+    tokens = tokenize_templates(bundle.tokenizer, list(strings), templates)
+    longest = _pool_positions(bundle.model, tokens).view(len(strings), n_t).max(dim=1).values
+    order = torch.argsort(longest, stable=True)
+    device = bundle.device
+    for start in range(0, len(strings), batch_size):
+        idx = order[start:start + batch_size]
+        rows = (idx[:, None] * n_t + torch.arange(n_t)).flatten()
+        with autocast_context(device, precision):
+            emb = encode_text_truncated(bundle.model, tokens[rows].to(device))
+        emb = F.normalize(emb.float(), dim=-1).view(len(idx), n_t, -1).mean(dim=1)
+        out[idx] = emb.cpu()
+    return out

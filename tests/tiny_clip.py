@@ -22,3 +22,34 @@ def make_tiny_clip(out_dir, seed: int = 0) -> str:
     model = open_clip.CLIP(**TINY_CLIP_CFG)
     save_open_clip_dir(model, TINY_CLIP_CFG, out_dir, TINY_PREPROCESS)
     return str(out_dir)
+
+
+TINY_ARCH = "tiny-clip-test"
+
+
+def register_tiny_arch(config_dir) -> str:
+    """Register the tiny config as a named open_clip architecture (like ``ViT-L-14``)."""
+    import json
+    from pathlib import Path
+    path = Path(config_dir) / f"{TINY_ARCH}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(TINY_CLIP_CFG))
+    open_clip.add_model_config(str(path))
+    return TINY_ARCH
+
+
+def make_tiny_openai_archive(path, seed: int = 0) -> torch.nn.Module:
+    """Save a tiny QuickGELU CLIP the way OpenAI's ``ViT-L-14.pt`` is stored (a traced
+    TorchScript archive whose state dict has OpenAI's key names and no attention-mask
+    buffer) and return the eager model it was traced from."""
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**TINY_CLIP_CFG, quick_gelu=True).eval()
+    model.attn_mask = model._buffers.pop("attn_mask")  # a traced constant, as in OpenAI's archive
+    image = torch.zeros(1, 3, TINY_PREPROCESS["size"], TINY_PREPROCESS["size"])
+    text = torch.zeros(1, TINY_CLIP_CFG["text_cfg"]["context_length"], dtype=torch.long)
+    text[0, :2] = torch.tensor([49406, 49407])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer chatter about shape checks
+        torch.jit.trace(model, (image, text), check_trace=False).save(str(path))
+    return model

@@ -209,12 +209,15 @@ class ChunkStore:
     def save(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
         save_tensors(self._path(i), tensors)
 
+    def load(self, i: int) -> dict[str, torch.Tensor]:
+        return load_tensors(self._path(i))
+
     def gather(self) -> dict[str, torch.Tensor]:
         missing = [i for i in range(self.n_chunks) if not self.done(i)]
         if missing:
             raise V2LError(f"{self.dir}: {len(missing)} of {self.n_chunks} chunks missing; "
                            "rerun the same command to finish them")
-        parts = [load_tensors(self._path(i)) for i in range(self.n_chunks)]
+        parts = [self.load(i) for i in range(self.n_chunks)]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def cleanup(self) -> None:

@@ -1,0 +1,96 @@
+"""Global-codebook candidates: which strings are embedded (step 2), and which of them
+CLIP's image tower hits often enough to keep (step 3).
+
+Candidates are the 3V strings [subwords; bigrams; trigrams] of the expanded
+vocabulary. A candidate is *valid* when its source token is printable and its
+text is not blank; invalid ones are embedded (the global codebook stays aligned
+with the vocabulary) but can never be hit.
+
+Hit counting is a bincount of each image's top-k candidate indices into one
+int64 counter of length 3V: memory does not grow with the data set (the
+authors materialise a [B*k, 3V] one-hot per batch).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+KINDS = ("subword", "bigram", "trigram")
+
+
+def build_candidates(vocab: dict) -> dict:
+    """The candidate table of a step-1 ``vocab.json``: strings, kind, source LLM id, valid."""
+    ids, printable = list(vocab["ids"]), list(vocab["printable"])
+    strings, kind, llm_ids, valid = [], [], [], []
+    for k in KINDS:
+        column = list(vocab[k])
+        strings += column
+        kind += [k] * len(column)
+        llm_ids += ids
+        valid += [bool(p) and bool(s.strip()) for p, s in zip(printable, column)]
+    return {"strings": strings, "kind": kind, "llm_ids": llm_ids, "valid": valid}
+
+
+def unique_strings(strings: list[str]) -> tuple[list[str], torch.Tensor]:
+    """(distinct strings in first-seen order, inverse [N] with strings[i] == unique[inverse[i]])."""
+    first: dict[str, int] = {}
+    inverse = [first.setdefault(s, len(first)) for s in strings]
+    return list(first), torch.tensor(inverse, dtype=torch.long)
+
+
+def candidate_scores(image_emb: torch.Tensor, candidates: torch.Tensor,
+                     valid: torch.Tensor) -> torch.Tensor:
+    """Similarity [B, N] of L2-normalised image embeddings to candidate embeddings, invalid
+    candidates at -inf."""
+    scores = image_emb @ candidates.T
+    return scores.masked_fill_(~valid, float("-inf"))
+
+
+def count_topk_hits(image_emb: torch.Tensor, candidates: torch.Tensor, valid: torch.Tensor,
+                    k: int, counts: torch.Tensor) -> torch.Tensor:
+    """Add each image's top-k candidates to ``counts`` (int64 [N], in place) and return it."""
+    top = candidate_scores(image_emb, candidates, valid).topk(k, dim=1).indices
+    counts += torch.bincount(top.flatten(), minlength=counts.numel())
+    return counts
+
+
+def hit_threshold(n_images: int, threshold: int | None, threshold_rate: float) -> float:
+    """The count a candidate must EXCEED to be kept.
+
+    An absolute ``threshold`` wins when given (the paper: 100 for ImageNet's 1.28M train
+    images); otherwise ``threshold_rate * n_images`` scales the paper's rate to the data
+    set actually counted."""
+    return float(threshold) if threshold is not None else threshold_rate * n_images
+
+
+def select_global(hits: torch.Tensor, min_hits: float) -> torch.Tensor:
+    """Indices (ascending) of the candidates hit more than ``min_hits`` times."""
+    return torch.nonzero(hits > min_hits).flatten()
+
+
+def plot_hit_histogram(hits: torch.Tensor, min_hits: float, path) -> None:
+    """Histogram of hit counts (hit candidates only, log axes) with the threshold marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from utils.artifacts import atomic_path
+
+    hit = hits[hits > 0].double()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if hit.numel():
+        top = float(hit.max())
+        bins = torch.logspace(0, max(torch.log10(torch.tensor(top)).item(), 0.1), 50).numpy()
+        ax.hist(hit.numpy(), bins=bins)
+        ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.axvline(max(min_hits, 1.0), color="red", linestyle="--",
+               label=f"keep > {min_hits:g} ({int((hits > min_hits).sum())} kept)")
+    ax.set_xlabel("top-k hits per candidate")
+    ax.set_ylabel("candidates")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,68 @@
+"""Small artifacts and image folders for the step tests, and an in-process script runner."""
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from utils.artifacts import save_json, save_tensors, write_manifest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_vocab_artifact(out_dir, words: list[str], printable: list[bool] | None = None) -> str:
+    """A step-1 ``vocab/`` artifact for ``words`` (token ids 0..n-1, made-up bigrams and
+    trigrams with deliberate duplicates)."""
+    import torch
+    n = len(words)
+    bigram = [w + (" cat" if i % 2 else " dog") for i, w in enumerate(words)]
+    trigram = [b + " toy" for b in bigram]
+    vocab = {"ids": list(range(n)), "subword": list(words), "bigram": bigram, "trigram": trigram,
+             "printable": list(printable) if printable is not None else [True] * n}
+    save_json(Path(out_dir) / "vocab.json", vocab)
+    ids = torch.arange(n)
+    save_tensors(Path(out_dir) / "vocab_tokens.safetensors",
+                 {"ids": ids, "next1": (ids + 1) % n, "next2": (ids + 2) % n})
+    write_manifest(out_dir, "vocab", {"words": n}, ["vocab.json", "vocab_tokens.safetensors"])
+    return str(out_dir)
+
+
+def make_image_folder(root, n_per_class: int = 4, classes=("cls_a", "cls_b"),
+                      odd: bool = True) -> str:
+    """``root/train/<class>/`` with random RGB JPEGs; with ``odd``, also a grayscale PNG, a CMYK
+    JPEG, a 5x5 PNG and one corrupt file (which a reader must skip)."""
+    rng = np.random.default_rng(0)
+    for c in classes:
+        d = Path(root) / "train" / c
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            size = tuple(int(s) for s in rng.integers(40, 90, 2))
+            arr = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(d / f"img{i}.jpg", quality=90)
+    if odd:
+        d = Path(root) / "train" / classes[0]
+        Image.fromarray(rng.integers(0, 256, (50, 70), dtype=np.uint8), "L").save(d / "gray.png")
+        Image.fromarray(rng.integers(0, 256, (60, 60, 4), dtype=np.uint8), "CMYK").save(d / "cmyk.jpg")
+        Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)).save(d / "tiny.png")
+        (d / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    return str(root)
+
+
+def run_script(name: str, **flags) -> int:
+    """Run a top-level script in this process with ``--flag value`` arguments; return its
+    exit status (0 on success, 2 for a V2LError)."""
+    argv = [str(REPO / name)]
+    for k, v in flags.items():
+        argv += [f"--{k}", str(v)]
+    old = sys.argv
+    sys.argv = argv
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+        return 0
+    except SystemExit as e:
+        return int(e.code or 0)
+    finally:
+        sys.argv = old

@@ -1,0 +1,81 @@
+"""CLIP loading paths and the template-averaged, truncated text embedding."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data.classes import imagenet_templates
+from models.clip import encode_text_templates, encode_text_truncated, load_clip, tokenize_templates
+from tiny_clip import make_tiny_clip, make_tiny_openai_archive, register_tiny_arch
+from utils.errors import V2LError
+
+TRICKY = ["cat", "hello world", "a.b", "x!", "  dog  ", "Ünïcode", "&amp", "'s", "1 2 3", "...",
+          "", "{}", "New York", "über-cool", "long " * 30]
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return load_clip(make_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny"))
+
+
+def test_tokenize_templates_equals_tokenizer(clip):
+    templates = imagenet_templates()
+    assert len(templates) == 80
+    fast = tokenize_templates(clip.tokenizer, TRICKY, templates)
+    ref = clip.tokenizer([t.format(s) for s in TRICKY for t in templates])
+    assert torch.equal(fast, ref)
+
+
+def test_truncated_forward_equals_padded(clip):
+    tokens = clip.tokenizer(["a photo of a cat.", "x", "a much longer prompt " * 5, "long " * 90])
+    with torch.no_grad():
+        padded = clip.model.encode_text(tokens)
+        short = encode_text_truncated(clip.model, tokens)
+    assert short.shape == padded.shape == (4, clip.embed_dim)
+    assert (short - padded).abs().max() < 1e-5
+    # the cut is real: the longest prompt here is far below 77 positions
+    assert int(tokens[:3].argmax(-1).max()) < 40
+
+
+def test_encode_text_templates_matches_naive(clip):
+    templates = imagenet_templates()
+    emb = encode_text_templates(clip, TRICKY, batch_size=4)
+    with torch.no_grad():
+        ref = torch.stack([
+            F.normalize(clip.model.encode_text(clip.tokenizer([t.format(s) for t in templates])),
+                        dim=-1).mean(0) for s in TRICKY])
+    assert emb.shape == (len(TRICKY), clip.embed_dim) and emb.dtype == torch.float32
+    assert (emb - ref).abs().max() < 1e-5
+    # the mean of unit vectors is not renormalised (as the authors)
+    assert (emb.norm(dim=-1) < 1 - 1e-4).all()
+
+
+def test_openai_torchscript_archive(tmp_path):
+    name = register_tiny_arch(tmp_path)
+    archive = tmp_path / "tiny-openai.pt"
+    eager = make_tiny_openai_archive(archive)
+    with pytest.raises(V2LError, match="clip_allow_unsafe"):
+        load_clip(name, str(archive))
+    bundle = load_clip(name, str(archive), allow_unsafe=True)
+    assert type(bundle.model.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    tokens = bundle.tokenizer(["a photo of a dog."])
+    image = torch.randn(2, 3, bundle.image_size, bundle.image_size)
+    with torch.no_grad():
+        assert torch.equal(bundle.model.encode_text(tokens), eager.encode_text(tokens))
+        assert torch.equal(bundle.model.encode_image(image), eager.encode_image(image))
+
+
+def test_state_dict_file_and_bad_specs(tmp_path, clip):
+    from safetensors.torch import save_file
+    name = register_tiny_arch(tmp_path)
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in clip.model.state_dict().items()}, str(weights))
+    bundle = load_clip(name, str(weights))
+    tokens = clip.tokenizer(["a dog"])
+    with torch.no_grad():
+        assert torch.equal(bundle.model.encode_text(tokens), clip.model.encode_text(tokens))
+    with pytest.raises(V2LError, match="not an open_clip model directory"):
+        load_clip(str(tmp_path))
+    with pytest.raises(V2LError, match="known architecture"):
+        load_clip("no-such-clip")
+    with pytest.raises(V2LError, match="not found"):
+        load_clip(name, str(tmp_path / "missing.pt"))
