@@ -1,0 +1,104 @@
+"""Step 1: expand the frozen LLM's vocabulary into subwords, bigrams and trigrams.
+
+For every token id t: s1 = the text of t; the frozen LLM reads "a photo of
+{s1}" and greedily picks ONE next token, s2; it then reads "a photo of
+{s1 + s2}" (the text, re-tokenised) and picks one more, s3. The triple
+(s1, s1+s2, s1+s2+s3) of every id is written to OUT_DIR/vocab.json; the ids
+of the two greedy tokens to vocab_tokens.safetensors.
+
+Token texts keep their word boundaries (" cat" + " sitting" = " cat sitting";
+the authors' per-token decoding dropped the space and produced "catsitting").
+Each prompt starts with the tokenizer's BOS token, as the authors' Meta
+encode(bos=True) does (ADD_BOS). Byte and control tokens are kept in id order
+but flagged printable=false; later stages leave them out of the global words.
+
+Prompts are batched (sorted by length, left-padded, the shared "a photo of"
+prefix computed once and reused from the KV cache) and give the same greedy
+tokens as the authors' one-prompt-at-a-time loop. Work is saved in chunks: a
+killed run resumes, and under torchrun the chunks are shared between ranks
+(the same artifact for any number of processes).
+
+    python step1_expand_vocabulary.py --llm llama-2-7b --out_dir out/vocab
+    torchrun --nproc_per_node 8 step1_expand_vocabulary.py --llm llama-2-7b
+"""
+import torch
+from tqdm import tqdm
+
+from models.llm import expand_tokens, load_llm, printable_mask, token_strings
+from utils import dist
+from utils.artifacts import ChunkStore, save_json, save_tensors, write_manifest
+from utils.cli import configure, run_main
+from utils.errors import V2LError
+
+LLM = None  # the frozen LLM: Hugging Face dir, Meta LLaMA dir (consolidated.*.pth + params.json) or .gguf
+OUT_DIR = "out/vocab"  # where the vocab artifact is written
+PROMPT = "a photo of {}"  # prompt template; {} becomes the subword (then the bigram)
+ADD_BOS = True  # start each prompt with the tokenizer's BOS token (as the authors' Meta encode(bos=True))
+VOCAB_LIMIT = None  # expand only the first N token ids (None: the whole vocabulary); for quick runs
+BATCH_SIZE = 128  # prompts per forward pass
+CHUNK_SIZE = 2048  # token ids per saved chunk (the resume granularity)
+MAX_CHUNKS = None  # stop after this many chunks per process (rerun to continue); for time-boxed jobs
+DTYPE = "auto"  # auto (bf16 or fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16
+DEVICE = "auto"  # auto (CUDA when available), cuda or cpu
+DEVICE_MAP = None  # "auto" spreads a model too large for one GPU over all GPUs (one process only)
+
+cfg = configure(globals())
+
+
+def main():
+    if LLM is None:
+        raise V2LError("--llm is required: a Hugging Face model dir, Meta's LLaMA-2 dir "
+                       "(consolidated.*.pth, params.json, tokenizer.model) or a .gguf file")
+    if "{}" not in PROMPT:
+        raise V2LError(f"--prompt {PROMPT!r} has no {{}} where the token text goes")
+    d = dist.init(DEVICE)
+    if DEVICE_MAP and d.active:
+        raise V2LError("--device_map spreads one model over all GPUs; run one process, not torchrun")
+    llm = load_llm(LLM, dtype=DTYPE, device=d.device, device_map=DEVICE_MAP)
+    tok = llm.tokenizer
+    n = llm.vocab_size if VOCAB_LIMIT is None else min(VOCAB_LIMIT, llm.vocab_size)
+    ids = list(range(n))
+    subwords = token_strings(tok, ids)
+    key = {"llm": llm.fingerprint, "weights": llm.ident, "prompt": PROMPT, "add_bos": ADD_BOS,
+           "n": n, "dtype": str(next(llm.model.parameters()).dtype)}
+    store = ChunkStore(OUT_DIR, n, CHUNK_SIZE, key)
+
+    todo = store.todo(d.rank, d.world)[:MAX_CHUNKS]
+    for i in tqdm(todo, desc=f"step1 rank {d.rank}", disable=not d.is_main):
+        lo, hi = store.bounds(i)
+        next1, next2 = expand_tokens(llm.model, tok, subwords[lo:hi], PROMPT, ADD_BOS, BATCH_SIZE)
+        store.save(i, {"next1": next1, "next2": next2})
+    dist.barrier(d)
+
+    if d.is_main:
+        if store.n_done() < store.n_chunks:
+            print(f"{store.n_done()} of {store.n_chunks} chunks done; rerun the same command to continue")
+        else:
+            write_vocab(llm, ids, subwords, store.gather())
+            store.cleanup()
+    dist.barrier(d)
+    dist.shutdown(d)
+
+
+def write_vocab(llm, ids: list[int], subwords: list[str], tokens: dict) -> None:
+    """vocab.json (the strings), vocab_tokens.safetensors (the ids), then the manifest."""
+    tok = llm.tokenizer
+    s2 = token_strings(tok, tokens["next1"], skip_special=True)
+    s3 = token_strings(tok, tokens["next2"], skip_special=True)
+    bigram = [a + b for a, b in zip(subwords, s2)]
+    printable = printable_mask(tok, ids, subwords)
+    save_json(f"{OUT_DIR}/vocab.json", {
+        "ids": ids, "subword": subwords, "bigram": bigram,
+        "trigram": [b + c for b, c in zip(bigram, s3)], "printable": printable})
+    save_tensors(f"{OUT_DIR}/vocab_tokens.safetensors",
+                 {"ids": torch.tensor(ids, dtype=torch.long), "next1": tokens["next1"],
+                  "next2": tokens["next2"]})
+    write_manifest(OUT_DIR, "vocab", cfg, ["vocab.json", "vocab_tokens.safetensors"],
+                   info={"llm": llm.ident, "llm_fingerprint": llm.fingerprint, "prompt": PROMPT,
+                         "vocab_size": len(ids), "printable": sum(printable),
+                         "llm_vocab_size": llm.vocab_size})
+    print(f"wrote {OUT_DIR}: {len(ids)} tokens ({sum(printable)} printable)")
+
+
+if __name__ == "__main__":
+    run_main(main)
