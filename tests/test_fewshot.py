@@ -1,0 +1,187 @@
+"""Few-shot understanding: episodes, prompts, constrained decoding, the prefix cache, the script."""
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from data.episodes import generate_episodes, read_episode_csv
+from models.fewshot import (BatchedGreedy, FewShotPrompter, NameTrie, induction_line,
+                            wilson_interval)
+from tiny_llm import make_tiny_llama, tiny_llama_model
+from utils.errors import V2LError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _image_folders(root: Path, classes: dict[str, int]) -> Path:
+    for c, n in classes.items():
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            color = (hash((c, i)) % 255, (37 * i) % 255, len(c) * 20 % 255)
+            Image.new("RGB", (40 + i, 32), color).save(root / c / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def llm_dir(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("llm") / "tiny", fmt="hf")
+
+
+@pytest.fixture(scope="module")
+def llm(llm_dir):
+    from models.llm import load_llm
+    return load_llm(llm_dir, device="cpu")
+
+
+def test_episodes_reproducible_and_valid(tmp_path):
+    root = _image_folders(tmp_path, {"cat": 5, "dog": 5, "red_car": 5, "tree": 4})
+    a = generate_episodes(root, 3, 2, 12, seed=7)
+    b = generate_episodes(root, 3, 2, 12, seed=7)
+    assert [e.to_json() for e in a] == [e.to_json() for e in b]
+    assert [e.to_json() for e in generate_episodes(root, 3, 2, 5, seed=7)] == \
+        [e.to_json() for e in a[:5]]                       # episode i independent of the count
+    assert [e.to_json() for e in generate_episodes(root, 3, 2, 12, seed=8)] != \
+        [e.to_json() for e in a]
+    for ep in a:
+        classes = {f for _, f in ep.support}
+        assert len(classes) == 3 and ep.query[1] in classes
+        paths = [p for p, _ in ep.support] + [ep.query[0]]
+        assert len(set(paths)) == len(paths) == 3 * 2 + 1   # query never among the supports
+        assert all(Path(p).parent.name == f for p, f in ep.support)
+        assert ep.names == sorted(ep.names)
+    assert "red car" in {n for ep in a for n in ep.names}
+
+
+def test_episodes_too_few_images(tmp_path):
+    root = _image_folders(tmp_path, {"cat": 5, "dog": 2})
+    with pytest.raises(V2LError, match=r"dog: 2 images.*lower --k_shot"):
+        generate_episodes(root, 2, 2, 3, seed=0)
+
+
+def test_episode_csv(tmp_path):
+    root = _image_folders(tmp_path / "imgs", {"n01930112": 2, "n02099601": 2})
+    csv = tmp_path / "2_way_1_shot.csv"
+    csv.write_text("n01930112/0.png,n02099601/0.png,n02099601/1.png,\n")
+    (ep,) = read_episode_csv(csv, root)
+    assert len(ep.support) == 2 and ep.query[1] == "n02099601"
+    assert ep.target == "golden retriever" and ep.names == ["golden retriever", "nematode"]
+    csv.write_text("n01930112/0.png,n02099601/9.png\n")
+    with pytest.raises(V2LError, match="9.png not found"):
+        read_episode_csv(csv, root)
+
+
+def test_prompt_layout(llm):
+    tok = llm.tokenizer
+    p = FewShotPrompter(tok, induction=True, repeat=1)
+    prompt = p.build(["cat", "dog"], [("red tree", "cat"), ("blue sky", "dog")], "green car")
+    line = "For each of the following input output pairs, output is one of ['cat' or 'dog']\n"
+    assert induction_line(["cat", "dog"]) == line
+    shot = "###\nInput: < red tree >\nOutput: cat###\nInput: < blue sky >\nOutput: dog"
+    assert prompt.text == line + shot + shot + "###\nInput: < green car >\nOutput: "
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    seg = enc("###\nInput: < ") + enc("red tree") + enc(" >\nOutput: ") + enc("cat")
+    assert prompt.ids[0] == tok.bos_token_id and prompt.ids[1:1 + len(enc(line))] == enc(line)
+    assert prompt.ids[1 + len(enc(line)):][:len(seg)] == seg
+    q = enc("###\nInput: < ") + enc("green car") + enc(" >\nOutput: ")
+    assert prompt.ids[-len(q):] == q
+    no_ind = FewShotPrompter(tok, induction=False).build(["cat"], [("a", "cat")], "b")
+    assert not no_ind.text.startswith("For each")
+
+
+def test_name_trie():
+    trie = NameTrie([[5, 6], [5, 7, 8], [9]], eos_id=2)
+    assert sorted(trie.allowed([])) == [5, 9]
+    assert sorted(trie.allowed([5])) == [6, 7]
+    assert trie.allowed([5, 6]) == [2] and not trie.finished([5, 6])
+    assert trie.finished([5, 6, 2]) and trie.finished([4])
+    prefix_names = NameTrie([[5], [5, 6]], eos_id=2)
+    assert sorted(prefix_names.allowed([5])) == [2, 6]      # "crab" vs "crab apple"
+
+
+def test_prefix_cache_logits_match_full_recompute():
+    model = tiny_llama_model(300)
+    shared = [1, 17, 18, 19, 20, 21, 22]
+    prompts = [shared + [30, 31], shared + [40], shared + [50, 51, 52, 53, 54], [1, 17, 99]]
+    ref = torch.stack([model(input_ids=torch.tensor([p])).logits[0, -1] for p in prompts])
+    cached = BatchedGreedy(model, pad_id=0, prefix_cache=True)
+    for batch in (prompts, prompts[:3]):                   # short and long shared prefixes
+        got = cached.prefill(batch)[0]
+        assert torch.allclose(got, ref[:len(batch)], atol=1e-4)
+    plain = BatchedGreedy(model, pad_id=0, prefix_cache=False).prefill(prompts)[0]
+    assert torch.allclose(plain, ref, atol=1e-4)
+
+
+def test_batched_generation_matches_one_at_a_time():
+    model = tiny_llama_model(300)
+    prompts = [[1, 5, 6, 7, 8], [1, 5, 6, 9], [1, 5, 6, 7, 10, 11, 12]]
+    want = [model.generate(torch.tensor([p]), max_new_tokens=4, do_sample=False,
+                           pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    for cache in (True, False):
+        assert BatchedGreedy(model, 0, prefix_cache=cache).generate(prompts, 4) == want
+
+
+def test_constrained_decoding_only_emits_names(llm):
+    tok = llm.tokenizer
+    p = FewShotPrompter(tok, induction=True)
+    names = ["cat", "black dog", "blue bird"]
+    trie = p.constraint(names)
+    prompts = [p.build(names, [("sky", "cat")], w).ids for w in ("red", "old tree", "water")]
+    gen = BatchedGreedy(llm.model, 0).generate(prompts, 16, [trie] * 3, eos_id=tok.eos_token_id)
+    for toks in gen:
+        assert tok.decode(toks, skip_special_tokens=True) in names
+
+
+def test_bad_class_name_and_long_prompt(llm):
+    from models.fewshot import check_prompt_length
+    p = FewShotPrompter(llm.tokenizer)
+    with pytest.raises(V2LError, match="class name ''"):
+        p.name_ids("")
+    prompt = p.build(["cat"], [("red " * 80, "cat")] * 2, "dog")
+    with pytest.raises(V2LError, match=r"tokens over the LLM context of 256; lower --k_shot"):
+        check_prompt_length(prompt, 16, 256, "episode 0")
+
+
+def test_wilson_interval():
+    lo, hi = wilson_interval(91, 100)
+    assert 0.83 < lo < 0.91 < hi < 0.96
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    assert wilson_interval(10, 10)[0] == pytest.approx(0.7225, abs=1e-3)
+
+
+def run_script(name: str, args: list[str], monkeypatch) -> None:
+    """Run a top-level script in this process (saves the interpreter start-up)."""
+    monkeypatch.setattr(sys, "argv", [name] + args)
+    runpy.run_path(str(ROOT / name), run_name="__main__")
+
+
+@pytest.mark.slow
+def test_eval_understanding_script_end_to_end(tmp_path, llm_dir, monkeypatch, capsys):
+    from fixtures_tokenizer import make_tiny_tokenizer
+    tok, _, _ = make_tiny_tokenizer(tmp_path / "tok")
+    tok.save(tmp_path / "tokenizer")
+    data = _image_folders(tmp_path / "data" / "train", {"cat": 4, "dog": 4, "tree": 4})
+    out = tmp_path / "out"
+    args = ["--tokenizer_dir", str(tmp_path / "tokenizer"), "--llm", llm_dir, "--data_root",
+            str(data.parent), "--split", "train", "--n_episodes", "6", "--batch_size", "4",
+            "--global_k", "3", "--k_shot", "1", "--out_dir", str(out), "--device", "cpu",
+            "--num_workers", "0"]
+    run_script("eval_understanding.py", args, monkeypatch)
+    (setting,) = [d for d in out.iterdir() if d.is_dir()]
+    rows = [json.loads(x) for x in (setting / "episodes.jsonl").read_text().splitlines()]
+    assert sorted(r["index"] for r in rows) == list(range(6))
+    assert all(r["prediction"] in ("cat", "dog", "tree") for r in rows)
+    assert all(r["prompt"].endswith("Output: ") and "###" in r["prompt"] for r in rows)
+    summary = json.loads((setting / "summary.json").read_text())
+    assert summary["n"] == 6 and summary["ci95"][0] <= summary["accuracy"] <= summary["ci95"][1]
+    assert (setting / "manifest.json").is_file() and (out / "results.md").is_file()
+    run_script("eval_understanding.py", args + ["--n_episodes", "8"], monkeypatch)
+    rows2 = [json.loads(x) for x in (setting / "episodes.jsonl").read_text().splitlines()]
+    assert rows2[:6] == rows and len(rows2) == 8           # resumed: old lines kept, 2 added
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        run_script("eval_understanding.py", args + ["--k_shot", "4"], monkeypatch)
+    assert exit_.value.code == 2 and "lower --k_shot" in capsys.readouterr().err
