@@ -1,0 +1,236 @@
+"""The V2L tokenizer: architecture vs the authors' checkpoint, quantisers vs brute force,
+the public API end to end on a tiny model, and one-line refusals of bad input."""
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fixtures_tokenizer import (TINY_TOKENIZER, make_codebook_artifacts, make_tiny_tokenizer,
+                                tiny_images)
+
+from models.quantizers import nearest_code, topk_nearest, vector_quantize
+from models.tokenizer import TokenizerConfig, V2LTokenizer, split_authors_checkpoint
+from utils.artifacts import save_tensors, write_manifest
+from utils.errors import V2LError
+
+AUTHORS_KEYS = Path(__file__).parent / "fixtures" / "v2l_authors_checkpoint_keys.json"
+LLM_IDS = torch.arange(64) * 7 + 3          # codebook rows are NOT LLM ids: the mapping is exercised
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tok, clip, dirs = make_tiny_tokenizer(tmp_path_factory.mktemp("tiny"), llm_ids=LLM_IDS)
+    return tok.eval(), clip, dirs
+
+
+@pytest.fixture(scope="module")
+def authors_shapes():
+    return {k: tuple(v) for k, v in json.loads(AUTHORS_KEYS.read_text()).items()}
+
+
+@pytest.fixture(scope="module")
+def paper_tokenizer():
+    """Paper configuration: V=32000, D=768, M=11908, default architecture."""
+    torch.manual_seed(0)
+    return V2LTokenizer(TokenizerConfig(), torch.randn(32000, 768), torch.arange(32000),
+                        torch.randn(11908, 768), [f"g{i}" for i in range(11908)])
+
+
+# ----- architecture ----------------------------------------------------------------------
+def test_paper_architecture_is_the_authors(paper_tokenizer, authors_shapes):
+    ours = {k: tuple(v.shape) for k, v in paper_tokenizer.state_dict().items() if k != "llm_ids"}
+    theirs = {k: v for k, v in authors_shapes.items() if not k.startswith("discriminator.")}
+    assert ours == theirs
+    enc_dec = sum(p.numel() for m in (paper_tokenizer.encoder, paper_tokenizer.decoder)
+                  for p in m.parameters())
+    assert enc_dec == sum(math.prod(v) for k, v in theirs.items()
+                          if k.startswith(("encoder.", "decoder.")))
+    assert round(enc_dec / 1e6, 1) == 75.2
+    trainable = {id(p) for p in paper_tokenizer.trainable_parameters()}
+    assert id(paper_tokenizer.codebook_projection.weight) in trainable
+    assert id(paper_tokenizer.tok_embeddings.weight) not in trainable
+    assert not paper_tokenizer.tok_embeddings_global.weight.requires_grad
+    assert paper_tokenizer.last_layer() is paper_tokenizer.decoder.conv_out.weight
+
+
+def _authors_state(shapes):
+    """A checkpoint in the authors' layout; tensor i is constant i (expanded: no memory)."""
+    sd = {k: torch.tensor(float(i)).expand(v) for i, (k, v) in enumerate(shapes.items())}
+    sd["global_encoder.conv1.weight"] = torch.zeros(1024, 3, 14, 14)
+    sd["perceptual_loss.net.slice1.0.weight"] = torch.zeros(64, 3, 3, 3)
+    return sd
+
+
+def test_authors_checkpoint_loads(paper_tokenizer, authors_shapes, tmp_path):
+    sd = _authors_state(authors_shapes)
+    path = tmp_path / "v2l.pth"
+    torch.save({"model": sd, "epoch": 99}, path)
+    disc = paper_tokenizer.load_authors_checkpoint(path)
+    assert set(disc) == {k.removeprefix("discriminator.") for k in authors_shapes
+                         if k.startswith("discriminator.")}
+    loaded = paper_tokenizer.state_dict()
+    for i, k in enumerate(authors_shapes):
+        if not k.startswith("discriminator."):
+            assert float(loaded[k].flatten()[0]) == i and float(loaded[k].flatten()[-1]) == i, k
+    assert torch.equal(paper_tokenizer.llm_ids, torch.arange(32000))
+    # DDP prefixes and a "state_dict" wrapper are understood too
+    model_state, _ = split_authors_checkpoint({"state_dict": {"module." + k: v for k, v in sd.items()}})
+    assert set(model_state) == set(loaded) - {"llm_ids"}
+
+
+def test_other_architecture_is_refused(paper_tokenizer, authors_shapes):
+    sd = _authors_state(authors_shapes)
+    sd["encoder.conv_out.weight"] = torch.zeros(512, 512, 3, 3)        # taming's double_z
+    sd["encoder.down.3.attn.0.q.weight"] = torch.zeros(512, 512, 1, 1)  # level attention
+    del sd["decoder.mid.cross_attn_1.to_q.weight"]                      # no cross-attention
+    before = paper_tokenizer.decoder.conv_out.weight.clone()
+    with pytest.raises(V2LError, match="not a V2L tokenizer checkpoint.*1 missing.*1 unexpected"
+                                       ".*encoder.conv_out.weight"):
+        paper_tokenizer.load_authors_checkpoint(sd)
+    assert torch.equal(before, paper_tokenizer.decoder.conv_out.weight)    # nothing half-loaded
+    with pytest.raises(V2LError, match="not a tensor"):
+        paper_tokenizer.load_authors_checkpoint({"model": {"a": 1}})
+    with pytest.raises(V2LError, match="not found"):
+        paper_tokenizer.load_authors_checkpoint("no/such/file.pth")
+
+
+# ----- quantisers vs brute force ---------------------------------------------------------
+@pytest.mark.parametrize("block_elems", [1 << 24, 100, 7])
+def test_nearest_code_equals_brute_force(block_elems):
+    z, codes = torch.randn(300, 16), torch.randn(50, 16)
+    expected = torch.cdist(z, codes).argmin(1)
+    assert torch.equal(nearest_code(z, codes, block_elems=block_elems), expected)
+
+
+def test_vector_quantize_straight_through_and_loss():
+    z = torch.randn(2, 8, 4, 4, requires_grad=True)
+    codes = torch.randn(20, 8, requires_grad=True)
+    zq, loss, rows = vector_quantize(z, codes, beta=0.33)
+    flat = z.detach().permute(0, 2, 3, 1).reshape(-1, 8)
+    assert torch.equal(rows.flatten(), torch.cdist(flat, codes.detach()).argmin(1))
+    assert torch.allclose(zq.detach().permute(0, 2, 3, 1).reshape(-1, 8), codes.detach()[rows.flatten()],
+                          atol=1e-6)
+    sq = ((codes.detach()[rows.flatten()] - flat) ** 2).mean()
+    assert torch.allclose(loss, 1.33 * sq)
+    w = torch.randn_like(zq)
+    (zq * w).sum().backward(retain_graph=True)
+    assert torch.allclose(z.grad, w)              # straight-through: identity gradient
+    assert codes.grad is None or not codes.grad.any()
+    z.grad = None
+    loss.backward()
+    # d loss / d codes comes only from the beta term; d loss / d z only from the commitment term
+    grad_codes = torch.zeros_like(codes).index_add_(
+        0, rows.flatten(), 2 * 0.33 * (codes.detach()[rows.flatten()] - flat) / flat.numel())
+    assert torch.allclose(codes.grad, grad_codes, atol=1e-7)
+    assert torch.allclose(z.grad.permute(0, 2, 3, 1).reshape(-1, 8),
+                          2 * (flat - codes.detach()[rows.flatten()]) / flat.numel(), atol=1e-7)
+
+
+def test_topk_nearest_equals_brute_force():
+    q, codes = F.normalize(torch.randn(5, 16), dim=-1), torch.randn(40, 16) * torch.rand(40, 1)
+    expected_l2 = torch.cdist(q, codes).topk(7, largest=False).indices
+    assert torch.equal(topk_nearest(q, codes, 7, "l2"), expected_l2)
+    cos = F.cosine_similarity(q[:, None], codes[None], dim=-1)
+    assert torch.equal(topk_nearest(q, codes, 7, "cosine"), cos.topk(7).indices)
+    assert not torch.equal(expected_l2, cos.topk(7).indices)   # the two rules really differ here
+
+
+# ----- the tiny tokenizer end to end ------------------------------------------------------
+def test_forward_shapes_ids_and_gradients(tiny):
+    tok, clip, _ = tiny
+    x128, x_clip = tiny_images(clip, batch=2)
+    tok.zero_grad()
+    out = tok(x128, x_clip)
+    assert out["rec"].shape == (2, 3, 128, 128)
+    assert out["local_ids"].shape == (2, 16, 16) and out["global_idx"].shape == (2, 5)
+    assert set(out["local_ids"].unique().tolist()) <= set(LLM_IDS.tolist())
+    (out["rec"].abs().mean() + out["vq_loss"]).backward()
+    for name in ("encoder.conv_in.weight", "quant_conv.weight", "codebook_projection.weight",
+                 "post_quant_conv.weight", "decoder.mid.cross_attn_1.to_k.weight"):
+        grad = tok.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    assert tok.tok_embeddings.weight.grad is None
+    assert all(p.grad is None for p in clip.model.parameters())
+    # the global branch equals brute force on CLIP's embeddings
+    emb = clip.encode_images(x_clip)
+    expected = torch.cdist(emb, tok.tok_embeddings_global.weight).topk(5, largest=False).indices
+    assert torch.equal(out["global_idx"], expected)
+
+
+def test_encode_decode_save_load(tiny, tmp_path):
+    tok, clip, _ = tiny
+    x128, x_clip = tiny_images(clip, batch=1, seed=1)
+    with torch.no_grad():
+        out = tok(x128, x_clip)
+    global_idx, local_ids = tok.encode(x128, x_clip)
+    assert torch.equal(global_idx, out["global_idx"]) and torch.equal(local_ids, out["local_ids"])
+    rec = tok.decode(local_ids, global_idx)
+    assert rec.shape == (1, 3, 128, 128) and rec.abs().max() <= 1
+    assert torch.allclose(rec, out["rec"].clamp(-1, 1), atol=1e-4)
+    words = tok.global_strings(global_idx)
+    assert len(words) == 1 and len(words[0]) == 5 and all(isinstance(w, str) for w in words[0])
+
+    path = tok.save(tmp_path / "tokenizer")
+    assert path == tmp_path / "tokenizer" / "tokenizer.pt"
+    loaded = V2LTokenizer.load(tmp_path / "tokenizer")     # rebuilds CLIP from the codebook's spec
+    assert loaded.cfg == tok.cfg and loaded.cfg.n_local == 64 and loaded.cfg.embed_dim == 32
+    idx2, emb2 = loaded.global_tokens(x_clip)
+    assert torch.equal(idx2, global_idx)
+    assert torch.equal(loaded.decode(local_ids, global_emb=emb2), rec)
+    assert loaded.global_strings(global_idx) == words
+
+
+def test_id_mapping(tiny):
+    tok = tiny[0]
+    rows = torch.tensor([[0, 5], [63, 1]])
+    assert torch.equal(tok.llm_ids_from_rows(rows), LLM_IDS[rows])
+    assert torch.equal(tok.rows_from_llm_ids(LLM_IDS[rows]), rows)
+    for bad in (4, -1, 10_000):                 # between ids, negative, beyond the vocabulary
+        with pytest.raises(V2LError, match="not in the local codebook"):
+            tok.rows_from_llm_ids(torch.tensor([3, bad]))
+
+
+# ----- bad input: one clear line ---------------------------------------------------------
+def test_bad_inputs_are_refused(tiny, tmp_path):
+    tok, clip, dirs = tiny
+    with pytest.raises(V2LError, match="step2_codebook_embedding.py"):
+        V2LTokenizer.from_artifacts(tmp_path / "nowhere", dirs["global"], clip)
+    with pytest.raises(V2LError, match="expected 'codebook'"):
+        V2LTokenizer.from_artifacts(dirs["global"], dirs["global"], clip)
+    other = make_codebook_artifacts(tmp_path / "other", dirs["clip"], seed=1, clip=clip)
+    with pytest.raises(V2LError, match="different codebook artifact"):
+        V2LTokenizer.from_artifacts(dirs["codebook"], other["global"], clip)
+    with pytest.raises(V2LError, match="embeds in 48 dims but the codebooks have D=32"):
+        V2LTokenizer.from_artifacts(dirs["codebook"], dirs["global"],
+                                    dataclasses.replace(clip, embed_dim=48), **TINY_TOKENIZER)
+    with pytest.raises(V2LError, match="unknown tokenizer setting"):
+        V2LTokenizer.from_artifacts(dirs["codebook"], dirs["global"], clip, **TINY_TOKENIZER,
+                                    chanels=64)
+    with pytest.raises(V2LError, match="global_topk=99"):
+        V2LTokenizer.from_artifacts(dirs["codebook"], dirs["global"], clip,
+                                    **{**TINY_TOKENIZER, "global_topk": 99})
+    # a codebook file without its llm_ids (with a consistent manifest)
+    broken = other["codebook"]
+    save_tensors(broken / "local_codebook.safetensors", {"embeddings": torch.randn(64, 32)})
+    write_manifest(broken, "codebook", {}, ["local_codebook.safetensors"], inputs={"vocab": other["vocab"]})
+    write_manifest(other["global"], "global", {}, ["global_codebook.safetensors", "global_strings.json"],
+                   inputs={"codebook": broken})
+    with pytest.raises(V2LError, match=r"local_codebook.safetensors: missing tensor\(s\) \['llm_ids'\]"):
+        V2LTokenizer.from_artifacts(broken, other["global"], clip, **TINY_TOKENIZER)
+    with pytest.raises(V2LError, match="global codebook dim 16 != local codebook dim 32"):
+        V2LTokenizer(tok.cfg, torch.randn(64, 32), torch.arange(64), torch.randn(16, 16), ["w"] * 16)
+    with pytest.raises(V2LError, match="3 global strings for 16"):
+        V2LTokenizer(tok.cfg, torch.randn(64, 32), torch.arange(64), torch.randn(16, 32), ["w"] * 3)
+    with pytest.raises(V2LError, match="decode needs the global tokens"):
+        tok.decode(torch.zeros(1, 16, 16, dtype=torch.long) + 3)
+    bare = V2LTokenizer(tok.cfg, torch.randn(64, 32), torch.arange(64), torch.randn(16, 32), ["w"] * 16)
+    with pytest.raises(V2LError, match="need the CLIP image tower"):
+        bare.global_tokens(torch.zeros(1, 3, 64, 64))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(V2LError, match="not a readable tokenizer file"):
+        V2LTokenizer.load(tmp_path / "junk.pt", clip=clip)
+    with pytest.raises(V2LError, match="tokenizer not found"):
+        V2LTokenizer.load(tmp_path / "missing", clip=clip)
