@@ -20,7 +20,7 @@ WORDS = ("a photo of the cat dog bird tree house car red blue green small big ol
          "black white yellow wooden metal glass shiny dark bright happy sleeping eating").split()
 
 
-def make_sentencepiece_model(out_dir, vocab_size: int = 384, seed: int = 0) -> str:
+def make_sentencepiece_model(out_dir, vocab_size: int = 400, seed: int = 0) -> str:
     """Train a LLaMA-style sentencepiece BPE model (byte fallback, split digits, ids
     0/1/2 = <unk>/<s>/</s>) on generated sentences; return the tokenizer.model path."""
     import sentencepiece as spm
@@ -53,7 +53,7 @@ def tiny_llama_model(vocab_size: int, num_kv_heads: int = 2, seed: int = 0, hidd
 
 
 def make_tiny_llama(out_dir, fmt: str = "hf", n_shards: int = 1, num_kv_heads: int = 2,
-                    seed: int = 0, vocab_size: int = 384) -> str:
+                    seed: int = 0, vocab_size: int = 400) -> str:
     """Write a tiny Llama (+ its sentencepiece tokenizer) as a "hf" or "meta" directory; return it."""
     from transformers import LlamaTokenizer
 
@@ -79,3 +79,19 @@ def reference_next_tokens(model, token_lists: list[list[int]]) -> torch.Tensor:
     out = [model(input_ids=torch.tensor([t], device=device)).logits[0, -1].argmax().item()
            for t in token_lists]
     return torch.tensor(out, dtype=torch.long)
+
+
+def reference_expand(model, tokenizer, subwords: list[str], template: str = "a photo of {}",
+                     add_bos: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The authors' scheme, literally: per subword, prompt, one greedy token, decode it,
+    re-prompt with the bigram text, one more greedy token. Returns (next1, next2)."""
+    from models.llm import encode_prompts, prompt_text, token_strings
+    first, second = [], []
+    for s1 in subwords:
+        t1 = reference_next_tokens(model, encode_prompts(tokenizer, [prompt_text(template, s1)], add_bos))
+        s2 = token_strings(tokenizer, t1, skip_special=True)[0]
+        t2 = reference_next_tokens(model, encode_prompts(tokenizer, [prompt_text(template, s1 + s2)],
+                                                         add_bos))
+        first.append(int(t1[0]))
+        second.append(int(t2[0]))
+    return torch.tensor(first), torch.tensor(second)

@@ -1,0 +1,186 @@
+"""models/llm.py: loading HF and Meta-format Llamas (sharded, GQA), token text, errors."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_llm import make_sentencepiece_model, make_tiny_llama, tiny_llama_model
+
+from models.llm import (_meta_permute, encode_prompts, load_llm, meta_intermediate_size,
+                        printable_mask, resolve_dtype, save_meta_llama, token_strings)
+from utils.errors import V2LError
+
+PROMPT = "a photo of a small red cat sitting on the tree 42"
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llm")
+    return {"hf": make_tiny_llama(root / "hf"), "meta": make_tiny_llama(root / "meta", "meta")}
+
+
+def _logits(llm, text=PROMPT):
+    ids = torch.tensor(encode_prompts(llm.tokenizer, [text])).to(llm.device)
+    return llm.model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("kv_heads,n_shards", [(2, 1), (2, 2), (1, 1), (4, 2)])
+def test_meta_format_roundtrip_gives_identical_logits(tmp_path, kv_heads, n_shards):
+    hf = load_llm(make_tiny_llama(tmp_path / "hf", "hf", num_kv_heads=kv_heads))
+    meta = load_llm(make_tiny_llama(tmp_path / "meta", "meta", n_shards=n_shards,
+                                    num_kv_heads=kv_heads))
+    assert meta.fmt == "meta" and hf.fmt == "hf"
+    assert len(list((tmp_path / "meta").glob("consolidated.*.pth"))) == n_shards
+    assert meta.model.config.num_key_value_heads == kv_heads
+    assert meta.fingerprint == hf.fingerprint
+    assert torch.equal(_logits(hf), _logits(meta))
+    assert not any(p.requires_grad for p in meta.model.parameters()) and not meta.model.training
+
+
+def test_meta_shards_split_like_model_parallel(tmp_path):
+    model = tiny_llama_model(vocab_size=300, num_kv_heads=2)
+    sp = make_sentencepiece_model(tmp_path / "sp", 300)
+    save_meta_llama(model, sp, tmp_path / "m", n_shards=2)
+    s0 = torch.load(tmp_path / "m" / "consolidated.00.pth", weights_only=True)
+    full = torch.load(tmp_path / "m" / "consolidated.01.pth", weights_only=True)
+    assert s0["tok_embeddings.weight"].shape == (300, 32)          # embedding dim split
+    assert s0["layers.0.attention.wq.weight"].shape == (32, 64)    # column parallel: rows
+    assert s0["layers.0.attention.wk.weight"].shape == (16, 64)    # one of two kv heads
+    assert s0["layers.0.attention.wo.weight"].shape == (64, 32)    # row parallel: columns
+    assert s0["layers.0.feed_forward.w2.weight"].shape == (64, 64)
+    assert s0["output.weight"].shape == (150, 64)
+    assert torch.equal(s0["norm.weight"], full["norm.weight"])    # replicated
+    params = json.loads((tmp_path / "m" / "params.json").read_text())
+    assert meta_intermediate_size(params["dim"], params["multiple_of"],
+                                  params.get("ffn_dim_multiplier")) == 128
+
+
+def _meta_rotary(x, theta=10000.0):
+    """Meta's rotary embedding: consecutive pairs (2j, 2j+1) of each head as complex numbers."""
+    t, h, d = x.shape
+    freqs = 1.0 / theta ** (torch.arange(0, d, 2).float() / d)
+    angles = torch.outer(torch.arange(t).float(), freqs)
+    xc = torch.view_as_complex(x.float().reshape(t, h, d // 2, 2))
+    return torch.view_as_real(xc * torch.polar(torch.ones_like(angles), angles)[:, None]).reshape(t, h, d)
+
+
+def test_permutation_matches_meta_rotary_convention():
+    """Attention scores from Meta's weights with Meta's rotary equal those of the converted
+    weights with transformers' rotary (independent of save_meta_llama)."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+    model = tiny_llama_model(vocab_size=50, num_kv_heads=4)
+    heads, dim, hd = 4, 64, 16
+    wq_meta = torch.randn(dim, dim)
+    wk_meta = torch.randn(dim, dim)
+    x = torch.randn(7, dim)
+    qm = _meta_rotary((x @ wq_meta.T).view(7, heads, hd))
+    km = _meta_rotary((x @ wk_meta.T).view(7, heads, hd))
+    scores_meta = torch.einsum("qhd,khd->hqk", qm, km)
+    rot = LlamaRotaryEmbedding(model.config)
+    cos, sin = rot(x[None], torch.arange(7)[None])
+    qh = (x @ _meta_permute(wq_meta, heads).T).view(1, 7, heads, hd).transpose(1, 2)
+    kh = (x @ _meta_permute(wk_meta, heads).T).view(1, 7, heads, hd).transpose(1, 2)
+    qh, kh = apply_rotary_pos_emb(qh, kh, cos, sin)
+    scores_hf = torch.einsum("hqd,hkd->hqk", qh[0], kh[0])
+    assert torch.allclose(scores_meta, scores_hf, atol=1e-3, rtol=1e-4)
+    assert not torch.allclose(scores_meta, torch.einsum("qhd,khd->hqk", *[
+        _meta_rotary(v) for v in ((x @ wq_meta.T).view(7, heads, hd),
+                                   (x @ _meta_permute(wk_meta, heads).T).view(7, heads, hd))]),
+        atol=1e-2)
+
+
+def test_meta_tokenizer_matches_sentencepiece(tiny_dirs):
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(Path(tiny_dirs["meta"]) / "tokenizer.model"))
+    tok = load_llm(tiny_dirs["meta"]).tokenizer
+    for text in [PROMPT, "a photo of  dog\nsitting é 2024", "a photo of ing"]:
+        assert encode_prompts(tok, [text]) == [[1] + sp.encode(text)]   # BOS like encode(bos=True)
+
+
+def test_token_strings_sentencepiece(tiny_dirs):
+    tok = load_llm(tiny_dirs["hf"]).tokenizer
+    ids = list(range(len(tok)))
+    strings = token_strings(tok, ids)
+    pieces = tok.convert_ids_to_tokens(ids)
+    printable = printable_mask(tok, ids, strings)
+    for piece, s, ok in zip(pieces, strings, printable):
+        if piece.startswith("<0x"):
+            assert not ok
+        elif piece.startswith("▁") and piece != "▁":
+            assert s == " " + piece[1:] and ok
+    assert strings[1] == "<s>" and not printable[1] and not printable[0]
+    assert token_strings(tok, [2, 1], skip_special=True) == ["", ""]
+    assert sum(p.startswith("▁") and len(p) > 2 for p in pieces) > 20   # word pieces were checked
+
+
+def _byte_level_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    raw.train_from_iterator(["a photo of the cat sitting on a tree", "héllo wörld 日本"] * 50, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>")
+
+
+def test_token_strings_byte_level_bpe(tmp_path):
+    tok = _byte_level_tokenizer(tmp_path)
+    ids = list(range(len(tok)))
+    strings = token_strings(tok, ids)
+    printable = printable_mask(tok, ids, strings)
+    cat = tok.convert_tokens_to_ids("Ġcat")
+    assert strings[cat] == " cat" and printable[cat]
+    assert not printable[tok.convert_tokens_to_ids("<|endoftext|>")]
+    partial = tok.convert_tokens_to_ids("Ã")           # first byte of a 2-byte UTF-8 char
+    assert strings[partial] == "\ufffd" and not printable[partial]
+    newline = tok.convert_tokens_to_ids("Ċ")
+    assert strings[newline] == "\n" and not printable[newline]
+
+
+def test_resolve_dtype():
+    assert resolve_dtype(None, "cpu") == torch.float32
+    assert resolve_dtype("bf16", "cpu") == torch.bfloat16
+    with pytest.raises(V2LError, match="dtype"):
+        resolve_dtype("int3", "cpu")
+
+
+def test_bad_inputs_give_one_clear_error(tmp_path, tiny_dirs):
+    with pytest.raises(V2LError, match="not found"):
+        load_llm(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(V2LError, match="unknown model format"):
+        load_llm(tmp_path / "empty")
+    meta = Path(tiny_dirs["meta"])
+    for missing, message in [("params.json", "params.json missing"),
+                             ("tokenizer.model", "tokenizer.model not found")]:
+        broken = tmp_path / f"no-{missing}"
+        shutil.copytree(meta, broken)
+        (broken / missing).unlink()
+        with pytest.raises(V2LError, match=message):
+            load_llm(broken)
+    sharded = Path(make_tiny_llama(tmp_path / "two", "meta", n_shards=2))
+    (sharded / "consolidated.01.pth").unlink()
+    with pytest.raises(V2LError, match="shards are missing"):
+        load_llm(sharded)
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file")
+    with pytest.raises(V2LError, match="cannot load this gguf model"):
+        load_llm(tmp_path / "bad.gguf")
+
+
+def test_tokenizer_of_another_model_is_refused(tmp_path, tiny_dirs):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tiny_dirs["hf"], mixed)
+    other = make_tiny_llama(tmp_path / "other", "hf", vocab_size=300)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(other) / f, mixed / f)
+    with pytest.raises(V2LError, match="tokenizer does not belong"):
+        load_llm(mixed)
+    meta = tmp_path / "meta-mixed"
+    shutil.copytree(tiny_dirs["meta"], meta)
+    shutil.copy(Path(tmp_path / ".other-spm" / "spm.model"), meta / "tokenizer.model")
+    with pytest.raises(V2LError, match="tokenizer does not belong"):
+        load_llm(meta)
