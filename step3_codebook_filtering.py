@@ -1,0 +1,155 @@
+"""Step 3: keep the global candidates that CLIP's image tower actually picks.
+
+Every training image goes through CLIP's own preprocessing and image tower;
+its L2-normalised embedding is scored against all 3V global candidates of step 2
+(invalid ones never win), and its top-5 candidates each get one hit. A
+candidate hit more than the threshold is kept: --threshold (an absolute count,
+the paper's 100 for ImageNet's 1.28M images) wins when given, else
+--threshold_rate x number of images read (by default the paper's 100 / 1,281,167).
+
+Images are counted in chunks saved as they finish (a killed run resumes);
+under torchrun the chunks are shared between ranks without padding, so every
+image is counted exactly once and any world size gives the same counts.
+
+    python step3_codebook_filtering.py --data_dir /data/imagenet --vocab_dir out/vocab \
+        --codebook_dir out/codebook --out_dir out/global --clip ViT-L-14 \
+        --clip_pretrained ViT-L-14.pt --clip_allow_unsafe true
+"""
+import hashlib
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from data.images import ImageFolderDataset, collate_skip_bad
+from models.candidates import count_topk_hits, hit_threshold, plot_hit_histogram, select_global
+from models.clip import autocast_context, load_clip
+from utils import dist
+from utils.artifacts import (ChunkStore, load_json, load_tensors, read_manifest, require_input,
+                             save_json, save_tensors, write_manifest)
+from utils.cli import configure, run_main
+from utils.errors import V2LError
+
+DATA_DIR = "data/imagenet"  # image root in ImageNet layout (<data_dir>/<split>/<class>/<images>)
+SPLIT = "train"  # sub-folder of DATA_DIR to count (none: DATA_DIR itself)
+VOCAB_DIR = "out/vocab"  # step-1 artifact
+CODEBOOK_DIR = "out/codebook"  # step-2 artifact (global candidates)
+OUT_DIR = "out/global"  # where the filtered global codebook is written
+CLIP = "ViT-L-14"  # the CLIP of step 2: open_clip model directory or architecture name
+CLIP_PRETRAINED = None  # weights for a named CLIP: OpenAI ViT-L-14.pt or an open_clip .bin/.safetensors
+CLIP_ALLOW_UNSAFE = False  # allow pickled CLIP files (OpenAI's TorchScript ViT-L-14.pt); only if trusted
+TOPK = 5  # candidates hit per image
+THRESHOLD = None  # keep candidates hit MORE than this many times; wins over THRESHOLD_RATE when set
+THRESHOLD_RATE = 7.805289e-05  # threshold per image read when THRESHOLD is none (paper: 100 / 1,281,167)
+SIMILARITY = "dot"  # dot: image . template-mean embedding (the authors); cosine: renormalise candidates
+MAX_IMAGES = None  # count only the first N images (none: all)
+BATCH_SIZE = 256  # images per forward pass
+NUM_WORKERS = 8  # image-decoding worker processes per rank
+CHUNK_SIZE = 20000  # images per resumable chunk
+DEVICE = "auto"  # auto (CUDA when available), cuda or cpu
+PRECISION = "auto"  # auto (fp16 autocast on CUDA, fp32 on CPU), fp32, fp16 or bf16
+SHOW_TOP = 30  # most-hit candidates printed at the end
+
+cfg = configure(globals())
+
+
+def check_inputs(clip_ident: str) -> tuple[dict, dict]:
+    """(vocab manifest, codebook manifest), refusing a codebook made from another vocabulary
+    or with another CLIP."""
+    vocab_m = read_manifest(VOCAB_DIR, "vocab", made_by="step1_expand_vocabulary.py")
+    code_m = read_manifest(CODEBOOK_DIR, "codebook", made_by="step2_codebook_embedding.py")
+    require_input(code_m, "vocab", vocab_m, what=f"codebook {CODEBOOK_DIR}")
+    if code_m["info"].get("clip") != clip_ident:
+        raise V2LError(f"codebook {CODEBOOK_DIR} was embedded with CLIP '{code_m['info'].get('clip')}'"
+                       f" but --clip/--clip_pretrained give '{clip_ident}'; pass the CLIP of step 2")
+    return vocab_m, code_m
+
+
+def count_chunk(clip, loader, candidates, valid) -> tuple[torch.Tensor, int, int]:
+    """(hit counts [N] int64, images counted, images skipped) over one chunk's loader."""
+    counts = torch.zeros(candidates.shape[0], dtype=torch.long, device=candidates.device)
+    n_images = n_skipped = 0
+    for batch in loader:
+        n_skipped += batch["n_skipped"]
+        if "image" not in batch:
+            continue
+        with autocast_context(clip.device, PRECISION):
+            emb = clip.encode_images(batch["image"].to(clip.device, non_blocking=True))
+        count_topk_hits(emb, candidates, valid, TOPK, counts)
+        n_images += emb.shape[0]
+    return counts.cpu(), n_images, n_skipped
+
+
+def main():
+    if SIMILARITY not in ("dot", "cosine"):
+        raise V2LError(f"--similarity {SIMILARITY}: expected dot or cosine")
+    d = dist.init(DEVICE)
+    clip = load_clip(CLIP, CLIP_PRETRAINED, device=d.device, allow_unsafe=CLIP_ALLOW_UNSAFE)
+    vocab_m, code_m = check_inputs(clip.ident)
+    candidates = load_tensors(f"{CODEBOOK_DIR}/global_candidates.safetensors")["embeddings"]
+    table = load_json(f"{CODEBOOK_DIR}/candidates.json")
+    if SIMILARITY == "cosine":
+        candidates = torch.nn.functional.normalize(candidates, dim=-1)
+    valid = torch.tensor(table["valid"], dtype=torch.bool)
+    if TOPK > int(valid.sum()):
+        raise V2LError(f"--topk {TOPK}: only {int(valid.sum())} valid candidates in {CODEBOOK_DIR}")
+    data = ImageFolderDataset(DATA_DIR, SPLIT, transform=clip.image_view(), max_images=MAX_IMAGES)
+    paths_digest = hashlib.sha256("\n".join(map(str, data.paths)).encode()).hexdigest()
+
+    store = ChunkStore(OUT_DIR, len(data), CHUNK_SIZE, key={
+        "codebook": code_m["id"], "clip": clip.ident, "images": paths_digest, "topk": TOPK,
+        "similarity": SIMILARITY, "precision": PRECISION})
+    if d.is_main:
+        print(f"{len(data)} images in {store.n_chunks} chunks ({store.n_done()} done), "
+              f"{len(valid)} candidates ({int(valid.sum())} valid), world={d.world}")
+    dev_candidates, dev_valid = candidates.to(d.device), valid.to(d.device)
+    for i in tqdm(store.todo(d.rank, d.world), desc=f"rank {d.rank} chunks", disable=not d.is_main):
+        loader = DataLoader(Subset(data, range(*store.bounds(i))), batch_size=BATCH_SIZE,
+                            num_workers=NUM_WORKERS, collate_fn=collate_skip_bad,
+                            pin_memory=d.device.type == "cuda")
+        counts, n_images, n_skipped = count_chunk(clip, loader, dev_candidates, dev_valid)
+        store.save(i, {"hits": counts, "stats": torch.tensor([n_images, n_skipped])})
+
+    # every rank sums the chunks it owns; one integer all-reduce gives the totals
+    own = [store.load(i) for i in range(d.rank, store.n_chunks, d.world)]
+    hits = sum((c["hits"] for c in own), torch.zeros(len(valid), dtype=torch.long))
+    stats = sum((c["stats"] for c in own), torch.zeros(2, dtype=torch.long))
+    if d.active:
+        hits, stats = hits.to(d.device), stats.to(d.device)
+        dist.all_reduce_sum(hits, d)
+        dist.all_reduce_sum(stats, d)
+    hits, (n_images, n_skipped) = hits.cpu(), stats.tolist()
+
+    if n_images == 0:
+        raise V2LError(f"{DATA_DIR}: none of the {len(data)} images could be read")
+    min_hits = hit_threshold(n_images, THRESHOLD, THRESHOLD_RATE)
+    keep = select_global(hits, min_hits)
+    if keep.numel() == 0:
+        raise V2LError(f"no candidate was hit more than {min_hits:g} times in {n_images} "
+                       "images; lower --threshold / --threshold_rate or count more images")
+    if d.is_main:
+        save_tensors(f"{OUT_DIR}/global_codebook.safetensors", {
+            "embeddings": candidates[keep].contiguous(), "candidate_index": keep,
+            "hits": hits[keep]})
+        save_json(f"{OUT_DIR}/global_strings.json",
+                  {"strings": [table["strings"][i] for i in keep.tolist()]})
+        save_tensors(f"{OUT_DIR}/hit_counts.safetensors", {"hits": hits})
+        plot_hit_histogram(hits, min_hits, f"{OUT_DIR}/hit_histogram.png")
+        write_manifest(OUT_DIR, "global", cfg,
+                       ["global_codebook.safetensors", "global_strings.json",
+                        "hit_counts.safetensors"],
+                       inputs={"vocab": VOCAB_DIR, "codebook": CODEBOOK_DIR},
+                       info={"clip": clip.ident, "n_global": keep.numel(), "n_images": n_images,
+                             "n_skipped": n_skipped, "min_hits": min_hits, "topk": TOPK,
+                             "similarity": SIMILARITY})
+        store.cleanup()
+        order = torch.argsort(hits, descending=True, stable=True)[:SHOW_TOP].tolist()
+        print(f"kept M={keep.numel()} of {len(valid)} candidates (hit > {min_hits:g}) from "
+              f"{n_images} images, {n_skipped} unreadable images skipped")
+        print("most hit: " + ", ".join(f"{table['strings'][i]!r} ({int(hits[i])})" for i in order))
+    dist.barrier(d)
+    dist.shutdown(d)
+
+
+if __name__ == "__main__":
+    run_main(main)
