@@ -1,0 +1,214 @@
+"""The offline demo world: generated, labelled images of nameable things.
+
+Every class is a colour and a shape ("red circle", "blue star"): ordinary
+words a small LLM knows, so few-shot episodes over them make sense. An image
+is one shape at a random position, size and rotation, with a jittered colour,
+on a muted background (smooth noise, a gradient, stripes, a checkerboard or
+blotches). Everything is a pure function of (seed, split, class, index), so a
+world is identical whatever order or process it is made in.
+
+``write_world`` saves it in ImageNet layout (``train/red_circle/*.png``,
+``val/...``; ``data.classes.class_name`` reads the folder as "red circle"),
+with one caption per image in ``captions.json``, and a few real photographs
+bundled with scikit-image in ``val_photos/`` as extra reconstruction images.
+``render_pool`` makes the small in-memory images the demo CLIP is trained on.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from utils.artifacts import save_json
+
+# base RGB of each colour word (jittered per image)
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 35, 35), "green": (35, 165, 55), "blue": (35, 75, 215),
+    "yellow": (240, 215, 35), "purple": (135, 45, 185), "orange": (245, 135, 25),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
+BACKGROUNDS: tuple[str, ...] = ("noisy", "gradient", "striped", "checkered", "blotchy")
+# scikit-image's bundled colour and grey photographs (no download needed)
+PHOTOS: tuple[str, ...] = ("astronaut", "coffee", "chelsea", "rocket", "camera",
+                           "hubble_deep_field", "immunohistochemistry", "colorwheel")
+SUPERSAMPLE = 2  # shapes are drawn at this multiple of the size, then box-filtered (anti-aliasing)
+
+
+def class_words(colours=None, shapes=None) -> list[str]:
+    """The words naming the demo classes: colours, then shapes."""
+    return list(colours or COLOURS) + list(shapes or SHAPES)
+
+
+def classes(colours=None, shapes=None) -> list[tuple[str, str]]:
+    """(colour, shape) of every class, colour-major."""
+    return [(c, s) for c in (colours or COLOURS) for s in (shapes or SHAPES)]
+
+
+def folder_name(colour: str, shape: str) -> str:
+    return f"{colour}_{shape}"
+
+
+def _rng(seed: int, *key) -> np.random.Generator:
+    """A generator determined by the seed and a key, independent of call order."""
+    digest = hashlib.sha256(repr((seed,) + key).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+@lru_cache(maxsize=4)
+def _grid(n: int) -> tuple[np.ndarray, np.ndarray]:
+    y, x = np.mgrid[0:n, 0:n].astype(np.float32) / n
+    return x, y
+
+
+def _muted(rng: np.random.Generator) -> np.ndarray:
+    """A greyish colour, lightly tinted, so the shape's colour is what stands out."""
+    return np.clip(rng.uniform(45, 210) + rng.uniform(-22, 22, 3), 0, 255).astype(np.float32)
+
+
+def _smooth_noise(rng: np.random.Generator, n: int, cells: int) -> np.ndarray:
+    """Noise in [0, 1] on a coarse grid, bilinearly upsampled to n x n."""
+    coarse = Image.fromarray((rng.random((cells, cells)) * 255).astype(np.uint8))
+    return np.asarray(coarse.resize((n, n), Image.Resampling.BILINEAR), np.float32) / 255
+
+
+def background(rng: np.random.Generator, kind: str, n: int) -> np.ndarray:
+    """A muted background of the given kind: float32 [n, n, 3] in [0, 255]."""
+    a, b = _muted(rng), _muted(rng)
+    x, y = _grid(n)
+    if kind == "noisy":
+        t = _smooth_noise(rng, n, int(rng.integers(3, 9)))
+    elif kind == "gradient":
+        angle = rng.uniform(0, 2 * np.pi)
+        t = np.cos(angle) * x + np.sin(angle) * y
+        t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+    elif kind == "striped":
+        angle, freq = rng.uniform(0, np.pi), rng.uniform(3, 9)
+        t = 0.5 + 0.5 * np.sin(2 * np.pi * freq * (np.cos(angle) * x + np.sin(angle) * y))
+    elif kind == "checkered":
+        cells = int(rng.integers(3, 9))
+        t = ((np.floor(x * cells) + np.floor(y * cells)) % 2).astype(np.float32)
+    elif kind == "blotchy":
+        t = (_smooth_noise(rng, n, int(rng.integers(4, 12))) > 0.5).astype(np.float32)
+    else:
+        raise ValueError(f"unknown background kind {kind!r}")
+    img = a + t[..., None] * (b - a)
+    return img + rng.normal(0, rng.uniform(2, 12), (n, n, 1)).astype(np.float32)
+
+
+def shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple]:
+    """Vertices of a shape of circumradius r centred at (cx, cy), rotated by angle (radians)."""
+    if shape == "circle":
+        k = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+        pts = np.stack([np.cos(k), np.sin(k)], 1)
+    elif shape == "square":
+        k = np.pi / 4 + np.arange(4) * np.pi / 2
+        pts = np.stack([np.cos(k), np.sin(k)], 1)
+    elif shape == "triangle":
+        k = -np.pi / 2 + np.arange(3) * 2 * np.pi / 3
+        pts = np.stack([np.cos(k), np.sin(k)], 1)
+    elif shape == "star":
+        k = -np.pi / 2 + np.arange(10) * np.pi / 5
+        rad = np.where(np.arange(10) % 2 == 0, 1.0, 0.42)
+        pts = np.stack([np.cos(k), np.sin(k)], 1) * rad[:, None]
+    elif shape == "cross":
+        w = 0.34
+        pts = np.array([(w, 1), (w, w), (1, w), (1, -w), (w, -w), (w, -1),
+                        (-w, -1), (-w, -w), (-1, -w), (-1, w), (-w, w), (-w, 1)]) / np.hypot(1, w)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    pts = pts @ rot.T * r + (cx, cy)
+    return [tuple(p) for p in pts]
+
+
+def render(rng: np.random.Generator, colour: str, shape: str, size: int) -> tuple[Image.Image, str]:
+    """One image of a ``colour`` ``shape`` (RGB, size x size) and its background kind."""
+    n = size * SUPERSAMPLE
+    kind = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    canvas = Image.fromarray(np.clip(background(rng, kind, n), 0, 255).astype(np.uint8))
+    r = rng.uniform(0.17, 0.36) * n
+    cx, cy = rng.uniform(r, n - r, 2)
+    fill = np.clip(np.array(COLOURS[colour]) * rng.uniform(0.85, 1.08)
+                   + rng.integers(-18, 19, 3), 0, 255).astype(int)
+    ImageDraw.Draw(canvas).polygon(shape_polygon(shape, cx, cy, r, rng.uniform(0, 2 * np.pi)),
+                                   fill=tuple(fill.tolist()))
+    return canvas.resize((size, size), Image.Resampling.BOX), kind
+
+
+def caption(colour: str, shape: str, kind: str) -> str:
+    return f"a {colour} {shape} on a {kind} background."
+
+
+def render_pool(seed: int, n: int, size: int, colours=None, shapes=None,
+                progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n random images (uint8 [n, 3, size, size]) with colour and shape indices [n]."""
+    cls = classes(colours, shapes)
+    words_c, words_s = list(colours or COLOURS), list(shapes or SHAPES)
+    pick = _rng(seed, "pool-classes").integers(len(cls), size=n)
+    images = torch.empty(n, 3, size, size, dtype=torch.uint8)
+    for i in tqdm(range(n), desc="demo images", disable=not progress, mininterval=2):
+        colour, shape = cls[int(pick[i])]
+        img, _ = render(_rng(seed, "pool", i), colour, shape, size)
+        images[i] = torch.from_numpy(np.array(img)).permute(2, 0, 1)
+    c_idx = torch.tensor([words_c.index(cls[int(k)][0]) for k in pick])
+    s_idx = torch.tensor([words_s.index(cls[int(k)][1]) for k in pick])
+    return images, c_idx, s_idx
+
+
+def _save_photos(out: Path, size: int) -> list[str]:
+    """scikit-image's bundled photos, shortest side resized to ``size``; skipped if absent."""
+    import skimage.data
+    written = []
+    for name in PHOTOS:
+        try:
+            arr = getattr(skimage.data, name)()
+        except Exception as e:  # a photo that would need a download, or an old scikit-image
+            print(f"warning: scikit-image photo '{name}' not available ({e}); skipped",
+                  file=sys.stderr)
+            continue
+        img = Image.fromarray(np.asarray(arr)).convert("RGB")
+        scale = size / min(img.size)
+        img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))),
+                         Image.Resampling.LANCZOS)
+        rel = f"val_photos/{name}.png"
+        img.save(out / rel)
+        written.append(rel)
+    return written
+
+
+def write_world(out_dir, seed: int = 0, train_per_class: int = 40, val_per_class: int = 10,
+                size: int = 128, colours=None, shapes=None, photos: bool = True,
+                photo_size: int = 256) -> tuple[list[str], dict]:
+    """Write the demo world in ImageNet layout under out_dir.
+
+    Returns (the files written, relative to out_dir; a summary for the manifest).
+    ``captions.json`` maps each image's relative path to its caption.
+    """
+    out = Path(out_dir)
+    files, captions = [], {}
+    jobs = [(split, c, s, i) for split, count in (("train", train_per_class), ("val", val_per_class))
+            for c, s in classes(colours, shapes) for i in range(count)]
+    for split, colour, shape, i in tqdm(jobs, desc="demo world", mininterval=2):
+        folder = out / split / folder_name(colour, shape)
+        folder.mkdir(parents=True, exist_ok=True)
+        img, kind = render(_rng(seed, split, colour, shape, i), colour, shape, size)
+        rel = f"{split}/{folder_name(colour, shape)}/{i:05d}.png"
+        img.save(out / rel)
+        files.append(rel)
+        captions[rel] = caption(colour, shape, kind)
+    if photos:
+        (out / "val_photos").mkdir(parents=True, exist_ok=True)
+        files += _save_photos(out, photo_size)
+    save_json(out / "captions.json", captions)
+    files.append("captions.json")
+    info = {"classes": [folder_name(c, s) for c, s in classes(colours, shapes)],
+            "class_words": class_words(colours, shapes), "train_per_class": train_per_class,
+            "val_per_class": val_per_class, "size": size,
+            "photos": [f for f in files if f.startswith("val_photos/")]}
+    return files, info
