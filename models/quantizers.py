@@ -6,10 +6,11 @@
 - Global tokens: the CLIP image embedding's k nearest global entries
   (``topk_nearest``).
 
-The search uses ||z||^2 - 2 z.c + ||c||^2 as one matrix product per block of
-tokens and codes, keeping the running best, so memory is bounded by
-``block_elems`` whatever the number of tokens or codes (no [tokens, V, D]
-tensor, not even a full [tokens, V] one when V is large).
+The search expands ||z - c||^2 = ||z||^2 - 2 z.c + ||c||^2 into one matrix
+product per block of tokens and codes (||z||^2 is the same for every code of a
+token, so it is left out of the argmin), keeping the running best: memory is
+bounded by ``block_elems`` distances whatever the number of tokens or codes
+(no [tokens, V, D] tensor, not even a full [tokens, V] one when V is large).
 """
 from __future__ import annotations
 
@@ -33,12 +34,11 @@ def nearest_code(z: torch.Tensor, codes: torch.Tensor, block_elems: int = BLOCK_
     best = torch.empty(n, dtype=torch.long, device=z.device)
     for t0 in range(0, n, token_block):
         zt = z[t0:t0 + token_block]
-        z_sq = zt.pow(2).sum(1, keepdim=True)
         best_d = torch.full((zt.shape[0],), float("inf"), device=z.device)
         best_i = torch.zeros(zt.shape[0], dtype=torch.long, device=z.device)
         for c0 in range(0, v, code_block):
             c = codes[c0:c0 + code_block]
-            d = torch.addmm(z_sq + code_sq[c0:c0 + code_block], zt, c.t(), alpha=-2.0)
+            d = torch.addmm(code_sq[None, c0:c0 + code_block], zt, c.t(), alpha=-2.0)
             d_min, i_min = d.min(1)
             better = d_min < best_d
             best_d = torch.where(better, d_min, best_d)

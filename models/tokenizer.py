@@ -301,12 +301,16 @@ class V2LTokenizer(nn.Module):
                 "local_ids": self.llm_ids[rows], "global_idx": global_idx}
 
     @torch.no_grad()
-    def encode(self, x128: torch.Tensor, x_clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images -> (global_idx [B, k], local_ids [B, grid, grid]); local ids ARE LLM token ids."""
-        global_idx, _ = self.global_tokens(x_clip)
+    def local_tokens(self, x128: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, R, R] in [-1, 1] -> local LLM token ids [B, grid, grid] (no CLIP needed)."""
         _, _, rows = vector_quantize(self.encode_features(x128), self.projected_codebook(),
                                      self.cfg.beta)
-        return global_idx, self.llm_ids[rows]
+        return self.llm_ids[rows]
+
+    @torch.no_grad()
+    def encode(self, x128: torch.Tensor, x_clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images -> (global_idx [B, k], local_ids [B, grid, grid]); local ids ARE LLM token ids."""
+        return self.global_tokens(x_clip)[0], self.local_tokens(x128)
 
     @torch.no_grad()
     def decode(self, local_ids: torch.Tensor, global_idx: torch.Tensor | None = None,

@@ -1,0 +1,156 @@
+"""Tokenizer speed at the paper configuration: encode + decode images/s at 128 px, and the
+local nearest-code search (chunked matrix products) against the naive broadcast and the
+authors' full distance matrix: time, peak memory, same indices.
+
+Paper sizes: V=32000 local codes, D=768, M=11908 global entries, default architecture,
+random weights (speed does not depend on them). The CLIP image tower (random ViT-L-14
+unless --clip_spec none) is timed separately and added to the end-to-end figure.
+
+    python bench/bench_tokenizer.py                       # CPU, a few minutes at most
+    python bench/bench_tokenizer.py --device cuda --batch 32
+"""
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from models.clip import load_clip  # noqa: E402
+from models.quantizers import nearest_code  # noqa: E402
+from models.tokenizer import TokenizerConfig, V2LTokenizer  # noqa: E402
+from utils.cli import configure, run_main  # noqa: E402
+from utils.errors import V2LError  # noqa: E402
+
+DEVICE = "cpu"          # cpu or cuda
+BATCH = 2               # images per encode/decode call
+REPEATS = 2             # timed calls after one warm-up (the median is reported)
+CLIP_SPEC = "ViT-L-14"  # CLIP architecture timed for the global tokens (random weights); none to skip
+NN_TOKENS = 8           # tokens for the naive [tokens x V x D] search (it needs tokens*V*D*4 bytes)
+SEED = 0                # random weights and inputs
+
+cfg = configure(globals())
+
+
+def timed(fn, device: torch.device, repeats: int = REPEATS):
+    """(median seconds over `repeats` calls after one warm-up, last result)."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2], out
+
+
+def peak_memory(fn, device: torch.device) -> tuple[float, object]:
+    """(peak extra memory in MiB while fn runs, fn's result): CUDA allocator, or process RSS."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20, out
+    _release_freed_memory()
+    with open("/proc/self/clear_refs", "w") as f:   # resets VmHWM (the RSS high-water mark)
+        f.write("5")
+    base = _status_kib("VmRSS")
+    out = fn()
+    return (_status_kib("VmHWM") - base) / 1024, out
+
+
+def _release_freed_memory() -> None:
+    """Make glibc serve large blocks by mmap and unmap them on free, so RSS tracks live tensors
+    (otherwise freed blocks stay resident and a later peak reads as zero)."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)   # M_MMAP_THRESHOLD = 64 KiB, fixed
+    except OSError:
+        pass
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise V2LError(f"/proc/self/status has no {field}; run the bench on Linux or with --device cuda")
+
+
+def naive_nearest(z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """The textbook search: every token minus every code, a [tokens, V, D] tensor."""
+    return (z[:, None, :] - codes[None]).pow(2).sum(-1).argmin(1)
+
+
+def full_matrix_nearest(z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """The authors' search: one [tokens, V] distance matrix, then argmin."""
+    d = z.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1) - 2 * z @ codes.t()
+    return d.argmin(1)
+
+
+def main():
+    device = torch.device(DEVICE)
+    torch.manual_seed(SEED)
+    paper = TokenizerConfig()
+    tok = V2LTokenizer(paper, torch.randn(paper.n_local, paper.embed_dim),
+                       torch.arange(paper.n_local), torch.randn(paper.n_global, paper.embed_dim),
+                       [str(i) for i in range(paper.n_global)]).to(device).eval()
+    x128 = torch.rand(BATCH, 3, paper.resolution, paper.resolution, device=device) * 2 - 1
+    global_emb = tok.tok_embeddings_global.weight[torch.randint(0, paper.n_global,
+                                                                (BATCH, paper.global_topk))]
+
+    rows = []
+    with torch.no_grad():
+        t_enc, local_ids = timed(lambda: tok.local_tokens(x128), device)
+        t_dec, _ = timed(lambda: tok.decode(local_ids, global_emb=global_emb), device)
+        t_clip = 0.0
+        if CLIP_SPEC and CLIP_SPEC.lower() != "none":
+            clip = load_clip(CLIP_SPEC, device=device)
+            x_clip = torch.randn(BATCH, 3, clip.image_size, clip.image_size, device=device)
+            t_clip, _ = timed(lambda: clip.encode_images(x_clip), device)
+            del clip
+        rows.append(("encode (local tokens)", f"{BATCH / t_enc:.2f} img/s", ""))
+        rows.append(("decode", f"{BATCH / t_dec:.2f} img/s", ""))
+        if t_clip:
+            rows.append((f"CLIP {CLIP_SPEC} image tower (global tokens)", f"{BATCH / t_clip:.2f} img/s", ""))
+        images_per_s = BATCH / (t_enc + t_dec + t_clip)
+        rows.append(("encode + decode" + (" + CLIP" if t_clip else ""), f"{images_per_s:.2f} img/s", ""))
+
+        codes = tok.projected_codebook()
+        z = tok.encode_features(x128).permute(0, 2, 3, 1).reshape(-1, paper.embed_dim)
+        few = z[:NN_TOKENS]
+        t_ours, ours = timed(lambda: nearest_code(few, codes), device)
+        m_ours, _ = peak_memory(lambda: nearest_code(few, codes), device)
+        t_naive, naive = timed(lambda: naive_nearest(few, codes), device, repeats=1)
+        m_naive, _ = peak_memory(lambda: naive_nearest(few, codes), device)
+        t_full_ours, full_ours = timed(lambda: nearest_code(z, codes), device)
+        m_full_ours, _ = peak_memory(lambda: nearest_code(z, codes), device)
+        t_full, full = timed(lambda: full_matrix_nearest(z, codes), device)
+        m_full, _ = peak_memory(lambda: full_matrix_nearest(z, codes), device)
+    mismatches = int((ours != naive).sum()) + int((full_ours != full).sum())
+    nn_speedup = t_naive / t_ours
+
+    print(f"paper configuration: V={paper.n_local} D={paper.embed_dim} M={paper.n_global}, "
+          f"batch {BATCH} at {paper.resolution} px on {device}")
+    width = 48
+    print(f"{'':{width}} {'ours':>22} {'reference':>22}")
+    for name, a, b in rows:
+        print(f"{name:{width}} {a:>22} {b:>22}")
+    print(f"{f'NN search, {NN_TOKENS} tokens (ref: naive [T,V,D])':{width}} "
+          f"{f'{t_ours * 1e3:.1f} ms {m_ours:.0f} MiB':>22} {f'{t_naive * 1e3:.1f} ms {m_naive:.0f} MiB':>22}")
+    print(f"{f'NN search, {len(z)} tokens (ref: full [T,V] matrix)':{width}} "
+          f"{f'{t_full_ours * 1e3:.1f} ms {m_full_ours:.0f} MiB':>22} "
+          f"{f'{t_full * 1e3:.1f} ms {m_full:.0f} MiB':>22}")
+    print(f"index mismatches vs references: {mismatches}")
+    print(f"bench tokenizer: images_per_s={images_per_s:.3f} nn_speedup={nn_speedup:.1f} "
+          f"speedup={nn_speedup:.1f} maxdiff={mismatches}")
+
+
+if __name__ == "__main__":
+    run_main(main)
