@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data.images import ImageFolderDataset, collate_skip_bad
-from models.candidates import count_topk_hits, hit_threshold, plot_hit_histogram, select_global
-from models.clip import autocast_context, load_clip
+from models.candidates import count_hits, hit_threshold, plot_hit_histogram, select_global
+from models.clip import load_clip
 from utils import dist
 from utils.artifacts import (ChunkStore, load_json, load_tensors, read_manifest, require_input,
                              save_json, save_tensors, write_manifest)
@@ -65,21 +65,6 @@ def check_inputs(clip_ident: str) -> tuple[dict, dict]:
     return vocab_m, code_m
 
 
-def count_chunk(clip, loader, candidates, valid) -> tuple[torch.Tensor, int, int]:
-    """(hit counts [N] int64, images counted, images skipped) over one chunk's loader."""
-    counts = torch.zeros(candidates.shape[0], dtype=torch.long, device=candidates.device)
-    n_images = n_skipped = 0
-    for batch in loader:
-        n_skipped += batch["n_skipped"]
-        if "image" not in batch:
-            continue
-        with autocast_context(clip.device, PRECISION):
-            emb = clip.encode_images(batch["image"].to(clip.device, non_blocking=True))
-        count_topk_hits(emb, candidates, valid, TOPK, counts)
-        n_images += emb.shape[0]
-    return counts.cpu(), n_images, n_skipped
-
-
 def main():
     if SIMILARITY not in ("dot", "cosine"):
         raise V2LError(f"--similarity {SIMILARITY}: expected dot or cosine")
@@ -107,7 +92,8 @@ def main():
         loader = DataLoader(Subset(data, range(*store.bounds(i))), batch_size=BATCH_SIZE,
                             num_workers=NUM_WORKERS, collate_fn=collate_skip_bad,
                             pin_memory=d.device.type == "cuda")
-        counts, n_images, n_skipped = count_chunk(clip, loader, dev_candidates, dev_valid)
+        counts, n_images, n_skipped = count_hits(clip, loader, dev_candidates, dev_valid, TOPK,
+                                                 PRECISION)
         store.save(i, {"hits": counts, "stats": torch.tensor([n_images, n_skipped])})
 
     # every rank sums the chunks it owns; one integer all-reduce gives the totals

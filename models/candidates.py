@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from models.clip import autocast_context
+
 KINDS = ("subword", "bigram", "trigram")
 
 
@@ -53,6 +55,24 @@ def count_topk_hits(image_emb: torch.Tensor, candidates: torch.Tensor, valid: to
     top = candidate_scores(image_emb, candidates, valid).topk(k, dim=1).indices
     counts += torch.bincount(top.flatten(), minlength=counts.numel())
     return counts
+
+
+@torch.no_grad()
+def count_hits(clip, batches, candidates: torch.Tensor, valid: torch.Tensor, k: int,
+               precision: str = "auto") -> tuple[torch.Tensor, int, int]:
+    """(hit counts [N] int64 on the CPU, images counted, images skipped) over ``batches``
+    (dicts from ``data.images.collate_skip_bad``); candidates and valid live on CLIP's device."""
+    counts = torch.zeros(candidates.shape[0], dtype=torch.long, device=candidates.device)
+    n_images = n_skipped = 0
+    for batch in batches:
+        n_skipped += batch["n_skipped"]
+        if "image" not in batch:
+            continue
+        with autocast_context(clip.device, precision):
+            emb = clip.encode_images(batch["image"].to(clip.device, non_blocking=True))
+        count_topk_hits(emb, candidates, valid, k, counts)
+        n_images += emb.shape[0]
+    return counts.cpu(), n_images, n_skipped
 
 
 def hit_threshold(n_images: int, threshold: int | None, threshold_rate: float) -> float:
