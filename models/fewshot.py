@@ -227,12 +227,13 @@ def context_length(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-def check_prompt_length(prompt: Prompt, max_new_tokens: int, context: int | None, what: str) -> None:
-    need = len(prompt.ids) + max_new_tokens
+def check_prompt_length(n_tokens: int, max_new_tokens: int, context: int | None, what: str,
+                        settings: str = "--k_shot, --global_k or --repeat") -> None:
+    """Refuse a prompt that, with its answer, does not fit the LLM's context."""
+    need = n_tokens + max_new_tokens
     if context is not None and need > context:
-        raise V2LError(f"{what}: prompt of {len(prompt.ids)} tokens + {max_new_tokens} to generate "
-                       f"is {need - context} tokens over the LLM context of {context}; lower "
-                       "--k_shot, --global_k or --repeat")
+        raise V2LError(f"{what}: prompt of {n_tokens} tokens + {max_new_tokens} to generate is "
+                       f"{need - context} tokens over the LLM context of {context}; lower {settings}")
 
 
 class _ClipImages(Dataset):
@@ -292,7 +293,7 @@ def evaluate_episodes(decoder: BatchedGreedy, prompter: FewShotPrompter, episode
             names = ep.names
             support = [(words[p], class_name(f)) for p, f in ep.support]
             prompt = prompter.build(names, support, words[ep.query[0]])
-            check_prompt_length(prompt, max_new_tokens, context, f"episode {ep.index}")
+            check_prompt_length(len(prompt.ids), max_new_tokens, context, f"episode {ep.index}")
             prompts.append(prompt)
             constraints.append(prompter.constraint(names))
         gen = decoder.generate([p.ids for p in prompts], max_new_tokens,

@@ -17,7 +17,7 @@ from utils.errors import V2LError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _image_folders(root: Path, classes: dict[str, int]) -> Path:
+def image_folders(root: Path, classes: dict[str, int]) -> Path:
     for c, n in classes.items():
         (root / c).mkdir(parents=True, exist_ok=True)
         for i in range(n):
@@ -38,7 +38,7 @@ def llm(llm_dir):
 
 
 def test_episodes_reproducible_and_valid(tmp_path):
-    root = _image_folders(tmp_path, {"cat": 5, "dog": 5, "red_car": 5, "tree": 4})
+    root = image_folders(tmp_path, {"cat": 5, "dog": 5, "red_car": 5, "tree": 4})
     a = generate_episodes(root, 3, 2, 12, seed=7)
     b = generate_episodes(root, 3, 2, 12, seed=7)
     assert [e.to_json() for e in a] == [e.to_json() for e in b]
@@ -57,13 +57,13 @@ def test_episodes_reproducible_and_valid(tmp_path):
 
 
 def test_episodes_too_few_images(tmp_path):
-    root = _image_folders(tmp_path, {"cat": 5, "dog": 2})
+    root = image_folders(tmp_path, {"cat": 5, "dog": 2})
     with pytest.raises(V2LError, match=r"dog: 2 images.*lower --k_shot"):
         generate_episodes(root, 2, 2, 3, seed=0)
 
 
 def test_episode_csv(tmp_path):
-    root = _image_folders(tmp_path / "imgs", {"n01930112": 2, "n02099601": 2})
+    root = image_folders(tmp_path / "imgs", {"n01930112": 2, "n02099601": 2})
     csv = tmp_path / "2_way_1_shot.csv"
     csv.write_text("n01930112/0.png,n02099601/0.png,n02099601/1.png,\n")
     (ep,) = read_episode_csv(csv, root)
@@ -142,7 +142,7 @@ def test_bad_class_name_and_long_prompt(llm):
         p.name_ids("")
     prompt = p.build(["cat"], [("red " * 80, "cat")] * 2, "dog")
     with pytest.raises(V2LError, match=r"tokens over the LLM context of 256; lower --k_shot"):
-        check_prompt_length(prompt, 16, 256, "episode 0")
+        check_prompt_length(len(prompt.ids), 16, 256, "episode 0")
 
 
 def test_wilson_interval():
@@ -163,7 +163,7 @@ def test_eval_understanding_script_end_to_end(tmp_path, llm_dir, monkeypatch, ca
     from fixtures_tokenizer import make_tiny_tokenizer
     tok, _, _ = make_tiny_tokenizer(tmp_path / "tok")
     tok.save(tmp_path / "tokenizer")
-    data = _image_folders(tmp_path / "data" / "train", {"cat": 4, "dog": 4, "tree": 4})
+    data = image_folders(tmp_path / "data" / "train", {"cat": 4, "dog": 4, "tree": 4})
     out = tmp_path / "out"
     args = ["--tokenizer_dir", str(tmp_path / "tokenizer"), "--llm", llm_dir, "--data_root",
             str(data.parent), "--split", "train", "--n_episodes", "6", "--batch_size", "4",

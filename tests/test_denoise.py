@@ -1,0 +1,147 @@
+"""Restoration with the frozen LLM: masks, corruptions, noisy examples, prompts, the script."""
+import csv
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from models.denoise import (NOISE_RATES, TASKS, DenoisePrompter, DenoiseViews, blur_sigma,
+                            check_tasks, chunk_starts, codebook_vocab_mask, corrupt_image,
+                            noisy_copies, prediction_mask, restore)
+from models.fewshot import BatchedGreedy
+from test_fewshot import image_folders, run_script
+from tiny_llm import make_tiny_llama
+from utils.errors import V2LError
+
+
+@pytest.fixture(scope="module")
+def llm_dir(tmp_path_factory):
+    """A tiny Llama with a 2048-token context (RoPE has no position table to grow)."""
+    path = Path(make_tiny_llama(tmp_path_factory.mktemp("llm") / "tiny", fmt="hf"))
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 2048}))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def llm(llm_dir):
+    from models.llm import load_llm
+    return load_llm(llm_dir, device="cpu")
+
+
+def test_prediction_masks_cover_the_right_cells():
+    inp = prediction_mask("inpainting")
+    assert inp.sum() == 64 and inp[4:12, 4:12].all()
+    assert not inp[:4].any() and not inp[12:].any() and not inp[:, :4].any() and not inp[:, 12:].any()
+    out = prediction_mask("outpainting")
+    assert out.sum() == 128 and out[8:].all() and not out[:8].any()
+    for task in ("deblurring", "rotation", "shift"):
+        assert prediction_mask(task).all()
+    assert chunk_starts(inp, 2)[:5] == [68, 70, 72, 74, 84] and len(chunk_starts(inp, 2)) == 32
+    assert chunk_starts(out, 2) == list(range(128, 256, 2))
+
+
+def test_unknown_task_is_refused():
+    with pytest.raises(V2LError, match="unknown denoising task.*inpainting, outpainting"):
+        check_tasks(["inpainting", "denoise"])
+
+
+def test_corruptions():
+    x = torch.rand(3, 128, 128) * 2 - 1
+    rot = corrupt_image("rotation", x, x, random.Random(0))
+    assert torch.equal(rot[:, 0, :], x[:, :, -1])             # 90 degrees counter-clockwise
+    blurred = corrupt_image("deblurring", x, x, random.Random(0))
+    assert blurred.shape == x.shape and blurred.std() < x.std()
+    assert blur_sigma(5) == pytest.approx(1.1) and blur_sigma(11) == pytest.approx(2.0)
+    inp = corrupt_image("inpainting", x, x, random.Random(0))
+    assert (inp[:, 32:96, 32:96] == 0).all() and torch.equal(inp[:, :32], x[:, :32])
+    outp = corrupt_image("outpainting", x, x, random.Random(0))
+    assert (outp[:, 64:] == 0).all() and torch.equal(outp[:, :64], x[:, :64])
+
+
+def test_shift_view_is_the_bottom_right_crop(tmp_path):
+    from tiny_clip import make_tiny_clip
+    from models.clip import load_clip
+    clip = load_clip(make_tiny_clip(tmp_path / "clip"))
+    views = DenoiseViews(clip)
+    wide = Image.fromarray((torch.rand(64, 96, 3) * 255).byte().numpy())
+    x, x_clip, shifted = views(wide)
+    assert x.shape == shifted.shape == (3, 128, 128) and x_clip.shape[-1] == clip.image_size
+    assert not torch.allclose(x, shifted)
+    square = Image.fromarray((torch.rand(64, 64, 3) * 255).byte().numpy())
+    x, _, shifted = views(square)
+    assert torch.allclose(x, shifted, atol=1e-6)
+
+
+def test_noisy_copies_share_positions_and_ids():
+    clean, query = torch.arange(256), torch.arange(256) + 1000
+    ids = torch.tensor([5000, 5001, 5002])
+    nc, nq = noisy_copies(clean, query, ids, torch.Generator().manual_seed(0))
+    assert nc.shape == nq.shape == (10, 256)
+    for r, rate in enumerate(NOISE_RATES):
+        changed = nc[r] != clean
+        assert changed.sum() == int(rate * 256)
+        assert torch.equal(changed, nq[r] != query)
+        assert torch.equal(nc[r][changed], nq[r][changed]) and torch.isin(nc[r][changed], ids).all()
+
+
+def test_prompt_layout(llm):
+    tok = llm.tokenizer
+    p = DenoisePrompter(tok, step=2)
+    ids = p.build(torch.tensor([[7, 8], [9, 10]]), torch.tensor([[11, 12], [13, 14]]),
+                  torch.tensor([15, 16]))
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    head = [tok.bos_token_id] + enc("Learning a new language and predict the 2 tokens following "
+                                    "the examples.\n")
+    i, o = enc("###\nInput: < "), enc(" >\nOutput: ")
+    assert ids == head + i + [7, 8] + o + [11, 12] + i + [9, 10] + o + [13, 14] + i + [15, 16] + o
+
+
+@pytest.mark.parametrize("task", ["inpainting", "deblurring"])
+def test_restore_keeps_known_cells_and_codebook_ids(llm, task):
+    allowed = torch.arange(100, 140)
+    vocab_mask = codebook_vocab_mask(allowed, llm.model.config.vocab_size)
+    g = torch.Generator().manual_seed(0)
+    clean = allowed[torch.randint(len(allowed), (1, 256), generator=g)]
+    query = clean if task == "inpainting" else allowed[torch.randint(40, (1, 256), generator=g)]
+    pairs = [noisy_copies(c, q, allowed, g) for c, q in zip(clean, query)]
+    nc, nq = torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
+    prompter = DenoisePrompter(llm.tokenizer, 2)
+    pred = restore(BatchedGreedy(llm.model, 0), prompter, task, query, nc, nq, vocab_mask,
+                   step=2, window=4, batch_size=64)
+    cells = prediction_mask(task).flatten()
+    assert torch.isin(pred, allowed).all()                   # only codebook ids
+    assert torch.equal(pred[:, ~cells], query[:, ~cells])    # known cells untouched
+    if task == "deblurring":                                 # the mask is what restricts them
+        free = restore(BatchedGreedy(llm.model, 0), prompter, task, query, nc, nq,
+                       torch.ones_like(vocab_mask), step=2, window=4, batch_size=64)
+        assert not torch.isin(free[:, cells], allowed).all()
+
+
+@pytest.mark.slow
+def test_eval_denoising_script_all_tasks(tmp_path, llm_dir, monkeypatch, capsys):
+    from fixtures_tokenizer import make_tiny_tokenizer
+    tok, _, _ = make_tiny_tokenizer(tmp_path / "tok", llm_ids=torch.arange(100, 164))
+    tok.save(tmp_path / "tokenizer")
+    data = image_folders(tmp_path / "data" / "val", {"cat": 1, "dog": 1})
+    out = tmp_path / "out"
+    args = ["--tokenizer_dir", str(tmp_path / "tokenizer"), "--llm", llm_dir, "--data_root",
+            str(data.parent), "--split", "val", "--metrics", "psnr", "ssim", "--device", "cpu",
+            "--num_workers", "0", "--window", "4", "--step", "8", "--out_dir", str(out), "--save_strips", "1"]
+    run_script("eval_denoising.py", args, monkeypatch)
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["task"], r["variant"]) for r in rows] == [
+        (t, v) for t in TASKS for v in ("corrupted", "restored", "reconstruction")]
+    assert all(r["n_images"] == "2" and float(r["psnr"]) > 0 for r in rows)
+    assert (out / "manifest.json").is_file()
+    for task in TASKS:
+        strip = Image.open(out / task / "strips" / "00000.png")
+        assert strip.size == (3 * 128, 128)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        run_script("eval_denoising.py", args + ["--tasks", "painting"], monkeypatch)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "unknown denoising task(s) ['painting']" in err
