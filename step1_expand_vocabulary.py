@@ -34,10 +34,10 @@ LLM = None  # the frozen LLM: Hugging Face dir, Meta LLaMA dir (consolidated.*.p
 OUT_DIR = "out/vocab"  # where the vocab artifact is written
 PROMPT = "a photo of {}"  # prompt template; {} becomes the subword (then the bigram)
 ADD_BOS = True  # start each prompt with the tokenizer's BOS token (as the authors' Meta encode(bos=True))
-VOCAB_LIMIT = None  # expand only the first N token ids (None: the whole vocabulary); for quick runs
+VOCAB_LIMIT = 0  # expand only the first N token ids (0: the whole vocabulary); for quick runs
 BATCH_SIZE = 128  # prompts per forward pass
 CHUNK_SIZE = 2048  # token ids per saved chunk (the resume granularity)
-MAX_CHUNKS = None  # stop after this many chunks per process (rerun to continue); for time-boxed jobs
+MAX_CHUNKS = 0  # stop after this many chunks per process (0: no limit; rerun to continue)
 DTYPE = "auto"  # auto (bf16 or fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16
 DEVICE = "auto"  # auto (CUDA when available), cuda or cpu
 DEVICE_MAP = None  # "auto" spreads a model too large for one GPU over all GPUs (one process only)
@@ -56,14 +56,15 @@ def main():
         raise V2LError("--device_map spreads one model over all GPUs; run one process, not torchrun")
     llm = load_llm(LLM, dtype=DTYPE, device=d.device, device_map=DEVICE_MAP)
     tok = llm.tokenizer
-    n = llm.vocab_size if VOCAB_LIMIT is None else min(VOCAB_LIMIT, llm.vocab_size)
+    n = min(VOCAB_LIMIT, llm.vocab_size) if VOCAB_LIMIT > 0 else llm.vocab_size
     ids = list(range(n))
     subwords = token_strings(tok, ids)
     key = {"llm": llm.fingerprint, "weights": llm.ident, "prompt": PROMPT, "add_bos": ADD_BOS,
            "n": n, "dtype": str(next(llm.model.parameters()).dtype)}
     store = ChunkStore(OUT_DIR, n, CHUNK_SIZE, key)
 
-    todo = store.todo(d.rank, d.world)[:MAX_CHUNKS]
+    todo = store.todo(d.rank, d.world)
+    todo = todo[:MAX_CHUNKS] if MAX_CHUNKS > 0 else todo
     for i in tqdm(todo, desc=f"step1 rank {d.rank}", disable=not d.is_main):
         lo, hi = store.bounds(i)
         next1, next2 = expand_tokens(llm.model, tok, subwords[lo:hi], PROMPT, ADD_BOS, BATCH_SIZE)

@@ -1,0 +1,102 @@
+"""Step 1: batched greedy decoding equals the one-prompt-at-a-time loop; the script's
+artifact, its resume after a stop, 2-process sharding, and its errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_llm import make_tiny_llama, reference_expand, reference_next_tokens
+
+from models.llm import (encode_prompts, expand_tokens, greedy_next_tokens, load_llm, prompt_text,
+                        token_strings)
+from utils.artifacts import load_tensors, read_manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = "step1_expand_vocabulary.py"
+
+
+@pytest.fixture(scope="module")
+def llm_dir(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("step1") / "llama", "meta", n_shards=2)
+
+
+@pytest.fixture(scope="module")
+def llm(llm_dir):
+    return load_llm(llm_dir, device="cpu")
+
+
+def test_prompt_text_drops_one_leading_space():
+    assert prompt_text("a photo of {}", " cat sitting") == "a photo of cat sitting"
+    assert prompt_text("a photo of {}", "ing") == "a photo of ing"
+    assert prompt_text("a photo of {}", "  x") == "a photo of  x"
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time(llm):
+    tok = llm.tokenizer
+    words = token_strings(tok, range(0, len(tok), 8))
+    texts = [prompt_text("a photo of {}", w) for w in words] + ["cat", "a", "the dog is 2024 big"]
+    prompts = encode_prompts(tok, texts)
+    assert len({len(p) for p in prompts}) > 3          # really mixed lengths, so padding happens
+    want = reference_next_tokens(llm.model, prompts)
+    for batch_size, share in [(64, True), (7, True), (50, False)]:
+        got = greedy_next_tokens(llm.model, prompts, batch_size=batch_size, share_prefix=share)
+        assert torch.equal(got, want), (batch_size, share)
+
+
+def test_expand_equals_the_literal_per_prompt_scheme(llm):
+    subwords = token_strings(llm.tokenizer, range(260, 300))
+    got = expand_tokens(llm.model, llm.tokenizer, subwords, batch_size=16)
+    want = reference_expand(llm.model, llm.tokenizer, subwords)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert len(set(got[0].tolist())) > 5               # not a degenerate constant model
+
+
+def _run(args, tmp_path, torchrun=False):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    launcher = [sys.executable]
+    if torchrun:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return subprocess.run(launcher + [SCRIPT, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _artifact(out):
+    return (Path(out, "vocab.json").read_bytes(), Path(out, "vocab_tokens.safetensors").read_bytes())
+
+
+@pytest.mark.slow
+def test_script_stopped_then_resumed_on_two_ranks_matches_one_uninterrupted_run(llm_dir, llm, tmp_path):
+    common = ["--llm", llm_dir, "--vocab_limit", "100", "--chunk_size", "32", "--batch_size", "16"]
+    full = tmp_path / "full"
+    r = _run(common + ["--out_dir", str(full)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    manifest = read_manifest(full, "vocab")
+    assert manifest["info"]["llm_fingerprint"] == llm.fingerprint
+    vocab = json.loads((full / "vocab.json").read_text())
+    tokens = load_tensors(full / "vocab_tokens.safetensors")
+    assert vocab["ids"] == list(range(100)) and tokens["ids"].tolist() == vocab["ids"]
+    assert vocab["subword"] == token_strings(llm.tokenizer, range(100))
+    s2 = token_strings(llm.tokenizer, tokens["next1"], skip_special=True)
+    assert vocab["bigram"] == [a + b for a, b in zip(vocab["subword"], s2)]
+    assert not vocab["printable"][1] and not any(vocab["printable"][3:259])   # BOS, byte tokens
+    assert not list(full.glob(".chunks-*"))                                     # cleaned up
+
+    part = tmp_path / "part"
+    r = _run(common + ["--out_dir", str(part), "--max_chunks", "1"], tmp_path)
+    assert r.returncode == 0 and "1 of 4 chunks done" in r.stdout, r.stderr
+    assert not (part / "manifest.json").exists() and not (part / "vocab.json").exists()
+    r = _run(common + ["--out_dir", str(part)], tmp_path, torchrun=True)   # resume, on 2 ranks
+    assert r.returncode == 0, r.stderr
+    assert _artifact(part) == _artifact(full)
+
+
+def test_script_bad_inputs_fail_with_one_line(llm_dir, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "consolidated.00.pth").symlink_to(Path(llm_dir) / "consolidated.00.pth")
+    r = _run(["--llm", str(broken), "--out_dir", str(tmp_path / "b")], tmp_path)
+    assert r.returncode == 2 and "params.json missing" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
