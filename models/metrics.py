@@ -296,8 +296,7 @@ class ReconstructionMetrics:
             self.lpips = self._try("lpips", lambda: load_lpips_metric(self.device, lpips_vgg))
         self.is_splits = is_splits
         self.n_codes = n_codes
-        self._state: dict[str, torch.Tensor] | None = None
-        self._seen = 0
+        self.reset()
 
     def _try(self, name: str, load: Callable, also: tuple = ()):
         try:
@@ -393,8 +392,12 @@ class ReconstructionMetrics:
             self._state[k] += v.to(self.device, torch.float64)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self._state = None
+        self.reset()
         self.merge(state)
+
+    def reset(self) -> None:
+        """Forget all images (the loaded networks stay)."""
+        self._state, self._seen = None, 0
 
     # ------------------------------------------------------------------ results
     def compute(self) -> dict:
@@ -422,3 +425,43 @@ class ReconstructionMetrics:
         if self._state is None or "codebook_counts" not in self._state:
             return None
         return self._state["codebook_counts"].cpu().long()
+
+
+# ----------------------------------------------------------------------------- pictures
+
+def save_comparison_grid(rows: list[torch.Tensor], path, per_line: int = 8) -> None:
+    """PNG of image batches in [-1, 1] shown as aligned rows (e.g. originals over
+    reconstructions), ``per_line`` images wide; long batches wrap into blocks of rows."""
+    from torchvision.utils import save_image
+
+    from utils.artifacts import atomic_path
+
+    n = rows[0].shape[0]
+    blocks = [torch.cat([r[s:s + per_line] for r in rows]) for s in range(0, n, per_line)]
+    grid = torch.cat(blocks).float().clamp(-1, 1).cpu() * 0.5 + 0.5
+    with atomic_path(path) as tmp:
+        save_image(grid, tmp, nrow=min(per_line, n), padding=2, format="png")
+
+
+def plot_code_histogram(counts: torch.Tensor, path, title: str = "local tokens") -> None:
+    """Rank-frequency plot of code counts (log scale) with usage and perplexity in the title."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from utils.artifacts import atomic_path
+
+    usage = codebook_usage(counts)
+    used = counts[counts > 0].sort(descending=True).values.double()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(torch.arange(1, used.numel() + 1).numpy(), used.numpy())
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("code rank")
+    ax.set_ylabel("occurrences")
+    ax.set_title(f"{title}: {usage['codebook_used']}/{usage['codebook_size']} used, "
+                 f"perplexity {usage['codebook_perplexity']:.1f}")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,181 @@
+"""Evaluation 1: how well the tokenizer reconstructs ImageNet val images at 128 px.
+
+Each image goes through the tokenizer's public API (encode -> local LLM token
+ids + global tokens -> decode) and is compared with its 128 px input: FID and
+Inception Score (TF-Inception weights), LPIPS (VGG, inputs in [-1, 1]), PSNR
+and SSIM on the BT.601 Y channel, and codebook usage (distinct local tokens,
+perplexity). Conventions: models/metrics.py. A metric whose network weights
+are not on disk is skipped by name, with where to put the file.
+
+The images are cut into fixed chunks whose metric sums are saved as they
+finish, so a killed run resumes, and under torchrun the chunks are shared
+between ranks (the same numbers for any number of processes).
+
+Writes OUT_DIR/results.json, a comparison grid (originals over
+reconstructions), a token-usage plot, the token histogram and a manifest, and
+appends one row to RESULTS_CSV.
+
+    python eval_reconstruction.py --tokenizer_dir out/tokenizer --data_root /data/imagenet
+    torchrun --nproc_per_node 8 eval_reconstruction.py --tokenizer_dir out/tokenizer ...
+"""
+import csv
+import datetime
+import io
+import json
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from data.images import ImageFolderDataset, collate_skip_bad
+from models.metrics import (ALL_METRICS, ReconstructionMetrics, plot_code_histogram,
+                            save_comparison_grid)
+from models.tokenizer import V2LTokenizer
+from utils import dist
+from utils.artifacts import (ChunkStore, atomic_path, read_manifest, save_json, save_tensors,
+                             write_manifest)
+from utils.cli import configure, run_main
+from utils.errors import V2LError
+
+TOKENIZER_DIR = "out/tokenizer"  # step-4 artifact (tokenizer.pt + manifest)
+DATA_ROOT = "data/imagenet"  # ImageNet root holding <split>/<class>/*.JPEG (or a flat <split>/)
+SPLIT = "val"  # sub-folder of DATA_ROOT to evaluate
+VAL_LABELS = None  # labels file for a flat val folder (not needed for reconstruction)
+MAX_IMAGES = None  # evaluate only the first N images in sorted order (None = all, 50,000 for val)
+BATCH_SIZE = 64  # images per forward pass
+NUM_WORKERS = 8  # image-loading processes per rank
+CHUNK_SIZE = 2000  # images per resumable chunk (its metric sums are saved when done)
+METRICS = ["psnr", "ssim", "lpips", "fid", "is", "codebook"]  # metrics to compute
+INCEPTION_WEIGHTS = None  # TF-Inception weights file (None = look in torch hub's checkpoints/)
+LPIPS_VGG = None  # torchvision VGG16 weights for LPIPS (None = look in torch hub's checkpoints/)
+IS_SPLITS = 10  # Inception Score splits (image i goes to split i % IS_SPLITS)
+GRID_IMAGES = 16  # first N images shown in the originals-vs-reconstructions grid (0 = none)
+CLIP_ALLOW_UNSAFE = False  # allow the tokenizer's CLIP to be a pickled OpenAI file; only if trusted
+DEVICE = "auto"  # auto (CUDA when available), cuda or cpu
+OUT_DIR = "out/eval_reconstruction"  # where results, pictures and the manifest are written
+RESULTS_CSV = "out/results_reconstruction.csv"  # one row per run is appended here
+
+cfg = configure(globals())
+
+CSV_COLUMNS = ["time", "tokenizer_dir", "tokenizer_id", "split", "n_images", "psnr", "ssim",
+               "lpips", "fid", "is", "is_std", "codebook_used", "codebook_usage",
+               "codebook_perplexity", "skipped", "config"]
+
+
+def check_csv(path: Path) -> None:
+    """Refuse, before any work, a results CSV whose header is not ours."""
+    if path.is_file() and path.stat().st_size:
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+        if header != CSV_COLUMNS:
+            raise V2LError(f"{path}: a CSV with other columns; pass another --results_csv "
+                           "(or move that file away)")
+
+
+def append_csv_row(path: Path, row: dict) -> None:
+    """Add one row (atomically: the old rows plus the new one replace the file)."""
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
+    if not old:
+        writer.writeheader()
+    writer.writerow({k: row.get(k, "") for k in CSV_COLUMNS})
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        f.write(old + buf.getvalue())
+
+
+@torch.no_grad()
+def reconstruct(tok: V2LTokenizer, batch: dict, device) -> tuple[torch.Tensor, ...]:
+    """(originals, reconstructions, local codebook rows) of a loader batch."""
+    x128, x_clip = (t.to(device, non_blocking=True) for t in batch["image"])
+    global_idx, local_ids = tok.encode(x128, x_clip)
+    rec = tok.decode(local_ids, global_idx=global_idx)
+    return x128, rec, tok.rows_from_llm_ids(local_ids)
+
+
+def main():
+    d = dist.init(DEVICE)
+    unknown = set(METRICS) - set(ALL_METRICS)
+    if unknown:
+        raise V2LError(f"--metrics: unknown {sorted(unknown)}; choose from {', '.join(ALL_METRICS)}")
+    check_csv(Path(RESULTS_CSV))
+    manifest = read_manifest(TOKENIZER_DIR, "tokenizer", made_by="step4_train_tokenizer.py")
+    tok = V2LTokenizer.load(TOKENIZER_DIR, device=d.device, allow_unsafe_clip=CLIP_ALLOW_UNSAFE)
+    data = ImageFolderDataset(DATA_ROOT, SPLIT, tok.clip.tokenizer_views(tok.cfg.resolution),
+                              labels_file=VAL_LABELS, max_images=MAX_IMAGES)
+    acc = ReconstructionMetrics(METRICS, device=d.device, n_codes=len(tok.llm_ids),
+                                inception_weights=INCEPTION_WEIGHTS, lpips_vgg=LPIPS_VGG,
+                                is_splits=IS_SPLITS)
+    if d.is_main:
+        print(f"{len(data)} images from {DATA_ROOT}/{SPLIT}; tokenizer {TOKENIZER_DIR} "
+              f"({manifest['id'][:12]}); metrics {', '.join(acc.metrics)}; world={d.world}")
+
+    store = ChunkStore(OUT_DIR, len(data), CHUNK_SIZE, key={
+        "tokenizer": manifest["id"], "data": str(Path(DATA_ROOT).resolve()), "split": SPLIT,
+        "images": len(data), "metrics": acc.metrics, "is_splits": IS_SPLITS,
+        "inception": INCEPTION_WEIGHTS, "lpips_vgg": LPIPS_VGG})
+    todo = store.todo(d.rank, d.world)
+    bar = tqdm(total=sum(b - a for a, b in map(store.bounds, todo)), unit="img",
+               desc=f"rank {d.rank}", disable=not d.is_main)
+    for i in todo:
+        acc.reset()
+        loader = DataLoader(Subset(data, range(*store.bounds(i))), batch_size=BATCH_SIZE,
+                            num_workers=NUM_WORKERS, collate_fn=collate_skip_bad,
+                            pin_memory=d.device.type == "cuda")
+        unreadable = 0
+        for batch in loader:
+            unreadable += batch["n_skipped"]
+            if "image" in batch:
+                x128, rec, rows = reconstruct(tok, batch, d.device)
+                acc.update(x128, rec, codes=rows, index=batch["index"])
+            bar.update(len(batch["index"]) + batch["n_skipped"])
+        store.save(i, {**acc.state_dict(), "unreadable": torch.tensor(unreadable)})
+    bar.close()
+    dist.barrier(d)
+    if d.is_main:
+        finish(tok, data, acc, store, manifest)
+    dist.shutdown(d)
+
+
+def finish(tok, data, acc: ReconstructionMetrics, store: ChunkStore, manifest: dict) -> None:
+    """Sum the chunks, write results, pictures, the CSV row and the manifest."""
+    acc.reset()
+    unreadable = 0
+    for i in range(store.n_chunks):
+        part = store.load(i)
+        unreadable += int(part.pop("unreadable"))
+        acc.merge(part)
+    results = acc.compute()
+    results["unreadable_images"] = unreadable
+    out = Path(OUT_DIR)
+    save_json(out / "results.json", results)
+    files = ["results.json"]
+    counts = acc.codebook_counts()
+    if counts is not None:
+        save_tensors(out / "token_counts.safetensors", {"counts": counts, "llm_ids": tok.llm_ids})
+        plot_code_histogram(counts, out / "token_usage.png")
+        files += ["token_counts.safetensors", "token_usage.png"]
+    if GRID_IMAGES:
+        batch = collate_skip_bad([data[i] for i in range(min(GRID_IMAGES, len(data)))])
+        if "image" in batch:
+            x128, rec, _ = reconstruct(tok, batch, acc.device)
+            save_comparison_grid([x128, rec], out / "reconstructions.png")
+            files.append("reconstructions.png")
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in results.items()
+             if k != "skipped"}
+    print(json.dumps(shown))
+    for name, reason in results["skipped"].items():
+        print(f"skipped {name}: {reason}")
+    append_csv_row(Path(RESULTS_CSV), {
+        **results, "time": datetime.datetime.now().isoformat(timespec="seconds"),
+        "tokenizer_dir": TOKENIZER_DIR, "tokenizer_id": manifest["id"][:12], "split": SPLIT,
+        "skipped": ";".join(results["skipped"]), "config": json.dumps(cfg, sort_keys=True)})
+    write_manifest(out, "eval_reconstruction", cfg, files, inputs={"tokenizer": TOKENIZER_DIR},
+                   info=results)
+    store.cleanup()
+    print(f"wrote {out}/results.json and a row of {RESULTS_CSV}")
+
+
+if __name__ == "__main__":
+    run_main(main)

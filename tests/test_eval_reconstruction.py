@@ -1,0 +1,157 @@
+"""eval_reconstruction.py end to end on a tiny tokenizer: numbers, outputs, resume, torchrun, bad input."""
+import csv
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data.images import ImageFolderDataset, collate_skip_bad
+from models.metrics import ReconstructionMetrics
+from models.tokenizer import V2LTokenizer
+from fixtures_tokenizer import make_tiny_tokenizer
+from utils.artifacts import load_json, load_tensors, write_manifest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = str(REPO / "eval_reconstruction.py")
+N_IMAGES = 3
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A saved tiny tokenizer with its manifest chain, and a val folder of small images."""
+    tmp = tmp_path_factory.mktemp("evalrec")
+    tok, clip, dirs = make_tiny_tokenizer(tmp)
+    tok.save(tmp / "tokenizer")
+    write_manifest(tmp / "tokenizer", "tokenizer", {}, ["tokenizer.pt"],
+                   inputs={"codebook": dirs["codebook"], "global": dirs["global"]})
+    rng = np.random.default_rng(0)
+    for i in range(N_IMAGES):
+        folder = tmp / "data" / "val" / f"n0{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (50 + i, 60, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (tmp / "data" / "val" / "n00" / "broken.png").write_bytes(b"not an image")
+    return tmp
+
+
+def _args(tmp, out, **extra):
+    args = {"tokenizer_dir": tmp / "tokenizer", "data_root": tmp / "data", "out_dir": out,
+            "results_csv": tmp / f"{Path(out).name}.csv", "device": "cpu", "batch_size": 3,
+            "num_workers": 0, "chunk_size": 2, "grid_images": 2, **extra}
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+def _run_in_process(monkeypatch, tmp, out, **extra):
+    monkeypatch.setattr(sys, "argv", ["eval_reconstruction.py", *_args(tmp, out, **extra)])
+    runpy.run_path(SCRIPT, run_name="__main__")
+
+
+@pytest.fixture(scope="module")
+def full_run(setup):
+    """A run killed inside its second chunk, then rerun to the end -> (out dir, decode calls).
+
+    No weights on disk: FID, IS and LPIPS are skipped by name."""
+    out, calls = setup / "full", {"n": 0}
+    decode = V2LTokenizer.decode
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # die inside the second chunk
+            raise KeyboardInterrupt
+        return decode(self, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.hub, "get_dir", lambda: str(setup / "hub"))
+        mp.setattr(V2LTokenizer, "decode", flaky)
+        with pytest.raises(SystemExit) as e:
+            _run_in_process(mp, setup, out, grid_images=0)
+        killed = {"code": e.value.code, "manifest": (out / "manifest.json").exists(),
+                  "csv": (setup / "full.csv").exists()}
+        calls["n"] = 10  # no more failures; count the batches the rerun decodes
+        _run_in_process(mp, setup, out)
+    return out, killed, calls["n"] - 10
+
+
+def test_killed_run_resumes_from_chunks(full_run):
+    out, killed, rerun_decodes = full_run
+    assert killed == {"code": 130, "manifest": False, "csv": False}  # nothing half-written
+    # 3 readable + 1 broken image in chunks of 2 (batches of 3): chunk 0 was kept, so the
+    # rerun decodes one chunk, plus the grid
+    assert rerun_decodes == 1 + 1
+    assert not list(out.glob(".chunks-*"))  # cleaned up after success
+
+
+def test_results_match_direct_computation(setup, full_run):
+    out = full_run[0]
+    res = load_json(out / "results.json")
+    assert res["n_images"] == N_IMAGES and res["unreadable_images"] == 1
+    assert set(res["skipped"]) == {"fid", "is", "lpips"}
+    assert "weights-inception-2015-12-05-6726825d.pth" in res["skipped"]["fid"]
+
+    # the same numbers straight from the public API
+    tok = V2LTokenizer.load(setup / "tokenizer")
+    data = ImageFolderDataset(setup / "data", "val", tok.clip.tokenizer_views(128))
+    batch = collate_skip_bad([data[i] for i in range(len(data))])
+    x128, x_clip = batch["image"]
+    gidx, ids = tok.encode(x128, x_clip)
+    acc = ReconstructionMetrics(("psnr", "ssim", "codebook"), n_codes=len(tok.llm_ids))
+    acc.update(x128, tok.decode(ids, global_idx=gidx), codes=tok.rows_from_llm_ids(ids))
+    ref = acc.compute()
+    for k in ("psnr", "ssim", "codebook_used", "codebook_perplexity"):
+        assert abs(res[k] - ref[k]) < 1e-4 * max(1, abs(ref[k])), k
+    assert 5 < res["psnr"] < 60 and -1 < res["ssim"] < 1
+
+    manifest = load_json(out / "manifest.json")
+    assert manifest["stage"] == "eval_reconstruction"
+    assert set(manifest["files"]) == {"results.json", "token_counts.safetensors",
+                                      "token_usage.png", "reconstructions.png"}
+    counts = load_tensors(out / "token_counts.safetensors")["counts"]
+    assert counts.sum() == N_IMAGES * 16 * 16
+    assert Image.open(out / "reconstructions.png").size[1] > 2 * 128
+    rows = list(csv.DictReader(open(setup / "full.csv")))
+    assert len(rows) == 1 and int(rows[0]["n_images"]) == N_IMAGES
+    assert abs(float(rows[0]["psnr"]) - res["psnr"]) < 1e-9
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_one(setup, full_run, tmp_path):
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "PYTHONPATH": str(REPO)}
+    out = tmp_path / "w2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29613", SCRIPT, *_args(setup, out, grid_images=0)]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = load_json(out / "results.json"), load_json(full_run[0] / "results.json")
+    assert a["n_images"] == b["n_images"] and a["unreadable_images"] == b["unreadable_images"]
+    # other thread counts round float32 convolutions differently: a pixel may move by 1/255
+    for k in ("psnr", "ssim", "codebook_used", "codebook_perplexity"):
+        assert abs(a[k] - b[k]) <= 1e-3 * abs(b[k]), k
+
+
+def test_bad_inputs_one_line_errors(setup, tmp_path, monkeypatch, capsys):
+    def run(**extra):
+        with pytest.raises(SystemExit) as e:
+            _run_in_process(monkeypatch, setup, tmp_path / "o", **extra)
+        err = capsys.readouterr().err.strip().splitlines()
+        return e.value.code, err
+
+    # a tokenizer directory without a finished manifest
+    (tmp_path / "half").mkdir()
+    code, err = run(tokenizer_dir=tmp_path / "half")
+    assert code == 2 and len(err) == 1 and "step4_train_tokenizer.py" in err[0]
+    # an artifact of another stage
+    code, err = run(tokenizer_dir=setup / "global")
+    assert code == 2 and len(err) == 1 and "expected 'tokenizer'" in err[0]
+    code, err = run(metrics="bleu")
+    assert code == 2 and len(err) == 1 and "bleu" in err[0]
+    # a results CSV that is not ours is refused before any work
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    code, err = run(results_csv=tmp_path / "other.csv")
+    assert code == 2 and len(err) == 1 and "other.csv" in err[0]
+    assert not (tmp_path / "o").exists()
