@@ -38,6 +38,17 @@ def test_meta_format_roundtrip_gives_identical_logits(tmp_path, kv_heads, n_shar
     assert not any(p.requires_grad for p in meta.model.parameters()) and not meta.model.training
 
 
+def test_gguf_file_gives_identical_logits(tmp_path, tiny_dirs):
+    gguf_path = make_tiny_llama(tmp_path / "g", "gguf")
+    llm = load_llm(gguf_path)
+    hf = load_llm(tiny_dirs["hf"])
+    assert llm.fmt == "gguf" and load_llm(tmp_path / "g").fmt == "gguf"   # the file or its dir
+    assert encode_prompts(llm.tokenizer, [PROMPT]) == encode_prompts(hf.tokenizer, [PROMPT])
+    assert torch.equal(_logits(llm), _logits(hf))
+    ids = range(len(hf.tokenizer))
+    assert token_strings(llm.tokenizer, ids) == token_strings(hf.tokenizer, ids)
+
+
 def test_meta_shards_split_like_model_parallel(tmp_path):
     model = tiny_llama_model(vocab_size=300, num_kv_heads=2)
     sp = make_sentencepiece_model(tmp_path / "sp", 300)

@@ -4,6 +4,7 @@ users have, so tests exercise the same loading paths as LLaMA-2-7B.
 
     make_tiny_llama(dir, fmt="hf")                 # Hugging Face directory
     make_tiny_llama(dir, fmt="meta", n_shards=2)   # Meta's consolidated.NN.pth layout
+    make_tiny_llama(dir, fmt="gguf")               # dir/tiny-llama.gguf (llama.cpp layout)
 
 Also the literal one-prompt-at-a-time greedy loop (the authors' scheme), the
 reference that the batched decoding is checked against.
@@ -54,7 +55,8 @@ def tiny_llama_model(vocab_size: int, num_kv_heads: int = 2, seed: int = 0, hidd
 
 def make_tiny_llama(out_dir, fmt: str = "hf", n_shards: int = 1, num_kv_heads: int = 2,
                     seed: int = 0, vocab_size: int = 400) -> str:
-    """Write a tiny Llama (+ its sentencepiece tokenizer) as a "hf" or "meta" directory; return it."""
+    """Write a tiny Llama (+ its sentencepiece tokenizer) as a "hf" or "meta" directory, or a
+    "gguf" file inside out_dir; return the path to load."""
     from transformers import LlamaTokenizer
 
     from models.llm import _sentencepiece_tokenizer, save_meta_llama
@@ -67,9 +69,68 @@ def make_tiny_llama(out_dir, fmt: str = "hf", n_shards: int = 1, num_kv_heads: i
         tokenizer.save_pretrained(out_dir)
     elif fmt == "meta":
         save_meta_llama(model, sp_file, out_dir, n_shards=n_shards)
+    elif fmt == "gguf":
+        return save_gguf_llama(model, sp_file, out_dir / "tiny-llama.gguf")
     else:
-        raise ValueError(f"fmt must be 'hf' or 'meta', got {fmt!r}")
+        raise ValueError(f"fmt must be 'hf', 'meta' or 'gguf', got {fmt!r}")
     return str(out_dir)
+
+
+_GGUF_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+_GGUF_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+               "post_attention_layernorm": "ffn_norm"}
+
+
+def save_gguf_llama(model, sp_file, path) -> str:
+    """Write a Llama as an F32 GGUF file the way llama.cpp lays it out (Meta's rotary row order,
+    the sentencepiece vocabulary with scores and token types); return its path."""
+    import gguf
+    import sentencepiece as spm
+
+    from models.llm import _meta_unpermute
+    c, sp = model.config, spm.SentencePieceProcessor(model_file=str(sp_file))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    n = sp.get_piece_size()
+    w.add_tokenizer_model("llama")
+    w.add_token_list([sp.id_to_piece(i) for i in range(n)])
+    w.add_token_scores([sp.get_score(i) for i in range(n)])
+    w.add_token_types([2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+                       for i in range(n)])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    for key, v in model.state_dict().items():
+        if key in _GGUF_TOP:
+            name = _GGUF_TOP[key]
+        else:
+            parts = key.split(".")
+            module = ".".join(parts[3:-1])
+            name = f"blk.{parts[2]}.{_GGUF_LAYER[module]}.weight"
+            if module == "self_attn.q_proj":
+                v = _meta_unpermute(v, c.num_attention_heads)
+            elif module == "self_attn.k_proj":
+                v = _meta_unpermute(v, c.num_key_value_heads)
+        w.add_tensor(name, v.detach().float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
 
 
 @torch.no_grad()
