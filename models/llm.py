@@ -125,31 +125,32 @@ def load_llm(path, dtype=None, device=None, device_map=None) -> LLM:
     device_map: e.g. "auto" to spread a model too large for one GPU over all visible GPUs.
     """
     fmt, path = detect_format(path)
-    if device is None:
+    if device is None or device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_dtype = resolve_dtype(dtype, "cuda" if device_map else device)
+    torch_dtype = resolve_dtype(dtype, device)
     if fmt == "meta":
         model, tokenizer = _load_meta(path, torch_dtype)
+        check_vocab(model, tokenizer, path)
+        model = _dispatch(model, device_map, torch_dtype) if device_map else model.to(device)
     else:
-        model, tokenizer = _load_transformers(path, fmt, torch_dtype)
-    check_vocab(model, tokenizer, path)
-    if device_map:
-        model = _dispatch(model, device_map, torch_dtype)
-    else:
-        model = model.to(device)
+        model, tokenizer = _load_transformers(path, fmt, torch_dtype, device_map)
+        check_vocab(model, tokenizer, path)
+        if not device_map:
+            model = model.to(device)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return LLM(model, tokenizer, f"{fmt}:{path}", llm_fingerprint(tokenizer), fmt)
 
 
-def _load_transformers(path: Path, fmt: str, dtype: torch.dtype):
+def _load_transformers(path: Path, fmt: str, dtype: torch.dtype, device_map=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     kwargs = {"gguf_file": path.name} if fmt == "gguf" else {}
     where = path.parent if fmt == "gguf" else path
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, device_map=device_map,
+                                                     **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise V2LError(f"{path}: cannot load this {fmt} model ({first}); check the files are "
@@ -158,6 +159,7 @@ def _load_transformers(path: Path, fmt: str, dtype: torch.dtype):
 
 
 def _dispatch(model, device_map, dtype):
+    """Spread a model loaded on the CPU over the GPUs (layers kept whole)."""
     from accelerate import dispatch_model, infer_auto_device_map
     if device_map == "auto":
         device_map = infer_auto_device_map(model, dtype=dtype,

@@ -152,6 +152,14 @@ def test_token_strings_byte_level_bpe(tmp_path):
     assert strings[newline] == "\n" and not printable[newline]
 
 
+def test_device_map_auto_loads_both_formats(tiny_dirs):
+    """device_map="auto" (on this machine: everything on the CPU) gives the same model."""
+    want = _logits(load_llm(tiny_dirs["hf"]))
+    for fmt in ("hf", "meta"):
+        llm = load_llm(tiny_dirs[fmt], device_map="auto")
+        assert torch.equal(_logits(llm), want)
+
+
 def test_resolve_dtype():
     assert resolve_dtype(None, "cpu") == torch.float32
     assert resolve_dtype("bf16", "cpu") == torch.bfloat16
