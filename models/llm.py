@@ -282,7 +282,7 @@ def meta_to_hf_state_dict(shards: list[dict], params: dict) -> dict[str, torch.T
 
 
 def _load_meta(path: Path, dtype: torch.dtype):
-    from transformers import LlamaForCausalLM, LlamaTokenizer
+    from transformers import LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
     params, tok_file, shard_files = _meta_files(path)
     shards = []
@@ -307,18 +307,20 @@ def _load_meta(path: Path, dtype: torch.dtype):
         model = LlamaForCausalLM(config)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=True)
     model.model.rotary_emb = LlamaRotaryEmbedding(config)  # its buffers are not in checkpoints
-    tokenizer = _sentencepiece_tokenizer(tok_file, LlamaTokenizer)
-    return model, tokenizer
+    return model, sentencepiece_tokenizer(tok_file)
 
 
-def _sentencepiece_tokenizer(tok_file: Path, cls):
-    """transformers' LlamaTokenizer built from Meta's sentencepiece tokenizer.model."""
+def sentencepiece_tokenizer(tok_file):
+    """transformers' LlamaTokenizer built from a sentencepiece tokenizer.model (Meta's)."""
     import shutil
     import tempfile
+
+    from transformers import LlamaTokenizer
+    tok_file = Path(tok_file)
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(tok_file, Path(tmp) / "tokenizer.model")
         try:
-            return cls.from_pretrained(tmp)
+            return LlamaTokenizer.from_pretrained(tmp)
         except Exception as e:  # sentencepiece/protobuf raise assorted types on a bad file
             raise V2LError(f"{tok_file}: not a sentencepiece tokenizer model ({type(e).__name__}); "
                            "LLaMA-3 style tiktoken files are not supported, convert to Hugging Face "

@@ -181,6 +181,11 @@ def test_bad_inputs_give_one_clear_error(tmp_path, tiny_dirs):
         (broken / missing).unlink()
         with pytest.raises(V2LError, match=message):
             load_llm(broken)
+    garbage = tmp_path / "garbage-tokenizer"
+    shutil.copytree(meta, garbage)
+    (garbage / "tokenizer.model").write_text("not a sentencepiece model")
+    with pytest.raises(V2LError, match="not a sentencepiece tokenizer model"):
+        load_llm(garbage)
     sharded = Path(make_tiny_llama(tmp_path / "two", "meta", n_shards=2))
     (sharded / "consolidated.01.pth").unlink()
     with pytest.raises(V2LError, match="shards are missing"):

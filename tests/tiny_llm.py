@@ -57,12 +57,10 @@ def make_tiny_llama(out_dir, fmt: str = "hf", n_shards: int = 1, num_kv_heads: i
                     seed: int = 0, vocab_size: int = 400) -> str:
     """Write a tiny Llama (+ its sentencepiece tokenizer) as a "hf" or "meta" directory, or a
     "gguf" file inside out_dir; return the path to load."""
-    from transformers import LlamaTokenizer
-
-    from models.llm import _sentencepiece_tokenizer, save_meta_llama
+    from models.llm import save_meta_llama, sentencepiece_tokenizer
     out_dir = Path(out_dir)
     sp_file = make_sentencepiece_model(out_dir.parent / f".{out_dir.name}-spm", vocab_size, seed)
-    tokenizer = _sentencepiece_tokenizer(Path(sp_file), LlamaTokenizer)
+    tokenizer = sentencepiece_tokenizer(sp_file)
     model = tiny_llama_model(len(tokenizer), num_kv_heads, seed)
     if fmt == "hf":
         model.save_pretrained(out_dir)
