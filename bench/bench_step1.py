@@ -42,6 +42,8 @@ SHAPES = {
 
 def build_model():
     from transformers import LlamaConfig, LlamaForCausalLM
+    if PRESET not in SHAPES:
+        raise SystemExit(f"--preset {PRESET!r} unknown; use one of {sorted(SHAPES)}")
     torch.manual_seed(SEED)
     dtype = resolve_dtype(DTYPE, DEVICE)
     with torch.device(DEVICE):
@@ -51,8 +53,7 @@ def build_model():
 
 def make_prompts(vocab: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(SEED)
-    prefix = [1, 263, 15373, 310]  # "<s> a photo of" in LLaMA-2's vocabulary
-    prefix = [t % vocab for t in prefix]
+    prefix = [1] + torch.randint(3, vocab, (3,), generator=g).tolist()  # like "<s> a photo of"
     lengths = torch.randint(1, 5, (N_PROMPTS,), generator=g)
     return [prefix + torch.randint(3, vocab, (int(n),), generator=g).tolist() for n in lengths]
 
