@@ -25,6 +25,9 @@ from typing import Any, Callable
 from utils.errors import V2LError
 
 
+NOT_GIVEN = object()   # argparse default marking a flag absent from the command line
+
+
 def _comments_by_line(source: str) -> tuple[dict[int, str], set[int]]:
     """Comment text by line number, and the lines that hold nothing but a comment."""
     out, alone = {}, set()
@@ -97,13 +100,13 @@ def build_parser(source: str, description: str | None) -> tuple[argparse.Argumen
         shown = f"{help_text} (default: {default!r})"
         if isinstance(default, (list, tuple)):
             elem = default[0] if default else ""
-            parser.add_argument(flag, dest=name, nargs="*", type=_typed(elem), default=None,
+            parser.add_argument(flag, dest=name, nargs="*", type=_typed(elem), default=NOT_GIVEN,
                                 help=shown, metavar=name)
         elif isinstance(default, bool):
             parser.add_argument(flag, dest=name, nargs="?", const=True, type=_parse_bool,
-                                default=None, help=shown, metavar="BOOL")
+                                default=NOT_GIVEN, help=shown, metavar="BOOL")
         else:
-            parser.add_argument(flag, dest=name, type=_typed(default), default=None,
+            parser.add_argument(flag, dest=name, type=_typed(default), default=NOT_GIVEN,
                                 help=shown, metavar=name)
     return parser, constants
 
@@ -118,7 +121,7 @@ def configure(script_globals: dict, argv: list[str] | None = None) -> dict:
     config = {}
     for name, default, _ in constants:
         value = getattr(args, name)
-        if value is None:
+        if value is NOT_GIVEN:      # (a typed "none" is a real None, not "use the default")
             value = default
         elif isinstance(default, tuple):
             value = tuple(value)
