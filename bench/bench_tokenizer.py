@@ -26,7 +26,7 @@ from utils.errors import V2LError  # noqa: E402
 DEVICE = "cpu"          # cpu or cuda
 BATCH = 2               # images per encode/decode call
 REPEATS = 2             # timed calls after one warm-up (the median is reported)
-CLIP_SPEC = "ViT-L-14"  # CLIP architecture timed for the global tokens (random weights); none to skip
+CLIP_SPEC = "ViT-L-14"  # CLIP timed for the global tokens (random weights); none to skip
 NN_TOKENS = 8           # tokens for the naive [tokens x V x D] search (it needs tokens*V*D*4 bytes)
 SEED = 0                # random weights and inputs
 
@@ -66,13 +66,15 @@ def peak_memory(fn, device: torch.device) -> tuple[float, object]:
 
 
 def _release_freed_memory() -> None:
-    """Make glibc serve large blocks by mmap and unmap them on free, so RSS tracks live tensors
-    (otherwise freed blocks stay resident and a later peak reads as zero)."""
+    """Make glibc serve large blocks by mmap (unmapped on free) and return free heap pages, so
+    RSS tracks live tensors (otherwise freed blocks stay resident and a later peak reads 0)."""
     import ctypes
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)   # M_MMAP_THRESHOLD = 64 KiB, fixed
+        libc = ctypes.CDLL("libc.so.6")
     except OSError:
-        pass
+        return
+    libc.mallopt(-3, 1 << 16)   # M_MMAP_THRESHOLD = 64 KiB, fixed
+    libc.malloc_trim(0)
 
 
 def _status_kib(field: str) -> int:
@@ -80,7 +82,8 @@ def _status_kib(field: str) -> int:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise V2LError(f"/proc/self/status has no {field}; run the bench on Linux or with --device cuda")
+    raise V2LError(f"/proc/self/status has no {field}; run the bench on Linux or with "
+                   "--device cuda")
 
 
 def naive_nearest(z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -96,6 +99,8 @@ def full_matrix_nearest(z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
 def main():
     device = torch.device(DEVICE)
+    if device.type == "cpu":
+        _release_freed_memory()
     torch.manual_seed(SEED)
     paper = TokenizerConfig()
     tok = V2LTokenizer(paper, torch.randn(paper.n_local, paper.embed_dim),
@@ -105,49 +110,47 @@ def main():
     global_emb = tok.tok_embeddings_global.weight[torch.randint(0, paper.n_global,
                                                                 (BATCH, paper.global_topk))]
 
-    rows = []
+    rows = []                                         # (what, ours, reference)
     with torch.no_grad():
         t_enc, local_ids = timed(lambda: tok.local_tokens(x128), device)
         t_dec, _ = timed(lambda: tok.decode(local_ids, global_emb=global_emb), device)
+        rows += [("encode (local tokens)", f"{BATCH / t_enc:.2f} img/s", "-"),
+                 ("decode", f"{BATCH / t_dec:.2f} img/s", "-")]
         t_clip = 0.0
         if CLIP_SPEC and CLIP_SPEC.lower() != "none":
             clip = load_clip(CLIP_SPEC, device=device)
             x_clip = torch.randn(BATCH, 3, clip.image_size, clip.image_size, device=device)
             t_clip, _ = timed(lambda: clip.encode_images(x_clip), device)
             del clip
-        rows.append(("encode (local tokens)", f"{BATCH / t_enc:.2f} img/s", ""))
-        rows.append(("decode", f"{BATCH / t_dec:.2f} img/s", ""))
-        if t_clip:
-            rows.append((f"CLIP {CLIP_SPEC} image tower (global tokens)", f"{BATCH / t_clip:.2f} img/s", ""))
+            rows.append((f"CLIP {CLIP_SPEC} tower (global tokens)", f"{BATCH / t_clip:.2f} img/s", "-"))
         images_per_s = BATCH / (t_enc + t_dec + t_clip)
-        rows.append(("encode + decode" + (" + CLIP" if t_clip else ""), f"{images_per_s:.2f} img/s", ""))
+        rows.append(("encode + decode" + (" + CLIP" if t_clip else ""),
+                     f"{images_per_s:.2f} img/s", "-"))
 
         codes = tok.projected_codebook()
         z = tok.encode_features(x128).permute(0, 2, 3, 1).reshape(-1, paper.embed_dim)
-        few = z[:NN_TOKENS]
-        t_ours, ours = timed(lambda: nearest_code(few, codes), device)
-        m_ours, _ = peak_memory(lambda: nearest_code(few, codes), device)
-        t_naive, naive = timed(lambda: naive_nearest(few, codes), device, repeats=1)
-        m_naive, _ = peak_memory(lambda: naive_nearest(few, codes), device)
-        t_full_ours, full_ours = timed(lambda: nearest_code(z, codes), device)
-        m_full_ours, _ = peak_memory(lambda: nearest_code(z, codes), device)
-        t_full, full = timed(lambda: full_matrix_nearest(z, codes), device)
-        m_full, _ = peak_memory(lambda: full_matrix_nearest(z, codes), device)
-    mismatches = int((ours != naive).sum()) + int((full_ours != full).sum())
-    nn_speedup = t_naive / t_ours
+        results = []
+        for label, tokens, reference, repeats in (
+                (f"NN search, {NN_TOKENS} tokens (ref: naive [T,V,D])", z[:NN_TOKENS],
+                 naive_nearest, 1),
+                (f"NN search, {len(z)} tokens (ref: full [T,V] matrix)", z, full_matrix_nearest,
+                 REPEATS)):
+            t_ours, ours = timed(lambda: nearest_code(tokens, codes), device)
+            m_ours, _ = peak_memory(lambda: nearest_code(tokens, codes), device)
+            t_ref, ref = timed(lambda: reference(tokens, codes), device, repeats)
+            m_ref, _ = peak_memory(lambda: reference(tokens, codes), device)
+            rows.append((label, f"{t_ours * 1e3:.1f} ms {m_ours:.0f} MiB",
+                         f"{t_ref * 1e3:.1f} ms {m_ref:.0f} MiB"))
+            results.append((t_ref / t_ours, int((ours != ref).sum())))
+    nn_speedup = results[0][0]
+    mismatches = sum(r[1] for r in results)
 
     print(f"paper configuration: V={paper.n_local} D={paper.embed_dim} M={paper.n_global}, "
           f"batch {BATCH} at {paper.resolution} px on {device}")
-    width = 48
-    print(f"{'':{width}} {'ours':>22} {'reference':>22}")
-    for name, a, b in rows:
-        print(f"{name:{width}} {a:>22} {b:>22}")
-    print(f"{f'NN search, {NN_TOKENS} tokens (ref: naive [T,V,D])':{width}} "
-          f"{f'{t_ours * 1e3:.1f} ms {m_ours:.0f} MiB':>22} {f'{t_naive * 1e3:.1f} ms {m_naive:.0f} MiB':>22}")
-    print(f"{f'NN search, {len(z)} tokens (ref: full [T,V] matrix)':{width}} "
-          f"{f'{t_full_ours * 1e3:.1f} ms {m_full_ours:.0f} MiB':>22} "
-          f"{f'{t_full * 1e3:.1f} ms {m_full:.0f} MiB':>22}")
-    print(f"index mismatches vs references: {mismatches}")
+    print(f"{'':46} {'ours':>22} {'reference':>22}")
+    for name, ours, ref in rows:
+        print(f"{name:46} {ours:>22} {ref:>22}")
+    print(f"index mismatches vs the references: {mismatches}")
     print(f"bench tokenizer: images_per_s={images_per_s:.3f} nn_speedup={nn_speedup:.1f} "
           f"speedup={nn_speedup:.1f} maxdiff={mismatches}")
 

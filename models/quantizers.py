@@ -30,7 +30,7 @@ def nearest_code(z: torch.Tensor, codes: torch.Tensor, block_elems: int = BLOCK_
     n, v = z.shape[0], codes.shape[0]
     code_block = min(v, max(1, block_elems))
     token_block = max(1, block_elems // code_block)
-    code_sq = codes.pow(2).sum(1)
+    code_sq = torch.linalg.vector_norm(codes, dim=1).square()   # no [V, D] temporary
     best = torch.empty(n, dtype=torch.long, device=z.device)
     for t0 in range(0, n, token_block):
         zt = z[t0:t0 + token_block]
