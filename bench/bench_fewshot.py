@@ -1,0 +1,112 @@
+"""Few-shot decoding speed: batched episodes with vs without the shared-prefix KV cache,
+and the one-episode-at-a-time loop the authors run, on the same prompts in one run.
+
+Default: a tiny random Llama on CPU. ``--preset llama2-7b`` times a randomly
+initialised LLaMA-2-7B-shaped model in fp16 on the GPU (no weights needed).
+Prompts have the real layout (induction line, 2-way 1-shot, 5 words per
+image, the same class pair in every episode so the shared prefix is the
+induction line, as in one setting of the benchmark).
+"""
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from models.fewshot import BatchedGreedy, FewShotPrompter  # noqa: E402
+from models.llm import sentencepiece_tokenizer  # noqa: E402
+from tiny_llm import make_sentencepiece_model  # noqa: E402
+from utils.cli import configure, run_main  # noqa: E402
+
+PRESET = "tiny"          # tiny (CPU) or llama2-7b (GPU, fp16, random weights)
+N_EPISODES = 32          # episodes timed per method
+BATCH_SIZE = 8           # episodes per batch
+K_SHOT = 1               # support images per class
+WORDS = 5                # words per image
+SEED = 0                 # prompt and weight seed
+
+cfg = configure(globals())
+
+VOCAB = ("dog cat bird tree grass sky water red blue green small big old young wooden metal "
+         "glass shiny dark bright running sitting flying").split()
+
+
+def build(preset: str):
+    sp = make_sentencepiece_model(Path(tempfile.mkdtemp()) / "spm", 384, SEED)
+    tok = sentencepiece_tokenizer(Path(sp))
+    torch.manual_seed(SEED)
+    if preset == "llama2-7b":
+        config = LlamaConfig(vocab_size=len(tok), hidden_size=4096, intermediate_size=11008,
+                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                             max_position_embeddings=4096)
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(config).half().eval()
+    else:
+        config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256,
+                             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=4096)
+        model = LlamaForCausalLM(config).eval()
+    return model, tok
+
+
+def episodes(tok, n: int) -> tuple[list[list[int]], list]:
+    rng = random.Random(SEED)
+    prompter = FewShotPrompter(tok, induction=True)
+    names = ["golden retriever", "malamute"]
+    words = lambda: "".join(rng.choice(VOCAB) for _ in range(WORDS))  # noqa: E731
+    prompts = [prompter.build(names, [(words(), names[i % 2]) for i in range(2 * K_SHOT)],
+                              words()).ids for _ in range(n)]
+    return prompts, [prompter.constraint(names)] * n
+
+
+def timed(fn) -> tuple[float, list]:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, out
+
+
+def main():
+    model, tok = build(PRESET)
+    prompts, tries = episodes(tok, N_EPISODES)
+    eos = tok.eos_token_id
+
+    def batched(cache: bool):
+        dec = BatchedGreedy(model, 0, prefix_cache=cache)
+        out = []
+        for i in range(0, len(prompts), BATCH_SIZE):
+            out += dec.generate(prompts[i:i + BATCH_SIZE], 16, tries[i:i + BATCH_SIZE], eos_id=eos)
+        return out
+
+    def one_by_one():
+        dec = BatchedGreedy(model, 0, prefix_cache=False)
+        return [dec.generate([p], 16, [t], eos_id=eos)[0] for p, t in zip(prompts, tries)]
+
+    batched(True)                                   # warm-up
+    rows = []
+    for name, fn in (("one episode at a time", one_by_one), ("batched", lambda: batched(False)),
+                     ("batched + prefix cache", lambda: batched(True))):
+        sec, out = timed(fn)
+        rows.append((name, sec, out))
+    ref = rows[0][2]
+    print(f"{N_EPISODES} episodes, {len(prompts[0])}-token prompts, preset {PRESET}")
+    print(f"{'method':<26}{'seconds':>10}{'episodes/s':>12}{'same answers':>14}")
+    for name, sec, out in rows:
+        print(f"{name:<26}{sec:>10.3f}{N_EPISODES / sec:>12.1f}{str(out == ref):>14}")
+    base, nocache, cached = (N_EPISODES / r[1] for r in rows)
+    same = sum(a == b for a, b in zip(rows[2][2], ref)) / len(ref)
+    print(f"bench fewshot: episodes_per_s={cached:.1f} no_cache={nocache:.1f} one_by_one={base:.1f} "
+          f"same_answers={same:.2f} vs_one_by_one={cached / base:.2f} speedup={cached / nocache:.2f}")
+
+
+if __name__ == "__main__":
+    run_main(main)
