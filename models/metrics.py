@@ -133,14 +133,18 @@ def _sqrt_psd(m: torch.Tensor) -> torch.Tensor:
 def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2), in float64.
 
-    tr sqrt(S1 S2) is the sum of the square roots of the eigenvalues of
-    S1 S2, which equal those of the symmetric PSD matrix sqrt(S1) S2 sqrt(S1):
-    two symmetric eigendecompositions, no general matrix square root, no
-    complex round-off (eigenvalues clipped at 0).
+    tr sqrt(S1 S2) is the sum of the square roots of the eigenvalues of S1 S2,
+    which equal those of the symmetric PSD matrix R^T S2 R for any R with
+    R R^T = S1: the Cholesky factor when S1 is positive definite (cheap), else
+    the symmetric square root of S1 (fewer images than dimensions). Only
+    symmetric eigenvalues are needed, no general matrix square root, and
+    round-off negatives are clipped to 0.
     """
     mu1, mu2, cov1, cov2 = (torch.as_tensor(t, dtype=torch.float64) for t in (mu1, mu2, cov1, cov2))
-    r1 = _sqrt_psd(cov1)
-    middle = r1 @ cov2 @ r1
+    r, info = torch.linalg.cholesky_ex(cov1)
+    if info.item() != 0:
+        r = _sqrt_psd(cov1)
+    middle = r.T @ cov2 @ r
     tr_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
     diff = mu1 - mu2
     return float(diff @ diff + cov1.trace() + cov2.trace() - 2 * tr_sqrt)
