@@ -60,9 +60,10 @@ def vector_quantize(z: torch.Tensor, codes: torch.Tensor, beta: float = 0.33,
     b, d, h, w = z.shape
     flat = z.permute(0, 2, 3, 1).reshape(-1, d)
     rows = nearest_code(flat.detach(), codes.detach(), block_elems)
-    zq = F.embedding(rows, codes).to(flat.dtype)
-    loss = torch.mean((zq.detach() - flat) ** 2) + beta * torch.mean((zq - flat.detach()) ** 2)
-    zq = flat + (zq - flat).detach()
+    zq = F.embedding(rows, codes)
+    z32, zq32 = flat.float(), zq.float()                 # the loss in float32, also under autocast
+    loss = torch.mean((zq32.detach() - z32) ** 2) + beta * torch.mean((zq32 - z32.detach()) ** 2)
+    zq = flat + (zq.to(flat.dtype) - flat).detach()
     return zq.reshape(b, h, w, d).permute(0, 3, 1, 2), loss, rows.reshape(b, h, w)
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from fixtures_tokenizer import (TINY_TOKENIZER, make_codebook_artifacts, make_tiny_tokenizer,
                                 tiny_images)
 
+from models.losses import PatchDiscriminator
 from models.quantizers import nearest_code, topk_nearest, vector_quantize
 from models.tokenizer import TokenizerConfig, V2LTokenizer, split_authors_checkpoint
 from utils.artifacts import save_tensors, write_manifest
@@ -71,6 +72,7 @@ def test_authors_checkpoint_loads(paper_tokenizer, authors_shapes, tmp_path):
     disc = paper_tokenizer.load_authors_checkpoint(path)
     assert set(disc) == {k.removeprefix("discriminator.") for k in authors_shapes
                          if k.startswith("discriminator.")}
+    PatchDiscriminator().load_state_dict(disc)      # their discriminator part fits ours as is
     loaded = paper_tokenizer.state_dict()
     for i, k in enumerate(authors_shapes):
         if not k.startswith("discriminator."):
