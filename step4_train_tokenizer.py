@@ -1,0 +1,198 @@
+"""Step 4: train the V2L tokenizer (encoder, local quantiser projector, decoder).
+
+Images (128 px in [-1, 1], plus CLIP's view for the global tokens) are
+reconstructed through the frozen local codebook (step 2) and the frozen
+filtered global codebook (step 3). Loss: L1 + VQ + 0.1 LPIPS + adaptive-weighted
+PatchGAN hinge loss from iteration DISC_START on; Adam (0.5, 0.9), 5 warm-up
+epochs then half-cycle cosine, per iteration. CLIP and both codebooks stay frozen.
+
+Writes OUT_DIR: checkpoints/last.pt every epoch (a rerun of the same command
+resumes from it exactly), samples/epoch_NNNN.png (originals over
+reconstructions), log.jsonl and tb/ (every loss term), and at the end
+tokenizer.pt (self-contained, V2LTokenizer.load) and manifest.json.
+
+    python step4_train_tokenizer.py --data_dir data/imagenet --clip ViT-L-14 \
+        --clip_pretrained ViT-L-14.pt --clip_allow_unsafe true
+    torchrun --nproc_per_node 8 step4_train_tokenizer.py ...
+"""
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.images import ImageFolderDataset
+from models.clip import load_clip
+from models.losses import DiscriminatorLoss, GeneratorLoss, LossWeights, load_lpips
+from models.tokenizer import V2LTokenizer
+from models.train_engine import (TrainConfig, Training, load_checkpoint, make_loader,
+                                 save_checkpoint, truncate_log)
+from utils import dist
+from utils.artifacts import MANIFEST, atomic_path, read_manifest, require_input, write_manifest
+from utils.cli import configure, run_main
+from utils.errors import V2LError
+
+DATA_DIR = "data/imagenet"  # training images in ImageNet layout (<data_dir>/<split>/<class>/<images>)
+SPLIT = "train"  # sub-folder of DATA_DIR to train on (none: DATA_DIR itself)
+CODEBOOK_DIR = "out/codebook"  # step-2 artifact (local codebook)
+GLOBAL_DIR = "out/global"  # step-3 artifact (filtered global codebook)
+OUT_DIR = "out/tokenizer"  # where the tokenizer artifact is written (and resumed from)
+CLIP = "ViT-L-14"  # the CLIP of step 2: open_clip model directory or architecture name
+CLIP_PRETRAINED = None  # weights for a named CLIP: OpenAI ViT-L-14.pt or an open_clip .bin/.safetensors
+CLIP_ALLOW_UNSAFE = False  # allow pickled CLIP files (OpenAI's TorchScript ViT-L-14.pt); only if trusted
+EPOCHS = 100  # training epochs
+WARMUP_EPOCHS = 5  # linear learning-rate warm-up epochs (then half-cycle cosine to MIN_LR)
+BATCH_SIZE = 8  # images per GPU per iteration
+LR = 4.5e-4  # peak learning rate (tokenizer and discriminator)
+MIN_LR = 0.0  # learning rate at the end of the cosine
+BETAS = (0.5, 0.9)  # Adam betas
+CODEBOOK_WEIGHT = 1.0  # weight of the VQ loss
+PERCEPTUAL_WEIGHT = 0.1  # weight of LPIPS (0: train without it, no VGG16 weights needed)
+VGG_PATH = None  # vgg16-397923af.pth for LPIPS (none: the torch hub cache, <TORCH_HOME>/hub/checkpoints)
+DISC_WEIGHT = 0.75  # multiplies the adaptive GAN weight (0: no GAN)
+DISC_START = 10000  # iteration at which the GAN term and the discriminator's training start
+DISC_NDF = 64  # discriminator base channels
+DISC_LAYERS = 2  # discriminator depth (PatchGAN n_layers)
+RESOLUTION = 128  # image size the tokenizer reconstructs
+GLOBAL_TOPK = 21  # global tokens per image (k)
+CH = 128  # encoder/decoder base channels (a multiple of 32)
+CH_MULT = (1, 2, 2, 4)  # channel multiplier per level
+NUM_RES_BLOCKS = 2  # residual blocks per level
+Z_CHANNELS = 256  # encoder output channels
+CROSS_HEADS = 8  # decoder cross-attention heads
+CROSS_HEAD_DIM = 512  # decoder cross-attention head dimension
+BETA = 0.33  # weight of the codebook term inside the VQ loss
+AMP = "bf16"  # mixed precision on GPUs: bf16, fp16 (with loss scaling) or none; CPU runs fp32
+CHANNELS_LAST = False  # NHWC memory layout for the convolutions (often faster on GPUs)
+FIND_UNUSED_PARAMETERS = False  # DDP option; only needed for architectures with unused branches
+NUM_WORKERS = 8  # image-decoding worker processes per rank
+SEED = 0  # seed of the initialisation, the data order and every random stream
+MAX_IMAGES = None  # train on the first N images only (none: all)
+MAX_STEPS_PER_EPOCH = None  # cut each epoch after N iterations (quick runs; none: full epochs)
+LOG_EVERY = 50  # iterations between log records (log.jsonl, TensorBoard)
+SAVE_EVERY_EPOCH = 10  # also keep checkpoints/epoch_NNNN.pt every N epochs (0: only last.pt)
+N_SAMPLES = 8  # images in each epoch's reconstruction grid
+DEVICE = "auto"  # auto (CUDA when available), cuda or cpu
+
+cfg = configure(globals())
+
+
+def check_inputs(clip_ident: str) -> tuple[dict, dict]:
+    """The finished codebook and global artifacts, made from each other and with this CLIP."""
+    code_m = read_manifest(CODEBOOK_DIR, "codebook", made_by="step2_codebook_embedding.py")
+    glob_m = read_manifest(GLOBAL_DIR, "global", made_by="step3_codebook_filtering.py")
+    require_input(glob_m, "codebook", code_m, f"global codebook {GLOBAL_DIR}")
+    if code_m["info"].get("clip") != clip_ident:
+        raise V2LError(f"{CODEBOOK_DIR} was embedded with CLIP '{code_m['info'].get('clip')}' but "
+                       f"--clip/--clip_pretrained give '{clip_ident}'; pass the CLIP of step 2")
+    return code_m, glob_m
+
+
+def sample_batch(dataset, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The first n readable images of the data set (the same ones every epoch)."""
+    items = []
+    for i in range(len(dataset)):
+        if len(items) == n:
+            break
+        item = dataset[i]
+        if item is not None:
+            items.append(item["image"])
+    if not items:
+        return None
+    return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
+
+
+def resume(train: Training, out: Path, model_config: dict, inputs: dict) -> None:
+    """Continue from checkpoints/last.pt when there is one; else seed a fresh run."""
+    path = out / "checkpoints" / "last.pt"
+    if not path.is_file():
+        torch.manual_seed(SEED + train.dist.rank)
+        np.random.seed(SEED + train.dist.rank)
+        random.seed(SEED + train.dist.rank)
+        return
+    ckpt = load_checkpoint(path)
+    if ckpt.get("inputs", inputs) != inputs:
+        raise V2LError(f"{path}: trained on other codebook/global artifacts than {CODEBOOK_DIR} "
+                       f"and {GLOBAL_DIR}; pass those, or another --out_dir to start anew")
+    train.load_state(ckpt, model_config, str(path))
+    if train.dist.is_main:
+        truncate_log(out / "log.jsonl", train.step)
+        print(f"resuming from {path}: epoch {train.epoch}, iteration {train.step}", file=sys.stderr)
+
+
+def main():
+    d = dist.init(DEVICE)
+    out = Path(OUT_DIR)
+    clip = load_clip(CLIP, CLIP_PRETRAINED, device=d.device, allow_unsafe=CLIP_ALLOW_UNSAFE)
+    code_m, glob_m = check_inputs(clip.ident)
+    dataset = ImageFolderDataset(DATA_DIR, SPLIT, transform=clip.tokenizer_views(RESOLUTION),
+                                 max_images=MAX_IMAGES)
+    torch.manual_seed(SEED)  # the same initial weights on every rank
+    tokenizer = V2LTokenizer.from_artifacts(
+        CODEBOOK_DIR, GLOBAL_DIR, clip, resolution=RESOLUTION, ch=CH, ch_mult=tuple(CH_MULT),
+        num_res_blocks=NUM_RES_BLOCKS, z_channels=Z_CHANNELS, global_topk=GLOBAL_TOPK,
+        cross_heads=CROSS_HEADS, cross_head_dim=CROSS_HEAD_DIM, beta=BETA,
+        clip_spec=CLIP, clip_pretrained=CLIP_PRETRAINED)
+    weights = LossWeights(codebook_weight=CODEBOOK_WEIGHT, perceptual_weight=PERCEPTUAL_WEIGHT,
+                          disc_weight=DISC_WEIGHT, disc_start=DISC_START)
+    perceptual = load_lpips(d.device, VGG_PATH) if PERCEPTUAL_WEIGHT > 0 else None
+    train = Training(tokenizer, GeneratorLoss(weights, perceptual),
+                     DiscriminatorLoss(DISC_NDF, DISC_LAYERS),
+                     TrainConfig(epochs=EPOCHS, warmup_epochs=WARMUP_EPOCHS, lr=LR, min_lr=MIN_LR,
+                                 betas=tuple(BETAS), amp=AMP, log_every=LOG_EVERY,
+                                 max_steps_per_epoch=MAX_STEPS_PER_EPOCH,
+                                 find_unused_parameters=FIND_UNUSED_PARAMETERS,
+                                 channels_last=CHANNELS_LAST),
+                     d, out_dir=out)
+    model_config = {k: v for k, v in tokenizer.cfg.to_dict().items()
+                    if k not in ("clip_spec", "clip_pretrained")}  # CLIP is checked via the codebook
+    inputs = {"codebook": code_m["id"], "global": glob_m["id"]}
+    resume(train, out, model_config, inputs)
+    if train.epoch >= EPOCHS and (out / MANIFEST).is_file():
+        if d.is_main:
+            print(f"{out}: already trained for {train.epoch} epochs; raise --epochs to continue")
+        return
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MANIFEST).unlink(missing_ok=True)  # the artifact is unfinished while training
+        print(f"training on {len(dataset)} images, {d.world} process(es), "
+              f"{sum(p.numel() for p in tokenizer.trainable_parameters()) / 1e6:.1f}M trainable "
+              f"parameters, codebooks V={tokenizer.cfg.n_local} M={tokenizer.cfg.n_global}",
+              file=sys.stderr)
+    loader = make_loader(dataset, BATCH_SIZE, NUM_WORKERS, SEED, d)
+    samples = sample_batch(dataset, N_SAMPLES) if d.is_main else None
+    ckpt_dir = out / "checkpoints"
+    while train.epoch < EPOCHS:
+        epoch = train.epoch
+        summary = train.train_one_epoch(loader)
+        if d.is_main:
+            words = train.save_samples(*samples, out / "samples" / f"epoch_{epoch:04d}.png") \
+                if samples else []
+            train.log({"step": train.step, "epoch": epoch, **summary}, prefix="epoch")
+            print(f"epoch {epoch}: loss {summary['loss']:.4f}, L1 {summary['l1']:.4f}, codebook "
+                  f"usage {summary['codebook_used']}/{summary['codebook_size']}", file=sys.stderr)
+            for i, w in enumerate(words[:4]):
+                print(f"  image {i} global words: {' | '.join(w)}", file=sys.stderr)
+        state = train.state(model_config, extra={"inputs": inputs})
+        if d.is_main:
+            save_checkpoint(ckpt_dir / "last.pt", state)
+            if SAVE_EVERY_EPOCH and train.epoch % SAVE_EVERY_EPOCH == 0:
+                with atomic_path(ckpt_dir / f"epoch_{train.epoch:04d}.pt") as tmp:
+                    shutil.copyfile(ckpt_dir / "last.pt", tmp)
+        dist.barrier(d)
+    train.close()
+    if d.is_main:
+        tokenizer.save(out / "tokenizer.pt")
+        write_manifest(out, "tokenizer", cfg, ["tokenizer.pt", "log.jsonl"],
+                       inputs={"codebook": CODEBOOK_DIR, "global": GLOBAL_DIR},
+                       info={"epochs": train.epoch, "iterations": train.step, "world": d.world,
+                             "clip": clip.ident, "images": len(dataset)})
+        print(f"wrote {out}/tokenizer.pt ({train.step} iterations)", file=sys.stderr)
+    dist.barrier(d)
+    dist.shutdown(d)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,214 @@
+"""Tokenizer training: frozen parts stay frozen, a tiny model overfits, exact resume, DDP, bad input.
+
+Tiny widths and 32 px images (4x4 token grid) keep these fast on CPU; the code
+path is the 128 px one (resolution is a setting of the same architecture).
+"""
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fixtures_tokenizer import TINY_TOKENIZER, make_codebook_artifacts, make_tiny_tokenizer, tiny_images
+from models.clip import load_clip
+from models.losses import DiscriminatorLoss, GeneratorLoss, LossWeights
+from models.tokenizer import V2LTokenizer
+from models.train_engine import TrainConfig, Training
+from test_losses import L2Perceptual
+from tiny_clip import make_tiny_clip
+from utils.artifacts import load_json, read_manifest, save_json
+from utils.dist import Dist
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "step4_train_tokenizer.py"
+RES = 32
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tiny models are all per-op overhead: one thread avoids oversubscribing a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _images(clip, n, res=RES, seed=0):
+    x128, x_clip = tiny_images(clip, n, seed)
+    return F.interpolate(x128, size=(res, res), mode="bilinear", align_corners=False), x_clip
+
+
+def _training(tok, clip, **cfg):
+    loss = GeneratorLoss(LossWeights(disc_start=0), perceptual=L2Perceptual())
+    return Training(tok, loss, DiscriminatorLoss(ndf=8), TrainConfig(**cfg), Dist(),
+                    clip_model=clip.model)
+
+
+def test_one_step_changes_only_the_trainable_parts(tmp_path):
+    tok, clip, _ = make_tiny_tokenizer(tmp_path, resolution=RES)
+    train = _training(tok, clip)
+    frozen = {"clip." + k: v.clone() for k, v in clip.model.state_dict().items()}
+    frozen |= {k: tok.state_dict()[k].clone() for k in
+               ("tok_embeddings.weight", "tok_embeddings_global.weight", "llm_ids")}
+    trainable = {id(p): p.detach().clone() for p in tok.trainable_parameters()}
+    disc = {k: v.clone() for k, v in train.disc.state_dict().items()}
+    logs, _ = train.train_step(*_images(clip, 2), lr=1e-3)
+    assert {"l1", "vq", "lpips", "g_loss", "adaptive_w", "d_loss"} <= set(logs)
+    now = {"clip." + k: v for k, v in clip.model.state_dict().items()} | tok.state_dict()
+    for k, v in frozen.items():
+        assert torch.equal(now[k], v), k
+    changed = [not torch.equal(p, trainable[id(p)]) for p in tok.trainable_parameters()]
+    assert all(changed), f"{changed.count(False)} trainable tensors did not move"
+    assert tok.codebook_projection.weight.grad is not None
+    assert not torch.equal(train.disc.state_dict()["discriminator.main.0.weight"],
+                           disc["discriminator.main.0.weight"])
+
+
+def _psnr(a, b):
+    mse = ((a.clamp(-1, 1) - b) / 2).pow(2).mean()
+    return float(10 * torch.log10(1 / mse))
+
+
+def test_tiny_model_overfits_one_image(tmp_path):
+    """L1 + VQ only (the GAN starts later): 20 dB PSNR on one smooth image within 150 steps."""
+    tok, clip, _ = make_tiny_tokenizer(tmp_path, resolution=RES)
+    train = Training(tok, GeneratorLoss(LossWeights(perceptual_weight=0, disc_start=10 ** 9)),
+                     DiscriminatorLoss(ndf=8), TrainConfig(), Dist())
+    x, x_clip = _images(clip, 1)
+    x = F.interpolate(F.avg_pool2d(x, 8), size=(RES, RES), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        start = _psnr(tok(x, x_clip)["rec"], x)
+    best = start
+    for step in range(150):
+        logs, _ = train.train_step(x, x_clip, lr=2e-3)
+        if step % 10 == 9:
+            with torch.no_grad():
+                best = max(best, _psnr(tok(x, x_clip)["rec"], x))
+            if best > 20:
+                break
+    assert best > 20, f"PSNR {start:.1f} -> {best:.1f} dB after {step + 1} steps"
+
+
+# ---- the script -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Tiny CLIP, codebook artifacts embedded 'with' it, and a folder of 4 training images."""
+    tmp = tmp_path_factory.mktemp("step4")
+    clip_dir = make_tiny_clip(tmp / "clip")
+    dirs = make_codebook_artifacts(tmp, clip_dir)
+    manifest = load_json(dirs["codebook"] / "manifest.json")
+    manifest["info"]["clip"] = load_clip(clip_dir).ident     # as step 2 records it
+    save_json(dirs["codebook"] / "manifest.json", manifest)
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        folder = tmp / "images" / "train" / f"class{c}"
+        folder.mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (tmp / "empty" / "train" / "class0").mkdir(parents=True)
+    return {"clip": Path(clip_dir), "images": tmp / "images", **dirs}
+
+
+def _args(w, out, **over):
+    args = {"data_dir": w["images"], "codebook_dir": w["codebook"], "global_dir": w["global"],
+            "out_dir": out, "clip": w["clip"], "resolution": RES, "epochs": 3,
+            "warmup_epochs": 1, "batch_size": 2, "num_workers": 0, "perceptual_weight": 0,
+            "disc_start": 1, "disc_ndf": 8, "log_every": 1, "save_every_epoch": 1,
+            "n_samples": 2, "device": "cpu",
+            **{k: v for k, v in TINY_TOKENIZER.items() if k != "ch_mult"}} | over
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def _step4(argv, monkeypatch) -> int:
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *argv])
+    try:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def _losses(out):
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r.get("d_loss")) for r in lines if r["kind"] == "train"]
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(world, tmp_path, monkeypatch, capsys):
+    assert _step4(_args(world, tmp_path / "full"), monkeypatch) == 0
+    full = _losses(tmp_path / "full")
+    assert [s for s, _, _ in full] == list(range(1, 7)) and full[-1][2] is not None
+    m = read_manifest(tmp_path / "full", "tokenizer", made_by="step4_train_tokenizer.py")
+    assert set(m["inputs"]) == {"codebook", "global"}
+    assert sorted(p.name for p in (tmp_path / "full" / "samples").iterdir()) == \
+        ["epoch_0000.png", "epoch_0001.png", "epoch_0002.png"]
+    assert (tmp_path / "full" / "checkpoints" / "epoch_0002.pt").is_file()
+    tok = V2LTokenizer.load(tmp_path / "full", clip=load_clip(world["clip"]))
+    assert tok.cfg.resolution == RES and tok.cfg.global_topk == TINY_TOKENIZER["global_topk"]
+
+    from models.train_engine import Training as T
+    original = T.train_step
+
+    def killed(self, *a, **k):
+        if self.step == 3:                               # mid-way through epoch 1
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+    monkeypatch.setattr(T, "train_step", killed)
+    assert _step4(_args(world, tmp_path / "resumed"), monkeypatch) == 130
+    assert not (tmp_path / "resumed" / "manifest.json").exists()
+    monkeypatch.setattr(T, "train_step", original)
+    assert _step4(_args(world, tmp_path / "resumed"), monkeypatch) == 0
+    assert "resuming from" in capsys.readouterr().err
+    resumed = _losses(tmp_path / "resumed")
+    assert [s for s, _, _ in resumed] == [s for s, _, _ in full]
+    np.testing.assert_allclose([l for _, l, _ in resumed], [l for _, l, _ in full], rtol=0, atol=1e-6)
+    np.testing.assert_allclose([d for _, _, d in resumed[1:]], [d for _, _, d in full[1:]], atol=1e-6)
+    # a finished run is not retrained; another architecture is refused
+    assert _step4(_args(world, tmp_path / "resumed"), monkeypatch) == 0
+    assert "already trained" in capsys.readouterr().out
+    assert _step4(_args(world, tmp_path / "resumed", epochs=4, z_channels=64), monkeypatch) == 2
+    assert "another tokenizer architecture" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"codebook_dir": "nowhere"}, "step2_codebook_embedding.py"),
+    ({"global_dir": "nowhere"}, "step3_codebook_filtering.py"),
+    ({"data_dir": "EMPTY"}, "no images found"),
+    ({"perceptual_weight": 0.1, "vgg_path": "missing/vgg16-397923af.pth"}, "--perceptual_weight 0"),
+])
+def test_bad_input_is_one_clear_line(world, tmp_path, monkeypatch, capsys, change, message):
+    change = {k: (world["images"].parent / "empty" if v == "EMPTY" else v) for k, v in change.items()}
+    assert _step4(_args(world, tmp_path / "out", **change), monkeypatch) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    assert not (tmp_path / "out" / "tokenizer.pt").exists()
+
+
+def test_clip_must_match_the_codebook(world, tmp_path, monkeypatch, capsys):
+    other = make_tiny_clip(tmp_path / "other_clip", seed=1)
+    assert _step4(_args(world, tmp_path / "out", clip=other), monkeypatch) == 2
+    assert "pass the CLIP of step 2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_run_writes_the_artifact(world, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--standalone", str(SCRIPT), *_args(world, out, epochs=2)]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = read_manifest(out, "tokenizer")
+    assert m["info"]["world"] == 2 and m["info"]["iterations"] == 2   # 4 images / (2 ranks x 2)
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    assert len(ckpt["rng"]) == 2 and ckpt["step"] == 2
+    losses = _losses(out)
+    assert len(losses) == 2 and losses[1][2] is not None   # the GAN ran under DDP
+    V2LTokenizer.load(out, clip=load_clip(world["clip"]))
