@@ -191,10 +191,10 @@ def _pool_positions(model, tokens: torch.Tensor) -> torch.Tensor:
     return torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
 
 
-@torch.no_grad()
 def encode_text_truncated(model, tokens: torch.Tensor) -> torch.Tensor:
     """``model.encode_text(tokens)`` (unnormalised) computed on the first L positions only,
-    L = the last pooled position in the batch + 1.
+    L = the last pooled position in the batch + 1. Differentiable (the demo CLIP trains
+    through it); inference callers wrap it in ``torch.no_grad()``.
 
     Exact: the causal mask means positions < L never see positions >= L, and the pooled
     feature sits below L. Only the causal mask and positional embeddings depend on the
