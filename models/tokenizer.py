@@ -81,7 +81,8 @@ class TokenizerConfig:
 
     def validate(self) -> None:
         if self.ch % 32:
-            raise V2LError(f"tokenizer ch={self.ch}: must be a multiple of 32 (GroupNorm with 32 groups)")
+            raise V2LError(f"tokenizer ch={self.ch}: must be a multiple of 32 "
+                           "(GroupNorm with 32 groups)")
         if self.resolution % 2 ** (len(self.ch_mult) - 1):
             raise V2LError(f"tokenizer resolution={self.resolution} is not divisible by "
                            f"2^{len(self.ch_mult) - 1} (ch_mult={self.ch_mult})")
@@ -293,7 +294,8 @@ class V2LTokenizer(nn.Module):
         return self.decoder(self.post_quant_conv(z_q), global_emb.to(z_q.dtype))
 
     def forward(self, x128: torch.Tensor, x_clip: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Training pass: rec [B, 3, R, R] (unclamped), vq_loss, local_ids [B, g, g], global_idx [B, k]."""
+        """Training pass -> rec [B, 3, R, R] (unclamped), vq_loss, local_ids [B, g, g] (LLM ids),
+        global_idx [B, k]."""
         global_idx, global_emb = self.global_tokens(x_clip)
         z_q, vq_loss, rows = vector_quantize(self.encode_features(x128), self.projected_codebook(),
                                              self.cfg.beta)
@@ -315,7 +317,7 @@ class V2LTokenizer(nn.Module):
     @torch.no_grad()
     def decode(self, local_ids: torch.Tensor, global_idx: torch.Tensor | None = None,
                global_emb: torch.Tensor | None = None) -> torch.Tensor:
-        """Local LLM ids [B, grid, grid] + global tokens (indices or embeddings) -> images in [-1, 1]."""
+        """Local LLM ids [B, g, g] + global tokens (indices or embeddings) -> images in [-1, 1]."""
         if global_emb is None:
             if global_idx is None:
                 raise V2LError("decode needs the global tokens: pass global_idx (from encode) "

@@ -113,8 +113,8 @@ def test_vector_quantize_straight_through_and_loss():
     zq, loss, rows = vector_quantize(z, codes, beta=0.33)
     flat = z.detach().permute(0, 2, 3, 1).reshape(-1, 8)
     assert torch.equal(rows.flatten(), torch.cdist(flat, codes.detach()).argmin(1))
-    assert torch.allclose(zq.detach().permute(0, 2, 3, 1).reshape(-1, 8), codes.detach()[rows.flatten()],
-                          atol=1e-6)
+    assert torch.allclose(zq.detach().permute(0, 2, 3, 1).reshape(-1, 8),
+                          codes.detach()[rows.flatten()], atol=1e-6)
     sq = ((codes.detach()[rows.flatten()] - flat) ** 2).mean()
     assert torch.allclose(loss, 1.33 * sq)
     w = torch.randn_like(zq)
@@ -217,10 +217,11 @@ def test_bad_inputs_are_refused(tiny, tmp_path):
     # a codebook file without its llm_ids (with a consistent manifest)
     broken = other["codebook"]
     save_tensors(broken / "local_codebook.safetensors", {"embeddings": torch.randn(64, 32)})
-    write_manifest(broken, "codebook", {}, ["local_codebook.safetensors"], inputs={"vocab": other["vocab"]})
-    write_manifest(other["global"], "global", {}, ["global_codebook.safetensors", "global_strings.json"],
-                   inputs={"codebook": broken})
-    with pytest.raises(V2LError, match=r"local_codebook.safetensors: missing tensor\(s\) \['llm_ids'\]"):
+    write_manifest(broken, "codebook", {}, ["local_codebook.safetensors"],
+                   inputs={"vocab": other["vocab"]})
+    write_manifest(other["global"], "global", {},
+                   ["global_codebook.safetensors", "global_strings.json"], inputs={"codebook": broken})
+    with pytest.raises(V2LError, match=r"missing tensor\(s\) \['llm_ids'\]"):
         V2LTokenizer.from_artifacts(broken, other["global"], clip, **TINY_TOKENIZER)
     with pytest.raises(V2LError, match="global codebook dim 16 != local codebook dim 32"):
         V2LTokenizer(tok.cfg, torch.randn(64, 32), torch.arange(64), torch.randn(16, 16), ["w"] * 16)
