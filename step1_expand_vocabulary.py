@@ -6,6 +6,10 @@ For every token id t: s1 = the text of t; the frozen LLM reads "a photo of
 (s1, s1+s2, s1+s2+s3) of every id is written to OUT_DIR/vocab.json; the ids
 of the two greedy tokens to vocab_tokens.safetensors.
 
+VOCAB_IDS (a JSON list of ids) or VOCAB_LIMIT restrict the run to some ids
+(quick runs, demos); "ids" in vocab.json says which, and row i of every later
+codebook is LLM token ids[i].
+
 Token texts keep their word boundaries (" cat" + " sitting" = " cat sitting";
 the authors' per-token decoding dropped the space and produced "catsitting").
 Each prompt starts with the tokenizer's BOS token, as the authors' Meta
@@ -21,12 +25,15 @@ killed run resumes, and under torchrun the chunks are shared between ranks
     python step1_expand_vocabulary.py --llm llama-2-7b --out_dir out/vocab
     torchrun --nproc_per_node 8 step1_expand_vocabulary.py --llm llama-2-7b
 """
+import hashlib
+import json
+
 import torch
 from tqdm import tqdm
 
 from models.llm import expand_tokens, load_llm, printable_mask, token_strings
 from utils import dist
-from utils.artifacts import ChunkStore, save_json, save_tensors, write_manifest
+from utils.artifacts import ChunkStore, load_json, save_json, save_tensors, write_manifest
 from utils.cli import configure, run_main
 from utils.errors import V2LError
 
@@ -35,6 +42,7 @@ OUT_DIR = "out/vocab"  # where the vocab artifact is written
 PROMPT = "a photo of {}"  # prompt template; {} becomes the subword (then the bigram)
 ADD_BOS = True  # start each prompt with the tokenizer's BOS token (as the authors' Meta encode(bos=True))
 VOCAB_LIMIT = 0  # expand only the first N token ids (0: the whole vocabulary); for quick runs
+VOCAB_IDS = ""  # JSON file with the token ids to expand ({"ids": [...]} or a list); "" = VOCAB_LIMIT
 BATCH_SIZE = 128  # prompts per forward pass
 CHUNK_SIZE = 2048  # token ids per saved chunk (the resume granularity)
 MAX_CHUNKS = 0  # stop after this many chunks per process (0: no limit; rerun to continue)
@@ -56,12 +64,12 @@ def main():
         raise V2LError("--device_map spreads one model over all GPUs; run one process, not torchrun")
     llm = load_llm(LLM, dtype=DTYPE, device=d.device, device_map=DEVICE_MAP)
     tok = llm.tokenizer
-    n = min(VOCAB_LIMIT, llm.vocab_size) if VOCAB_LIMIT > 0 else llm.vocab_size
-    ids = list(range(n))
+    ids = selected_ids(llm.vocab_size)
     subwords = token_strings(tok, ids)
     key = {"llm": llm.fingerprint, "weights": llm.ident, "prompt": PROMPT, "add_bos": ADD_BOS,
-           "n": n, "dtype": str(next(llm.model.parameters()).dtype)}
-    store = ChunkStore(OUT_DIR, n, CHUNK_SIZE, key)
+           "ids": hashlib.sha256(json.dumps(ids).encode()).hexdigest(),
+           "dtype": str(next(llm.model.parameters()).dtype)}
+    store = ChunkStore(OUT_DIR, len(ids), CHUNK_SIZE, key)
 
     todo = store.todo(d.rank, d.world)
     todo = todo[:MAX_CHUNKS] if MAX_CHUNKS > 0 else todo
@@ -79,6 +87,24 @@ def main():
             store.cleanup()
     dist.barrier(d)
     dist.shutdown(d)
+
+
+def selected_ids(vocab_size: int) -> list[int]:
+    """The token ids to expand, in increasing order: VOCAB_IDS, else the first VOCAB_LIMIT, else all."""
+    if not VOCAB_IDS:
+        return list(range(min(VOCAB_LIMIT, vocab_size) if VOCAB_LIMIT > 0 else vocab_size))
+    if VOCAB_LIMIT > 0:
+        raise V2LError("--vocab_ids and --vocab_limit both set; use one of them")
+    try:
+        data = load_json(VOCAB_IDS)
+    except (OSError, ValueError) as e:
+        raise V2LError(f"--vocab_ids {VOCAB_IDS}: unreadable ({e}); pass a JSON file of token ids")
+    ids = data.get("ids") if isinstance(data, dict) else data
+    if not isinstance(ids, list) or not ids or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
+        raise V2LError(f"--vocab_ids {VOCAB_IDS}: needs a non-empty list of token ids in "
+                       f"[0, {vocab_size}) (a list, or {{\"ids\": [...]}})")
+    return sorted(set(ids))
 
 
 def write_vocab(llm, ids: list[int], subwords: list[str], tokens: dict) -> None:

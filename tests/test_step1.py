@@ -85,6 +85,9 @@ def test_script_stopped_then_resumed_on_two_ranks_matches_one_uninterrupted_run(
     assert not list(full.glob(".chunks-*"))                                     # cleaned up
 
     part = tmp_path / "part"
+    ids_file = tmp_path / "ids.json"                     # the same 100 ids, shuffled, repeated
+    ids_file.write_text(json.dumps({"ids": list(range(99, -1, -1)) + [5, 7]}))
+    common = common[:2] + ["--vocab_ids", str(ids_file)] + common[4:]
     r = _run(common + ["--out_dir", str(part), "--max_chunks", "1"], tmp_path)
     assert r.returncode == 0 and "1 of 4 chunks done" in r.stdout, r.stderr
     assert not (part / "manifest.json").exists() and not (part / "vocab.json").exists()
