@@ -198,3 +198,24 @@ def test_lpips_missing_vgg_skips_by_name(tmp_path, monkeypatch):
     assert list(acc.skipped) == ["lpips"]
     assert "vgg16-397923af.pth" in acc.skipped["lpips"]
     assert str(tmp_path / "hub" / "checkpoints") in acc.skipped["lpips"]
+
+
+def test_lpips_from_a_vgg_file_uses_the_minus_one_one_range(tmp_path):
+    """A (random) VGG16 file through the shared loader: our LPIPS equals the lpips package
+    fed the 8-bit images in [0, 1] with normalize=True (the same as [-1, 1], normalize=False)."""
+    import warnings
+
+    import lpips
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's 'pretrained' deprecation notice
+        ref = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)  # calibrated heads, random trunk
+    trunk = {f"features.{k.split('.', 1)[1]}": v for k, v in ref.net.state_dict().items()}
+    torch.save(trunk, tmp_path / "vgg16.pth")
+    acc = M.ReconstructionMetrics(metrics=("lpips",), lpips_vgg=tmp_path / "vgg16.pth")
+    assert acc.skipped == {}
+    real, fake = _images(b=2, size=32)
+    acc.update(real, fake)
+    with torch.no_grad():
+        expected = ref(M.to_uint8(real) / 255.0, M.to_uint8(fake) / 255.0, normalize=True).mean()
+    assert abs(acc.compute()["lpips"] - expected.item()) < 1e-5
+    assert expected.item() > 1e-4
