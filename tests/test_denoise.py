@@ -12,7 +12,7 @@ from models.denoise import (NOISE_RATES, TASKS, DenoisePrompter, DenoiseViews, b
                             check_tasks, chunk_starts, codebook_vocab_mask, corrupt_image,
                             noisy_copies, prediction_mask, restore)
 from models.fewshot import BatchedGreedy
-from test_fewshot import image_folders, run_script
+from test_fewshot import image_folders, one_thread, run_script  # noqa: F401 (autouse fixture)
 from tiny_llm import make_tiny_llama
 from utils.errors import V2LError
 
@@ -121,7 +121,6 @@ def test_restore_keeps_known_cells_and_codebook_ids(llm, task):
         assert not torch.isin(free[:, cells], allowed).all()
 
 
-@pytest.mark.slow
 def test_eval_denoising_script_all_tasks(tmp_path, llm_dir, monkeypatch, capsys):
     from fixtures_tokenizer import make_tiny_tokenizer
     tok, _, _ = make_tiny_tokenizer(tmp_path / "tok", llm_ids=torch.arange(100, 164))

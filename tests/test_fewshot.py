@@ -26,6 +26,15 @@ def image_folders(root: Path, classes: dict[str, int]) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny LLM's many small forward passes run faster on one thread than on two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def llm_dir(tmp_path_factory):
     return make_tiny_llama(tmp_path_factory.mktemp("llm") / "tiny", fmt="hf")
@@ -158,7 +167,6 @@ def run_script(name: str, args: list[str], monkeypatch) -> None:
     runpy.run_path(str(ROOT / name), run_name="__main__")
 
 
-@pytest.mark.slow
 def test_eval_understanding_script_end_to_end(tmp_path, llm_dir, monkeypatch, capsys):
     from fixtures_tokenizer import make_tiny_tokenizer
     tok, _, _ = make_tiny_tokenizer(tmp_path / "tok")
