@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import functional as TF
 
-from data.transforms import clip_crop, clip_normalize
+from data.transforms import clip_crop
 from models.fewshot import IN_TEXT, OUT_TEXT, BatchedGreedy, check_prompt_length, context_length
 from utils.errors import V2LError
 
