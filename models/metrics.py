@@ -278,6 +278,7 @@ class ReconstructionMetrics:
     networks): ``inception(uint8 images) -> (pool features, logits)``,
     ``lpips(a, b) -> [B]`` (or [B, 1, 1, 1]) distances for images in [-1, 1].
     ``inception_weights`` / ``lpips_vgg``: weight files when not in torch hub's cache.
+    Codebook usage is tracked only when ``n_codes`` (the codebook size) is given.
     """
 
     def __init__(self, metrics=ALL_METRICS, device="cpu", n_codes: int | None = None,
@@ -352,10 +353,11 @@ class ReconstructionMetrics:
         r8, f8 = to_uint8(real.to(self.device)), to_uint8(fake.to(self.device))
         feats = None
         if self.inception is not None:
-            (pool_r, _), (pool_f, logits_f) = self.inception(r8), self.inception(f8)
+            pool_f, logits_f = self.inception(f8)
+            pool_r = self.inception(r8)[0] if "fid" in self.metrics else None
             feats = (pool_r, pool_f, logits_f)
         if self._state is None:
-            self._state = self._init_state(feats[0].shape[1] if feats else 0,
+            self._state = self._init_state(feats[1].shape[1] if feats else 0,
                                            feats[2].shape[1] if feats else 0)
         st = self._state
         st["n"] += b
