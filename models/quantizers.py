@@ -48,19 +48,22 @@ def nearest_code(z: torch.Tensor, codes: torch.Tensor, block_elems: int = BLOCK_
 
 
 def vector_quantize(z: torch.Tensor, codes: torch.Tensor, beta: float = 0.33,
-                    block_elems: int = BLOCK_ELEMS):
+                    block_elems: int = BLOCK_ELEMS, lookup=None):
     """Quantise a feature map to its nearest codes with the straight-through estimator.
 
-    z [B, D, H, W], codes [V, D] (differentiable: the projected codebook) ->
-    (z_q [B, D, H, W] carrying z's gradient, vq_loss, rows [B, H, W]) where
+    z [B, D, H, W], codes [V, D] (the projected codebook) -> (z_q [B, D, H, W]
+    carrying z's gradient, vq_loss, rows [B, H, W]) where
     vq_loss = mean((sg(z_q) - z)^2) + beta * mean((z_q - sg(z))^2): the first
     term pulls the encoder to its codes, the second (weighted by beta, as in
     the authors' code) the projected codebook to the encoder outputs.
+    The codebook's gradient flows through ``lookup(rows) -> [N, D]`` (default:
+    rows of ``codes``); a lookup that projects only the chosen rows gives the
+    same gradient without back-propagating through all V codes.
     """
     b, d, h, w = z.shape
     flat = z.permute(0, 2, 3, 1).reshape(-1, d)
     rows = nearest_code(flat.detach(), codes.detach(), block_elems)
-    zq = F.embedding(rows, codes)
+    zq = F.embedding(rows, codes) if lookup is None else lookup(rows)
     z32, zq32 = flat.float(), zq.float()                 # the loss in float32, also under autocast
     loss = torch.mean((zq32.detach() - z32) ** 2) + beta * torch.mean((zq32 - z32.detach()) ** 2)
     zq = flat + (zq.to(flat.dtype) - flat).detach()

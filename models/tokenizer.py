@@ -139,6 +139,7 @@ class V2LTokenizer(nn.Module):
         self.tok_embeddings_global = _frozen_embedding(global_codebook)
         self.register_buffer("llm_ids", llm_ids.detach().long().clone())
         self.strings = list(global_strings)
+        self._codes, self._codes_key = None, None     # projected_codebook() cache (inference)
         self.clip = None
         self.attach_clip(clip)
 
@@ -273,8 +274,36 @@ class V2LTokenizer(nn.Module):
 
     # ----- the model ----------------------------------------------------------------------
     def projected_codebook(self) -> torch.Tensor:
-        """The local codes the encoder is quantised to: [V, D]."""
-        return self.codebook_projection(self.tok_embeddings.weight)
+        """The local codes the encoder is quantised to: [V, D] (differentiable when grad is on).
+
+        In eval mode without autograd the result is cached (V x D x D multiply-adds
+        saved per batch) until the mode changes or the weights are loaded or moved.
+        Training mode never caches (fused optimisers update weights invisibly).
+        """
+        weight, proj = self.tok_embeddings.weight, self.codebook_projection
+        if torch.is_grad_enabled() or self.training:
+            return proj(weight)
+        key = tuple((t.data_ptr(), t._version) for t in (weight, proj.weight, proj.bias))
+        if self._codes_key != key:
+            with torch.autocast(weight.device.type, enabled=False):
+                self._codes = proj(weight)
+            self._codes_key = key
+        return self._codes
+
+    def train(self, mode: bool = True) -> "V2LTokenizer":
+        self._codes, self._codes_key = None, None
+        return super().train(mode)
+
+    def project_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Projected codes of some codebook rows: [...] -> [..., D] (row-wise, so exactly
+        ``projected_codebook()[rows]``, at the cost of the rows used only)."""
+        return self.codebook_projection(self.tok_embeddings(rows))
+
+    def quantize(self, z: torch.Tensor):
+        """Normalised features [B, D, g, g] -> (z_q straight-through, vq_loss, rows [B, g, g])."""
+        with torch.no_grad():
+            codes = self.projected_codebook()
+        return vector_quantize(z, codes, self.cfg.beta, lookup=self.project_rows)
 
     def encode_features(self, x128: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, R, R] in [-1, 1] -> L2-normalised features [B, D, grid, grid]."""
@@ -297,16 +326,14 @@ class V2LTokenizer(nn.Module):
         """Training pass -> rec [B, 3, R, R] (unclamped), vq_loss, local_ids [B, g, g] (LLM ids),
         global_idx [B, k]."""
         global_idx, global_emb = self.global_tokens(x_clip)
-        z_q, vq_loss, rows = vector_quantize(self.encode_features(x128), self.projected_codebook(),
-                                             self.cfg.beta)
+        z_q, vq_loss, rows = self.quantize(self.encode_features(x128))
         return {"rec": self._decode(z_q, global_emb), "vq_loss": vq_loss,
                 "local_ids": self.llm_ids[rows], "global_idx": global_idx}
 
     @torch.no_grad()
     def local_tokens(self, x128: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, R, R] in [-1, 1] -> local LLM token ids [B, grid, grid] (no CLIP needed)."""
-        _, _, rows = vector_quantize(self.encode_features(x128), self.projected_codebook(),
-                                     self.cfg.beta)
+        _, _, rows = self.quantize(self.encode_features(x128))
         return self.llm_ids[rows]
 
     @torch.no_grad()
@@ -324,7 +351,7 @@ class V2LTokenizer(nn.Module):
                                "or global_emb")
             global_emb = self.tok_embeddings_global(torch.as_tensor(global_idx).to(self.llm_ids.device))
         rows = self.rows_from_llm_ids(local_ids)
-        z_q = F.embedding(rows, self.projected_codebook()).permute(0, 3, 1, 2)
+        z_q = self.project_rows(rows).permute(0, 3, 1, 2)
         return self._decode(z_q, global_emb).clamp(-1, 1)
 
     def last_layer(self) -> torch.Tensor:

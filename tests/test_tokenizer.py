@@ -140,6 +140,33 @@ def test_topk_nearest_equals_brute_force():
     assert not torch.equal(expected_l2, cos.topk(7).indices)   # the two rules really differ here
 
 
+def test_row_lookup_gradients_and_codebook_cache(tmp_path):
+    tok = make_tiny_tokenizer(tmp_path)[0]
+    z = F.normalize(torch.randn(2, 32, 4, 4), dim=1)
+    # gradients through the projected rows only == through the whole projected codebook
+    grads = []
+    for quantize in (lambda: vector_quantize(z, tok.projected_codebook(), tok.cfg.beta),
+                     lambda: tok.quantize(z)):
+        tok.zero_grad()
+        zq, loss, rows = quantize()
+        loss.backward()
+        grads.append((rows, zq, tok.codebook_projection.weight.grad.clone()))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
+    assert torch.allclose(grads[0][2], grads[1][2], atol=1e-6) and grads[0][2].abs().sum() > 0
+    # the inference cache follows the weights and the mode
+    tok.eval()
+    with torch.no_grad():
+        first = tok.projected_codebook()
+        assert tok.projected_codebook() is first
+        tok.codebook_projection.weight.mul_(2)
+        changed = tok.projected_codebook()
+        assert changed is not first
+        assert torch.allclose(changed, tok.codebook_projection(tok.tok_embeddings.weight))
+        tok.train()
+        assert tok.projected_codebook() is not changed
+
+
 # ----- the tiny tokenizer end to end ------------------------------------------------------
 def test_forward_shapes_ids_and_gradients(tiny):
     tok, clip, _ = tiny
