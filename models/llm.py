@@ -218,6 +218,10 @@ def _meta_files(path: Path) -> tuple[dict, Path, list[Path]]:
         params = json.loads(params_file.read_text())
     except json.JSONDecodeError as e:
         raise V2LError(f"{params_file}: not valid JSON ({e}); restore it from the original download")
+    missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
+    if missing:
+        raise V2LError(f"{params_file}: lacks {', '.join(missing)}; not a LLaMA params.json, "
+                       "restore it from the original download")
     tok = next((p for p in (path / "tokenizer.model", path.parent / "tokenizer.model")
                 if p.is_file()), None)
     if tok is None:

@@ -181,6 +181,11 @@ def test_bad_inputs_give_one_clear_error(tmp_path, tiny_dirs):
         (broken / missing).unlink()
         with pytest.raises(V2LError, match=message):
             load_llm(broken)
+    wrong_params = tmp_path / "wrong-params"
+    shutil.copytree(meta, wrong_params)
+    (wrong_params / "params.json").write_text('{"dim": 64}')
+    with pytest.raises(V2LError, match="lacks n_layers, n_heads"):
+        load_llm(wrong_params)
     garbage = tmp_path / "garbage-tokenizer"
     shutil.copytree(meta, garbage)
     (garbage / "tokenizer.model").write_text("not a sentencepiece model")
