@@ -13,6 +13,7 @@ from tiny_llm import make_tiny_llama, reference_expand, reference_next_tokens
 from models.llm import (encode_prompts, expand_tokens, greedy_next_tokens, load_llm, prompt_text,
                         token_strings)
 from utils.artifacts import load_tensors, read_manifest
+from utils.errors import V2LError
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = "step1_expand_vocabulary.py"
@@ -103,3 +104,29 @@ def test_script_bad_inputs_fail_with_one_line(llm_dir, tmp_path):
     r = _run(["--llm", str(broken), "--out_dir", str(tmp_path / "b")], tmp_path)
     assert r.returncode == 2 and "params.json missing" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
+
+
+def _script_module(argv, monkeypatch):
+    """Import the script with these flags (its constants are parsed at import)."""
+    import importlib.util
+    monkeypatch.setattr(sys, "argv", [SCRIPT, *argv])
+    spec = importlib.util.spec_from_file_location("step1_under_test", ROOT / SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("content,message", [
+    ("[3, 1, 3, 2]", None), ('{"ids": [7, 0]}', None), ("[1, 400]", "in \\[0, 400\\)"),
+    ("[]", "non-empty"), ('{"ids": ["a"]}', "list of token ids"), ("{oops", "unreadable")])
+def test_vocab_ids_file(tmp_path, monkeypatch, content, message):
+    ids_file = tmp_path / "ids.json"
+    ids_file.write_text(content)
+    script = _script_module(["--vocab_ids", str(ids_file)], monkeypatch)
+    if message is None:
+        assert script.selected_ids(400) == sorted(set(json.loads(content) if content[0] == "["
+                                                      else json.loads(content)["ids"]))
+    else:
+        with pytest.raises(V2LError, match=message):
+            script.selected_ids(400)
+    assert _script_module(["--vocab_limit", "5"], monkeypatch).selected_ids(400) == list(range(5))
