@@ -451,7 +451,8 @@ def greedy_next_tokens(model, token_lists: list[list[int]], batch_size: int = 64
     with an attention mask and position ids counting real tokens only, and the
     batch's common token prefix (e.g. "<s> a photo of") is run once and its KV
     cache reused by every row. Only the last position's logits are computed.
-    Gives the same tokens as running each prompt alone.
+    Gives the same tokens as running each prompt alone (exactly so in fp32; in bf16/fp16 a
+    near-tie between the top two logits can rarely flip, as with any change of batch shape).
     """
     if any(len(t) == 0 for t in token_lists):
         raise V2LError("an empty prompt has no next token; every prompt needs at least one token")
