@@ -40,10 +40,11 @@ def vgg16_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
 
 
-def _lpips_skeleton() -> nn.Module:
+def lpips_random_trunk() -> nn.Module:
     """lpips' VGG LPIPS net with its calibrated linear heads (shipped in the wheel) loaded and
     a randomly initialised trunk: ``pnet_rand=True`` builds torchvision's vgg16 without weights,
-    so nothing is downloaded. The caller must load the trunk."""
+    so nothing is downloaded. ``load_lpips`` then loads the trunk; as it is, the net is only
+    good for timing."""
     import lpips
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision's 'pretrained' deprecation notice
@@ -76,7 +77,7 @@ def load_lpips(device="cpu", vgg_path: str | Path | None = None) -> nn.Module:
     except Exception as e:  # a truncated download raises zip/pickle errors of many kinds
         raise V2LError(f"{path}: unreadable VGG16 checkpoint ({str(e).splitlines()[0]}); "
                        f"download {VGG16_URL} again")
-    net = _lpips_skeleton()
+    net = lpips_random_trunk()
     trunk = {}
     for s, idx in _VGG_SLICES:
         for i in idx:

@@ -51,9 +51,10 @@ def _training(tok, clip, **cfg):
                     clip_model=clip.model)
 
 
-def test_one_step_changes_only_the_trainable_parts(tmp_path):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_one_step_changes_only_the_trainable_parts(tmp_path, channels_last):
     tok, clip, _ = make_tiny_tokenizer(tmp_path, resolution=RES)
-    train = _training(tok, clip)
+    train = _training(tok, clip, channels_last=channels_last)
     frozen = {"clip." + k: v.clone() for k, v in clip.model.state_dict().items()}
     frozen |= {k: tok.state_dict()[k].clone() for k in
                ("tok_embeddings.weight", "tok_embeddings_global.weight", "llm_ids")}
