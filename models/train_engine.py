@@ -78,13 +78,6 @@ def make_loader(dataset, batch_size: int, num_workers: int, seed: int, d: udist.
                       drop_last=False)
 
 
-def _own_state(tokenizer: nn.Module, clip_model: nn.Module | None) -> dict:
-    """The tokenizer's state dict without the frozen CLIP tower (reloaded, never trained)."""
-    prefixes = tuple(name + "." for name, m in tokenizer.named_modules()
-                     if clip_model is not None and m is clip_model)
-    return {k: v for k, v in tokenizer.state_dict().items() if not prefixes or not k.startswith(prefixes)}
-
-
 @dataclass
 class Training:
     """Everything one training run updates, plus where it logs."""
@@ -93,7 +86,6 @@ class Training:
     disc: DiscriminatorLoss
     cfg: TrainConfig
     dist: udist.Dist
-    clip_model: nn.Module | None = None
     out_dir: Path | None = None
     opt_g: torch.optim.Optimizer = field(init=False)
     opt_d: torch.optim.Optimizer = field(init=False)
@@ -278,7 +270,7 @@ class Training:
             return None
         return {"format": CHECKPOINT_FORMAT, "config": model_config,
                 "train_config": asdict(self.cfg), "loss_weights": asdict(self.gen_loss.w),
-                "model": _own_state(self.tokenizer, self.clip_model),
+                "model": self.tokenizer.state_dict(),   # CLIP is not part of it
                 "discriminator": self.disc.state_dict(),
                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step,
@@ -297,12 +289,11 @@ class Training:
                               for k in diff[:4])
             raise V2LError(f"{source}: checkpoint of another tokenizer architecture ({shown}); "
                            "use the same settings to resume, or another --out_dir to start anew")
-        missing, unexpected = self.tokenizer.load_state_dict(ckpt["model"], strict=False)
-        own = _own_state(self.tokenizer, self.clip_model)
-        missing = [k for k in missing if k in own]
-        if missing or unexpected:
-            raise V2LError(f"{source}: checkpoint weights do not fit this tokenizer (missing "
-                           f"{missing[:3]}, unexpected {unexpected[:3]}); use another --out_dir")
+        try:
+            self.tokenizer.load_state_dict(ckpt["model"], strict=True)
+        except RuntimeError as e:
+            raise V2LError(f"{source}: checkpoint weights do not fit this tokenizer "
+                           f"({str(e).splitlines()[1].strip()}); use another --out_dir")
         self.disc.load_state_dict(ckpt["discriminator"])
         self.opt_g.load_state_dict(ckpt["opt_g"])
         self.opt_d.load_state_dict(ckpt["opt_d"])

@@ -45,16 +45,15 @@ def _images(clip, n, res=RES, seed=0):
     return F.interpolate(x128, size=(res, res), mode="bilinear", align_corners=False), x_clip
 
 
-def _training(tok, clip, **cfg):
+def _training(tok, **cfg):
     loss = GeneratorLoss(LossWeights(disc_start=0), perceptual=L2Perceptual())
-    return Training(tok, loss, DiscriminatorLoss(ndf=8), TrainConfig(**cfg), Dist(),
-                    clip_model=clip.model)
+    return Training(tok, loss, DiscriminatorLoss(ndf=8), TrainConfig(**cfg), Dist())
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_one_step_changes_only_the_trainable_parts(tmp_path, channels_last):
     tok, clip, _ = make_tiny_tokenizer(tmp_path, resolution=RES)
-    train = _training(tok, clip, channels_last=channels_last)
+    train = _training(tok, channels_last=channels_last)
     frozen = {"clip." + k: v.clone() for k, v in clip.model.state_dict().items()}
     frozen |= {k: tok.state_dict()[k].clone() for k in
                ("tok_embeddings.weight", "tok_embeddings_global.weight", "llm_ids")}
