@@ -64,6 +64,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
                        "choose another directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the artifact is an ordinary dir
     try:
         yield tmp
         os.replace(tmp, path)
