@@ -208,11 +208,15 @@ class V2LTokenizer(nn.Module):
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise V2LError(f"{path}: not a V2L tokenizer file (format {FORMAT} expected); for the "
                            "authors' released checkpoint use V2LTokenizer.load_authors_checkpoint")
-        cfg = TokenizerConfig.from_dict(payload["config"])
-        sd = payload["state_dict"]
-        model = cls(cfg, sd["tok_embeddings.weight"], sd["llm_ids"],
-                    sd["tok_embeddings_global.weight"], payload["global_strings"])
-        model.load_state_dict(sd)
+        try:
+            cfg = TokenizerConfig.from_dict(payload["config"])
+            sd = payload["state_dict"]
+            model = cls(cfg, sd["tok_embeddings.weight"], sd["llm_ids"],
+                        sd["tok_embeddings_global.weight"], payload["global_strings"])
+            model.load_state_dict(sd)
+        except (KeyError, RuntimeError) as e:
+            raise V2LError(f"{path}: damaged tokenizer file (weights do not match its config: "
+                           f"{str(e).splitlines()[0][:200]}); save it again or retrain")
         if clip is None:
             clip = load_clip(cfg.clip_spec, cfg.clip_pretrained, device=device,
                              allow_unsafe=allow_unsafe_clip)

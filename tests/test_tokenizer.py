@@ -262,5 +262,10 @@ def test_bad_inputs_are_refused(tiny, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(V2LError, match="not a readable tokenizer file"):
         V2LTokenizer.load(tmp_path / "junk.pt", clip=clip)
+    payload = torch.load(tok.save(tmp_path / "t.pt"), weights_only=True)
+    payload["config"]["ch"] = 64
+    torch.save(payload, tmp_path / "t.pt")
+    with pytest.raises(V2LError, match="damaged tokenizer file"):
+        V2LTokenizer.load(tmp_path / "t.pt", clip=clip)
     with pytest.raises(V2LError, match="tokenizer not found"):
         V2LTokenizer.load(tmp_path / "missing", clip=clip)
