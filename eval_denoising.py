@@ -12,7 +12,7 @@ tokenizer's own reconstruction of the clean image (the ceiling). Writes
 (clean | corrupted | restored) for the first images, and a manifest. Long runs
 resume from chunks; ``torchrun --nproc_per_node N`` splits the images.
 
-    python eval_denoising.py --tokenizer_dir out/tokenizer --llm llama-2-7b-hf --data_root imagenet
+    python eval_denoising.py --tokenizer_dir out/tokenizer --llm llama-2-7b-hf --data_dir imagenet
 """
 import random
 from pathlib import Path
@@ -36,8 +36,8 @@ from utils.cli import configure, run_main
 TOKENIZER_DIR = "out/tokenizer"   # the trained tokenizer (directory or tokenizer.pt)
 LLM = "models/llama-2-7b"         # the frozen LLM: Hugging Face dir, Meta LLaMA dir or .gguf
 LLM_DTYPE = "auto"                # auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16
-DATA_ROOT = "data/imagenet"       # image root (ImageNet layout)
-SPLIT = "val"                     # sub-folder of DATA_ROOT ("" for DATA_ROOT itself)
+DATA_DIR = "data/imagenet"       # image root (ImageNet layout)
+SPLIT = "val"                     # sub-folder of DATA_DIR ("" for DATA_DIR itself)
 TASKS = ["inpainting", "outpainting", "deblurring", "rotation", "shift"]  # tasks to run
 MAX_IMAGES = 5000                 # first images of the split (the paper: ~5,000 val images)
 STEP = 2                          # local tokens predicted per LLM call
@@ -157,7 +157,7 @@ def main():
     torch.manual_seed(SEED)
     v2l = V2LTokenizer.load(TOKENIZER_DIR, device=d.device)
     llm = load_llm(LLM, dtype=LLM_DTYPE, device=d.device)
-    ds = ImageFolderDataset(DATA_ROOT, SPLIT or None, transform=DenoiseViews(v2l.clip),
+    ds = ImageFolderDataset(DATA_DIR, SPLIT or None, transform=DenoiseViews(v2l.clip),
                             max_images=MAX_IMAGES)
     pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else 0
     decoder = BatchedGreedy(llm.model, pad)
@@ -166,7 +166,7 @@ def main():
     results = {}
     for task in tasks:
         key = {"task": task, "step": STEP, "window": WINDOW, "seed": SEED, "rates": NOISE_RATES,
-               "tokenizer": str(TOKENIZER_DIR), "llm": llm.ident, "data": [str(DATA_ROOT), SPLIT],
+               "tokenizer": str(TOKENIZER_DIR), "llm": llm.ident, "data": [str(DATA_DIR), SPLIT],
                "n_images": len(ds)}
         store = ChunkStore(Path(OUT_DIR) / task, len(ds), CHUNK_IMAGES, key)
         tokenize_and_restore(task, ds, store, v2l, decoder, prompter, vocab_mask, d)

@@ -15,7 +15,7 @@ Writes OUT_DIR/results.json, a comparison grid (originals over
 reconstructions), a token-usage plot, the token histogram and a manifest, and
 appends one row to RESULTS_CSV.
 
-    python eval_reconstruction.py --tokenizer_dir out/tokenizer --data_root /data/imagenet
+    python eval_reconstruction.py --tokenizer_dir out/tokenizer --data_dir /data/imagenet
     torchrun --nproc_per_node 8 eval_reconstruction.py --tokenizer_dir out/tokenizer ...
 """
 import csv
@@ -39,8 +39,8 @@ from utils.cli import configure, run_main
 from utils.errors import V2LError
 
 TOKENIZER_DIR = "out/tokenizer"  # step-4 artifact (tokenizer.pt + manifest)
-DATA_ROOT = "data/imagenet"  # ImageNet root holding <split>/<class>/*.JPEG (or a flat <split>/)
-SPLIT = "val"  # sub-folder of DATA_ROOT to evaluate
+DATA_DIR = "data/imagenet"  # ImageNet root holding <split>/<class>/*.JPEG (or a flat <split>/)
+SPLIT = "val"  # sub-folder of DATA_DIR to evaluate
 VAL_LABELS = None  # labels file for a flat val folder (not needed for reconstruction)
 MAX_IMAGES = None  # evaluate only the first N images in sorted order (None = all, 50,000 for val)
 BATCH_SIZE = 64  # images per forward pass
@@ -102,17 +102,17 @@ def main():
     check_csv(Path(RESULTS_CSV))
     manifest = read_manifest(TOKENIZER_DIR, "tokenizer", made_by="step4_train_tokenizer.py")
     tok = V2LTokenizer.load(TOKENIZER_DIR, device=d.device, allow_unsafe_clip=CLIP_ALLOW_UNSAFE)
-    data = ImageFolderDataset(DATA_ROOT, SPLIT, tok.clip.tokenizer_views(tok.cfg.resolution),
+    data = ImageFolderDataset(DATA_DIR, SPLIT, tok.clip.tokenizer_views(tok.cfg.resolution),
                               labels_file=VAL_LABELS, max_images=MAX_IMAGES)
     acc = ReconstructionMetrics(METRICS, device=d.device, n_codes=len(tok.llm_ids),
                                 inception_weights=INCEPTION_WEIGHTS, lpips_vgg=LPIPS_VGG,
                                 is_splits=IS_SPLITS)
     if d.is_main:
-        print(f"{len(data)} images from {DATA_ROOT}/{SPLIT}; tokenizer {TOKENIZER_DIR} "
+        print(f"{len(data)} images from {DATA_DIR}/{SPLIT}; tokenizer {TOKENIZER_DIR} "
               f"({manifest['id'][:12]}); metrics {', '.join(acc.metrics)}; world={d.world}")
 
     store = ChunkStore(OUT_DIR, len(data), CHUNK_SIZE, key={
-        "tokenizer": manifest["id"], "data": str(Path(DATA_ROOT).resolve()), "split": SPLIT,
+        "tokenizer": manifest["id"], "data": str(Path(DATA_DIR).resolve()), "split": SPLIT,
         "images": len(data), "metrics": acc.metrics, "is_splits": IS_SPLITS,
         "inception": INCEPTION_WEIGHTS, "lpips_vgg": LPIPS_VGG})
     todo = store.todo(d.rank, d.world)

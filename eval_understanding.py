@@ -11,7 +11,7 @@ prediction, target, correct; a rerun skips the episodes already there),
 ``summary.json`` (accuracy, 95% Wilson interval) and a manifest; plus
 ``results.md`` / ``results.csv``, one row per setting.
 
-    python eval_understanding.py --tokenizer_dir out/tokenizer --llm llama-2-7b-hf --data_root imagenet
+    python eval_understanding.py --tokenizer_dir out/tokenizer --llm llama-2-7b-hf --data_dir imagenet
     python eval_understanding.py --sweep true      # 2/5-way x 1/3/5-shot x k in {5, 21}
 """
 import json
@@ -31,9 +31,9 @@ from utils.errors import V2LError
 TOKENIZER_DIR = "out/tokenizer"   # the trained tokenizer (directory or tokenizer.pt)
 LLM = "models/llama-2-7b"         # the frozen LLM: Hugging Face dir, Meta LLaMA dir or .gguf
 LLM_DTYPE = "auto"                # auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16
-DATA_ROOT = "data/imagenet"       # class-folder images; wnid folders -> the mini-ImageNet test classes
-SPLIT = "train"                   # sub-folder of DATA_ROOT (mini-ImageNet images are ImageNet train images)
-EPISODES_CSV = ""                 # the authors' episode list (paths relative to DATA_ROOT) instead of generated ones
+DATA_DIR = "data/imagenet"       # class-folder images; wnid folders -> the mini-ImageNet test classes
+SPLIT = "train"                   # sub-folder of DATA_DIR (mini-ImageNet images are ImageNet train images)
+EPISODES_CSV = ""                 # the authors' episode list (paths relative to DATA_DIR) instead of generated ones
 N_WAY = 2                         # classes per episode
 K_SHOT = 1                        # support images per class
 GLOBAL_K = 21                     # global tokens per image (the paper uses 5 and 21)
@@ -70,8 +70,8 @@ def episodes_for(s: dict) -> list:
     if EPISODES_CSV:
         if SWEEP:
             raise V2LError("--episodes_csv holds one setting's episodes; run it without --sweep")
-        return read_episode_csv(EPISODES_CSV, DATA_ROOT)[:N_EPISODES]
-    return generate_episodes(DATA_ROOT, s["n_way"], s["k_shot"], N_EPISODES, SEED, SPLIT)
+        return read_episode_csv(EPISODES_CSV, DATA_DIR)[:N_EPISODES]
+    return generate_episodes(DATA_DIR, s["n_way"], s["k_shot"], N_EPISODES, SEED, SPLIT)
 
 
 def load_done(path: Path, key: dict) -> list[dict]:
@@ -115,10 +115,11 @@ def run_setting(s: dict, episodes: list, strings: dict, decoder: BatchedGreedy, 
     n, correct = len(rows), sum(r["correct"] for r in rows)
     lo, hi = wilson_interval(correct, n)
     summary = s | {"n": n, "correct": correct, "accuracy": correct / n, "ci95": [lo, hi],
+                   "chance": 1 / s["n_way"],
                    "mean_prompt_tokens": sum(r["prompt_tokens"] for r in rows) / n}
     save_json(out / "summary.json", summary)
     inputs = {"tokenizer": TOKENIZER_DIR} if (Path(TOKENIZER_DIR) / "manifest.json").is_file() else {}
-    write_manifest(out, "eval_understanding", cfg | s, ["episodes.jsonl", "summary.json"],
+    write_manifest(out, "eval_understanding_setting", cfg | s, ["episodes.jsonl", "summary.json"],
                    inputs=inputs, info=summary)
     print(f"{setting_name(s)}: accuracy {100 * correct / n:.1f}% "
           f"(95% CI {100 * lo:.1f}-{100 * hi:.1f}, {n} episodes)")
@@ -126,8 +127,8 @@ def run_setting(s: dict, episodes: list, strings: dict, decoder: BatchedGreedy, 
 
 
 def write_table(rows: list[dict]) -> None:
-    cols = ["n_way", "k_shot", "global_k", "induction", "repeat", "n", "accuracy", "ci95"]
-    fmt = lambda r, c: (f"{100 * r[c]:.1f}" if c == "accuracy" else  # noqa: E731
+    cols = ["n_way", "k_shot", "global_k", "induction", "repeat", "n", "accuracy", "ci95", "chance"]
+    fmt = lambda r, c: (f"{100 * r[c]:.1f}" if c in ("accuracy", "chance") else  # noqa: E731
                         f"{100 * r[c][0]:.1f}-{100 * r[c][1]:.1f}" if c == "ci95" else str(r[c]))
     md = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     md += ["| " + " | ".join(fmt(r, c) for c in cols) + " |" for r in rows]
@@ -152,9 +153,13 @@ def main():
                                                    num_workers=NUM_WORKERS)))
     pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else 0
     decoder = BatchedGreedy(llm.model, pad, prefix_cache=PREFIX_CACHE)
-    key = {"tokenizer": str(TOKENIZER_DIR), "llm": llm.ident, "data_root": str(DATA_ROOT),
+    key = {"tokenizer": str(TOKENIZER_DIR), "llm": llm.ident, "data_dir": str(DATA_DIR),
            "split": SPLIT, "episodes_csv": EPISODES_CSV, "seed": SEED, "max_new_tokens": MAX_NEW_TOKENS}
-    write_table([run_setting(s, eps, strings, decoder, llm, key) for s, eps in plan])
+    rows = [run_setting(s, eps, strings, decoder, llm, key) for s, eps in plan]
+    write_table(rows)
+    inputs = {"tokenizer": TOKENIZER_DIR} if (Path(TOKENIZER_DIR) / "manifest.json").is_file() else {}
+    write_manifest(OUT_DIR, "eval_understanding", cfg, ["results.md", "results.csv"], inputs=inputs,
+                   info={"settings": rows})
 
 
 if __name__ == "__main__":

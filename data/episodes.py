@@ -74,7 +74,7 @@ def generate_episodes(root, n_way: int, k_shot: int, n_episodes: int, seed: int,
     missing = [c for c in pool if c not in by_class]
     if missing:
         raise V2LError(f"{Path(root) / (split or '')}: class folders {missing[:3]} not found; "
-                       "point --data_root at a class-folder data set that holds them")
+                       "point --data_dir at a class-folder data set that holds them")
     if len(pool) < n_way:
         raise V2LError(f"{Path(root) / (split or '')}: only {len(pool)} classes for "
                        f"{n_way}-way episodes; lower --n_way")
@@ -112,7 +112,7 @@ def read_episode_csv(csv_path, data_root) -> list[Episode]:
         for rel in items:
             p = data_root / rel
             if not p.is_file():
-                raise V2LError(f"{csv_path}:{line_no}: image {p} not found; point --data_root "
+                raise V2LError(f"{csv_path}:{line_no}: image {p} not found; point --data_dir "
                                "at the folder the CSV paths are relative to")
             entries.append((str(p), p.parent.name))
         episodes.append(Episode(len(episodes), tuple(entries[:-1]), entries[-1]))

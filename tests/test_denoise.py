@@ -127,7 +127,7 @@ def test_eval_denoising_script_all_tasks(tmp_path, llm_dir, monkeypatch, capsys)
     tok.save(tmp_path / "tokenizer")
     data = image_folders(tmp_path / "data" / "val", {"cat": 1, "dog": 1})
     out = tmp_path / "out"
-    args = ["--tokenizer_dir", str(tmp_path / "tokenizer"), "--llm", llm_dir, "--data_root",
+    args = ["--tokenizer_dir", str(tmp_path / "tokenizer"), "--llm", llm_dir, "--data_dir",
             str(data.parent), "--split", "val", "--metrics", "psnr", "ssim", "--device", "cpu",
             "--num_workers", "0", "--window", "4", "--step", "8", "--out_dir", str(out), "--save_strips", "1"]
     run_script("eval_denoising.py", args, monkeypatch)

@@ -41,7 +41,7 @@ def setup(tmp_path_factory):
 
 
 def _args(tmp, out, **extra):
-    args = {"tokenizer_dir": tmp / "tokenizer", "data_root": tmp / "data", "out_dir": out,
+    args = {"tokenizer_dir": tmp / "tokenizer", "data_dir": tmp / "data", "out_dir": out,
             "results_csv": tmp / f"{Path(out).name}.csv", "device": "cpu", "batch_size": 3,
             "num_workers": 0, "chunk_size": 2, "grid_images": 2, **extra}
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]

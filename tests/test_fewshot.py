@@ -173,7 +173,7 @@ def test_eval_understanding_script_end_to_end(tmp_path, llm_dir, monkeypatch, ca
     tok.save(tmp_path / "tokenizer")
     data = image_folders(tmp_path / "data" / "train", {"cat": 4, "dog": 4, "tree": 4})
     out = tmp_path / "out"
-    args = ["--tokenizer_dir", str(tmp_path / "tokenizer"), "--llm", llm_dir, "--data_root",
+    args = ["--tokenizer_dir", str(tmp_path / "tokenizer"), "--llm", llm_dir, "--data_dir",
             str(data.parent), "--split", "train", "--n_episodes", "6", "--batch_size", "4",
             "--global_k", "3", "--k_shot", "1", "--out_dir", str(out), "--device", "cpu",
             "--num_workers", "0"]
