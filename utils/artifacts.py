@@ -247,3 +247,11 @@ class ChunkStore:
         for p in self.dir.glob("*"):
             p.unlink()
         self.dir.rmdir()
+
+
+if __name__ == "__main__":
+    # `python -m utils.artifacts complete DIR STAGE`: exit 0 when DIR holds a finished STAGE artifact
+    import sys
+    if len(sys.argv) != 4 or sys.argv[1] != "complete":
+        sys.exit("usage: python -m utils.artifacts complete DIR STAGE")
+    sys.exit(0 if is_complete(sys.argv[2], sys.argv[3]) else 1)
