@@ -41,14 +41,14 @@ CLIP_NEGATIVES = 64  # random vocabulary words added as text negatives per step
 CLIP_POOL = 20000  # generated 64 px images the CLIP is trained on
 CLIP_LR = 1e-3  # AdamW peak learning rate (half-cosine over the training time)
 EVAL_IMAGES = 600  # fresh images for the CLIP's zero-shot and word-lookup check
-EVAL_TEMPLATES = 20  # first N of the 80 prompt templates per string in that check (80: as the codebook step, slower)
+EVAL_TEMPLATES = 20  # first N of the 80 prompt templates in that check (80: as step 2; slower)
 
 cfg = configure(globals())
 
 
 def part_done(out: Path, stage: str, what: str) -> bool:
     if is_complete(out, stage):
-        print(f"{what}: complete in {out}, skipped")
+        print(f"{what}: complete in {out}, skipped (delete it to rebuild with other settings)")
         return True
     return False
 

@@ -33,6 +33,7 @@ from data.classes import imagenet_templates
 from data.demo_world import COLOURS, SHAPES, classes, render_pool
 from data.transforms import clip_normalize
 from models.clip import ClipBundle, encode_text_templates, encode_text_truncated, save_open_clip_dir
+from utils.errors import V2LError
 
 DEMO_CLIP_CFG = {
     "embed_dim": 128,
@@ -118,7 +119,8 @@ def train_demo_clip(words: list[str], seconds: float = 240.0, max_steps: int | N
     own = {w.lower() for w in colours + shapes}
     negatives = [w for w in words if w.strip() and w.strip().lower() not in own]
     if not negatives:
-        raise ValueError("no negative words left after removing the class words")
+        raise V2LError("the demo CLIP needs vocabulary words other than the class words as "
+                       "text negatives; pass a larger vocabulary (e.g. --vocab_first_ids 2000)")
     mean, std = DEMO_PREPROCESS["mean"], DEMO_PREPROCESS["std"]
     pool, pool_c, pool_s = render_pool(seed, pool_size, size, colours, shapes, progress)
     model = open_clip.CLIP(**model_cfg)
@@ -141,7 +143,8 @@ def train_demo_clip(words: list[str], seconds: float = 240.0, max_steps: int | N
         img_c, img_s = pool_c[pick], pool_s[pick]
         texts, cap_c, cap_s = caption_batch(rng, img_c, img_s, colours, shapes, p_single)
         texts += negative_captions(rng, negatives, n_negatives)
-        img = F.normalize(model.encode_image(clip_normalize(pool[pick].float() / 255, mean, std)), dim=-1)
+        x = clip_normalize(pool[pick].float() / 255, mean, std)
+        img = F.normalize(model.encode_image(x), dim=-1)
         txt = F.normalize(encode_text_truncated(model, tokenize(texts)), dim=-1)
         logits = model.logit_scale.exp().clamp(max=100) * img @ txt.t()
         loss = multi_positive_infonce(logits, consistency(img_c, img_s, cap_c, cap_s, n_negatives))

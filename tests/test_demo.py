@@ -90,6 +90,11 @@ def test_consistency_counts_every_caption_that_fits():
     assert pos.tolist() == [[True, True, False, False, False], [False, True, True, False, False]]
 
 
+def test_clip_training_needs_words_besides_the_class_words():
+    with pytest.raises(V2LError, match="text negatives"):
+        demo_clip.train_demo_clip([" red", "star", " "], max_steps=1, colours=COLOURS, shapes=SHAPES)
+
+
 def test_clip_training_reduces_loss_and_saves_a_loadable_dir(tmp_path):
     model, hist = demo_clip.train_demo_clip(
         WORDS, seconds=600, max_steps=12, batch_size=16, n_negatives=8, pool_size=96, lr=3e-3,
