@@ -33,6 +33,7 @@ def test_flags_come_from_constants(tmp_path):
     cfg = configure(g, ["--chunk", "3", "--flag", "--opt", "p", "--ks", "1", "2", "--rate", "0.5"])
     assert cfg == {"chunk": 3, "name": "abc", "flag": True, "opt": "p", "ks": (1, 2), "rate": 0.5}
     assert g["CHUNK"] == 3 and g["KS"] == (1, 2)
+    assert configure(g, ["--opt", "400"])["opt"] == 400  # an optional number is a number
     cfg = configure(g, ["--flag", "false", "--opt", "none"])
     assert cfg["flag"] is False and cfg["opt"] is None and cfg["chunk"] == 64
     help_text = build_parser(SCRIPT, "A toy stage.")[0].format_help()

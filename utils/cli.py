@@ -78,7 +78,7 @@ def _parse_bool(text: str) -> bool:
 def _typed(default: Any) -> Callable[[str], Any]:
     if isinstance(default, bool):
         return _parse_bool
-    kind = type(default) if default is not None else str
+    kind = type(default)
 
     def parse(text: str):
         if text.lower() in ("none", "null"):
@@ -87,6 +87,12 @@ def _typed(default: Any) -> Callable[[str], Any]:
             return float(text)
         if kind is int:
             return int(text)
+        if default is None:  # an optional setting: a number when it reads as one (MAX_IMAGES = None)
+            for number in (int, float):
+                try:
+                    return number(text)
+                except ValueError:
+                    pass
         return text
     return parse
 
