@@ -25,7 +25,7 @@ from tqdm import tqdm
 from data.images import ImageFolderDataset, collate_skip_bad
 from models.denoise import (NOISE_RATES, WINDOW_TASKS, DenoisePrompter, DenoiseViews, check_tasks,
                             codebook_vocab_mask, corrupt_batch, noisy_batch, prediction_mask, restore)
-from models.fewshot import BatchedGreedy
+from models.llm import BatchedGreedy
 from models.llm import load_llm
 from models.metrics import ReconstructionMetrics, to_uint8
 from models.tokenizer import V2LTokenizer

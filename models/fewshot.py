@@ -15,20 +15,18 @@ not reproduced: their induction line opens a bracket per class
 ("['a' or ['b']"), and their context loop walks over every image of the
 episode, the query included, so the query's answer is in its own prompt.
 
-``BatchedGreedy`` decodes many prompts at once: left padding, an attention
-mask and explicit position ids, and a key/value cache of the longest token
-prefix the batch shares, computed once and expanded to the batch.
+Episodes are decoded in batches by ``models.llm.BatchedGreedy``.
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from transformers import DynamicCache
+
+from models.llm import BatchedGreedy
 
 from data.classes import class_name
 from data.images import load_rgb
@@ -79,97 +77,6 @@ class NameTrie:
 
     def finished(self, prefix: list[int]) -> bool:
         return not self._node(prefix)
-
-
-class BatchedGreedy:
-    """Greedy decoding of a batch of token-id prompts through a frozen causal LM."""
-
-    def __init__(self, model, pad_id: int, prefix_cache: bool = True):
-        self.model, self.pad_id, self.use_prefix_cache = model, pad_id, prefix_cache
-        self._memo: tuple[tuple[int, ...], DynamicCache] | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def _prefix(self, prefix: tuple[int, ...], batch: int) -> DynamicCache:
-        """The prefix's cache expanded to ``batch`` rows (the last prefix is kept and reused)."""
-        if self._memo is None or self._memo[0] != prefix:
-            ids = torch.tensor([prefix], device=self.device)
-            out = self.model(input_ids=ids, use_cache=True)
-            self._memo = (prefix, out.past_key_values)
-        cache = copy.deepcopy(self._memo[1])
-        cache.batch_repeat_interleave(batch)
-        return cache
-
-    @torch.no_grad()
-    def prefill(self, prompts: list[list[int]]):
-        """Run the prompts; return (last-position logits [B, V] float32, cache, attention
-        mask [B, T], next position ids [B])."""
-        lengths = [len(p) for p in prompts]
-        shared = 0
-        if self.use_prefix_cache:
-            limit = min(lengths) - 1          # every row keeps a token of its own
-            while shared < limit and all(p[shared] == prompts[0][shared] for p in prompts):
-                shared += 1
-        suffixes = [p[shared:] for p in prompts]
-        width = max(len(s) for s in suffixes)
-        b, dev = len(prompts), self.device
-        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((b, shared + width), dtype=torch.long)
-        mask[:, :shared] = 1
-        pos = torch.zeros((b, width), dtype=torch.long)
-        for i, s in enumerate(suffixes):
-            n = len(s)
-            ids[i, width - n:] = torch.tensor(s)
-            mask[i, shared + width - n:] = 1
-            pos[i, width - n:] = torch.arange(shared, shared + n)
-        cache = self._prefix(tuple(prompts[0][:shared]), b) if shared else DynamicCache()
-        ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                         past_key_values=cache, use_cache=True)
-        nxt = torch.tensor(lengths, device=dev)
-        return out.logits[:, -1].float(), out.past_key_values, mask, nxt
-
-    @torch.no_grad()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int,
-                 constraints: list[NameTrie | None] | None = None,
-                 vocab_mask: torch.Tensor | None = None,
-                 eos_id: int | None = None) -> list[list[int]]:
-        """Greedy continuation of each prompt: at most ``max_new_tokens`` tokens, stopping at
-        EOS or when the row's constraint is complete. ``vocab_mask`` (bool [V]) limits every
-        step to the ids it marks; ``constraints[i]`` limits row i to its trie."""
-        logits, cache, mask, pos = self.prefill(prompts)
-        b = len(prompts)
-        out: list[list[int]] = [[] for _ in range(b)]
-        done = [False] * b
-        for step in range(max_new_tokens):
-            if vocab_mask is not None:
-                logits = logits.masked_fill(~vocab_mask[: logits.shape[-1]].to(logits.device),
-                                            float("-inf"))
-            if constraints is not None:
-                allow = torch.zeros_like(logits, dtype=torch.bool)
-                for i, c in enumerate(constraints):
-                    if c is None:
-                        allow[i] = True
-                    else:  # a finished row has nothing left: any id, it is ignored
-                        allow[i, c.allowed(out[i]) or [self.pad_id]] = True
-                logits = logits.masked_fill(~allow, float("-inf"))
-            nxt = logits.argmax(-1)
-            for i, t in enumerate(nxt.tolist()):
-                if done[i]:
-                    continue
-                out[i].append(t)
-                c = constraints[i] if constraints is not None else None
-                if t == eos_id or (c is not None and c.finished(out[i])):
-                    done[i] = True
-            if all(done) or step == max_new_tokens - 1:
-                break
-            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
-            res = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
-                             past_key_values=cache, use_cache=True)
-            cache, pos, logits = res.past_key_values, pos + 1, res.logits[:, -1].float()
-        return [[t for t in row if t != eos_id] for row in out]
 
 
 @dataclass

@@ -31,7 +31,6 @@ small, can be saved to resume, and adds up across processes.
 """
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 from typing import Callable

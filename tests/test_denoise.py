@@ -11,7 +11,7 @@ from PIL import Image
 from models.denoise import (NOISE_RATES, TASKS, DenoisePrompter, DenoiseViews, blur_sigma,
                             check_tasks, chunk_starts, codebook_vocab_mask, corrupt_image,
                             noisy_copies, prediction_mask, restore)
-from models.fewshot import BatchedGreedy
+from models.llm import BatchedGreedy
 from test_fewshot import image_folders, one_thread, run_script  # noqa: F401 (autouse fixture)
 from tiny_llm import make_tiny_llama
 from utils.errors import V2LError

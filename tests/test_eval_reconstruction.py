@@ -1,6 +1,5 @@
 """eval_reconstruction.py end to end on a tiny tokenizer: numbers, outputs, resume, torchrun, bad input."""
 import csv
-import json
 import os
 import runpy
 import subprocess

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from data.episodes import generate_episodes, read_episode_csv
-from models.fewshot import (BatchedGreedy, FewShotPrompter, NameTrie, induction_line,
+from models.llm import BatchedGreedy
+from models.fewshot import (FewShotPrompter, NameTrie, induction_line,
                             wilson_interval)
 from tiny_llm import make_tiny_llama, tiny_llama_model
 from utils.errors import V2LError

@@ -1,6 +1,4 @@
 """The shared plumbing: flags from constants, atomic artifacts and manifests, robust images."""
-import json
-import os
 from pathlib import Path
 
 import numpy as np
