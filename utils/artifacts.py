@@ -27,12 +27,12 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Iterator
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Iterator
 
 from utils.errors import V2LError
+
+if TYPE_CHECKING:
+    import torch
 
 MANIFEST = "manifest.json"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -87,15 +87,18 @@ def load_json(path):
 
 def save_tensors(path, tensors: dict[str, torch.Tensor]) -> None:
     with atomic_path(path) as tmp:
+        from safetensors.torch import save_file   # torch loads lazily: shell checks stay quick
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
 
 
 def load_tensors(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
     return load_file(str(path))
 
 
 def save_torch(path, obj) -> None:
     with atomic_path(path) as tmp:
+        import torch
         torch.save(obj, tmp)
 
 
@@ -241,6 +244,7 @@ class ChunkStore:
             raise V2LError(f"{self.dir}: {len(missing)} of {self.n_chunks} chunks missing; "
                            "rerun the same command to finish them")
         parts = [self.load(i) for i in range(self.n_chunks)]
+        import torch
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def cleanup(self) -> None:

