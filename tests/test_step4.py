@@ -77,12 +77,14 @@ def _psnr(a, b):
 
 
 def test_tiny_model_overfits_one_image(tmp_path):
-    """L1 + VQ only (the GAN starts later): 20 dB PSNR on one smooth image within 150 steps."""
-    tok, clip, _ = make_tiny_tokenizer(tmp_path, resolution=RES)
+    """L1 + VQ only (the GAN starts later): 20 dB PSNR on one smooth 128 px image (the method's
+    size: a 16x16 token grid) within 150 steps."""
+    res = 128
+    tok, clip, _ = make_tiny_tokenizer(tmp_path, resolution=res)
     train = Training(tok, GeneratorLoss(LossWeights(perceptual_weight=0, disc_start=10 ** 9)),
                      DiscriminatorLoss(ndf=8), TrainConfig(), Dist())
-    x, x_clip = _images(clip, 1)
-    x = F.interpolate(F.avg_pool2d(x, 8), size=(RES, RES), mode="bilinear", align_corners=False)
+    x, x_clip = _images(clip, 1, res)
+    x = F.interpolate(F.avg_pool2d(x, 8), size=(res, res), mode="bilinear", align_corners=False)
     with torch.no_grad():
         start = _psnr(tok(x, x_clip)["rec"], x)
     best = start
