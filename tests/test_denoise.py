@@ -12,9 +12,11 @@ from models.denoise import (NOISE_RATES, TASKS, DenoisePrompter, DenoiseViews, b
                             check_tasks, chunk_starts, codebook_vocab_mask, corrupt_image,
                             noisy_copies, prediction_mask, restore)
 from models.llm import BatchedGreedy
-from test_fewshot import image_folders, one_thread, run_script  # noqa: F401 (autouse fixture)
+from test_fewshot import image_folders, run_script
 from tiny_llm import make_tiny_llama
 from utils.errors import V2LError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,7 @@ def image_folders(root: Path, classes: dict[str, int]) -> Path:
     return root
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny LLM's many small forward passes run faster on one thread than on two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -31,13 +31,7 @@ SCRIPT = ROOT / "step4_train_tokenizer.py"
 RES = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tiny models are all per-op overhead: one thread avoids oversubscribing a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(clip, n, res=RES, seed=0):
