@@ -20,7 +20,9 @@ NAME = "abc"  # a name
 FLAG = False  # a flag
 OPT = None  # an optional path
 KS = (5, 21)  # several values
-RATE = 1.5  # a float
+RATE = 1.5  # a float, 100% of it
+cfg = configure(globals())
+AFTER = 3  # set after the flags are read: not a setting
 '''
 
 
@@ -35,6 +37,7 @@ def test_flags_come_from_constants(tmp_path):
     cfg = configure(g, ["--flag", "false", "--opt", "none"])
     assert cfg["flag"] is False and cfg["opt"] is None and cfg["chunk"] == 64
     help_text = build_parser(SCRIPT, "A toy stage.")[0].format_help()
+    assert "100% of it" in help_text and "--after" not in help_text
     assert "how many rows per chunk rows per chunk" in help_text and "a name (default: 'abc')" in help_text
     with pytest.raises(SystemExit):
         configure(g, ["--chunk", "x"])

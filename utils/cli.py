@@ -45,6 +45,9 @@ def _constants(source: str) -> list[tuple[str, Any, str]]:
     comments, alone = _comments_by_line(source)
     found = []
     for node in ast.parse(source).body:
+        if any(isinstance(n, ast.Call) and getattr(n.func, "id", None) == "configure"
+               for n in ast.walk(node)):
+            break  # the settings block ends where the script reads its flags
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1):
             continue
         target = node.targets[0]
@@ -103,7 +106,7 @@ def build_parser(source: str, description: str | None) -> tuple[argparse.Argumen
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, default, help_text in constants:
         flag = "--" + name.lower()
-        shown = f"{help_text} (default: {default!r})"
+        shown = f"{help_text} (default: {default!r})".replace("%", "%%")  # argparse formats help
         if isinstance(default, (list, tuple)):
             elem = default[0] if default else ""
             parser.add_argument(flag, dest=name, nargs="*", type=_typed(elem), default=NOT_GIVEN,
