@@ -30,7 +30,7 @@ from models.llm import load_llm
 from models.metrics import ReconstructionMetrics, to_uint8
 from models.tokenizer import V2LTokenizer
 from utils import dist
-from utils.artifacts import ChunkStore, atomic_path, save_json, write_manifest
+from utils.artifacts import ChunkStore, atomic_path, save_json, write_manifest, finished_inputs
 from utils.cli import configure, run_main
 
 TOKENIZER_DIR = "out/tokenizer"   # the trained tokenizer (directory or tokenizer.pt)
@@ -175,7 +175,7 @@ def main():
             results[task] = score(task, ds, store, v2l, d.device)
     if d.is_main:
         files = write_results(results)
-        inputs = {"tokenizer": TOKENIZER_DIR} if (Path(TOKENIZER_DIR) / "manifest.json").is_file() else {}
+        inputs = finished_inputs(tokenizer=TOKENIZER_DIR)
         write_manifest(OUT_DIR, "eval_denoising", cfg, files, inputs=inputs,
                        info={"llm": llm.ident, "n_images": len(ds)})
     dist.shutdown(d)

@@ -24,7 +24,7 @@ from data.episodes import generate_episodes, read_episode_csv
 from models.fewshot import FewShotPrompter, evaluate_episodes, global_token_strings, wilson_interval
 from models.llm import BatchedGreedy, load_llm
 from models.tokenizer import V2LTokenizer
-from utils.artifacts import atomic_path, load_json, save_json, write_manifest
+from utils.artifacts import atomic_path, load_json, save_json, write_manifest, finished_inputs
 from utils.cli import configure, run_main
 from utils.errors import V2LError
 
@@ -118,7 +118,7 @@ def run_setting(s: dict, episodes: list, strings: dict, decoder: BatchedGreedy, 
                    "chance": 1 / s["n_way"],
                    "mean_prompt_tokens": sum(r["prompt_tokens"] for r in rows) / n}
     save_json(out / "summary.json", summary)
-    inputs = {"tokenizer": TOKENIZER_DIR} if (Path(TOKENIZER_DIR) / "manifest.json").is_file() else {}
+    inputs = finished_inputs(tokenizer=TOKENIZER_DIR)
     write_manifest(out, "eval_understanding_setting", cfg | s, ["episodes.jsonl", "summary.json"],
                    inputs=inputs, info=summary)
     print(f"{setting_name(s)}: accuracy {100 * correct / n:.1f}% "
@@ -157,7 +157,7 @@ def main():
            "split": SPLIT, "episodes_csv": EPISODES_CSV, "seed": SEED, "max_new_tokens": MAX_NEW_TOKENS}
     rows = [run_setting(s, eps, strings, decoder, llm, key) for s, eps in plan]
     write_table(rows)
-    inputs = {"tokenizer": TOKENIZER_DIR} if (Path(TOKENIZER_DIR) / "manifest.json").is_file() else {}
+    inputs = finished_inputs(tokenizer=TOKENIZER_DIR)
     write_manifest(OUT_DIR, "eval_understanding", cfg, ["results.md", "results.csv"], inputs=inputs,
                    info={"settings": rows})
 

@@ -193,6 +193,12 @@ def require_input(manifest: dict, name: str, expected: dict, what: str) -> None:
             f"{expected['id'][:12]}); rebuild it from the same {name} or pass the matching one")
 
 
+def finished_inputs(**dirs) -> dict:
+    """The given input directories that hold a manifest (a bare checkpoint file has none), for
+    ``write_manifest(inputs=...)``."""
+    return {name: d for name, d in dirs.items() if (Path(d) / MANIFEST).is_file()}
+
+
 def is_complete(out_dir, stage: str) -> bool:
     """True when out_dir holds a finished artifact of this stage (for skipping reruns)."""
     try:
