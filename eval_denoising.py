@@ -18,19 +18,19 @@ import random
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data.images import ImageFolderDataset, collate_skip_bad
-from models.denoise import (NOISE_RATES, WINDOW_TASKS, DenoisePrompter, DenoiseViews, check_tasks,
+from engine.denoise import (NOISE_RATES, WINDOW_TASKS, DenoisePrompter, DenoiseViews, check_tasks,
                             codebook_vocab_mask, corrupt_batch, noisy_batch, prediction_mask, restore)
-from models.llm import BatchedGreedy
+from engine.greedy import BatchedGreedy
 from models.llm import load_llm
-from models.metrics import ReconstructionMetrics, to_uint8
+from engine.metrics import ReconstructionMetrics
 from models.tokenizer import V2LTokenizer
 from utils import dist
 from utils.artifacts import ChunkStore, atomic_path, save_json, write_manifest, finished_inputs
+from utils.figures import save_image_grid
 from utils.cli import configure, run_main
 
 TOKENIZER_DIR = "out/tokenizer"   # the trained tokenizer (directory or tokenizer.pt)
@@ -89,12 +89,6 @@ def tokenize_and_restore(task, ds, store, v2l, decoder, prompter, vocab_mask, d)
                         "query": query, "pred": pred})
 
 
-def save_strip(path: Path, images: list[torch.Tensor]) -> None:
-    strip = to_uint8(torch.cat(images, dim=-1)[None])[0].permute(1, 2, 0).cpu().numpy()
-    with atomic_path(path) as tmp:
-        Image.fromarray(strip).save(tmp, format="PNG")
-
-
 @torch.no_grad()
 def score(task, ds, store, v2l, device) -> dict:
     """Decode the saved tokens and score the three variants against the clean images."""
@@ -126,7 +120,7 @@ def score(task, ds, store, v2l, device) -> dict:
             hits["corrupted"] += int((tokens["query"][rows][:, cells] == clean).sum())
         for j, i in enumerate(idx):
             if i < SAVE_STRIPS:
-                save_strip(strips / f"{i:05d}.png", [x[j], out["corrupted"][j], out["restored"][j]])
+                save_image_grid(torch.stack([x[j], out["corrupted"][j], out["restored"][j]]), strips / f"{i:05d}.png", per_line=3, padding=0)
     n_cells = max(1, len(row_of) * int(cells.sum()))
     token_acc = {"restored": hits["restored"] / n_cells, "reconstruction": None,
                  "corrupted": None if task in WINDOW_TASKS else hits["corrupted"] / n_cells}

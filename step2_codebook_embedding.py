@@ -17,7 +17,7 @@ torchrun the chunks are shared between ranks (same result for any world size).
 import torch
 from tqdm import tqdm
 
-from models.candidates import build_candidates, unique_strings
+from engine.candidates import build_candidates, unique_strings
 from models.clip import encode_text_templates, load_clip
 from data.classes import imagenet_templates
 from utils import dist

@@ -22,11 +22,12 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data.images import ImageFolderDataset, collate_skip_bad
-from models.candidates import count_hits, hit_threshold, plot_hit_histogram, select_global
+from engine.candidates import count_hits, hit_threshold, select_global
 from models.clip import load_clip
 from utils import dist
 from utils.artifacts import (ChunkStore, load_json, load_tensors, read_manifest, require_input,
                              save_json, save_tensors, write_manifest)
+from utils.figures import plot_hit_histogram
 from utils.cli import configure, run_main
 from utils.errors import V2LError
 

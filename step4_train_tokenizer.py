@@ -27,7 +27,7 @@ from data.images import ImageFolderDataset
 from models.clip import load_clip
 from models.losses import DiscriminatorLoss, GeneratorLoss, LossWeights, load_lpips
 from models.tokenizer import V2LTokenizer
-from models.train_engine import (TrainConfig, Training, load_checkpoint, make_loader,
+from engine.train import (TrainConfig, Training, load_checkpoint, make_loader,
                                  save_checkpoint, truncate_log)
 from utils import dist
 from utils.artifacts import MANIFEST, atomic_path, read_manifest, require_input, write_manifest

@@ -19,9 +19,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from models.fewshot import FewShotPrompter  # noqa: E402
-from models.llm import BatchedGreedy  # noqa: E402
-from models.llm import sentencepiece_tokenizer  # noqa: E402
+from engine.fewshot import FewShotPrompter  # noqa: E402
+from engine.greedy import BatchedGreedy  # noqa: E402
+from models.meta_llama import sentencepiece_tokenizer  # noqa: E402
 from tiny_llm import make_sentencepiece_model  # noqa: E402
 from utils.cli import configure, run_main  # noqa: E402
 

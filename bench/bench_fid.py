@@ -3,7 +3,7 @@
 Both compute FID between two Gaussians fitted to random 2048-d features (the
 Inception pool size); the table shows the time of each and the difference of
 the results. Ours: a Cholesky factor S1 = L L^T, then the eigenvalues of the
-symmetric L^T S2 L (models.metrics.frechet_distance). Reference: pytorch-fid's recipe,
+symmetric L^T S2 L (engine.metrics.frechet_distance). Reference: pytorch-fid's recipe,
 ``sqrtm(S1 @ S2)`` (a Schur decomposition of a general matrix).
 
     python bench/bench_fid.py               # 2048-d, as for real FID
@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 import scipy.linalg  # noqa: E402
 import torch  # noqa: E402
 
-from models.metrics import GaussianStats, frechet_distance  # noqa: E402
+from engine.metrics import GaussianStats, frechet_distance  # noqa: E402
 from utils.cli import configure, run_main  # noqa: E402
 
 DIM = 2048  # feature dimension (2048 = Inception pool features)

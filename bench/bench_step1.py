@@ -19,7 +19,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent),
 
 from tiny_llm import reference_next_tokens  # noqa: E402
 
-from models.llm import greedy_next_tokens, resolve_dtype  # noqa: E402
+from engine.greedy import greedy_next_tokens  # noqa: E402
+from models.llm import resolve_dtype  # noqa: E402
 from utils.cli import configure  # noqa: E402
 
 PRESET = "tiny"  # model shape: tiny (hidden 64, 2 layers) or llama2-7b (random weights, needs a GPU)

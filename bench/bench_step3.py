@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import open_clip  # noqa: E402
 import torch  # noqa: E402
 
-from models.candidates import count_hits  # noqa: E402
+from engine.candidates import count_hits  # noqa: E402
 from models.clip import ClipBundle, autocast_context  # noqa: E402
 from utils.cli import configure, run_main  # noqa: E402
 from utils.errors import V2LError  # noqa: E402

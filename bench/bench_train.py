@@ -26,7 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 from models import losses  # noqa: E402
 from models.clip import load_clip  # noqa: E402
 from models.tokenizer import TokenizerConfig, V2LTokenizer  # noqa: E402
-from models.train_engine import TrainConfig, Training  # noqa: E402
+from engine.train import TrainConfig, Training  # noqa: E402
 from tiny_clip import make_tiny_clip  # noqa: E402
 from utils import dist  # noqa: E402
 from utils.cli import configure, run_main  # noqa: E402

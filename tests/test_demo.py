@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data import demo_world
+from demo import world as demo_world
 from data.classes import class_name
 from data.images import load_rgb, scan_split
-from models import demo_clip, demo_llm
+from demo import clip as demo_clip, llm as demo_llm
 from models.clip import load_clip
 from utils.errors import V2LError
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from models.denoise import (NOISE_RATES, TASKS, DenoisePrompter, DenoiseViews, blur_sigma,
+from engine.denoise import (NOISE_RATES, TASKS, DenoisePrompter, DenoiseViews, blur_sigma,
                             check_tasks, chunk_starts, codebook_vocab_mask, corrupt_image,
                             noisy_copies, prediction_mask, restore)
-from models.llm import BatchedGreedy
+from engine.greedy import BatchedGreedy
 from test_fewshot import image_folders, run_script
 from tiny_llm import make_tiny_llama
 from utils.errors import V2LError

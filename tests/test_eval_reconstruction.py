@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from data.images import ImageFolderDataset, collate_skip_bad
-from models.metrics import ReconstructionMetrics
+from engine.metrics import ReconstructionMetrics
 from models.tokenizer import V2LTokenizer
 from fixtures_tokenizer import make_tiny_tokenizer
 from utils.artifacts import load_json, load_tensors, write_manifest

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from data.episodes import generate_episodes, read_episode_csv
-from models.llm import BatchedGreedy
-from models.fewshot import (FewShotPrompter, NameTrie, induction_line,
+from engine.greedy import BatchedGreedy
+from engine.fewshot import (FewShotPrompter, NameTrie, induction_line,
                             wilson_interval)
 from tiny_llm import make_tiny_llama, tiny_llama_model
 from utils.errors import V2LError
@@ -140,7 +140,7 @@ def test_constrained_decoding_only_emits_names(llm):
 
 
 def test_bad_class_name_and_long_prompt(llm):
-    from models.fewshot import check_prompt_length
+    from engine.fewshot import check_prompt_length
     p = FewShotPrompter(llm.tokenizer)
     with pytest.raises(V2LError, match="class name ''"):
         p.name_ids("")

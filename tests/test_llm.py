@@ -7,8 +7,9 @@ import pytest
 import torch
 from tiny_llm import make_sentencepiece_model, make_tiny_llama, tiny_llama_model
 
-from models.llm import (_meta_permute, encode_prompts, load_llm, meta_intermediate_size,
-                        printable_mask, resolve_dtype, save_meta_llama, token_strings)
+from models.llm import encode_prompts, load_llm, printable_mask, resolve_dtype, token_strings
+from models.meta_llama import _meta_permute, meta_intermediate_size
+from meta_export import save_meta_llama
 from utils.errors import V2LError
 
 PROMPT = "a photo of a small red cat sitting on the tree 42"

@@ -7,7 +7,7 @@ import scipy.linalg
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from models import metrics as M
+from engine import metrics as M
 from utils.errors import V2LError
 
 

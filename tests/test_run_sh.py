@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from data.demo_world import write_world
+from demo.world import write_world
 from tiny_clip import make_tiny_clip
 from tiny_llm import make_tiny_llama
 from utils.artifacts import is_complete, read_manifest

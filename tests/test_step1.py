@@ -10,8 +10,9 @@ import pytest
 import torch
 from tiny_llm import make_tiny_llama, reference_expand, reference_next_tokens
 
-from models.llm import (encode_prompts, expand_tokens, greedy_next_tokens, load_llm, prompt_text,
-                        token_strings)
+from engine.greedy import greedy_next_tokens
+from engine.vocabulary import expand_tokens, prompt_text
+from models.llm import encode_prompts, load_llm, token_strings
 from utils.artifacts import load_tensors, read_manifest
 from utils.errors import V2LError
 

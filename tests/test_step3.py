@@ -8,7 +8,7 @@ import torch
 
 from data.images import ImageFolderDataset
 from fixtures_artifacts import REPO, make_image_folder, make_vocab_artifact, run_script
-from models.candidates import count_topk_hits, hit_threshold, select_global
+from engine.candidates import count_topk_hits, hit_threshold, select_global
 from models.clip import load_clip
 from tiny_clip import make_tiny_clip
 from utils.artifacts import load_json, load_tensors, read_manifest

@@ -20,7 +20,7 @@ from fixtures_tokenizer import TINY_TOKENIZER, make_codebook_artifacts, make_tin
 from models.clip import load_clip
 from models.losses import DiscriminatorLoss, GeneratorLoss, LossWeights
 from models.tokenizer import V2LTokenizer
-from models.train_engine import TrainConfig, Training
+from engine.train import TrainConfig, Training
 from test_losses import L2Perceptual
 from tiny_clip import make_tiny_clip
 from utils.artifacts import load_json, read_manifest, save_json
@@ -149,7 +149,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(world, tmp_path, monke
     tok = V2LTokenizer.load(tmp_path / "full", clip=load_clip(world["clip"]))
     assert tok.cfg.resolution == RES and tok.cfg.global_topk == TINY_TOKENIZER["global_topk"]
 
-    from models.train_engine import Training as T
+    from engine.train import Training as T
     original = T.train_step
 
     def killed(self, *a, **k):

@@ -57,7 +57,8 @@ def make_tiny_llama(out_dir, fmt: str = "hf", n_shards: int = 1, num_kv_heads: i
                     seed: int = 0, vocab_size: int = 400) -> str:
     """Write a tiny Llama (+ its sentencepiece tokenizer) as a "hf" or "meta" directory, or a
     "gguf" file inside out_dir; return the path to load."""
-    from models.llm import save_meta_llama, sentencepiece_tokenizer
+    from models.meta_llama import sentencepiece_tokenizer
+    from meta_export import save_meta_llama
     out_dir = Path(out_dir)
     sp_file = make_sentencepiece_model(out_dir.parent / f".{out_dir.name}-spm", vocab_size, seed)
     tokenizer = sentencepiece_tokenizer(sp_file)
@@ -88,7 +89,7 @@ def save_gguf_llama(model, sp_file, path) -> str:
     import gguf
     import sentencepiece as spm
 
-    from models.llm import _meta_unpermute
+    from models.meta_llama import _meta_unpermute
     c, sp = model.config, spm.SentencePieceProcessor(model_file=str(sp_file))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +145,8 @@ def reference_expand(model, tokenizer, subwords: list[str], template: str = "a p
                      add_bos: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The authors' scheme, literally: per subword, prompt, one greedy token, decode it,
     re-prompt with the bigram text, one more greedy token. Returns (next1, next2)."""
-    from models.llm import encode_prompts, prompt_text, token_strings
+    from engine.vocabulary import prompt_text
+    from models.llm import encode_prompts, token_strings
     first, second = [], []
     for s1 in subwords:
         t1 = reference_next_tokens(model, encode_prompts(tokenizer, [prompt_text(template, s1)], add_bos))

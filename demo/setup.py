@@ -14,13 +14,13 @@ Needs nothing but PyPI packages. Writes, each part skipped when already complete
 These stand-ins show the pipeline working end to end on a CPU in minutes; the
 method's numbers need LLaMA-2-7B, CLIP ViT-L/14 and ImageNet.
 
-    python demo_setup.py --out_dir out/demo
+    python -m demo.setup --out_dir out/demo
 """
 import time
 from pathlib import Path
 
-from data import demo_world
-from models import demo_clip, demo_llm
+from demo import world as demo_world
+from demo import clip as demo_clip, llm as demo_llm
 from models.clip import load_clip
 from utils.artifacts import atomic_dir, is_complete, load_json, read_manifest, save_json, write_manifest
 from utils.cli import configure, run_main

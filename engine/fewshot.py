@@ -15,7 +15,7 @@ not reproduced: their induction line opens a bracket per class
 ("['a' or ['b']"), and their context loop walks over every image of the
 episode, the query included, so the query's answer is in its own prompt.
 
-Episodes are decoded in batches by ``models.llm.BatchedGreedy``.
+Episodes are decoded in batches by ``engine.greedy.BatchedGreedy``.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from functools import lru_cache
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from models.llm import BatchedGreedy
+from engine.greedy import BatchedGreedy
 
 from data.classes import class_name
 from data.images import load_rgb

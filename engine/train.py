@@ -40,6 +40,7 @@ from models.losses import DiscriminatorLoss, GeneratorLoss
 from utils import dist as udist
 from utils.artifacts import atomic_path, save_torch
 from utils.errors import V2LError
+from utils.figures import save_image_grid
 
 CHECKPOINT_FORMAT = "v2l-tokenizer-train-v1"
 
@@ -246,15 +247,12 @@ class Training:
     @torch.no_grad()
     def save_samples(self, x128: torch.Tensor, x_clip: torch.Tensor, path: Path) -> list[list[str]]:
         """PNG grid: originals (top row) over reconstructions; returns the images' global words."""
-        from torchvision.utils import save_image
         self.tokenizer.eval()
         x128, x_clip = x128.to(self.dist.device), x_clip.to(self.dist.device)
         with self.autocast():
             gidx, local_ids = self.tokenizer.encode(x128, x_clip)
             rec = self.tokenizer.decode(local_ids, global_idx=gidx)
-        grid = torch.cat([x128, rec.float()]).clamp(-1, 1) * 0.5 + 0.5
-        with atomic_path(path) as tmp:
-            save_image(grid.cpu(), tmp, nrow=len(x128), format="png")
+        save_image_grid(torch.cat([x128, rec.float()]), path, per_line=len(x128))
         self.tokenizer.train()
         return self.tokenizer.global_strings(gidx)
 

@@ -2,7 +2,7 @@
 
 No pretrained CLIP weights can be had offline, so the demo trains one with
 open_clip's own classes and real BPE tokenizer, contrastively, on captions of
-generated images (``data.demo_world``). What makes it learn colour and shape
+generated images (``demo.world``). What makes it learn colour and shape
 *words* (which is what the V2L global codebook needs) in a few minutes:
 
 - a small ModifiedResNet vision tower (a ViT this small does not learn shapes
@@ -30,7 +30,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from tqdm import tqdm
 
 from data.classes import imagenet_templates
-from data.demo_world import COLOURS, SHAPES, classes, render_pool
+from demo.world import COLOURS, SHAPES, classes, render_pool
 from data.transforms import clip_normalize
 from models.clip import ClipBundle, encode_text_templates, encode_text_truncated, save_open_clip_dir
 from utils.errors import V2LError

@@ -12,7 +12,6 @@ authors materialise a [B*k, 3V] one-hot per batch).
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
@@ -87,30 +86,3 @@ def hit_threshold(n_images: int, threshold: int | None, threshold_rate: float) -
 def select_global(hits: torch.Tensor, min_hits: float) -> torch.Tensor:
     """Indices (ascending) of the candidates hit more than ``min_hits`` times."""
     return torch.nonzero(hits > min_hits).flatten()
-
-
-def plot_hit_histogram(hits: torch.Tensor, min_hits: float, path) -> None:
-    """Histogram of hit counts (hit candidates only, log axes) with the threshold marked."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from utils.artifacts import atomic_path
-
-    hit = hits[hits > 0].double()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if hit.numel():
-        top = float(hit.max())
-        bins = torch.logspace(0, max(torch.log10(torch.tensor(top)).item(), 0.1), 50).numpy()
-        ax.hist(hit.numpy(), bins=bins)
-        ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.axvline(max(min_hits, 1.0), color="red", linestyle="--",
-               label=f"keep > {min_hits:g} ({int((hits > min_hits).sum())} kept)")
-    ax.set_xlabel("top-k hits per candidate")
-    ax.set_ylabel("candidates")
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=100)
-    plt.close(fig)

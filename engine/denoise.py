@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torchvision.transforms import functional as TF
 
 from data.transforms import clip_crop
-from models.fewshot import IN_TEXT, OUT_TEXT, check_prompt_length, context_length
-from models.llm import BatchedGreedy
+from engine.fewshot import IN_TEXT, OUT_TEXT, check_prompt_length, context_length
+from engine.greedy import BatchedGreedy
 from utils.errors import V2LError
 
 TASKS = ("inpainting", "outpainting", "deblurring", "rotation", "shift")

@@ -1,0 +1,131 @@
+"""Batched greedy decoding through a frozen causal LM."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from tqdm import tqdm
+from transformers import DynamicCache
+
+from utils.errors import V2LError
+
+
+class BatchedGreedy:
+    """Greedy decoding of a batch of token-id prompts through a frozen causal LM.
+
+    Left padding, an attention mask and explicit position ids (counting real
+    tokens only), and a key/value cache of the longest token prefix the batch
+    shares, computed once (and kept for the next batch with the same prefix)
+    and expanded to the batch. Only the last position's logits are computed.
+    Gives the same tokens as running each prompt alone (exactly so in fp32; in
+    bf16/fp16 a near-tie between the top two logits can rarely flip, as with
+    any change of batch shape).
+    """
+
+    def __init__(self, model, pad_id: int, prefix_cache: bool = True):
+        self.model, self.pad_id, self.use_prefix_cache = model, pad_id, prefix_cache
+        self._memo: tuple[tuple[int, ...], DynamicCache] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _prefix(self, prefix: tuple[int, ...], batch: int) -> DynamicCache:
+        """The prefix's cache expanded to ``batch`` rows (the last prefix is kept and reused)."""
+        if self._memo is None or self._memo[0] != prefix:
+            ids = torch.tensor([prefix], device=self.device)
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            self._memo = (prefix, out.past_key_values)
+        cache = copy.deepcopy(self._memo[1])
+        cache.batch_repeat_interleave(batch)
+        return cache
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]]):
+        """Run the prompts; return (last-position logits [B, V] float32, cache, attention
+        mask [B, T], next position ids [B])."""
+        lengths = [len(p) for p in prompts]
+        shared = 0
+        if self.use_prefix_cache:
+            limit = min(lengths) - 1          # every row keeps a token of its own
+            while shared < limit and all(p[shared] == prompts[0][shared] for p in prompts):
+                shared += 1
+        suffixes = [p[shared:] for p in prompts]
+        width = max(len(s) for s in suffixes)
+        b, dev = len(prompts), self.device
+        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((b, shared + width), dtype=torch.long)
+        mask[:, :shared] = 1
+        pos = torch.zeros((b, width), dtype=torch.long)
+        for i, s in enumerate(suffixes):
+            n = len(s)
+            ids[i, width - n:] = torch.tensor(s)
+            mask[i, shared + width - n:] = 1
+            pos[i, width - n:] = torch.arange(shared, shared + n)
+        cache = self._prefix(tuple(prompts[0][:shared]), b) if shared else DynamicCache()
+        ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        nxt = torch.tensor(lengths, device=dev)
+        return out.logits[:, -1].float(), out.past_key_values, mask, nxt
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int,
+                 constraints: list | None = None,
+                 vocab_mask: torch.Tensor | None = None,
+                 eos_id: int | None = None) -> list[list[int]]:
+        """Greedy continuation of each prompt: at most ``max_new_tokens`` tokens, stopping at
+        EOS or when the row's constraint is complete. ``vocab_mask`` (bool [V]) limits every
+        step to the ids it marks; ``constraints[i]`` limits row i to its trie."""
+        logits, cache, mask, pos = self.prefill(prompts)
+        b = len(prompts)
+        out: list[list[int]] = [[] for _ in range(b)]
+        done = [False] * b
+        for step in range(max_new_tokens):
+            if vocab_mask is not None:
+                logits = logits.masked_fill(~vocab_mask[: logits.shape[-1]].to(logits.device),
+                                            float("-inf"))
+            if constraints is not None:
+                allow = torch.zeros_like(logits, dtype=torch.bool)
+                for i, c in enumerate(constraints):
+                    if c is None:
+                        allow[i] = True
+                    else:  # a finished row has nothing left: any id, it is ignored
+                        allow[i, c.allowed(out[i]) or [self.pad_id]] = True
+                logits = logits.masked_fill(~allow, float("-inf"))
+            nxt = logits.argmax(-1)
+            for i, t in enumerate(nxt.tolist()):
+                if done[i]:
+                    continue
+                out[i].append(t)
+                c = constraints[i] if constraints is not None else None
+                if t == eos_id or (c is not None and c.finished(out[i])):
+                    done[i] = True
+            if all(done) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+            res = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
+                             past_key_values=cache, use_cache=True)
+            cache, pos, logits = res.past_key_values, pos + 1, res.logits[:, -1].float()
+        return [[t for t in row if t != eos_id] for row in out]
+
+
+
+@torch.no_grad()
+def greedy_next_tokens(model, token_lists: list[list[int]], batch_size: int = 64,
+                       pad_id: int = 0, share_prefix: bool = True, progress: bool = False) -> torch.Tensor:
+    """The greedy (argmax) next token after each prompt: LongTensor [N] on CPU.
+
+    Prompts are sorted by length so that a batch holds similar lengths, then
+    run through ``BatchedGreedy.prefill``.
+    """
+    if any(len(t) == 0 for t in token_lists):
+        raise V2LError("an empty prompt has no next token; every prompt needs at least one token")
+    decoder = BatchedGreedy(model, pad_id, prefix_cache=share_prefix)
+    order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
+    out = torch.empty(len(token_lists), dtype=torch.long)
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc="greedy", disable=not progress, leave=False):
+        idx = order[start:start + batch_size]
+        out[idx] = decoder.prefill([token_lists[i] for i in idx])[0].argmax(-1).cpu()
+    return out

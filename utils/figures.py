@@ -1,0 +1,72 @@
+"""Every figure the stages write: image grids and matplotlib plots, saved atomically as PNG."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from utils.artifacts import atomic_path
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path) -> None:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=100)
+    _pyplot().close(fig)
+
+
+def save_image_grid(images: torch.Tensor, path, per_line: int, padding: int = 2) -> None:
+    """PNG of a batch of images in [-1, 1], ``per_line`` images per row, ``padding`` px apart."""
+    from torchvision.utils import save_image
+
+    grid = images.detach().float().clamp(-1, 1).cpu() * 0.5 + 0.5
+    with atomic_path(path) as tmp:
+        save_image(grid, tmp, nrow=per_line, padding=padding, format="png")
+
+
+def save_comparison_grid(rows: list[torch.Tensor], path, per_line: int = 8) -> None:
+    """PNG of image batches in [-1, 1] shown as aligned rows (e.g. originals over
+    reconstructions), ``per_line`` images wide; long batches wrap into blocks of rows."""
+    n = rows[0].shape[0]
+    blocks = [torch.cat([r[s:s + per_line] for r in rows]) for s in range(0, n, per_line)]
+    save_image_grid(torch.cat(blocks), path, min(per_line, n))
+
+
+def plot_code_histogram(counts: torch.Tensor, usage: dict, path, title: str = "local tokens") -> None:
+    """Rank-frequency plot of code counts (log scale); ``usage`` (``engine.metrics.codebook_usage``)
+    gives the title's usage and perplexity."""
+    used = counts[counts > 0].sort(descending=True).values.double()
+    fig, ax = _pyplot().subplots(figsize=(6, 4))
+    ax.plot(torch.arange(1, used.numel() + 1).numpy(), used.numpy())
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("code rank")
+    ax.set_ylabel("occurrences")
+    ax.set_title(f"{title}: {usage['codebook_used']}/{usage['codebook_size']} used, "
+                 f"perplexity {usage['codebook_perplexity']:.1f}")
+    _save(fig, path)
+
+
+def plot_hit_histogram(hits: torch.Tensor, min_hits: float, path) -> None:
+    """Histogram of hit counts (hit candidates only, log axes) with the threshold marked."""
+    hit = hits[hits > 0].double()
+    fig, ax = _pyplot().subplots(figsize=(6, 4))
+    if hit.numel():
+        top = float(hit.max())
+        bins = torch.logspace(0, max(torch.log10(torch.tensor(top)).item(), 0.1), 50).numpy()
+        ax.hist(hit.numpy(), bins=bins)
+        ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.axvline(max(min_hits, 1.0), color="red", linestyle="--",
+               label=f"keep > {min_hits:g} ({int((hits > min_hits).sum())} kept)")
+    ax.set_xlabel("top-k hits per candidate")
+    ax.set_ylabel("candidates")
+    ax.legend()
+    _save(fig, path)
