@@ -69,9 +69,9 @@ def tokenize_and_restore(task, ds, store, v2l, decoder, prompter, vocab_mask, d)
     """The LLM pass: each chunk's clean, query and restored local tokens, saved as it finishes."""
     for ci, batch in chunk_batches(ds, store, store.todo(d.rank, d.world), f"{task} (rank {d.rank})"):
         if "image" not in batch:      # every image of the chunk unreadable
-            n = v2l.cfg.grid ** 2
+            n = v2l.config.grid ** 2
             store.save(ci, {k: torch.zeros((0,) + s, dtype=torch.long) for k, s in
-                            (("index", ()), ("global_idx", (v2l.cfg.global_topk,)),
+                            (("index", ()), ("global_idx", (v2l.config.global_topk,)),
                              ("clean", (n,)), ("query", (n,)), ("pred", (n,)))})
             continue
         x, x_clip, x_shift = (t.to(d.device) for t in batch["image"])
@@ -84,7 +84,7 @@ def tokenize_and_restore(task, ds, store, v2l, decoder, prompter, vocab_mask, d)
         clean, query = clean.flatten(1).cpu(), query.flatten(1).cpu()
         noisy_clean, noisy_query = noisy_batch(clean, query, v2l.llm_ids.cpu(), idx, SEED)
         pred = restore(decoder, prompter, task, query, noisy_clean, noisy_query, vocab_mask,
-                       step=STEP, window=WINDOW, batch_size=BATCH_SIZE, grid=v2l.cfg.grid)
+                       step=STEP, window=WINDOW, batch_size=BATCH_SIZE, grid=v2l.config.grid)
         store.save(ci, {"index": batch["index"], "global_idx": global_idx.cpu(), "clean": clean,
                         "query": query, "pred": pred})
 
@@ -98,7 +98,7 @@ def score(task, ds, store, v2l, device) -> dict:
     meters = {"corrupted": first} | {v: ReconstructionMetrics(
         first.metrics, device=device, inception=first.inception, lpips=first.lpips)
         for v in VARIANTS[1:]}
-    cells = prediction_mask(task, v2l.cfg.grid).flatten()
+    cells = prediction_mask(task, v2l.config.grid).flatten()
     hits = {"corrupted": 0, "restored": 0}
     strips = Path(OUT_DIR) / task / "strips"
     for _, batch in chunk_batches(ds, store, range(store.n_chunks), f"{task} scores"):
@@ -108,7 +108,7 @@ def score(task, ds, store, v2l, device) -> dict:
         idx = batch["index"].tolist()
         rows = torch.tensor([row_of[i] for i in idx])
         gidx = tokens["global_idx"][rows].to(device)
-        grid = (len(idx), v2l.cfg.grid, v2l.cfg.grid)
+        grid = (len(idx), v2l.config.grid, v2l.config.grid)
         out = {"corrupted": corrupt_batch(task, x, x_shift, idx, SEED),
                "restored": v2l.decode(tokens["pred"][rows].view(grid).to(device), gidx),
                "reconstruction": v2l.decode(tokens["clean"][rows].view(grid).to(device), gidx)}
@@ -153,9 +153,9 @@ def main():
     llm = load_llm(LLM, dtype=LLM_DTYPE, device=d.device)
     ds = ImageFolderDataset(DATA_DIR, SPLIT or None, transform=DenoiseViews(v2l.clip),
                             max_images=MAX_IMAGES)
-    pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else 0
+    pad = llm.text_tokenizer.pad_token_id if llm.text_tokenizer.pad_token_id is not None else 0
     decoder = BatchedGreedy(llm.model, pad)
-    prompter = DenoisePrompter(llm.tokenizer, STEP)
+    prompter = DenoisePrompter(llm.text_tokenizer, STEP)
     vocab_mask = codebook_vocab_mask(v2l.llm_ids, llm.model.config.vocab_size)
     results = {}
     for task in tasks:

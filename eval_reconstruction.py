@@ -102,7 +102,7 @@ def main():
     check_csv(Path(RESULTS_CSV))
     manifest = read_manifest(TOKENIZER_DIR, "tokenizer", made_by="step4_train_tokenizer.py")
     tok = V2LTokenizer.load(TOKENIZER_DIR, device=d.device, allow_unsafe_clip=CLIP_ALLOW_UNSAFE)
-    data = ImageFolderDataset(DATA_DIR, SPLIT, tok.clip.tokenizer_views(tok.cfg.resolution),
+    data = ImageFolderDataset(DATA_DIR, SPLIT, tok.clip.image_views(tok.config.resolution),
                               labels_file=VAL_LABELS, max_images=MAX_IMAGES)
     acc = ReconstructionMetrics(METRICS, device=d.device, n_codes=len(tok.llm_ids),
                                 inception_weights=INCEPTION_WEIGHTS, lpips_vgg=LPIPS_VGG,

@@ -103,7 +103,7 @@ def run_setting(s: dict, episodes: list, strings: dict, decoder: BatchedGreedy, 
     done = {r["index"]: r for r in load_done(log, key | s)}
     todo = [ep for ep in episodes if ep.index not in done]
     words = {p: "".join(strings[p][:s["global_k"]]) for p in strings}
-    prompter = FewShotPrompter(llm.tokenizer, induction=s["induction"], repeat=s["repeat"])
+    prompter = FewShotPrompter(llm.text_tokenizer, induction=s["induction"], repeat=s["repeat"])
     results = evaluate_episodes(decoder, prompter, todo, words, MAX_NEW_TOKENS, BATCH_SIZE)
     with open(log, "a", encoding="utf-8") as f:
         for r in tqdm(results, total=len(todo), desc=setting_name(s)):
@@ -152,7 +152,7 @@ def main():
     k_max = max(s["global_k"] for s, _ in plan)
     strings = dict(zip(paths, global_token_strings(v2l, paths, k_max, batch_size=64,
                                                    num_workers=NUM_WORKERS)))
-    pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else 0
+    pad = llm.text_tokenizer.pad_token_id if llm.text_tokenizer.pad_token_id is not None else 0
     decoder = BatchedGreedy(llm.model, pad, prefix_cache=PREFIX_CACHE)
     key = {"tokenizer": str(TOKENIZER_DIR), "llm": llm.ident, "data_dir": str(DATA_DIR),
            "split": SPLIT, "episodes_csv": EPISODES_CSV, "seed": SEED, "max_new_tokens": MAX_NEW_TOKENS}

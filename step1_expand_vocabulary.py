@@ -64,7 +64,7 @@ def main():
     if DEVICE_MAP and d.active:
         raise V2LError("--device_map spreads one model over all GPUs; run one process, not torchrun")
     llm = load_llm(LLM, dtype=DTYPE, device=d.device, device_map=DEVICE_MAP)
-    tok = llm.tokenizer
+    tok = llm.text_tokenizer
     ids = selected_ids(llm.vocab_size)
     subwords = token_strings(tok, ids)
     key = {"llm": llm.fingerprint, "weights": llm.ident, "prompt": PROMPT, "add_bos": ADD_BOS,
@@ -110,7 +110,7 @@ def selected_ids(vocab_size: int) -> list[int]:
 
 def write_vocab(llm, ids: list[int], subwords: list[str], tokens: dict) -> None:
     """vocab.json (the strings), vocab_tokens.safetensors (the ids), then the manifest."""
-    tok = llm.tokenizer
+    tok = llm.text_tokenizer
     s2 = token_strings(tok, tokens["next1"], skip_special=True)
     s3 = token_strings(tok, tokens["next2"], skip_special=True)
     bigram = [a + b for a, b in zip(subwords, s2)]

@@ -127,7 +127,7 @@ def main():
     out = Path(OUT_DIR)
     clip = load_clip(CLIP, CLIP_PRETRAINED, device=d.device, allow_unsafe=CLIP_ALLOW_UNSAFE)
     code_m, glob_m = check_inputs(clip.ident)
-    dataset = ImageFolderDataset(DATA_DIR, SPLIT, transform=clip.tokenizer_views(RESOLUTION),
+    dataset = ImageFolderDataset(DATA_DIR, SPLIT, transform=clip.image_views(RESOLUTION),
                                  max_images=MAX_IMAGES)
     torch.manual_seed(SEED)  # the same initial weights on every rank
     tokenizer = V2LTokenizer.from_artifacts(
@@ -146,7 +146,7 @@ def main():
                                  find_unused_parameters=FIND_UNUSED_PARAMETERS,
                                  channels_last=CHANNELS_LAST),
                      d, out_dir=out)
-    model_config = {k: v for k, v in tokenizer.cfg.to_dict().items()
+    model_config = {k: v for k, v in tokenizer.config.to_dict().items()
                     if k not in ("clip_spec", "clip_pretrained")}  # CLIP is checked via the codebook
     inputs = {"codebook": code_m["id"], "global": glob_m["id"]}
     resume(train, out, model_config, inputs)
@@ -159,7 +159,7 @@ def main():
         (out / MANIFEST).unlink(missing_ok=True)  # the artifact is unfinished while training
         print(f"training on {len(dataset)} images, {d.world} process(es), "
               f"{sum(p.numel() for p in tokenizer.trainable_parameters()) / 1e6:.1f}M trainable "
-              f"parameters, codebooks V={tokenizer.cfg.n_local} M={tokenizer.cfg.n_global}",
+              f"parameters, codebooks V={tokenizer.config.n_local} M={tokenizer.config.n_global}",
               file=sys.stderr)
     loader = make_loader(dataset, BATCH_SIZE, NUM_WORKERS, SEED, d)
     samples = sample_batch(dataset, N_SAMPLES) if d.is_main else None

@@ -66,7 +66,7 @@ def naive(bundle: ClipBundle, strings: list[str]) -> torch.Tensor:
     """One string per forward pass: its 80 prompts on the full padded context."""
     out = []
     for s in strings:
-        tokens = bundle.tokenizer([t.format(s) for t in imagenet_templates()]).to(bundle.device)
+        tokens = bundle.clip_tokenizer([t.format(s) for t in imagenet_templates()]).to(bundle.device)
         with autocast_context(bundle.device, PRECISION):
             emb = bundle.model.encode_text(tokens)
         out.append(F.normalize(emb.float(), dim=-1).mean(0).cpu())

@@ -36,7 +36,7 @@ class ClipView:
         return clip_normalize(self.crop(image), self.mean, self.std)
 
 
-class TokenizerViews:
+class ImageViews:
     """PIL -> (128 px image in [-1, 1], CLIP-normalised view) as the authors make them."""
 
     def __init__(self, clip_size: int, mean, std, interpolation: str = "bicubic",

@@ -106,7 +106,7 @@ class DenoiseViews:
     instead of its centre (a square picture has no shift)."""
 
     def __init__(self, clip, out_size: int = 128):
-        self.views = clip.tokenizer_views(out_size)
+        self.views = clip.image_views(out_size)
         self.size, self.out_size = clip.image_size, out_size
         self.resize = clip_crop(clip.image_size, clip.interpolation).transforms[0]
 

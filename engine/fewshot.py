@@ -174,7 +174,7 @@ def global_token_strings(v2l, paths: list[str], k: int, batch_size: int = 64,
     out: list[list[str]] = []
     for x in tqdm(loader, desc="global tokens", disable=not progress):
         emb = clip.encode_images(x).to(weight.device)
-        out += v2l.global_strings(topk_nearest(emb, weight, k, v2l.cfg.global_metric))
+        out += v2l.global_strings(topk_nearest(emb, weight, k, v2l.config.global_metric))
     return out
 
 

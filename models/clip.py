@@ -33,14 +33,14 @@ import torch
 import torch.nn.functional as F
 
 from data.classes import imagenet_templates
-from data.transforms import ClipView, TokenizerViews
+from data.transforms import ClipView, ImageViews
 from utils.errors import V2LError
 
 
 @dataclass
 class ClipBundle:
     model: torch.nn.Module        # open_clip CLIP (eval, requires_grad False)
-    tokenizer: object             # open_clip tokenizer: list[str] -> LongTensor [N, context]
+    clip_tokenizer: object        # open_clip's text tokenizer: list[str] -> LongTensor [N, context]
     image_size: int
     mean: tuple
     std: tuple
@@ -55,8 +55,8 @@ class ClipBundle:
     def image_view(self) -> ClipView:
         return ClipView(self.image_size, self.mean, self.std, self.interpolation)
 
-    def tokenizer_views(self, out_size: int = 128) -> TokenizerViews:
-        return TokenizerViews(self.image_size, self.mean, self.std, self.interpolation, out_size)
+    def image_views(self, out_size: int = 128) -> ImageViews:
+        return ImageViews(self.image_size, self.mean, self.std, self.interpolation, out_size)
 
     @torch.no_grad()
     def encode_images(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,14 +126,14 @@ def load_clip(spec: str, pretrained: str | None = None, device="cpu",
     except (RuntimeError, ValueError, FileNotFoundError, KeyError) as e:
         raise V2LError(f"CLIP '{spec}' (pretrained={pretrained}): could not load: "
                        f"{str(e).splitlines()[0]}")
-    tokenizer = open_clip.get_tokenizer(name)
+    clip_tokenizer = open_clip.get_tokenizer(name)
     pp = getattr(model.visual, "preprocess_cfg", {})
     size = pp.get("size", getattr(model.visual, "image_size", 224))
     size = size[0] if isinstance(size, (tuple, list)) else int(size)
     mean = tuple(pp.get("mean", getattr(model.visual, "image_mean", None) or ()))
     std = tuple(pp.get("std", getattr(model.visual, "image_std", None) or ()))
     return ClipBundle(
-        model=_freeze(model), tokenizer=tokenizer, image_size=int(size), mean=mean, std=std,
+        model=_freeze(model), clip_tokenizer=clip_tokenizer, image_size=int(size), mean=mean, std=std,
         interpolation=pp.get("interpolation", "bicubic"),
         embed_dim=int(model.text_projection.shape[-1] if hasattr(model, "text_projection")
                       and model.text_projection is not None else model.visual.output_dim),
@@ -222,11 +222,11 @@ def encode_text_truncated(model, tokens: torch.Tensor) -> torch.Tensor:
 _SPLICEABLE = re.compile(r"[A-Za-z0-9 ]*[A-Za-z0-9][A-Za-z0-9 ]*")
 
 
-def _template_parts(tokenizer, templates) -> list[tuple[list[int], list[int]]] | None:
+def _template_parts(clip_tokenizer, templates) -> list[tuple[list[int], list[int]]] | None:
     """Token ids of each template's text before and after '{}', or None when splicing
     would not be exact (another tokenizer, or a template that glues text to '{}')."""
     from open_clip.tokenizer import SimpleTokenizer
-    if type(tokenizer) is not SimpleTokenizer or getattr(tokenizer, "reduction_fn", None):
+    if type(clip_tokenizer) is not SimpleTokenizer or getattr(clip_tokenizer, "reduction_fn", None):
         return None
     parts = []
     for t in templates:
@@ -235,31 +235,31 @@ def _template_parts(tokenizer, templates) -> list[tuple[list[int], list[int]]] |
         before, after = t.split("{}")
         if (before and not before.endswith(" ")) or (after and after[0] not in " ."):
             return None
-        parts.append((tokenizer.encode(before), tokenizer.encode(after)))
+        parts.append((clip_tokenizer.encode(before), clip_tokenizer.encode(after)))
     return parts
 
 
-def tokenize_templates(tokenizer, strings: list[str], templates) -> torch.Tensor:
+def tokenize_templates(clip_tokenizer, strings: list[str], templates) -> torch.Tensor:
     """Token ids [len(strings) * len(templates), context] of every string in every template
-    (string-major), identical to ``tokenizer([t.format(s) for s in strings for t in templates])``.
+    (string-major), identical to ``clip_tokenizer([t.format(s) for s in strings for t in templates])``.
 
     Fast path: a plain alphanumeric string is BPE-encoded once and spliced between each
     template's pre-encoded parts; any other string is tokenized prompt by prompt."""
     templates = list(templates)
-    ctx = tokenizer.context_length
-    parts = _template_parts(tokenizer, templates)
+    ctx = clip_tokenizer.context_length
+    parts = _template_parts(clip_tokenizer, templates)
     out = torch.zeros(len(strings) * len(templates), ctx, dtype=torch.long)
     for i, s in enumerate(strings):
         rows = slice(i * len(templates), (i + 1) * len(templates))
         if parts is None or not _SPLICEABLE.fullmatch(s):
-            out[rows] = tokenizer([t.format(s) for t in templates])
+            out[rows] = clip_tokenizer([t.format(s) for t in templates])
             continue
-        mid = tokenizer.encode(s)
+        mid = clip_tokenizer.encode(s)
         for j, (before, after) in enumerate(parts):
-            ids = [tokenizer.sot_token_id] + before + mid + after + [tokenizer.eot_token_id]
+            ids = [clip_tokenizer.sot_token_id] + before + mid + after + [clip_tokenizer.eot_token_id]
             if len(ids) > ctx:
                 ids = ids[:ctx]
-                ids[-1] = tokenizer.eot_token_id
+                ids[-1] = clip_tokenizer.eot_token_id
             out[rows.start + j, :len(ids)] = torch.tensor(ids)
     return out
 
@@ -279,7 +279,7 @@ def encode_text_templates(bundle: ClipBundle, strings: list[str], templates=None
     out = torch.empty(len(strings), bundle.embed_dim)
     if not strings:
         return out
-    tokens = tokenize_templates(bundle.tokenizer, list(strings), templates)
+    tokens = tokenize_templates(bundle.clip_tokenizer, list(strings), templates)
     longest = _pool_positions(bundle.model, tokens).view(len(strings), n_t).max(dim=1).values
     order = torch.argsort(longest, stable=True)
     device = bundle.device

@@ -36,9 +36,9 @@ _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 @dataclass
 class LLM:
-    """A frozen causal LM (eval mode, no gradients) with its tokenizer."""
+    """A frozen causal LM (eval mode, no gradients) with its text tokenizer."""
     model: torch.nn.Module          # transformers causal LM
-    tokenizer: object               # transformers tokenizer
+    text_tokenizer: object          # transformers tokenizer: text <-> the LLM's token ids
     ident: str                      # what was loaded: "<format>:<path>"
     fingerprint: str                # hash of the vocabulary (see llm_fingerprint)
     fmt: str                        # "hf", "meta" or "gguf"
@@ -51,7 +51,7 @@ class LLM:
     @property
     def vocab_size(self) -> int:
         """Token ids the tokenizer can produce: 0 .. vocab_size-1."""
-        return len(self.tokenizer)
+        return len(self.text_tokenizer)
 
 
 # ----------------------------------------------------------------------------- loading

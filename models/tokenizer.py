@@ -126,7 +126,7 @@ class V2LTokenizer(nn.Module):
             raise V2LError(f"{len(global_strings)} global strings for {m} global codebook entries")
         cfg = dataclasses.replace(cfg, embed_dim=d, n_local=v, n_global=m)
         cfg.validate()
-        self.cfg = cfg
+        self.config = cfg
         self.encoder = Encoder(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.z_channels)
         self.decoder = Decoder(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.z_channels,
                                context_dim=d, cross_heads=cfg.cross_heads,
@@ -146,9 +146,9 @@ class V2LTokenizer(nn.Module):
     # ----- construction, saving, loading ---------------------------------------------------
     def attach_clip(self, clip: ClipBundle | None) -> None:
         """Use ``clip`` for the global tokens (its embedding dim must be the codebooks' D)."""
-        if clip is not None and clip.embed_dim != self.cfg.embed_dim:
+        if clip is not None and clip.embed_dim != self.config.embed_dim:
             raise V2LError(f"CLIP {clip.ident} embeds in {clip.embed_dim} dims but the codebooks "
-                           f"have D={self.cfg.embed_dim}; use the CLIP that made the codebooks")
+                           f"have D={self.config.embed_dim}; use the CLIP that made the codebooks")
         self.clip = clip
 
     @classmethod
@@ -183,7 +183,7 @@ class V2LTokenizer(nn.Module):
         if path.suffix != ".pt":
             path = path / FILE_NAME
         state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
-        save_torch(path, {"format": FORMAT, "config": self.cfg.to_dict(), "state_dict": state,
+        save_torch(path, {"format": FORMAT, "config": self.config.to_dict(), "state_dict": state,
                           "global_strings": self.strings})
         return path
 
@@ -307,7 +307,7 @@ class V2LTokenizer(nn.Module):
         """Normalised features [B, D, g, g] -> (z_q straight-through, vq_loss, rows [B, g, g])."""
         with torch.no_grad():
             codes = self.projected_codebook()
-        return vector_quantize(z, codes, self.cfg.beta, lookup=self.project_rows)
+        return vector_quantize(z, codes, self.config.beta, lookup=self.project_rows)
 
     def encode_features(self, x128: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, R, R] in [-1, 1] -> L2-normalised features [B, D, grid, grid]."""
@@ -320,7 +320,7 @@ class V2LTokenizer(nn.Module):
                            "loading the tokenizer (or attach_clip)")
         weight = self.tok_embeddings_global.weight
         emb = self.clip.encode_images(x_clip).to(weight.device)
-        idx = topk_nearest(emb, weight, self.cfg.global_topk, self.cfg.global_metric)
+        idx = topk_nearest(emb, weight, self.config.global_topk, self.config.global_metric)
         return idx, F.embedding(idx, weight)
 
     def _decode(self, z_q: torch.Tensor, global_emb: torch.Tensor) -> torch.Tensor:

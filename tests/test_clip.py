@@ -20,13 +20,13 @@ def clip(tmp_path_factory):
 def test_tokenize_templates_equals_tokenizer(clip):
     templates = imagenet_templates()
     assert len(templates) == 80
-    fast = tokenize_templates(clip.tokenizer, TRICKY, templates)
-    ref = clip.tokenizer([t.format(s) for s in TRICKY for t in templates])
+    fast = tokenize_templates(clip.clip_tokenizer, TRICKY, templates)
+    ref = clip.clip_tokenizer([t.format(s) for s in TRICKY for t in templates])
     assert torch.equal(fast, ref)
 
 
 def test_truncated_forward_equals_padded(clip):
-    tokens = clip.tokenizer(["a photo of a cat.", "x", "a much longer prompt " * 5, "long " * 90])
+    tokens = clip.clip_tokenizer(["a photo of a cat.", "x", "a much longer prompt " * 5, "long " * 90])
     with torch.no_grad():
         padded = clip.model.encode_text(tokens)
         short = encode_text_truncated(clip.model, tokens)
@@ -42,7 +42,7 @@ def test_encode_text_templates_matches_naive(clip):
     emb = encode_text_templates(clip, strings, batch_size=3)
     with torch.no_grad():
         ref = torch.stack([
-            F.normalize(clip.model.encode_text(clip.tokenizer([t.format(s) for t in templates])),
+            F.normalize(clip.model.encode_text(clip.clip_tokenizer([t.format(s) for t in templates])),
                         dim=-1).mean(0) for s in strings])
     assert emb.shape == (len(strings), clip.embed_dim) and emb.dtype == torch.float32
     assert (emb - ref).abs().max() < 1e-5
@@ -58,7 +58,7 @@ def test_openai_torchscript_archive(tmp_path):
         load_clip(name, str(archive))
     bundle = load_clip(name, str(archive), allow_unsafe=True)
     assert type(bundle.model.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
-    tokens = bundle.tokenizer(["a photo of a dog."])
+    tokens = bundle.clip_tokenizer(["a photo of a dog."])
     image = torch.randn(2, 3, bundle.image_size, bundle.image_size)
     with torch.no_grad():
         assert torch.equal(bundle.model.encode_text(tokens), eager.encode_text(tokens))
@@ -71,7 +71,7 @@ def test_state_dict_file_and_bad_specs(tmp_path, clip):
     weights = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in clip.model.state_dict().items()}, str(weights))
     bundle = load_clip(name, str(weights))
-    tokens = clip.tokenizer(["a dog"])
+    tokens = clip.clip_tokenizer(["a dog"])
     with torch.no_grad():
         assert torch.equal(bundle.model.encode_text(tokens), clip.model.encode_text(tokens))
     with pytest.raises(V2LError, match="not an open_clip model directory"):

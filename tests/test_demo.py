@@ -105,7 +105,7 @@ def test_clip_training_reduces_loss_and_saves_a_loadable_dir(tmp_path):
     demo_clip.save_demo_clip(model, tmp_path, SMALL_CLIP_CFG)
     clip = load_clip(str(tmp_path))
     assert (clip.embed_dim, clip.image_size) == (32, 32)
-    assert clip.tokenizer(["a photo of a red star."]).shape[1] == 16
+    assert clip.clip_tokenizer(["a photo of a red star."]).shape[1] == 16
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         want = F.normalize(model.encode_image(x), dim=-1)

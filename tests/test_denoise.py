@@ -91,7 +91,7 @@ def test_noisy_copies_share_positions_and_ids():
 
 
 def test_prompt_layout(llm):
-    tok = llm.tokenizer
+    tok = llm.text_tokenizer
     p = DenoisePrompter(tok, step=2)
     ids = p.build(torch.tensor([[7, 8], [9, 10]]), torch.tensor([[11, 12], [13, 14]]),
                   torch.tensor([15, 16]))
@@ -111,7 +111,7 @@ def test_restore_keeps_known_cells_and_codebook_ids(llm, task):
     query = clean if task == "inpainting" else allowed[torch.randint(40, (1, 256), generator=g)]
     pairs = [noisy_copies(c, q, allowed, g) for c, q in zip(clean, query)]
     nc, nq = torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
-    prompter = DenoisePrompter(llm.tokenizer, 2)
+    prompter = DenoisePrompter(llm.text_tokenizer, 2)
     pred = restore(BatchedGreedy(llm.model, 0), prompter, task, query, nc, nq, vocab_mask,
                    step=2, window=4, batch_size=64)
     cells = prediction_mask(task).flatten()

@@ -95,7 +95,7 @@ def test_results_match_direct_computation(setup, full_run):
 
     # the same numbers straight from the public API
     tok = V2LTokenizer.load(setup / "tokenizer")
-    data = ImageFolderDataset(setup / "data", "val", tok.clip.tokenizer_views(128))
+    data = ImageFolderDataset(setup / "data", "val", tok.clip.image_views(128))
     batch = collate_skip_bad([data[i] for i in range(len(data))])
     x128, x_clip = batch["image"]
     gidx, ids = tok.encode(x128, x_clip)

@@ -79,7 +79,7 @@ def test_episode_csv(tmp_path):
 
 
 def test_prompt_layout(llm):
-    tok = llm.tokenizer
+    tok = llm.text_tokenizer
     p = FewShotPrompter(tok, induction=True, repeat=1)
     prompt = p.build(["cat", "dog"], [("red tree", "cat"), ("blue sky", "dog")], "green car")
     line = "For each of the following input output pairs, output is one of ['cat' or 'dog']\n"
@@ -129,7 +129,7 @@ def test_batched_generation_matches_one_at_a_time():
 
 
 def test_constrained_decoding_only_emits_names(llm):
-    tok = llm.tokenizer
+    tok = llm.text_tokenizer
     p = FewShotPrompter(tok, induction=True)
     names = ["cat", "black dog", "blue bird"]
     trie = p.constraint(names)
@@ -141,7 +141,7 @@ def test_constrained_decoding_only_emits_names(llm):
 
 def test_bad_class_name_and_long_prompt(llm):
     from engine.fewshot import check_prompt_length
-    p = FewShotPrompter(llm.tokenizer)
+    p = FewShotPrompter(llm.text_tokenizer)
     with pytest.raises(V2LError, match="class name ''"):
         p.name_ids("")
     prompt = p.build(["cat"], [("red " * 80, "cat")] * 2, "dog")

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from data.images import ImageFolderDataset, collate_skip_bad, load_rgb, scan_split
-from data.transforms import TokenizerViews, clip_crop
+from data.transforms import ImageViews, clip_crop
 from utils.artifacts import (ChunkStore, atomic_path, is_complete, read_manifest, require_input,
                              save_json, save_tensors, write_manifest)
 from utils.cli import build_parser, configure
@@ -141,7 +141,7 @@ def test_flat_val_with_labels_file(tmp_path):
 
 def test_tokenizer_views_follow_the_clip_crop():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8))
-    small, clip = TokenizerViews(224, (0.5,) * 3, (0.25,) * 3)(image)
+    small, clip = ImageViews(224, (0.5,) * 3, (0.25,) * 3)(image)
     assert small.shape == (3, 128, 128) and clip.shape == (3, 224, 224)
     assert -1 <= small.min() and small.max() <= 1
     crop = clip * 0.25 + 0.5

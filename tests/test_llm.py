@@ -22,7 +22,7 @@ def tiny_dirs(tmp_path_factory):
 
 
 def _logits(llm, text=PROMPT):
-    ids = torch.tensor(encode_prompts(llm.tokenizer, [text])).to(llm.device)
+    ids = torch.tensor(encode_prompts(llm.text_tokenizer, [text])).to(llm.device)
     return llm.model(input_ids=ids).logits
 
 
@@ -44,10 +44,10 @@ def test_gguf_file_gives_identical_logits(tmp_path, tiny_dirs):
     llm = load_llm(gguf_path)
     hf = load_llm(tiny_dirs["hf"])
     assert llm.fmt == "gguf" and load_llm(tmp_path / "g").fmt == "gguf"   # the file or its dir
-    assert encode_prompts(llm.tokenizer, [PROMPT]) == encode_prompts(hf.tokenizer, [PROMPT])
+    assert encode_prompts(llm.text_tokenizer, [PROMPT]) == encode_prompts(hf.text_tokenizer, [PROMPT])
     assert torch.equal(_logits(llm), _logits(hf))
-    ids = range(len(hf.tokenizer))
-    assert token_strings(llm.tokenizer, ids) == token_strings(hf.tokenizer, ids)
+    ids = range(len(hf.text_tokenizer))
+    assert token_strings(llm.text_tokenizer, ids) == token_strings(hf.text_tokenizer, ids)
 
 
 def test_meta_shards_split_like_model_parallel(tmp_path):
@@ -105,13 +105,13 @@ def test_permutation_matches_meta_rotary_convention():
 def test_meta_tokenizer_matches_sentencepiece(tiny_dirs):
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=str(Path(tiny_dirs["meta"]) / "tokenizer.model"))
-    tok = load_llm(tiny_dirs["meta"]).tokenizer
+    tok = load_llm(tiny_dirs["meta"]).text_tokenizer
     for text in [PROMPT, "a photo of  dog\nsitting é 2024", "a photo of ing"]:
         assert encode_prompts(tok, [text]) == [[1] + sp.encode(text)]   # BOS like encode(bos=True)
 
 
 def test_token_strings_sentencepiece(tiny_dirs):
-    tok = load_llm(tiny_dirs["hf"]).tokenizer
+    tok = load_llm(tiny_dirs["hf"]).text_tokenizer
     ids = list(range(len(tok)))
     strings = token_strings(tok, ids)
     pieces = tok.convert_ids_to_tokens(ids)

@@ -37,7 +37,7 @@ def test_prompt_text_drops_one_leading_space():
 
 
 def test_batched_greedy_equals_one_prompt_at_a_time(llm):
-    tok = llm.tokenizer
+    tok = llm.text_tokenizer
     words = token_strings(tok, range(0, len(tok), 8))
     texts = [prompt_text("a photo of {}", w) for w in words] + ["cat", "a", "the dog is 2024 big"]
     prompts = encode_prompts(tok, texts)
@@ -49,9 +49,9 @@ def test_batched_greedy_equals_one_prompt_at_a_time(llm):
 
 
 def test_expand_equals_the_literal_per_prompt_scheme(llm):
-    subwords = token_strings(llm.tokenizer, range(260, 300))
-    got = expand_tokens(llm.model, llm.tokenizer, subwords, batch_size=16)
-    want = reference_expand(llm.model, llm.tokenizer, subwords)
+    subwords = token_strings(llm.text_tokenizer, range(260, 300))
+    got = expand_tokens(llm.model, llm.text_tokenizer, subwords, batch_size=16)
+    want = reference_expand(llm.model, llm.text_tokenizer, subwords)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert len(set(got[0].tolist())) > 5               # not a degenerate constant model
 
@@ -80,8 +80,8 @@ def test_script_stopped_then_resumed_on_two_ranks_matches_one_uninterrupted_run(
     vocab = json.loads((full / "vocab.json").read_text())
     tokens = load_tensors(full / "vocab_tokens.safetensors")
     assert vocab["ids"] == list(range(100)) and tokens["ids"].tolist() == vocab["ids"]
-    assert vocab["subword"] == token_strings(llm.tokenizer, range(100))
-    s2 = token_strings(llm.tokenizer, tokens["next1"], skip_special=True)
+    assert vocab["subword"] == token_strings(llm.text_tokenizer, range(100))
+    s2 = token_strings(llm.text_tokenizer, tokens["next1"], skip_special=True)
     assert vocab["bigram"] == [a + b for a, b in zip(vocab["subword"], s2)]
     assert not vocab["printable"][1] and not any(vocab["printable"][3:259])   # BOS, byte tokens
     assert not list(full.glob(".chunks-*"))                                     # cleaned up

@@ -55,7 +55,7 @@ def test_embeddings_equal_naive_reference(setup):
     strings = load_json(out / "candidates.json")["strings"]
     pick = [0, 3, 5, 7, len(WORDS) + 4, 2 * len(WORDS) + 10]
     with torch.no_grad():
-        ref = torch.stack([torch.nn.functional.normalize(clip.model.encode_text(clip.tokenizer(
+        ref = torch.stack([torch.nn.functional.normalize(clip.model.encode_text(clip.clip_tokenizer(
             [t.format(strings[i]) for t in imagenet_templates()])), dim=-1).mean(0) for i in pick])
     assert (glob[pick] - ref).abs().max() < 1e-5
 

@@ -147,7 +147,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(world, tmp_path, monke
         ["epoch_0000.png", "epoch_0001.png", "epoch_0002.png"]
     assert (tmp_path / "full" / "checkpoints" / "epoch_0002.pt").is_file()
     tok = V2LTokenizer.load(tmp_path / "full", clip=load_clip(world["clip"]))
-    assert tok.cfg.resolution == RES and tok.cfg.global_topk == TINY_TOKENIZER["global_topk"]
+    assert tok.config.resolution == RES and tok.config.global_topk == TINY_TOKENIZER["global_topk"]
 
     from engine.train import Training as T
     original = T.train_step

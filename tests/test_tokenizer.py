@@ -145,7 +145,7 @@ def test_row_lookup_gradients_and_codebook_cache(tmp_path):
     z = F.normalize(torch.randn(2, 32, 4, 4), dim=1)
     # gradients through the projected rows only == through the whole projected codebook
     grads = []
-    for quantize in (lambda: vector_quantize(z, tok.projected_codebook(), tok.cfg.beta),
+    for quantize in (lambda: vector_quantize(z, tok.projected_codebook(), tok.config.beta),
                      lambda: tok.quantize(z)):
         tok.zero_grad()
         zq, loss, rows = quantize()
@@ -205,7 +205,7 @@ def test_encode_decode_save_load(tiny, tmp_path):
     path = tok.save(tmp_path / "tokenizer")
     assert path == tmp_path / "tokenizer" / "tokenizer.pt"
     loaded = V2LTokenizer.load(tmp_path / "tokenizer")     # rebuilds CLIP from the codebook's spec
-    assert loaded.cfg == tok.cfg and loaded.cfg.n_local == 64 and loaded.cfg.embed_dim == 32
+    assert loaded.config == tok.config and loaded.config.n_local == 64 and loaded.config.embed_dim == 32
     idx2, emb2 = loaded.global_tokens(x_clip)
     assert torch.equal(idx2, global_idx)
     assert torch.equal(loaded.decode(local_ids, global_emb=emb2), rec)
@@ -251,12 +251,12 @@ def test_bad_inputs_are_refused(tiny, tmp_path):
     with pytest.raises(V2LError, match=r"missing tensor\(s\) \['llm_ids'\]"):
         V2LTokenizer.from_artifacts(broken, other["global"], clip, **TINY_TOKENIZER)
     with pytest.raises(V2LError, match="global codebook dim 16 != local codebook dim 32"):
-        V2LTokenizer(tok.cfg, torch.randn(64, 32), torch.arange(64), torch.randn(16, 16), ["w"] * 16)
+        V2LTokenizer(tok.config, torch.randn(64, 32), torch.arange(64), torch.randn(16, 16), ["w"] * 16)
     with pytest.raises(V2LError, match="3 global strings for 16"):
-        V2LTokenizer(tok.cfg, torch.randn(64, 32), torch.arange(64), torch.randn(16, 32), ["w"] * 3)
+        V2LTokenizer(tok.config, torch.randn(64, 32), torch.arange(64), torch.randn(16, 32), ["w"] * 3)
     with pytest.raises(V2LError, match="decode needs the global tokens"):
         tok.decode(torch.zeros(1, 16, 16, dtype=torch.long) + 3)
-    bare = V2LTokenizer(tok.cfg, torch.randn(64, 32), torch.arange(64), torch.randn(16, 32), ["w"] * 16)
+    bare = V2LTokenizer(tok.config, torch.randn(64, 32), torch.arange(64), torch.randn(16, 32), ["w"] * 16)
     with pytest.raises(V2LError, match="need the CLIP image tower"):
         bare.global_tokens(torch.zeros(1, 3, 64, 64))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
