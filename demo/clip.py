@@ -106,10 +106,13 @@ def train_demo_clip(words: list[str], seconds: float = 240.0, max_steps: int | N
                     batch_size: int = 128, n_negatives: int = 64, pool_size: int = 20000,
                     lr: float = 1e-3, weight_decay: float = 0.05, warmup_steps: int = 20,
                     p_single: float = 0.5, seed: int = 0, model_cfg: dict = DEMO_CLIP_CFG,
-                    colours=None, shapes=None, progress: bool = True):
+                    colours=None, shapes=None, progress: bool = True, style: str = "textured"):
     """Train a tiny CLIP on the demo world. Stops at ``seconds`` or ``max_steps``, whichever first.
 
-    words: the vocabulary whose strings serve as text negatives (class words are dropped).
+    words: the strings that serve as text negatives (class words are dropped). Pass every
+    candidate the global codebook will hold (step 1's subwords, bigrams and trigrams): a string
+    the text tower never saw lands anywhere, often near every image (a "hub").
+    style: the demo world's style (``demo.world.STYLES``) the images are drawn in.
     Returns (model in eval mode, history dict with per-step losses and steps/time).
     """
     colours, shapes = list(colours or COLOURS), list(shapes or SHAPES)
@@ -122,7 +125,7 @@ def train_demo_clip(words: list[str], seconds: float = 240.0, max_steps: int | N
         raise V2LError("the demo CLIP needs vocabulary words other than the class words as "
                        "text negatives; pass a larger vocabulary (e.g. --vocab_first_ids 2000)")
     mean, std = DEMO_PREPROCESS["mean"], DEMO_PREPROCESS["std"]
-    pool, pool_c, pool_s = render_pool(seed, pool_size, size, colours, shapes, progress)
+    pool, pool_c, pool_s = render_pool(seed, pool_size, size, colours, shapes, progress, style)
     model = open_clip.CLIP(**model_cfg)
     model.train()
     tokenize = SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
@@ -168,7 +171,8 @@ def save_demo_clip(model, out_dir, model_cfg: dict = DEMO_CLIP_CFG) -> None:
 
 @torch.no_grad()
 def evaluate_demo_clip(clip: ClipBundle, words: list[str], n_images: int = 600, seed: int = 1,
-                       n_templates: int = 80, colours=None, shapes=None) -> dict:
+                       n_templates: int = 80, colours=None, shapes=None,
+                       style: str = "textured") -> dict:
     """How well a (loaded) CLIP names fresh demo images, with text embedded as the codebook
     step does (mean over prompt templates of normalised embeddings).
 
@@ -180,7 +184,7 @@ def evaluate_demo_clip(clip: ClipBundle, words: list[str], n_images: int = 600, 
     colours, shapes = list(colours or COLOURS), list(shapes or SHAPES)
     templates = imagenet_templates()[:n_templates]
     images, c_idx, s_idx = render_pool(seed, n_images, clip.image_size, colours, shapes,
-                                       progress=False)
+                                       progress=False, style=style)
     img = clip.encode_images(clip_normalize(images.float() / 255, clip.mean, clip.std))
     cls_emb = encode_text_templates(clip, [f"{c} {s}" for c, s in classes(colours, shapes)],
                                     templates)

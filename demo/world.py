@@ -3,8 +3,10 @@
 Every class is a colour and a shape ("red circle", "blue star"): ordinary
 words a small LLM knows, so few-shot episodes over them make sense. An image
 is one shape at a random position, size and rotation, with a jittered colour,
-on a muted background (smooth noise, a gradient, stripes, a checkerboard or
-blotches). Everything is a pure function of (seed, split, class, index), so a
+on a muted background whose kinds a *style* sets: "textured" (smooth noise, a
+gradient, stripes, a checkerboard or blotches, with pixel noise) or "smooth"
+(a plain colour or a gradient, almost no pixel noise: what a tokenizer trained
+for minutes on a CPU can reproduce). Everything is a pure function of (seed, split, class, index), so a
 world is identical whatever order or process it is made in.
 
 ``write_world`` saves it in ImageNet layout (``train/red_circle/*.png``,
@@ -26,6 +28,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from utils.artifacts import save_json
+from utils.errors import V2LError
 
 # base RGB of each colour word (jittered per image)
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -33,7 +36,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (240, 215, 35), "purple": (135, 45, 185), "orange": (245, 135, 25),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
-BACKGROUNDS: tuple[str, ...] = ("noisy", "gradient", "striped", "checkered", "blotchy")
+# world style -> (background kinds, largest pixel-noise sigma in 0-255 units)
+STYLES: dict[str, tuple[tuple[str, ...], float]] = {
+    "textured": (("noisy", "gradient", "striped", "checkered", "blotchy"), 12.0),
+    "smooth": (("plain", "gradient"), 2.0),
+}
 # scikit-image's bundled colour and grey photographs (no download needed)
 PHOTOS: tuple[str, ...] = ("astronaut", "coffee", "chelsea", "rocket", "camera",
                            "hubble_deep_field", "immunohistochemistry", "colorwheel")
@@ -77,11 +84,20 @@ def _smooth_noise(rng: np.random.Generator, n: int, cells: int) -> np.ndarray:
     return np.asarray(coarse.resize((n, n), Image.Resampling.BILINEAR), np.float32) / 255
 
 
-def background(rng: np.random.Generator, kind: str, n: int) -> np.ndarray:
-    """A muted background of the given kind: float32 [n, n, 3] in [0, 255]."""
+def check_style(style: str) -> tuple[tuple[str, ...], float]:
+    if style not in STYLES:
+        raise V2LError(f"world style {style!r}: expected one of {', '.join(STYLES)}")
+    return STYLES[style]
+
+
+def background(rng: np.random.Generator, kind: str, n: int, noise: float = 12.0) -> np.ndarray:
+    """A muted background of the given kind with pixel noise of sigma up to ``noise``:
+    float32 [n, n, 3] in [0, 255]."""
     a, b = _muted(rng), _muted(rng)
     x, y = _grid(n)
-    if kind == "noisy":
+    if kind == "plain":
+        t = np.zeros((n, n), np.float32)
+    elif kind == "noisy":
         t = _smooth_noise(rng, n, int(rng.integers(3, 9)))
     elif kind == "gradient":
         angle = rng.uniform(0, 2 * np.pi)
@@ -98,7 +114,7 @@ def background(rng: np.random.Generator, kind: str, n: int) -> np.ndarray:
     else:
         raise ValueError(f"unknown background kind {kind!r}")
     img = a + t[..., None] * (b - a)
-    return img + rng.normal(0, rng.uniform(2, 12), (n, n, 1)).astype(np.float32)
+    return img + rng.normal(0, rng.uniform(min(2.0, noise), noise), (n, n, 1)).astype(np.float32)
 
 
 def shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple]:
@@ -127,11 +143,13 @@ def shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> l
     return [tuple(p) for p in pts]
 
 
-def render(rng: np.random.Generator, colour: str, shape: str, size: int) -> tuple[Image.Image, str]:
+def render(rng: np.random.Generator, colour: str, shape: str, size: int,
+           style: str = "textured") -> tuple[Image.Image, str]:
     """One image of a ``colour`` ``shape`` (RGB, size x size) and its background kind."""
+    kinds, noise = check_style(style)
     n = size * SUPERSAMPLE
-    kind = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
-    canvas = Image.fromarray(np.clip(background(rng, kind, n), 0, 255).astype(np.uint8))
+    kind = kinds[int(rng.integers(len(kinds)))]
+    canvas = Image.fromarray(np.clip(background(rng, kind, n, noise), 0, 255).astype(np.uint8))
     r = rng.uniform(0.17, 0.36) * n
     cx, cy = rng.uniform(r, n - r, 2)
     fill = np.clip(np.array(COLOURS[colour]) * rng.uniform(0.85, 1.08)
@@ -145,8 +163,8 @@ def caption(colour: str, shape: str, kind: str) -> str:
     return f"a {colour} {shape} on a {kind} background."
 
 
-def render_pool(seed: int, n: int, size: int, colours=None, shapes=None,
-                progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def render_pool(seed: int, n: int, size: int, colours=None, shapes=None, progress: bool = True,
+                style: str = "textured") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """n random images (uint8 [n, 3, size, size]) with colour and shape indices [n]."""
     cls = classes(colours, shapes)
     words_c, words_s = list(colours or COLOURS), list(shapes or SHAPES)
@@ -154,7 +172,7 @@ def render_pool(seed: int, n: int, size: int, colours=None, shapes=None,
     images = torch.empty(n, 3, size, size, dtype=torch.uint8)
     for i in tqdm(range(n), desc="demo images", disable=not progress, mininterval=2):
         colour, shape = cls[int(pick[i])]
-        img, _ = render(_rng(seed, "pool", i), colour, shape, size)
+        img, _ = render(_rng(seed, "pool", i), colour, shape, size, style)
         images[i] = torch.from_numpy(np.array(img)).permute(2, 0, 1)
     c_idx = torch.tensor([words_c.index(cls[int(k)][0]) for k in pick])
     s_idx = torch.tensor([words_s.index(cls[int(k)][1]) for k in pick])
@@ -184,12 +202,13 @@ def _save_photos(out: Path, size: int) -> list[str]:
 
 def write_world(out_dir, seed: int = 0, train_per_class: int = 40, val_per_class: int = 10,
                 size: int = 128, colours=None, shapes=None, photos: bool = True,
-                photo_size: int = 256) -> tuple[list[str], dict]:
+                photo_size: int = 256, style: str = "textured") -> tuple[list[str], dict]:
     """Write the demo world in ImageNet layout under out_dir.
 
     Returns (the files written, relative to out_dir; a summary for the manifest).
     ``captions.json`` maps each image's relative path to its caption.
     """
+    check_style(style)
     out = Path(out_dir)
     files, captions = [], {}
     jobs = [(split, c, s, i) for split, count in (("train", train_per_class), ("val", val_per_class))
@@ -197,7 +216,7 @@ def write_world(out_dir, seed: int = 0, train_per_class: int = 40, val_per_class
     for split, colour, shape, i in tqdm(jobs, desc="demo world", mininterval=2):
         folder = out / split / folder_name(colour, shape)
         folder.mkdir(parents=True, exist_ok=True)
-        img, kind = render(_rng(seed, split, colour, shape, i), colour, shape, size)
+        img, kind = render(_rng(seed, split, colour, shape, i), colour, shape, size, style)
         rel = f"{split}/{folder_name(colour, shape)}/{i:05d}.png"
         img.save(out / rel)
         files.append(rel)
@@ -209,6 +228,6 @@ def write_world(out_dir, seed: int = 0, train_per_class: int = 40, val_per_class
     files.append("captions.json")
     info = {"classes": [folder_name(c, s) for c, s in classes(colours, shapes)],
             "class_words": class_words(colours, shapes), "train_per_class": train_per_class,
-            "val_per_class": val_per_class, "size": size,
+            "val_per_class": val_per_class, "size": size, "style": style,
             "photos": [f for f in files if f.startswith("val_photos/")]}
     return files, info

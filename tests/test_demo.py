@@ -59,6 +59,21 @@ def test_shape_colour_is_drawn_where_the_shape_is():
     assert 0.02 < blue.float().mean() < 0.6  # a shape of the class colour, not the whole canvas
 
 
+def test_smooth_style_draws_plain_or_gradient_backgrounds_with_little_noise():
+    kinds = set()
+    for i in range(12):
+        img, kind = demo_world.render(demo_world._rng(5, "s", i), "red", "circle", 64, "smooth")
+        kinds.add(kind)
+        if kind == "plain":  # away from the shape, a plain background is flat up to the noise
+            px = torch.tensor(list(img.getdata())).float().view(64, 64, 3)
+            corners = torch.stack([px[:6, :6], px[:6, -6:], px[-6:, :6], px[-6:, -6:]])
+            flat = [c.reshape(-1, 3).std(0).max() for c in corners]
+            assert min(flat) < 3.0  # sigma <= 2 pixel noise (textured worlds reach 12)
+    assert kinds <= {"plain", "gradient"} and kinds
+    with pytest.raises(V2LError, match="world style 'glossy'"):
+        demo_world.render(demo_world._rng(0), "red", "circle", 32, "glossy")
+
+
 def test_photos_are_added_as_a_flat_folder(tmp_path):
     files, info = demo_world.write_world(tmp_path, train_per_class=1, val_per_class=1, size=32,
                                          colours=["red"], shapes=["circle"], photo_size=48)
