@@ -144,3 +144,34 @@ def test_torchrun_two_ranks_equal_one(tmp_path, llm_dir):  # noqa: F811
     ma = json.loads((tmp_path / "w1" / "manifest.json").read_text())["info"]["settings"]
     mb = json.loads((tmp_path / "w2" / "manifest.json").read_text())["info"]["settings"]
     assert ma == mb
+
+
+def test_script_options_reach_the_prompts(tmp_path, llm_dir, monkeypatch, capsys):  # noqa: F811
+    from test_fewshot import run_script
+    out = tmp_path / "out"
+    args = _setup(tmp_path, llm_dir) + ["--out_dir", str(out), "--n_episodes", "4"]
+    run_script("eval_understanding.py", args + [
+        "--word_separator", ",", "--global_dedup", "true", "--constraint", "union",
+        "--class_names", "spaces", "--references", "false"], monkeypatch)
+    rows = _rows(out)
+    assert all(r["target"] in ("cat", "dog", "red car") for r in rows.values())
+    assert all("red car" in r["prompt"] or "red car" not in r["target"] for r in rows.values())
+    # 3 words per image joined by ",": two commas between "<" and ">" of every image
+    for r in rows.values():
+        images = [seg.split(">")[0] for seg in r["prompt"].split("Input: <")[1:]]
+        assert images and all(seg.count(",") == 2 for seg in images), r["prompt"]
+        assert "ceiling" not in r
+    (row,) = json.loads((out / "manifest.json").read_text())["info"]["settings"]
+    assert row["ceiling"] is None and row["floor_ci95"] is None
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:        # other options: refuse to mix the results
+        run_script("eval_understanding.py", args, monkeypatch)
+    assert exit_.value.code == 2 and "other settings" in capsys.readouterr().err
+    # turning the references on later redoes the episodes logged without them
+    opts = ["--word_separator", ",", "--global_dedup", "true", "--constraint", "union",
+            "--class_names", "spaces"]
+    run_script("eval_understanding.py", args + opts, monkeypatch)
+    (setting,) = [d for d in out.iterdir() if d.is_dir()]
+    assert len((setting / "episodes.jsonl").read_text().splitlines()) == 8
+    (row,) = json.loads((out / "manifest.json").read_text())["info"]["settings"]
+    assert row["n"] == 4 and 0 <= row["ceiling"] <= 1 and len(row["floor_ci95"]) == 2
