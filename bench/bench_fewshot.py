@@ -40,25 +40,25 @@ VOCAB = ("dog cat bird tree grass sky water red blue green small big old young w
 
 def build(preset: str):
     sp = make_sentencepiece_model(Path(tempfile.mkdtemp()) / "spm", 384, SEED)
-    tok = sentencepiece_tokenizer(Path(sp))
+    text_tokenizer = sentencepiece_tokenizer(Path(sp))
     torch.manual_seed(SEED)
     if preset == "llama2-7b":
-        config = LlamaConfig(vocab_size=len(tok), hidden_size=4096, intermediate_size=11008,
+        config = LlamaConfig(vocab_size=len(text_tokenizer), hidden_size=4096, intermediate_size=11008,
                              num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                              max_position_embeddings=4096)
         with torch.device("cuda"):
             model = LlamaForCausalLM(config).half().eval()
     else:
-        config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256,
+        config = LlamaConfig(vocab_size=len(text_tokenizer), hidden_size=128, intermediate_size=256,
                              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                              max_position_embeddings=4096)
         model = LlamaForCausalLM(config).eval()
-    return model, tok
+    return model, text_tokenizer
 
 
-def episodes(tok, n: int) -> tuple[list[list[int]], list]:
+def episodes(text_tokenizer, n: int) -> tuple[list[list[int]], list]:
     rng = random.Random(SEED)
-    prompter = FewShotPrompter(tok, induction=True)
+    prompter = FewShotPrompter(text_tokenizer, induction=True)
     names = ["golden retriever", "malamute"]
     words = lambda: "".join(rng.choice(VOCAB) for _ in range(WORDS))  # noqa: E731
     prompts = [prompter.build(names, [(words(), names[i % 2]) for i in range(2 * K_SHOT)],
@@ -77,20 +77,20 @@ def timed(fn) -> tuple[float, list]:
 
 
 def main():
-    model, tok = build(PRESET)
-    prompts, tries = episodes(tok, N_EPISODES)
-    eos = tok.eos_token_id
+    model, text_tokenizer = build(PRESET)
+    prompts, tries = episodes(text_tokenizer, N_EPISODES)
+    eos = text_tokenizer.eos_token_id
 
     def batched(cache: bool):
-        dec = BatchedGreedy(model, 0, prefix_cache=cache)
+        greedy = BatchedGreedy(model, 0, prefix_cache=cache)
         out = []
         for i in range(0, len(prompts), BATCH_SIZE):
-            out += dec.generate(prompts[i:i + BATCH_SIZE], 16, tries[i:i + BATCH_SIZE], eos_id=eos)
+            out += greedy.generate(prompts[i:i + BATCH_SIZE], 16, tries[i:i + BATCH_SIZE], eos_id=eos)
         return out
 
     def one_by_one():
-        dec = BatchedGreedy(model, 0, prefix_cache=False)
-        return [dec.generate([p], 16, [t], eos_id=eos)[0] for p, t in zip(prompts, tries)]
+        greedy = BatchedGreedy(model, 0, prefix_cache=False)
+        return [greedy.generate([p], 16, [t], eos_id=eos)[0] for p, t in zip(prompts, tries)]
 
     batched(True)                                   # warm-up
     rows = []

@@ -2,7 +2,8 @@
 
 - ``imagenet_templates.txt``: CLIP's 80 ImageNet prompt templates ("{}" = the word).
 - ``imagenet_classes.tsv``: index, wnid, and the class name as the V2L authors
-  write it (underscores for spaces). Index order = sorted wnid order.
+  write it (underscores for spaces, e.g. ``golden_retriever``). Index order =
+  sorted wnid order.
 - ``mini_imagenet_test_classes.tsv``: the 20 test classes of the standard
   mini-ImageNet split, used by the few-shot benchmark.
 """
@@ -30,8 +31,8 @@ def _read_tsv(name: str) -> list[dict]:
 
 @lru_cache(maxsize=None)
 def imagenet_wnid_to_name() -> dict[str, str]:
-    """wnid -> the V2L authors' class name (underscores replaced by spaces)."""
-    return {r["wnid"]: r["name"].replace("_", " ") for r in _read_tsv("imagenet_classes.tsv")}
+    """wnid -> the V2L authors' raw class name (underscores kept: ``golden_retriever``)."""
+    return {r["wnid"]: r["name"] for r in _read_tsv("imagenet_classes.tsv")}
 
 
 def torchvision_imagenet_names() -> list[str]:
@@ -44,9 +45,9 @@ def mini_imagenet_test_wnids() -> list[str]:
     return [r["wnid"] for r in _read_tsv("mini_imagenet_test_classes.tsv")]
 
 
-def class_name(folder: str) -> str:
-    """Readable name of a class folder: ImageNet wnids are looked up, other names kept
-    (underscores become spaces)."""
-    if WNID.match(folder):
-        return imagenet_wnid_to_name().get(folder, folder)
-    return folder.replace("_", " ")
+def class_name(folder: str, spaces: bool = True) -> str:
+    """Name of a class folder: ImageNet wnids are looked up (the authors' raw names), other
+    folder names kept. spaces: underscores become spaces ("golden retriever"); False keeps
+    the raw name ("golden_retriever"), as the authors' few-shot prompts do."""
+    name = imagenet_wnid_to_name().get(folder, folder) if WNID.match(folder) else folder
+    return name.replace("_", " ") if spaces else name

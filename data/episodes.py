@@ -15,7 +15,9 @@ of the N classes. Episodes come from either
 Support order: the shots are interleaved by class (one image of every class,
 then the second of every class, ...), with the class order shuffled per
 episode, so no class always sits next to the query. The induction line lists
-the class names sorted, as the authors do.
+the class names sorted, as the authors do. Class names are the raw ImageNet
+names with underscores (``golden_retriever``, as the authors' prompts read) or,
+as an option, with spaces (``spaces=True``).
 """
 from __future__ import annotations
 
@@ -34,18 +36,21 @@ class Episode:
     support: tuple[tuple[str, str], ...]   # (image path, class folder) in prompt order
     query: tuple[str, str]                 # (image path, class folder)
 
-    @property
-    def folders(self) -> list[str]:
+    @staticmethod
+    def name(folder: str, spaces: bool = False) -> str:
+        """A class folder's name in prompts: raw (underscores) or with spaces."""
+        return class_name(folder, spaces)
+
+    def folders(self, spaces: bool = False) -> list[str]:
         """The episode's class folders, sorted by class name (the induction order)."""
-        return sorted({f for _, f in self.support} | {self.query[1]}, key=class_name)
+        return sorted({f for _, f in self.support} | {self.query[1]},
+                      key=lambda f: class_name(f, spaces))
 
-    @property
-    def names(self) -> list[str]:
-        return [class_name(f) for f in self.folders]
+    def names(self, spaces: bool = False) -> list[str]:
+        return [class_name(f, spaces) for f in self.folders(spaces)]
 
-    @property
-    def target(self) -> str:
-        return class_name(self.query[1])
+    def target(self, spaces: bool = False) -> str:
+        return class_name(self.query[1], spaces)
 
     def to_json(self) -> dict:
         return {"index": self.index, "support": [list(s) for s in self.support],

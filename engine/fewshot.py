@@ -7,35 +7,47 @@ The prompt follows the authors' evaluation, token segment by token segment
     ###\\nInput: < {image words} >\\nOutput: {class name}        (each support, repeated)
     ###\\nInput: < {image words} >\\nOutput:                      (the query)
 
-Image words are the image's k global token strings concatenated. With the
-induction line, decoding is constrained to the class names: a prefix trie over
-their tokens (each ended by EOS) allows, at every step, only the tokens that
-keep the answer a prefix of some name. Two defects of the authors' script are
-not reproduced: their induction line opens a bracket per class
-("['a' or ['b']"), and their context loop walks over every image of the
-episode, the query included, so the query's answer is in its own prompt.
+The logged prompt is the decode of exactly these ids (so it shows what the LLM
+reads, e.g. the space a sentencepiece tokenizer puts before each segment).
+
+Image words are the image's k global token strings joined (``image_words``):
+the authors concatenate them, and since their step 1 lost the tokens' leading
+spaces their words read glued ("dogpuppy"); our strings keep the space
+(" dog puppy"). With the induction line, decoding is constrained to the class
+names: by default a prefix trie over their tokens (each ended by EOS) allows,
+at every step, only the tokens that keep the answer a prefix of some name; the
+authors' rule (``PositionUnion``: at step j any name's j-th token, which can mix
+two names) is an option. Two defects of the authors' script are not
+reproduced: their induction line opens a bracket per class ("['a' or ['b']"),
+and their context loop walks over every image of the episode, the query
+included, so the query's answer is in its own prompt.
+
+Reference rows (``references=True``): every episode is also run with each
+image's words replaced by its class name (the ceiling: a perfect image
+description) and with empty words (the floor: names and layout only).
 
 Episodes are decoded in batches by ``engine.greedy.BatchedGreedy``.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from engine.greedy import BatchedGreedy
-
-from data.classes import class_name
 from data.images import load_rgb
+from engine.greedy import BatchedGreedy
 from models.quantizers import topk_nearest
 from utils.errors import V2LError
 
 INDUCTION_TEXT = "For each of the following input output pairs, output is one of "
 IN_TEXT = "###\nInput: < "
 OUT_TEXT = " >\nOutput: "
+CONSTRAINTS = ("trie", "union")
+REFERENCES = ("ceiling", "floor")
 
 
 def induction_line(names: list[str]) -> str:
@@ -50,6 +62,42 @@ def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[floa
     centre = (p + z * z / (2 * total)) / (1 + z * z / total)
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def llm_dtype(name: str, device) -> str:
+    """The LLM precision for few-shot: fp16 (the authors') or bf16 on a GPU; on CPU always fp32
+    (half-precision matmuls there are slow or unsupported)."""
+    if name not in ("fp16", "bf16", "fp32"):
+        raise V2LError(f"--llm_dtype {name!r} unknown; use fp16 (the paper), bf16 or fp32")
+    return "fp32" if torch.device(device).type == "cpu" else name
+
+
+def normalised(word: str) -> str:
+    """A global word reduced to what a reader sees: lowercased, spaces and punctuation removed."""
+    return re.sub(r"[\W_]+", "", word.lower())
+
+
+def image_words(strings: list[str], k: int, separator: str = "", dedup: bool = False,
+                strip: bool = False) -> str:
+    """An image's words: its first ``k`` global strings (nearest first) joined by ``separator``.
+
+    The authors join with "" (the default). ``strip``: each string's spaces are removed first
+    (with separator "" this gives the authors' glued "dogpuppy"; our strings keep the leading
+    space of word-initial tokens, " dog puppy"). ``dedup``: a string whose normalised text
+    repeats a higher-ranked one is skipped and the next one down the ranking taken instead, so
+    ``strings`` should run past ``k`` (fewer than k words when it runs out).
+    """
+    chosen, seen = [], set()
+    for s in strings:
+        if len(chosen) == k:
+            break
+        if dedup:
+            key = normalised(s)
+            if key in seen:
+                continue
+            seen.add(key)
+        chosen.append(s.strip() if strip else s)
+    return separator.join(chosen)
 
 
 class NameTrie:
@@ -79,55 +127,83 @@ class NameTrie:
         return not self._node(prefix)
 
 
+class PositionUnion:
+    """The authors' constraint: at step j, any token that is the j-th token of some class name,
+    whatever came before (so "golden_retriever" and "king_crab" can give "golden_crab").
+    No EOS: the answer runs to the longest name's length (or ``max_new_tokens``)."""
+
+    def __init__(self, sequences: list[list[int]]):
+        self.columns: list[list[int]] = []
+        for seq in sequences:
+            for j, t in enumerate(seq):
+                if j == len(self.columns):
+                    self.columns.append([])
+                if t not in self.columns[j]:
+                    self.columns[j].append(t)
+
+    def allowed(self, prefix: list[int]) -> list[int]:
+        return list(self.columns[len(prefix)]) if len(prefix) < len(self.columns) else []
+
+    def finished(self, prefix: list[int]) -> bool:
+        return len(prefix) >= len(self.columns)
+
+
 @dataclass
 class Prompt:
     ids: list[int]
-    text: str
+    text: str            # the decode of ``ids``: what the LLM reads
 
 
 class FewShotPrompter:
-    """Builds the episode prompts with an HF tokenizer, tokenising each segment on its own."""
+    """Builds the episode prompts with the LLM's text tokenizer, tokenising each segment on its
+    own. constraint: "trie" (sound) or "union" (the authors') when the induction line is on."""
 
-    def __init__(self, tokenizer, induction: bool = True, repeat: int = 0):
-        self.tok, self.induction, self.repeat = tokenizer, induction, repeat
+    def __init__(self, text_tokenizer, induction: bool = True, repeat: int = 0,
+                 constraint: str = "trie"):
+        if constraint not in CONSTRAINTS:
+            raise V2LError(f"--constraint {constraint!r} unknown; use one of {CONSTRAINTS}")
+        self.text_tokenizer, self.induction, self.repeat = text_tokenizer, induction, repeat
+        self.constraint_kind = constraint
         self.encode = lru_cache(maxsize=None)(self._encode)
 
     def _encode(self, text: str) -> tuple[int, ...]:
-        return tuple(self.tok.encode(text, add_special_tokens=False))
+        return tuple(self.text_tokenizer.encode(text, add_special_tokens=False))
 
     def name_ids(self, name: str) -> list[int]:
         """The class name's tokens; a name the tokenizer cannot represent is refused."""
         ids = list(self.encode(name))
-        unk = getattr(self.tok, "unk_token_id", None)
+        unk = getattr(self.text_tokenizer, "unk_token_id", None)
         if not ids or (unk is not None and unk in ids):
             raise V2LError(f"class name '{name}' tokenises to {ids} (empty or unknown tokens) in "
                            "the LLM's tokenizer; rename the class folder or map it in "
                            "data/imagenet_classes.tsv")
         return ids
 
+    def decode(self, ids: list[int]) -> str:
+        return self.text_tokenizer.decode(ids, skip_special_tokens=False,
+                                          clean_up_tokenization_spaces=False)
+
     def build(self, names: list[str], support: list[tuple[str, str]], query_words: str) -> Prompt:
         """names: the candidate class names (induction order); support: (image words, class
         name) pairs in prompt order; query_words: the query image's words."""
-        bos = self.tok.bos_token_id
+        bos = self.text_tokenizer.bos_token_id
         ids: list[int] = [bos] if bos is not None else []
-        text = []
         if self.induction:
-            line = induction_line(names)
-            ids += self.encode(line)
-            text.append(line)
+            ids += self.encode(induction_line(names))
         for _ in range(self.repeat + 1):
             for words, name in support:
                 ids += self.encode(IN_TEXT) + self.encode(words) + self.encode(OUT_TEXT)
                 ids += self.name_ids(name)
-                text.append(IN_TEXT + words + OUT_TEXT + name)
         ids += self.encode(IN_TEXT) + self.encode(query_words) + self.encode(OUT_TEXT)
-        text.append(IN_TEXT + query_words + OUT_TEXT)
-        return Prompt(ids, "".join(text))
+        return Prompt(ids, self.decode(ids))
 
-    def constraint(self, names: list[str]) -> NameTrie | None:
+    def constraint(self, names: list[str]) -> NameTrie | PositionUnion | None:
         if not self.induction:
             return None
-        return NameTrie([self.name_ids(n) for n in names], self.tok.eos_token_id)
+        sequences = [self.name_ids(n) for n in names]
+        if self.constraint_kind == "union":
+            return PositionUnion(sequences)
+        return NameTrie(sequences, self.text_tokenizer.eos_token_id)
 
 
 def context_length(model) -> int | None:
@@ -158,14 +234,14 @@ class _ClipImages(Dataset):
 
 
 @torch.no_grad()
-def global_token_strings(v2l, paths: list[str], k: int, batch_size: int = 64,
+def global_token_strings(tokenizer, paths: list[str], k: int, batch_size: int = 64,
                          num_workers: int = 0, progress: bool = True) -> list[list[str]]:
     """Each image's k global token strings (the k nearest global entries to its CLIP image
     embedding, nearest first, by the tokenizer's own rule); any k, not only the k the
     tokenizer's decoder was trained with."""
     from tqdm import tqdm
-    clip = v2l.clip
-    weight = v2l.tok_embeddings_global.weight
+    clip = tokenizer.clip
+    weight = tokenizer.tok_embeddings_global.weight
     if k > weight.shape[0]:
         raise V2LError(f"--global_k {k} is more than the {weight.shape[0]} global codebook "
                        "entries; lower --global_k")
@@ -174,7 +250,7 @@ def global_token_strings(v2l, paths: list[str], k: int, batch_size: int = 64,
     out: list[list[str]] = []
     for x in tqdm(loader, desc="global tokens", disable=not progress):
         emb = clip.encode_images(x).to(weight.device)
-        out += v2l.global_strings(topk_nearest(emb, weight, k, v2l.config.global_metric))
+        out += tokenizer.global_strings(topk_nearest(emb, weight, k, tokenizer.config.global_metric))
     return out
 
 
@@ -186,26 +262,52 @@ class EpisodeResult:
     target: str
     correct: bool
     prompt_tokens: int
+    references: dict[str, dict] = field(default_factory=dict)   # "ceiling"/"floor" -> outcome
 
 
-def evaluate_episodes(decoder: BatchedGreedy, prompter: FewShotPrompter, episodes: list,
-                      words: dict[str, str], max_new_tokens: int, batch_size: int):
-    """Yield the results of ``episodes`` (data.episodes.Episode), ``batch_size`` at a time."""
-    context = context_length(decoder.model)
-    eos = prompter.tok.eos_token_id
+def is_correct(prediction: str, target: str) -> bool:
+    """The authors' rule: the answer starts with the true class name."""
+    return prediction.strip().startswith(target)
+
+
+def evaluate_episodes(greedy: BatchedGreedy, prompter: FewShotPrompter, episodes: list,
+                      words: dict[str, str], max_new_tokens: int, batch_size: int,
+                      spaces: bool = False, references: bool = False):
+    """Yield the results of ``episodes`` (data.episodes.Episode), ``batch_size`` at a time.
+
+    spaces: class names with spaces instead of the raw underscored names. references: also
+    run each batch with every image's words replaced by its class name (ceiling) and with
+    empty words (floor), as separate batches of the same shape, on the same episodes.
+    """
+    context = context_length(greedy.model)
+    eos = prompter.text_tokenizer.eos_token_id
+    variants = {"images": lambda path, name: words[path]}
+    if references:
+        variants |= {"ceiling": lambda path, name: name, "floor": lambda path, name: ""}
     for start in range(0, len(episodes), batch_size):
         batch = episodes[start:start + batch_size]
-        prompts, constraints = [], []
-        for ep in batch:
-            names = ep.names
-            support = [(words[p], class_name(f)) for p, f in ep.support]
-            prompt = prompter.build(names, support, words[ep.query[0]])
-            check_prompt_length(len(prompt.ids), max_new_tokens, context, f"episode {ep.index}")
-            prompts.append(prompt)
-            constraints.append(prompter.constraint(names))
-        gen = decoder.generate([p.ids for p in prompts], max_new_tokens,
-                               constraints if prompter.induction else None, eos_id=eos)
-        for ep, prompt, toks in zip(batch, prompts, gen):
-            pred = prompter.tok.decode(toks, skip_special_tokens=True)
-            yield EpisodeResult(ep.index, prompt.text, pred, ep.target,
-                                pred.strip().startswith(ep.target), len(prompt.ids))
+        outcome: dict[str, list] = {}
+        for variant, words_of in variants.items():
+            prompts, constraints = [], []
+            for ep in batch:
+                names = ep.names(spaces)
+                support = [(words_of(p, ep.name(f, spaces)), ep.name(f, spaces))
+                           for p, f in ep.support]
+                query = words_of(ep.query[0], ep.target(spaces))
+                prompt = prompter.build(names, support, query)
+                check_prompt_length(len(prompt.ids), max_new_tokens, context,
+                                    f"episode {ep.index}")
+                prompts.append(prompt)
+                constraints.append(prompter.constraint(names))
+            gen = greedy.generate([p.ids for p in prompts], max_new_tokens,
+                                  constraints if prompter.induction else None, eos_id=eos)
+            preds = [prompter.text_tokenizer.decode(t, skip_special_tokens=True) for t in gen]
+            outcome[variant] = list(zip(prompts, preds))
+        for i, ep in enumerate(batch):
+            prompt, pred = outcome["images"][i]
+            target = ep.target(spaces)
+            refs = {v: {"prediction": outcome[v][i][1],
+                        "correct": is_correct(outcome[v][i][1], target)}
+                    for v in REFERENCES if v in outcome}
+            yield EpisodeResult(ep.index, prompt.text, pred, target, is_correct(pred, target),
+                                len(prompt.ids), refs)

@@ -110,7 +110,6 @@ class BatchedGreedy:
         return [[t for t in row if t != eos_id] for row in out]
 
 
-
 @torch.no_grad()
 def greedy_next_tokens(model, token_lists: list[list[int]], batch_size: int = 64,
                        pad_id: int = 0, share_prefix: bool = True, progress: bool = False) -> torch.Tensor:
@@ -121,11 +120,11 @@ def greedy_next_tokens(model, token_lists: list[list[int]], batch_size: int = 64
     """
     if any(len(t) == 0 for t in token_lists):
         raise V2LError("an empty prompt has no next token; every prompt needs at least one token")
-    decoder = BatchedGreedy(model, pad_id, prefix_cache=share_prefix)
+    greedy = BatchedGreedy(model, pad_id, prefix_cache=share_prefix)
     order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
     out = torch.empty(len(token_lists), dtype=torch.long)
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc="greedy", disable=not progress, leave=False):
         idx = order[start:start + batch_size]
-        out[idx] = decoder.prefill([token_lists[i] for i in idx])[0].argmax(-1).cpu()
+        out[idx] = greedy.prefill([token_lists[i] for i in idx])[0].argmax(-1).cpu()
     return out

@@ -56,8 +56,9 @@ def test_episodes_reproducible_and_valid(tmp_path):
         paths = [p for p, _ in ep.support] + [ep.query[0]]
         assert len(set(paths)) == len(paths) == 3 * 2 + 1   # query never among the supports
         assert all(Path(p).parent.name == f for p, f in ep.support)
-        assert ep.names == sorted(ep.names)
-    assert "red car" in {n for ep in a for n in ep.names}
+        assert ep.names() == sorted(ep.names())
+    assert "red_car" in {n for ep in a for n in ep.names()}             # raw names by default
+    assert "red car" in {n for ep in a for n in ep.names(spaces=True)}
 
 
 def test_episodes_too_few_images(tmp_path):
@@ -72,27 +73,38 @@ def test_episode_csv(tmp_path):
     csv.write_text("n01930112/0.png,n02099601/0.png,n02099601/1.png,\n")
     (ep,) = read_episode_csv(csv, root)
     assert len(ep.support) == 2 and ep.query[1] == "n02099601"
-    assert ep.target == "golden retriever" and ep.names == ["golden retriever", "nematode"]
+    # the authors' raw ImageNet names (underscores); spaces as an option
+    assert ep.target() == "golden_retriever" and ep.names() == ["golden_retriever", "nematode"]
+    assert ep.target(spaces=True) == "golden retriever"
     csv.write_text("n01930112/0.png,n02099601/9.png\n")
     with pytest.raises(V2LError, match="9.png not found"):
         read_episode_csv(csv, root)
 
 
 def test_prompt_layout(llm):
-    tok = llm.text_tokenizer
-    p = FewShotPrompter(tok, induction=True, repeat=1)
+    text_tokenizer = llm.text_tokenizer
+    p = FewShotPrompter(text_tokenizer, induction=True, repeat=1)
     prompt = p.build(["cat", "dog"], [("red tree", "cat"), ("blue sky", "dog")], "green car")
     line = "For each of the following input output pairs, output is one of ['cat' or 'dog']\n"
     assert induction_line(["cat", "dog"]) == line
-    shot = "###\nInput: < red tree >\nOutput: cat###\nInput: < blue sky >\nOutput: dog"
-    assert prompt.text == line + shot + shot + "###\nInput: < green car >\nOutput: "
-    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    # the log is the decode of the very ids the LLM reads (with a sentencepiece tokenizer each
+    # separately tokenised segment brings its own leading space: "Input: <  red tree")
+    assert prompt.text == text_tokenizer.decode(prompt.ids, skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False)
+    assert prompt.text.startswith(text_tokenizer.bos_token) and prompt.text.endswith("Output: ")
+    parts = ["['cat' or 'dog']"] + ["red tree", "cat", "blue sky", "dog"] * 2 + ["green car"]
+    at = 0
+    for part in parts:                                      # every piece, in prompt order
+        at = prompt.text.index(part, at) + len(part)
+    assert prompt.text.count("###\nInput: <") == 5 and prompt.text.count(">\nOutput:") == 5
+    enc = lambda s: text_tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
     seg = enc("###\nInput: < ") + enc("red tree") + enc(" >\nOutput: ") + enc("cat")
-    assert prompt.ids[0] == tok.bos_token_id and prompt.ids[1:1 + len(enc(line))] == enc(line)
+    assert prompt.ids[0] == text_tokenizer.bos_token_id
+    assert prompt.ids[1:1 + len(enc(line))] == enc(line)
     assert prompt.ids[1 + len(enc(line)):][:len(seg)] == seg
     q = enc("###\nInput: < ") + enc("green car") + enc(" >\nOutput: ")
     assert prompt.ids[-len(q):] == q
-    no_ind = FewShotPrompter(tok, induction=False).build(["cat"], [("a", "cat")], "b")
+    no_ind = FewShotPrompter(text_tokenizer, induction=False).build(["cat"], [("a", "cat")], "b")
     assert not no_ind.text.startswith("For each")
 
 
@@ -129,14 +141,15 @@ def test_batched_generation_matches_one_at_a_time():
 
 
 def test_constrained_decoding_only_emits_names(llm):
-    tok = llm.text_tokenizer
-    p = FewShotPrompter(tok, induction=True)
+    text_tokenizer = llm.text_tokenizer
+    p = FewShotPrompter(text_tokenizer, induction=True)
     names = ["cat", "black dog", "blue bird"]
     trie = p.constraint(names)
     prompts = [p.build(names, [("sky", "cat")], w).ids for w in ("red", "old tree", "water")]
-    gen = BatchedGreedy(llm.model, 0).generate(prompts, 16, [trie] * 3, eos_id=tok.eos_token_id)
+    gen = BatchedGreedy(llm.model, 0).generate(prompts, 16, [trie] * 3,
+                                               eos_id=text_tokenizer.eos_token_id)
     for toks in gen:
-        assert tok.decode(toks, skip_special_tokens=True) in names
+        assert text_tokenizer.decode(toks, skip_special_tokens=True) in names
 
 
 def test_bad_class_name_and_long_prompt(llm):
@@ -164,9 +177,9 @@ def run_script(name: str, args: list[str], monkeypatch) -> None:
 
 def test_eval_understanding_script_end_to_end(tmp_path, llm_dir, monkeypatch, capsys):
     from fixtures_tokenizer import make_tiny_tokenizer
-    tok, _, _ = make_tiny_tokenizer(tmp_path / "tok")
-    tok.save(tmp_path / "tokenizer")
-    data = image_folders(tmp_path / "data" / "train", {"cat": 4, "dog": 4, "tree": 4})
+    tokenizer, _, _ = make_tiny_tokenizer(tmp_path / "tok")
+    tokenizer.save(tmp_path / "tokenizer")
+    data = image_folders(tmp_path / "data" / "train", {"cat": 4, "dog": 4, "red_car": 4})
     out = tmp_path / "out"
     args = ["--tokenizer_dir", str(tmp_path / "tokenizer"), "--llm", llm_dir, "--data_dir",
             str(data.parent), "--split", "train", "--n_episodes", "6", "--batch_size", "4",
@@ -176,10 +189,22 @@ def test_eval_understanding_script_end_to_end(tmp_path, llm_dir, monkeypatch, ca
     (setting,) = [d for d in out.iterdir() if d.is_dir()]
     rows = [json.loads(x) for x in (setting / "episodes.jsonl").read_text().splitlines()]
     assert sorted(r["index"] for r in rows) == list(range(6))
-    assert all(r["prediction"] in ("cat", "dog", "tree") for r in rows)
+    names = ("cat", "dog", "red_car")                      # raw names, underscores kept
+    assert all(r["prediction"] in names and r["target"] in names for r in rows)
     assert all(r["prompt"].endswith("Output: ") and "###" in r["prompt"] for r in rows)
     summary = json.loads((setting / "summary.json").read_text())
     assert summary["n"] == 6 and summary["ci95"][0] <= summary["accuracy"] <= summary["ci95"][1]
+    for ref in ("ceiling", "floor"):                       # over the very episodes of the accuracy
+        assert all(r[ref]["prediction"] in names for r in rows)
+        hits = sum(r[ref]["correct"] for r in rows)
+        assert summary[ref] == hits / 6 and summary[f"{ref}_ci95"] == list(wilson_interval(hits, 6))
+    manifest = json.loads((out / "manifest.json").read_text())
+    (row,) = manifest["info"]["settings"]
+    assert {"n_way", "k_shot", "global_k", "accuracy", "ci95", "chance", "ceiling", "floor",
+            "ceiling_ci95", "floor_ci95"} <= set(row) and row == summary
+    assert manifest["info"]["llm_dtype"] == "fp32" and manifest["config"]["llm_dtype"] == "fp16"
+    header = (out / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"accuracy", "ceiling", "ceiling_ci95", "floor", "floor_ci95"} <= set(header)
     assert (setting / "manifest.json").is_file() and (out / "results.md").is_file()
     run_script("eval_understanding.py", args + ["--n_episodes", "8"], monkeypatch)
     rows2 = [json.loads(x) for x in (setting / "episodes.jsonl").read_text().splitlines()]

@@ -1,0 +1,177 @@
+"""eval_understanding options: reference rows, image words, constraints, class names, precision,
+and torchrun (2 ranks give the 1-rank result)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data.episodes import generate_episodes
+from engine.fewshot import (FewShotPrompter, NameTrie, PositionUnion, evaluate_episodes,
+                            image_words, llm_dtype, normalised)
+from engine.greedy import BatchedGreedy
+from test_fewshot import image_folders, llm, llm_dir  # noqa: F401 (shared module fixtures)
+from utils.errors import V2LError
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_image_words_separator_strip_and_dedup():
+    strings = [" dog", " Dog", " puppy", "dog.", " grass", " puppy"]
+    assert image_words(strings, 3) == "".join(strings[:3])         # default: plain concatenation
+    assert image_words(strings, 3, separator=",") == " dog, Dog, puppy"
+    assert image_words(strings, 2, strip=True) == "dogDog"           # the authors' glued words
+    # dedup: " Dog" and "dog." repeat " dog"; the slots fill from further down the ranking
+    assert normalised(" Dog") == normalised("dog.") == "dog"
+    assert image_words(strings, 3, dedup=True) == " dog puppy grass"
+    assert image_words(strings, 5, dedup=True) == " dog puppy grass"   # ran out: fewer than k
+    assert image_words(strings, 2, separator=" ", dedup=True, strip=True) == "dog puppy"
+
+
+def test_union_constraint_mixes_names_trie_does_not():
+    names = [[5, 6], [7, 8, 9]]
+    union, trie = PositionUnion(names), NameTrie(names, eos_id=2)
+    assert union.allowed([]) == [5, 7] and union.allowed([5]) == [6, 8]   # "5 8": a mix
+    assert union.allowed([5, 8]) == [9] and not union.finished([5, 8])
+    assert union.finished([5, 8, 9]) and union.allowed([5, 8, 9]) == []
+    assert trie.allowed([5]) == [6]
+    with pytest.raises(V2LError, match="--constraint"):
+        FewShotPrompter(None, constraint="prefix")
+
+
+def test_union_decoding_stays_in_the_columns(llm):  # noqa: F811
+    text_tokenizer = llm.text_tokenizer
+    prompter = FewShotPrompter(text_tokenizer, constraint="union")
+    names = ["cat", "black_dog", "blue_bird"]
+    union = prompter.constraint(names)
+    assert isinstance(union, PositionUnion)
+    prompts = [prompter.build(names, [("sky", "cat")], w).ids for w in ("red", "old tree")]
+    for toks in BatchedGreedy(llm.model, 0).generate(prompts, 16, [union] * 2,
+                                                     eos_id=text_tokenizer.eos_token_id):
+        assert len(toks) == len(union.columns)
+        assert all(t in union.columns[j] for j, t in enumerate(toks))
+
+
+def test_llm_precision():
+    assert llm_dtype("fp16", "cuda") == "fp16" and llm_dtype("bf16", "cuda:0") == "bf16"
+    assert llm_dtype("fp16", "cpu") == llm_dtype("bf16", "cpu") == "fp32"
+    with pytest.raises(V2LError, match="--llm_dtype"):
+        llm_dtype("auto", "cuda")
+
+
+class Recorder(BatchedGreedy):
+    """BatchedGreedy that keeps every batch of prompts it decodes."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.calls = []
+
+    def generate(self, prompts, *a, **k):
+        self.calls.append(prompts)
+        return super().generate(prompts, *a, **k)
+
+
+@pytest.mark.parametrize("spaces", [False, True])
+def test_references_run_on_the_same_episodes(tmp_path, llm, spaces):  # noqa: F811
+    root = image_folders(tmp_path, {"red_car": 3, "dog": 3, "tree": 3})
+    episodes = generate_episodes(root, 2, 1, 5, seed=3)
+    words = {p: f"w{i}" for i, p in enumerate(sorted(
+        {p for ep in episodes for p, _ in ep.support + (ep.query,)}))}
+    prompter = FewShotPrompter(llm.text_tokenizer)
+    greedy = Recorder(llm.model, 0)
+    results = list(evaluate_episodes(greedy, prompter, episodes, words, 8, 2, spaces=spaces,
+                                     references=True))
+    assert [r.index for r in results] == [ep.index for ep in episodes]
+    assert len(greedy.calls) == 3 * 3            # 3 batches (2, 2, 1) x images/ceiling/floor
+    for b, start in enumerate(range(0, 5, 2)):
+        batch = episodes[start:start + 2]
+        images, ceiling, floor = greedy.calls[3 * b:3 * b + 3]
+        for ep, got_i, got_c, got_f in zip(batch, images, ceiling, floor):
+            names = ep.names(spaces)
+            shots = [(ep.name(f, spaces), ep.name(f, spaces)) for _, f in ep.support]
+            assert got_i == prompter.build(names, [(words[p], n) for (p, _), (_, n)
+                                                   in zip(ep.support, shots)],
+                                           words[ep.query[0]]).ids
+            assert got_c == prompter.build(names, shots, ep.target(spaces)).ids
+            assert got_f == prompter.build(names, [("", n) for _, n in shots], "").ids
+    for r, ep in zip(results, episodes):
+        assert r.target == ep.target(spaces)
+        assert set(r.references) == {"ceiling", "floor"}
+        for ref in r.references.values():
+            assert ref["correct"] == ref["prediction"].strip().startswith(r.target)
+    off = list(evaluate_episodes(BatchedGreedy(llm.model, 0), prompter, episodes, words, 8, 2,
+                                 spaces=spaces))
+    assert [(r.prediction, r.prompt) for r in off] == [(r.prediction, r.prompt) for r in results]
+    assert all(r.references == {} for r in off)
+
+
+def _setup(tmp: Path, llm_dir: str) -> list[str]:
+    from fixtures_tokenizer import make_tiny_tokenizer
+    tokenizer, _, _ = make_tiny_tokenizer(tmp / "tok")
+    tokenizer.save(tmp / "tokenizer")
+    data = image_folders(tmp / "data" / "train", {"cat": 4, "dog": 4, "red_car": 4})
+    return ["--tokenizer_dir", str(tmp / "tokenizer"), "--llm", llm_dir, "--data_dir",
+            str(data.parent), "--split", "train", "--n_episodes", "9", "--batch_size", "2",
+            "--global_k", "3", "--device", "cpu", "--num_workers", "0"]
+
+
+def _rows(out: Path) -> dict:
+    (setting,) = [d for d in out.iterdir() if d.is_dir()]
+    rows = [json.loads(x) for x in (setting / "episodes.jsonl").read_text().splitlines()]
+    return {r["index"]: r for r in rows}
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_one(tmp_path, llm_dir):  # noqa: F811
+    args = _setup(tmp_path, llm_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    script = str(REPO / "eval_understanding.py")
+    one = subprocess.run([sys.executable, script, *args, "--out_dir", str(tmp_path / "w1")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29617", script, *args, "--out_dir",
+                          str(tmp_path / "w2")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = _rows(tmp_path / "w1"), _rows(tmp_path / "w2")
+    assert sorted(a) == sorted(b) == list(range(9))     # each episode logged once, by rank 0
+    assert a == b                                       # same batches -> the same answers
+    ma = json.loads((tmp_path / "w1" / "manifest.json").read_text())["info"]["settings"]
+    mb = json.loads((tmp_path / "w2" / "manifest.json").read_text())["info"]["settings"]
+    assert ma == mb
+
+
+def test_script_options_reach_the_prompts(tmp_path, llm_dir, monkeypatch, capsys):  # noqa: F811
+    from test_fewshot import run_script
+    out = tmp_path / "out"
+    args = _setup(tmp_path, llm_dir) + ["--out_dir", str(out), "--n_episodes", "4"]
+    run_script("eval_understanding.py", args + [
+        "--word_separator", ",", "--global_dedup", "true", "--constraint", "union",
+        "--class_names", "spaces", "--references", "false"], monkeypatch)
+    rows = _rows(out)
+    assert all(r["target"] in ("cat", "dog", "red car") for r in rows.values())
+    assert all("red car" in r["prompt"] or "red car" not in r["target"] for r in rows.values())
+    # 3 words per image joined by ",": two commas between "<" and ">" of every image
+    for r in rows.values():
+        images = [seg.split(">")[0] for seg in r["prompt"].split("Input: <")[1:]]
+        assert images and all(seg.count(",") == 2 for seg in images), r["prompt"]
+        assert "ceiling" not in r
+    (row,) = json.loads((out / "manifest.json").read_text())["info"]["settings"]
+    assert row["ceiling"] is None and row["floor_ci95"] is None
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:        # other options: refuse to mix the results
+        run_script("eval_understanding.py", args, monkeypatch)
+    assert exit_.value.code == 2 and "other settings" in capsys.readouterr().err
+    # turning the references on later redoes the episodes logged without them
+    opts = ["--word_separator", ",", "--global_dedup", "true", "--constraint", "union",
+            "--class_names", "spaces"]
+    run_script("eval_understanding.py", args + opts, monkeypatch)
+    (setting,) = [d for d in out.iterdir() if d.is_dir()]
+    assert len((setting / "episodes.jsonl").read_text().splitlines()) == 8
+    (row,) = json.loads((out / "manifest.json").read_text())["info"]["settings"]
+    assert row["n"] == 4 and 0 <= row["ceiling"] <= 1 and len(row["floor_ci95"]) == 2
