@@ -28,6 +28,7 @@ from models.tokenizer import V2LTokenizer
 from utils.artifacts import atomic_path, load_json, save_json, write_manifest, finished_inputs
 from utils.cli import configure, run_main
 from utils.errors import V2LError
+from utils.stages import EVAL_UNDERSTANDING, EVAL_UNDERSTANDING_SETTING
 
 TOKENIZER_DIR = "out/tokenizer"   # the trained tokenizer (directory or tokenizer.pt)
 LLM = "models/llama-2-7b"         # the frozen LLM: Hugging Face dir, Meta LLaMA dir or .gguf
@@ -120,7 +121,7 @@ def run_setting(s: dict, episodes: list, strings: dict, decoder: BatchedGreedy, 
                    "mean_prompt_tokens": sum(r["prompt_tokens"] for r in rows) / n}
     save_json(out / "summary.json", summary)
     inputs = finished_inputs(tokenizer=TOKENIZER_DIR)
-    write_manifest(out, "eval_understanding_setting", cfg | s, ["episodes.jsonl", "summary.json"],
+    write_manifest(out, EVAL_UNDERSTANDING_SETTING, cfg | s, ["episodes.jsonl", "summary.json"],
                    inputs=inputs, info=summary)
     print(f"{setting_name(s)}: accuracy {100 * correct / n:.1f}% "
           f"(95% CI {100 * lo:.1f}-{100 * hi:.1f}, {n} episodes)")
@@ -159,7 +160,7 @@ def main():
     rows = [run_setting(s, eps, strings, decoder, llm, key) for s, eps in plan]
     write_table(rows)
     inputs = finished_inputs(tokenizer=TOKENIZER_DIR)
-    write_manifest(OUT_DIR, "eval_understanding", cfg, ["results.md", "results.csv"], inputs=inputs,
+    write_manifest(OUT_DIR, EVAL_UNDERSTANDING, cfg, ["results.md", "results.csv"], inputs=inputs,
                    info={"settings": rows})
 
 

@@ -30,6 +30,7 @@ from utils.artifacts import (ChunkStore, load_json, load_tensors, read_manifest,
 from utils.figures import plot_hit_histogram
 from utils.cli import configure, run_main
 from utils.errors import V2LError
+from utils.stages import CODEBOOK, GLOBAL, VOCAB
 
 DATA_DIR = "data/imagenet"  # image root in ImageNet layout (<data_dir>/<split>/<class>/<images>)
 SPLIT = "train"  # sub-folder of DATA_DIR to count (none: DATA_DIR itself)
@@ -57,8 +58,8 @@ cfg = configure(globals())
 def check_inputs(clip_ident: str) -> tuple[dict, dict]:
     """(vocab manifest, codebook manifest), refusing a codebook made from another vocabulary
     or with another CLIP."""
-    vocab_m = read_manifest(VOCAB_DIR, "vocab", made_by="step1_expand_vocabulary.py")
-    code_m = read_manifest(CODEBOOK_DIR, "codebook", made_by="step2_codebook_embedding.py")
+    vocab_m = read_manifest(VOCAB_DIR, VOCAB)
+    code_m = read_manifest(CODEBOOK_DIR, CODEBOOK)
     require_input(code_m, "vocab", vocab_m, what=f"codebook {CODEBOOK_DIR}")
     if code_m["info"].get("clip") != clip_ident:
         raise V2LError(f"codebook {CODEBOOK_DIR} was embedded with CLIP '{code_m['info'].get('clip')}'"
@@ -122,7 +123,7 @@ def main():
                   {"strings": [table["strings"][i] for i in keep.tolist()]})
         save_tensors(f"{OUT_DIR}/hit_counts.safetensors", {"hits": hits})
         plot_hit_histogram(hits, min_hits, f"{OUT_DIR}/hit_histogram.png")
-        write_manifest(OUT_DIR, "global", cfg,
+        write_manifest(OUT_DIR, GLOBAL, cfg,
                        ["global_codebook.safetensors", "global_strings.json",
                         "hit_counts.safetensors"],
                        inputs={"vocab": VOCAB_DIR, "codebook": CODEBOOK_DIR},

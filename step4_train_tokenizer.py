@@ -33,6 +33,7 @@ from utils import dist
 from utils.artifacts import MANIFEST, atomic_path, read_manifest, require_input, write_manifest
 from utils.cli import configure, run_main
 from utils.errors import V2LError
+from utils.stages import CODEBOOK, GLOBAL, TOKENIZER
 
 DATA_DIR = "data/imagenet"  # training images in ImageNet layout (<data_dir>/<split>/<class>/<images>)
 SPLIT = "train"  # sub-folder of DATA_DIR to train on (none: DATA_DIR itself)
@@ -81,8 +82,8 @@ cfg = configure(globals())
 
 def check_inputs(clip_ident: str) -> tuple[dict, dict]:
     """The finished codebook and global artifacts, made from each other and with this CLIP."""
-    code_m = read_manifest(CODEBOOK_DIR, "codebook", made_by="step2_codebook_embedding.py")
-    glob_m = read_manifest(GLOBAL_DIR, "global", made_by="step3_codebook_filtering.py")
+    code_m = read_manifest(CODEBOOK_DIR, CODEBOOK)
+    glob_m = read_manifest(GLOBAL_DIR, GLOBAL)
     require_input(glob_m, "codebook", code_m, f"global codebook {GLOBAL_DIR}")
     if code_m["info"].get("clip") != clip_ident:
         raise V2LError(f"{CODEBOOK_DIR} was embedded with CLIP '{code_m['info'].get('clip')}' but "
@@ -185,7 +186,7 @@ def main():
     train.close()
     if d.is_main:
         tokenizer.save(out / "tokenizer.pt")
-        write_manifest(out, "tokenizer", cfg, ["tokenizer.pt", "log.jsonl"],
+        write_manifest(out, TOKENIZER, cfg, ["tokenizer.pt", "log.jsonl"],
                        inputs={"codebook": CODEBOOK_DIR, "global": GLOBAL_DIR},
                        info={"epochs": train.epoch, "iterations": train.step, "world": d.world,
                              "clip": clip.ident, "images": len(dataset)})

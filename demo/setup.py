@@ -24,6 +24,7 @@ from demo import clip as demo_clip, llm as demo_llm
 from models.clip import load_clip
 from utils.artifacts import atomic_dir, is_complete, load_json, read_manifest, save_json, write_manifest
 from utils.cli import configure, run_main
+from utils.stages import DEMO_CLIP, DEMO_DATA, DEMO_VOCAB_IDS
 
 OUT_DIR = "out/demo"  # where the demo's data, llm, vocab_ids and clip directories go
 SEED = 0  # seed of the image world and of the CLIP training
@@ -57,7 +58,7 @@ def make_data(out: Path) -> None:
     with atomic_dir(out) as tmp:
         files, info = demo_world.write_world(tmp, SEED, TRAIN_PER_CLASS, VAL_PER_CLASS, IMAGE_SIZE,
                                              photos=PHOTOS)
-        write_manifest(tmp, "demo_data", cfg, files, info=info)
+        write_manifest(tmp, DEMO_DATA, cfg, files, info=info)
 
 
 def make_llm(out: Path) -> None:
@@ -73,7 +74,7 @@ def make_vocab_ids(out: Path, llm_dir: Path) -> None:
     with atomic_dir(out) as tmp:
         save_json(tmp / "ids.json", {"ids": ids, "class_words": words,
                                      "first_ids": VOCAB_FIRST_IDS})
-        write_manifest(tmp, "demo_vocab_ids", cfg, ["ids.json"], inputs={"llm": llm_dir},
+        write_manifest(tmp, DEMO_VOCAB_IDS, cfg, ["ids.json"], inputs={"llm": llm_dir},
                        info={"n_ids": len(ids)})
 
 
@@ -93,7 +94,7 @@ def make_clip(out: Path, llm_dir: Path, ids_dir: Path) -> None:
         metrics |= {"steps": hist["steps"], "train_seconds": round(hist["seconds"], 1),
                     "first_loss": hist["losses"][0], "last_loss": hist["losses"][-1]}
         save_json(tmp / "metrics.json", metrics | {"losses": hist["losses"]})
-        write_manifest(tmp, "demo_clip", cfg, demo_clip.SAVED_FILES + ["metrics.json"],
+        write_manifest(tmp, DEMO_CLIP, cfg, demo_clip.SAVED_FILES + ["metrics.json"],
                        inputs={"vocab_ids": ids_dir},
                        info={"stand_in": "tiny open_clip CLIP trained on the demo world"} | metrics)
 
@@ -101,10 +102,10 @@ def make_clip(out: Path, llm_dir: Path, ids_dir: Path) -> None:
 def main():
     root = Path(OUT_DIR)
     data, llm, ids, clip = root / "data", root / "llm", root / "vocab_ids", root / "clip"
-    parts = [(data, "demo_data", "demo image world", make_data),
+    parts = [(data, DEMO_DATA, "demo image world", make_data),
              (llm, demo_llm.STAGE, "stand-in LLM (SmolLM2-135M-Instruct)", make_llm),
-             (ids, "demo_vocab_ids", "demo vocabulary ids", lambda out: make_vocab_ids(out, llm)),
-             (clip, "demo_clip", "stand-in CLIP (tiny, trained here)",
+             (ids, DEMO_VOCAB_IDS, "demo vocabulary ids", lambda out: make_vocab_ids(out, llm)),
+             (clip, DEMO_CLIP, "stand-in CLIP (tiny, trained here)",
               lambda out: make_clip(out, llm, ids))]
     timings = {}
     for out, stage, what, make in parts:
@@ -113,7 +114,7 @@ def main():
             print(f"{what}: building {out}", flush=True)
             make(out)
         timings[out.name] = time.perf_counter() - start
-    info = read_manifest(clip, "demo_clip")["info"]
+    info = read_manifest(clip, DEMO_CLIP)["info"]
     print(f"stand-in CLIP: zero-shot accuracy {info['zero_shot_acc']:.1%} on {info['n_images']} "
           f"fresh images; colour and shape word both in the top 5 of a {info['lookup_size']}-string "
           f"lookup {info['top5_both']:.1%}, exactly the top 2 {info['top2_exact']:.1%}")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from utils.errors import V2LError
+from utils.stages import Stage, producer, stage_id
 
 if TYPE_CHECKING:
     import torch
@@ -134,11 +135,12 @@ def _jsonable(value):
     return str(value)
 
 
-def write_manifest(out_dir, stage: str, config: dict, files: list[str],
+def write_manifest(out_dir, stage: Stage | str, config: dict, files: list[str],
                    inputs: dict[str, str | os.PathLike] | None = None,
                    info: dict | None = None) -> dict:
-    """Hash ``files`` (relative to out_dir), record the input manifests' ids, write manifest.json last."""
-    out_dir = Path(out_dir)
+    """Hash ``files`` (relative to out_dir), record the input manifests' ids, write manifest.json last.
+    ``stage`` is a utils.stages entry (or its id)."""
+    out_dir, stage = Path(out_dir), stage_id(stage)
     entries = {}
     for name in files:
         p = out_dir / name
@@ -160,10 +162,13 @@ def write_manifest(out_dir, stage: str, config: dict, files: list[str],
     return manifest
 
 
-def read_manifest(out_dir, stage: str | None = None, made_by: str | None = None) -> dict:
-    """Read a finished stage's manifest, or fail with the command that makes it."""
+def read_manifest(out_dir, stage: Stage | str | None = None, made_by: str | None = None) -> dict:
+    """Read a finished stage's manifest, or fail with the command that makes it (``made_by``,
+    else the stage's script in utils/stages.py)."""
     out_dir = Path(out_dir)
     path = out_dir / MANIFEST
+    if stage is not None:
+        made_by, stage = made_by or producer(stage), stage_id(stage)
     fix = f"; run {made_by} first" if made_by else ""
     if not out_dir.is_dir():
         raise V2LError(f"{out_dir}: directory not found{fix}")
@@ -199,7 +204,7 @@ def finished_inputs(**dirs) -> dict:
     return {name: d for name, d in dirs.items() if (Path(d) / MANIFEST).is_file()}
 
 
-def is_complete(out_dir, stage: str) -> bool:
+def is_complete(out_dir, stage: Stage | str) -> bool:
     """True when out_dir holds a finished artifact of this stage (for skipping reruns)."""
     try:
         read_manifest(out_dir, stage)
@@ -258,10 +263,3 @@ class ChunkStore:
             p.unlink()
         self.dir.rmdir()
 
-
-if __name__ == "__main__":
-    # `python -m utils.artifacts complete DIR STAGE`: exit 0 when DIR holds a finished STAGE artifact
-    import sys
-    if len(sys.argv) != 4 or sys.argv[1] != "complete":
-        sys.exit("usage: python -m utils.artifacts complete DIR STAGE")
-    sys.exit(0 if is_complete(sys.argv[2], sys.argv[3]) else 1)
