@@ -35,9 +35,9 @@ from utils.cli import configure, run_main
 from utils.stages import EVAL_DENOISING
 
 TOKENIZER_DIR = "out/tokenizer"   # the trained tokenizer (directory or tokenizer.pt)
-LLM = "models/llama-2-7b"         # the frozen LLM: Hugging Face dir, Meta LLaMA dir or .gguf
+LLM = "/models/llama-2-7b"        # the frozen LLM: Hugging Face dir, Meta LLaMA dir or .gguf
 LLM_DTYPE = "auto"                # auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16
-DATA_DIR = "data/imagenet"       # image root (ImageNet layout)
+DATA_DIR = "/data/imagenet"       # image root (ImageNet layout)
 SPLIT = "val"                     # sub-folder of DATA_DIR ("" for DATA_DIR itself)
 TASKS = ["inpainting", "outpainting", "deblurring", "rotation", "shift"]  # tasks to run
 MAX_IMAGES = 5000                 # first images of the split (the paper: ~5,000 val images)

@@ -40,10 +40,10 @@ from utils.errors import V2LError
 from utils.stages import EVAL_RECONSTRUCTION, TOKENIZER
 
 TOKENIZER_DIR = "out/tokenizer"  # step-4 artifact (tokenizer.pt + manifest)
-DATA_DIR = "data/imagenet"  # ImageNet root holding <split>/<class>/*.JPEG (or a flat <split>/)
+DATA_DIR = "/data/imagenet"  # ImageNet root holding <split>/<class>/*.JPEG (or a flat <split>/)
 SPLIT = "val"  # sub-folder of DATA_DIR to evaluate
 VAL_LABELS = None  # labels file for a flat val folder (not needed for reconstruction)
-MAX_IMAGES = None  # evaluate only the first N images in sorted order (None = all, 50,000 for val)
+MAX_IMAGES: int | None = None  # evaluate only the first N images in sorted order (None = all, 50,000 for val)
 BATCH_SIZE = 64  # images per forward pass
 NUM_WORKERS = 8  # image-loading processes per rank
 CHUNK_SIZE = 2000  # images per resumable chunk (its metric sums are saved when done)

@@ -31,9 +31,9 @@ from utils.errors import V2LError
 from utils.stages import EVAL_UNDERSTANDING, EVAL_UNDERSTANDING_SETTING
 
 TOKENIZER_DIR = "out/tokenizer"   # the trained tokenizer (directory or tokenizer.pt)
-LLM = "models/llama-2-7b"         # the frozen LLM: Hugging Face dir, Meta LLaMA dir or .gguf
+LLM = "/models/llama-2-7b"        # the frozen LLM: Hugging Face dir, Meta LLaMA dir or .gguf
 LLM_DTYPE = "auto"                # auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16
-DATA_DIR = "data/imagenet"       # class-folder images; wnid folders -> the mini-ImageNet test classes
+DATA_DIR = "/data/imagenet"       # class-folder images; wnid folders -> the mini-ImageNet test classes
 SPLIT = "train"                   # sub-folder of DATA_DIR (mini-ImageNet images are ImageNet train images)
 EPISODES_CSV = ""                 # the authors' episode list (paths relative to DATA_DIR) instead of generated ones
 N_WAY = 2                         # classes per episode

@@ -32,7 +32,7 @@ from utils.cli import configure, run_main
 from utils.errors import V2LError
 from utils.stages import CODEBOOK, GLOBAL, VOCAB
 
-DATA_DIR = "data/imagenet"  # image root in ImageNet layout (<data_dir>/<split>/<class>/<images>)
+DATA_DIR = "/data/imagenet"  # image root in ImageNet layout (<data_dir>/<split>/<class>/<images>)
 SPLIT = "train"  # sub-folder of DATA_DIR to count (none: DATA_DIR itself)
 VOCAB_DIR = "out/vocab"  # step-1 artifact
 CODEBOOK_DIR = "out/codebook"  # step-2 artifact (global candidates)
@@ -41,10 +41,10 @@ CLIP = "ViT-L-14"  # the CLIP of step 2: open_clip model directory or architectu
 CLIP_PRETRAINED = None  # weights for a named CLIP: OpenAI ViT-L-14.pt or an open_clip .bin/.safetensors
 CLIP_ALLOW_UNSAFE = False  # allow pickled CLIP files (OpenAI's TorchScript ViT-L-14.pt); only if trusted
 TOPK = 5  # candidates hit per image
-THRESHOLD = None  # keep candidates hit MORE than this many times; wins over THRESHOLD_RATE when set
+THRESHOLD: int | None = None  # keep candidates hit MORE than this many times; wins over THRESHOLD_RATE when set
 THRESHOLD_RATE = 7.805289e-05  # threshold per image read when THRESHOLD is none (paper: 100 / 1,281,167)
 SIMILARITY = "dot"  # dot: image . template-mean embedding (the authors); cosine: renormalise candidates
-MAX_IMAGES = None  # count only the first N images (none: all)
+MAX_IMAGES: int | None = None  # count only the first N images (none: all)
 BATCH_SIZE = 256  # images per forward pass
 NUM_WORKERS = 8  # image-decoding worker processes per rank
 CHUNK_SIZE = 20000  # images per resumable chunk

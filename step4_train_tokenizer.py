@@ -35,7 +35,7 @@ from utils.cli import configure, run_main
 from utils.errors import V2LError
 from utils.stages import CODEBOOK, GLOBAL, TOKENIZER
 
-DATA_DIR = "data/imagenet"  # training images in ImageNet layout (<data_dir>/<split>/<class>/<images>)
+DATA_DIR = "/data/imagenet"  # training images in ImageNet layout (<data_dir>/<split>/<class>/<images>)
 SPLIT = "train"  # sub-folder of DATA_DIR to train on (none: DATA_DIR itself)
 CODEBOOK_DIR = "out/codebook"  # step-2 artifact (local codebook)
 GLOBAL_DIR = "out/global"  # step-3 artifact (filtered global codebook)
@@ -59,7 +59,7 @@ DISC_LAYERS = 2  # discriminator depth (PatchGAN n_layers)
 RESOLUTION = 128  # image size the tokenizer reconstructs
 GLOBAL_TOPK = 21  # global tokens per image (k)
 CH = 128  # encoder/decoder base channels (a multiple of 32)
-CH_MULT = (1, 2, 2, 4)  # channel multiplier per level
+CH_MULT: tuple[int, ...] = (1, 2, 2, 4)  # channel multiplier per level
 NUM_RES_BLOCKS = 2  # residual blocks per level
 Z_CHANNELS = 256  # encoder output channels
 CROSS_HEADS = 8  # decoder cross-attention heads
@@ -70,8 +70,8 @@ CHANNELS_LAST = False  # NHWC memory layout for the convolutions (often faster o
 FIND_UNUSED_PARAMETERS = False  # DDP option; only needed for architectures with unused branches
 NUM_WORKERS = 8  # image-decoding worker processes per rank
 SEED = 0  # seed of the initialisation, the data order and every random stream
-MAX_IMAGES = None  # train on the first N images only (none: all)
-MAX_STEPS_PER_EPOCH = None  # cut each epoch after N iterations (quick runs; none: full epochs)
+MAX_IMAGES: int | None = None  # train on the first N images only (none: all)
+MAX_STEPS_PER_EPOCH: int | None = None  # cut each epoch after N iterations (quick runs; none: full epochs)
 LOG_EVERY = 50  # iterations between log records (log.jsonl, TensorBoard)
 SAVE_EVERY_EPOCH = 10  # also keep checkpoints/epoch_NNNN.pt every N epochs (0: only last.pt)
 N_SAMPLES = 8  # images in each epoch's reconstruction grid

@@ -1,4 +1,5 @@
-"""The shared plumbing: flags from constants, atomic artifacts and manifests, robust images."""
+"""The shared plumbing: atomic artifacts and manifests, robust images. Flags from constants:
+tests/test_cli.py."""
 from pathlib import Path
 
 import numpy as np
@@ -10,38 +11,7 @@ from data.images import ImageFolderDataset, collate_skip_bad, load_rgb, scan_spl
 from data.transforms import ImageViews, clip_crop
 from utils.artifacts import (ChunkStore, atomic_path, is_complete, read_manifest, require_input,
                              save_json, save_tensors, write_manifest)
-from utils.cli import build_parser, configure
 from utils.errors import V2LError
-
-SCRIPT = '''"""A toy stage."""
-# how many rows per chunk
-CHUNK = 64  # rows per chunk
-NAME = "abc"  # a name
-FLAG = False  # a flag
-OPT = None  # an optional path
-KS = (5, 21)  # several values
-RATE = 1.5  # a float, 100% of it
-cfg = configure(globals())
-AFTER = 3  # set after the flags are read: not a setting
-'''
-
-
-def test_flags_come_from_constants(tmp_path):
-    script = tmp_path / "toy.py"
-    script.write_text(SCRIPT)
-    g = {"__file__": str(script), "__doc__": "A toy stage."}
-    cfg = configure(g, ["--chunk", "3", "--flag", "--opt", "p", "--ks", "1", "2", "--rate", "0.5"])
-    assert cfg == {"chunk": 3, "name": "abc", "flag": True, "opt": "p", "ks": (1, 2), "rate": 0.5}
-    assert g["CHUNK"] == 3 and g["KS"] == (1, 2)
-    assert configure(g, ["--opt", "400"])["opt"] == 400  # an optional number is a number
-    cfg = configure(g, ["--flag", "false", "--opt", "none"])
-    assert cfg["flag"] is False and cfg["opt"] is None and cfg["chunk"] == 64
-    help_text = build_parser(SCRIPT, "A toy stage.")[0].format_help()
-    assert "100% of it" in help_text and "--after" not in help_text
-    assert "how many rows per chunk rows per chunk" in help_text and "a name (default: 'abc')" in help_text
-    with pytest.raises(SystemExit):
-        configure(g, ["--chunk", "x"])
-
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "a.json"
