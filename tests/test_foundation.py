@@ -1,5 +1,7 @@
 """The shared plumbing: atomic artifacts and manifests, robust images. Flags from constants:
 tests/test_cli.py."""
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +11,8 @@ from PIL import Image
 
 from data.images import ImageFolderDataset, collate_skip_bad, load_rgb, scan_split
 from data.transforms import ImageViews, clip_crop
-from utils.artifacts import (ChunkStore, atomic_path, is_complete, read_manifest, require_input,
-                             save_json, save_tensors, write_manifest)
+from utils.artifacts import (ChunkStore, atomic_dir, atomic_path, is_complete, read_manifest,
+                             require_input, save_json, save_tensors, save_torch, write_manifest)
 from utils.errors import V2LError
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
@@ -43,6 +45,25 @@ def test_manifest_chain(tmp_path):
     # a truncated data file is noticed
     (a / "x.safetensors").write_bytes(b"12")
     assert not is_complete(a, "vocab")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_artifacts_respect_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        save_tensors(tmp_path / "a.safetensors", {"x": torch.zeros(2)})
+        save_json(tmp_path / "b.json", [1])
+        save_torch(tmp_path / "c.pt", {"x": 1})
+        with atomic_dir(tmp_path / "d") as d:
+            save_json(d / "e.json", [1])
+        store = ChunkStore(tmp_path / "f", total=2, chunk_size=1, key={})
+        store.save(0, {"x": torch.zeros(1)})
+    finally:
+        os.umask(old)
+    for p in ["a.safetensors", "b.json", "c.pt", "d/e.json", f"f/{store.dir.name}/chunk000000.safetensors"]:
+        assert stat.S_IMODE((tmp_path / p).stat().st_mode) == 0o666 & ~umask, p
+    for p in ["d", "f", f"f/{store.dir.name}"]:
+        assert stat.S_IMODE((tmp_path / p).stat().st_mode) == 0o777 & ~umask, p
 
 
 def test_chunkstore_resume_and_sharding(tmp_path):

@@ -39,15 +39,32 @@ MANIFEST = "manifest.json"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def current_umask() -> int:
+    """The process umask (read from /proc where it can be, so that no thread sees it changed)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary path beside ``path``; move it into place only if the block succeeds."""
+    """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
+    The file gets the mode an ordinary ``open(path, "w")`` gives (0666 less the umask): mkstemp
+    makes it 0600, which would hide artifacts from the rest of a group on a shared directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -65,9 +82,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
                        "choose another directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the artifact is an ordinary dir
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; the artifact is an ordinary dir
     try:
         yield tmp
         os.replace(tmp, path)
