@@ -1,6 +1,8 @@
-"""The shared plumbing: atomic artifacts and manifests, robust images. Flags from constants:
-tests/test_cli.py."""
+"""The shared plumbing: the stage registry, atomic artifacts (and their file modes), manifests,
+the run summary, robust images. Flags from constants: tests/test_cli.py."""
+import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -11,8 +13,11 @@ from PIL import Image
 
 from data.images import ImageFolderDataset, collate_skip_bad, load_rgb, scan_split
 from data.transforms import ImageViews, clip_crop
+from fixtures_artifacts import make_eval_artifacts
+from utils import stages
 from utils.artifacts import (ChunkStore, atomic_dir, atomic_path, is_complete, read_manifest,
                              require_input, save_json, save_tensors, save_torch, write_manifest)
+from utils.summary import parse_seconds, summary
 from utils.errors import V2LError
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
@@ -47,6 +52,30 @@ def test_manifest_chain(tmp_path):
     assert not is_complete(a, "vocab")
 
 
+def test_registry_names_each_stage_once_and_its_producer(tmp_path):
+    ids = [s.id for s in stages.ALL]
+    assert len(set(ids)) == len(ids) and stages.PIPELINE[0] is stages.VOCAB
+    scripts = [s.script for s in stages.PIPELINE]
+    repo = Path(stages.__file__).resolve().parent.parent
+    assert len(set(scripts)) == len(scripts) and all((repo / p).is_file() for p in scripts)
+    a = tmp_path / stages.VOCAB.out_dir
+    save_json(a / "y.json", [1])
+    assert write_manifest(a, stages.VOCAB, {}, ["y.json"])["stage"] == "vocab"
+    assert is_complete(a, stages.VOCAB) and not is_complete(a, stages.CODEBOOK)
+    # the error names the script that makes the missing stage, from the registry
+    with pytest.raises(V2LError, match="run step2_codebook_embedding.py first"):
+        read_manifest(tmp_path / "nothing", stages.CODEBOOK)
+    with pytest.raises(V2LError, match="expected 'codebook'; run step2_codebook_embedding.py"):
+        read_manifest(a, stages.CODEBOOK)
+    # run.sh's check: OUT/<the stage's dir> holds a finished artifact of that stage
+    assert stages.main(["complete", str(tmp_path), "vocab"]) == 0
+    assert stages.main(["complete", str(tmp_path), "codebook"]) == 1
+    assert stages.main(["complete", str(tmp_path), "no_such_stage"]) == 2
+    shell = stages.shell()
+    assert "STAGE_IDS=(vocab codebook global tokenizer eval_reconstruction" in shell
+    assert "[global]=step3_codebook_filtering.py" in shell
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
 def test_artifacts_respect_the_umask(tmp_path, umask):
     old = os.umask(umask)
@@ -64,6 +93,46 @@ def test_artifacts_respect_the_umask(tmp_path, umask):
         assert stat.S_IMODE((tmp_path / p).stat().st_mode) == 0o666 & ~umask, p
     for p in ["d", "f", f"f/{store.dir.name}"]:
         assert stat.S_IMODE((tmp_path / p).stat().st_mode) == 0o777 & ~umask, p
+
+
+def test_summary_json_holds_every_number(tmp_path, capsys):
+    made = make_eval_artifacts(tmp_path)
+    seconds = parse_seconds(["demo_setup=3.5", "vocab=12.250", "codebook=skipped"])
+    text = summary(tmp_path, seconds)
+    data = json.loads((tmp_path / "summary.json").read_text())   # strict JSON: no NaN
+    assert data["stage_seconds"] == {"demo_setup": 3.5, "vocab": 12.25, "codebook": None}
+    rec = data["reconstruction"]
+    for k in ["n_images", "psnr", "ssim", "fid", "is", "codebook_used", "codebook_perplexity"]:
+        assert rec[k] == made["reconstruction"][k], k
+    assert rec["lpips"] is None and rec["skipped"] == {"lpips": "no VGG weights"}
+    rows = data["understanding"]
+    assert len(rows) == len(made["understanding"])
+    for row, want in zip(rows, made["understanding"]):
+        for k in ["n_way", "k_shot", "global_k", "accuracy", "ci95", "chance", "ceiling", "floor"]:
+            assert row[k] == want[k], k
+    pairs = [(r["task"], r["variant"]) for r in data["denoising"]]
+    assert pairs == [(t, v) for t in made["denoising"] for v in made["denoising"][t]]
+    for r in data["denoising"]:
+        want = made["denoising"][r["task"]][r["variant"]]
+        assert {k: r[k] for k in ["psnr", "ssim", "token_acc"]} == {
+            k: want[k] for k in ["psnr", "ssim", "token_acc"]}
+    # the table shows the reference points beside the accuracy
+    lines = text[text.index("few-shot understanding"):].splitlines()
+    assert re.search(r"\bacc +95% CI +chance +floor +ceiling$", lines[1]), lines[1]
+    assert lines[2].split()[-5:] == ["62.5", "50.0-75.0", "50.0", "50.0", "95.0"]
+    assert "not run" not in text
+
+
+def test_summary_of_an_old_or_partial_run(tmp_path):
+    make_eval_artifacts(tmp_path, ceiling=False)
+    (tmp_path / "eval_denoising" / "manifest.json").unlink()   # unfinished
+    text = summary(tmp_path)
+    data = json.loads((tmp_path / "summary.json").read_text())
+    assert data["stage_seconds"] == {} and data["denoising"] is None
+    assert all(r["ceiling"] is None and r["floor"] is None for r in data["understanding"])
+    assert "denoising: not run" in text
+    with pytest.raises(V2LError, match="STAGE_ID=SECONDS"):
+        parse_seconds(["vocab=fast"])
 
 
 def test_chunkstore_resume_and_sharding(tmp_path):
