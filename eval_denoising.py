@@ -32,11 +32,12 @@ from utils import dist
 from utils.artifacts import ChunkStore, atomic_path, save_json, write_manifest, finished_inputs
 from utils.figures import save_image_grid
 from utils.cli import configure, run_main
+from utils.stages import EVAL_DENOISING
 
 TOKENIZER_DIR = "out/tokenizer"   # the trained tokenizer (directory or tokenizer.pt)
-LLM = "models/llama-2-7b"         # the frozen LLM: Hugging Face dir, Meta LLaMA dir or .gguf
+LLM = "/models/llama-2-7b"        # the frozen LLM: Hugging Face dir, Meta LLaMA dir or .gguf
 LLM_DTYPE = "auto"                # auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16
-DATA_DIR = "data/imagenet"       # image root (ImageNet layout)
+DATA_DIR = "/data/imagenet"       # image root (ImageNet layout)
 SPLIT = "val"                     # sub-folder of DATA_DIR ("" for DATA_DIR itself)
 TASKS = ["inpainting", "outpainting", "deblurring", "rotation", "shift"]  # tasks to run
 MAX_IMAGES = 5000                 # first images of the split (the paper: ~5,000 val images)
@@ -170,7 +171,7 @@ def main():
     if d.is_main:
         files = write_results(results)
         inputs = finished_inputs(tokenizer=TOKENIZER_DIR)
-        write_manifest(OUT_DIR, "eval_denoising", cfg, files, inputs=inputs,
+        write_manifest(OUT_DIR, EVAL_DENOISING, cfg, files, inputs=inputs,
                        info={"llm": llm.ident, "n_images": len(ds)})
     dist.shutdown(d)
 

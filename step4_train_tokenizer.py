@@ -33,8 +33,9 @@ from utils import dist
 from utils.artifacts import MANIFEST, atomic_path, read_manifest, require_input, write_manifest
 from utils.cli import configure, run_main
 from utils.errors import V2LError
+from utils.stages import CODEBOOK, GLOBAL, TOKENIZER
 
-DATA_DIR = "data/imagenet"  # training images in ImageNet layout (<data_dir>/<split>/<class>/<images>)
+DATA_DIR = "/data/imagenet"  # training images in ImageNet layout (<data_dir>/<split>/<class>/<images>)
 SPLIT = "train"  # sub-folder of DATA_DIR to train on (none: DATA_DIR itself)
 CODEBOOK_DIR = "out/codebook"  # step-2 artifact (local codebook)
 GLOBAL_DIR = "out/global"  # step-3 artifact (filtered global codebook)
@@ -58,7 +59,7 @@ DISC_LAYERS = 2  # discriminator depth (PatchGAN n_layers)
 RESOLUTION = 128  # image size the tokenizer reconstructs
 GLOBAL_TOPK = 21  # global tokens per image (k)
 CH = 128  # encoder/decoder base channels (a multiple of 32)
-CH_MULT = (1, 2, 2, 4)  # channel multiplier per level
+CH_MULT: tuple[int, ...] = (1, 2, 2, 4)  # channel multiplier per level
 NUM_RES_BLOCKS = 2  # residual blocks per level
 Z_CHANNELS = 256  # encoder output channels
 CROSS_HEADS = 8  # decoder cross-attention heads
@@ -69,8 +70,8 @@ CHANNELS_LAST = False  # NHWC memory layout for the convolutions (often faster o
 FIND_UNUSED_PARAMETERS = False  # DDP option; only needed for architectures with unused branches
 NUM_WORKERS = 8  # image-decoding worker processes per rank
 SEED = 0  # seed of the initialisation, the data order and every random stream
-MAX_IMAGES = None  # train on the first N images only (none: all)
-MAX_STEPS_PER_EPOCH = None  # cut each epoch after N iterations (quick runs; none: full epochs)
+MAX_IMAGES: int | None = None  # train on the first N images only (none: all)
+MAX_STEPS_PER_EPOCH: int | None = None  # cut each epoch after N iterations (quick runs; none: full epochs)
 LOG_EVERY = 50  # iterations between log records (log.jsonl, TensorBoard)
 SAVE_EVERY_EPOCH = 10  # also keep checkpoints/epoch_NNNN.pt every N epochs (0: only last.pt)
 N_SAMPLES = 8  # images in each epoch's reconstruction grid
@@ -81,8 +82,8 @@ cfg = configure(globals())
 
 def check_inputs(clip_ident: str) -> tuple[dict, dict]:
     """The finished codebook and global artifacts, made from each other and with this CLIP."""
-    code_m = read_manifest(CODEBOOK_DIR, "codebook", made_by="step2_codebook_embedding.py")
-    glob_m = read_manifest(GLOBAL_DIR, "global", made_by="step3_codebook_filtering.py")
+    code_m = read_manifest(CODEBOOK_DIR, CODEBOOK)
+    glob_m = read_manifest(GLOBAL_DIR, GLOBAL)
     require_input(glob_m, "codebook", code_m, f"global codebook {GLOBAL_DIR}")
     if code_m["info"].get("clip") != clip_ident:
         raise V2LError(f"{CODEBOOK_DIR} was embedded with CLIP '{code_m['info'].get('clip')}' but "
@@ -185,7 +186,7 @@ def main():
     train.close()
     if d.is_main:
         tokenizer.save(out / "tokenizer.pt")
-        write_manifest(out, "tokenizer", cfg, ["tokenizer.pt", "log.jsonl"],
+        write_manifest(out, TOKENIZER, cfg, ["tokenizer.pt", "log.jsonl"],
                        inputs={"codebook": CODEBOOK_DIR, "global": GLOBAL_DIR},
                        info={"epochs": train.epoch, "iterations": train.step, "world": d.world,
                              "clip": clip.ident, "images": len(dataset)})

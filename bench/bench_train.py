@@ -34,7 +34,7 @@ from utils.errors import V2LError  # noqa: E402
 
 BATCH_SIZE = 2  # images per iteration
 ITERS = 2  # timed iterations per row (after one warm-up iteration)
-CONFIGS = ("tiny",)  # configurations to time: tiny and/or paper (paper: minutes per row on CPU)
+CONFIGS: tuple[str, ...] = ("tiny",)  # configurations to time: tiny and/or paper (paper: minutes per row on CPU)
 DEVICE = "auto"  # auto (CUDA when available), cuda or cpu
 AMP = "bf16"  # mixed precision on GPUs (bf16, fp16, none)
 SEED = 0  # weights and images seed

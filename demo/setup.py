@@ -25,6 +25,7 @@ from models.clip import load_clip
 from utils.artifacts import atomic_dir, is_complete, load_json, read_manifest, save_json, write_manifest
 from utils.cli import configure, run_main
 from utils.errors import V2LError
+from utils.stages import DEMO_CLIP, DEMO_DATA, DEMO_VOCAB_IDS
 
 OUT_DIR = "out/demo"  # where the demo's data, llm, vocab_ids and clip directories go
 SEED = 0  # seed of the image world and of the CLIP training
@@ -61,7 +62,7 @@ def make_data(out: Path) -> None:
     with atomic_dir(out) as tmp:
         files, info = demo_world.write_world(tmp, SEED, TRAIN_PER_CLASS, VAL_PER_CLASS, IMAGE_SIZE,
                                              photos=PHOTOS, style=WORLD_STYLE)
-        write_manifest(tmp, "demo_data", cfg, files, info=info)
+        write_manifest(tmp, DEMO_DATA, cfg, files, info=info)
 
 
 def make_llm(out: Path) -> None:
@@ -77,7 +78,7 @@ def make_vocab_ids(out: Path, llm_dir: Path) -> None:
     with atomic_dir(out) as tmp:
         save_json(tmp / "ids.json", {"ids": ids, "class_words": words,
                                      "first_ids": VOCAB_FIRST_IDS})
-        write_manifest(tmp, "demo_vocab_ids", cfg, ["ids.json"], inputs={"llm": llm_dir},
+        write_manifest(tmp, DEMO_VOCAB_IDS, cfg, ["ids.json"], inputs={"llm": llm_dir},
                        info={"n_ids": len(ids)})
 
 
@@ -111,7 +112,7 @@ def make_clip(out: Path, llm_dir: Path, ids_dir: Path) -> None:
         metrics |= {"steps": hist["steps"], "train_seconds": round(hist["seconds"], 1),
                     "first_loss": hist["losses"][0], "last_loss": hist["losses"][-1]}
         save_json(tmp / "metrics.json", metrics | {"losses": hist["losses"]})
-        write_manifest(tmp, "demo_clip", cfg, demo_clip.SAVED_FILES + ["metrics.json"],
+        write_manifest(tmp, DEMO_CLIP, cfg, demo_clip.SAVED_FILES + ["metrics.json"],
                        inputs=inputs,
                        info={"stand_in": "tiny open_clip CLIP trained on the demo world",
                              "n_negative_strings": len(words)} | metrics)
@@ -120,10 +121,10 @@ def make_clip(out: Path, llm_dir: Path, ids_dir: Path) -> None:
 def main():
     root = Path(OUT_DIR)
     data, llm, ids, clip = root / "data", root / "llm", root / "vocab_ids", root / "clip"
-    parts = [(data, "demo_data", "demo image world", make_data),
+    parts = [(data, DEMO_DATA, "demo image world", make_data),
              (llm, demo_llm.STAGE, "stand-in LLM (SmolLM2-135M-Instruct)", make_llm),
-             (ids, "demo_vocab_ids", "demo vocabulary ids", lambda out: make_vocab_ids(out, llm)),
-             (clip, "demo_clip", "stand-in CLIP (tiny, trained here)",
+             (ids, DEMO_VOCAB_IDS, "demo vocabulary ids", lambda out: make_vocab_ids(out, llm)),
+             (clip, DEMO_CLIP, "stand-in CLIP (tiny, trained here)",
               lambda out: make_clip(out, llm, ids))]
     wanted = [p.strip() for p in PARTS.split(",") if p.strip()]
     unknown = set(wanted) - {out.name for out, *_ in parts}
@@ -140,7 +141,7 @@ def main():
     if "clip" not in wanted:
         print("demo parts ready: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
         return
-    info = read_manifest(clip, "demo_clip")["info"]
+    info = read_manifest(clip, DEMO_CLIP)["info"]
     print(f"stand-in CLIP: zero-shot accuracy {info['zero_shot_acc']:.1%} on {info['n_images']} "
           f"fresh images; colour and shape word both in the top 5 of a {info['lookup_size']}-string "
           f"lookup {info['top5_both']:.1%}, exactly the top 2 {info['top2_exact']:.1%}")

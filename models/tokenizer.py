@@ -32,6 +32,7 @@ from models.quantizers import topk_nearest, vector_quantize
 from models.vqgan import Decoder, Encoder
 from utils.artifacts import load_json, load_tensors, read_manifest, require_input, save_torch
 from utils.errors import V2LError
+from utils.stages import CODEBOOK, GLOBAL
 
 FORMAT = "v2l-tokenizer/1"
 FILE_NAME = "tokenizer.pt"
@@ -155,8 +156,8 @@ class V2LTokenizer(nn.Module):
     def from_artifacts(cls, codebook_dir, global_dir, clip: ClipBundle | None,
                        **cfg_overrides) -> "V2LTokenizer":
         """A fresh tokenizer on the codebooks of step 2 (``codebook/``) and step 3 (``global/``)."""
-        cb = read_manifest(codebook_dir, "codebook", made_by="step2_codebook_embedding.py")
-        gl = read_manifest(global_dir, "global", made_by="step3_codebook_filtering.py")
+        cb = read_manifest(codebook_dir, CODEBOOK)
+        gl = read_manifest(global_dir, GLOBAL)
         require_input(gl, "codebook", cb, f"global codebook {global_dir}")
         local = _read_tensors(Path(codebook_dir) / "local_codebook.safetensors",
                               ("embeddings", "llm_ids"))

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from utils.artifacts import save_json, save_tensors, write_manifest
+from utils.stages import EVAL_DENOISING, EVAL_RECONSTRUCTION, EVAL_UNDERSTANDING
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,6 +29,37 @@ def make_vocab_artifact(out_dir, words: list[str], printable: list[bool] | None 
                  {"ids": ids, "next1": (ids + 1) % n, "next2": (ids + 2) % n})
     write_manifest(out_dir, "vocab", {"words": n}, ["vocab.json", "vocab_tokens.safetensors"])
     return str(out_dir)
+
+
+def make_eval_artifacts(out, ceiling: bool = True) -> dict:
+    """Finished eval_reconstruction/, eval_understanding/ and eval_denoising/ artifacts under
+    ``out`` holding made-up numbers in the layout the eval scripts write (with ``ceiling``
+    False, understanding rows as older runs wrote them: no ceiling/floor). Returns the numbers."""
+    out = Path(out)
+    rec = {"n_images": 300, "psnr": 23.5, "ssim": 0.71, "lpips": float("nan"), "fid": 11.2,
+           "is": 80.1, "codebook_used": 0.93, "codebook_perplexity": 1234.5,
+           "skipped": {"lpips": "no VGG weights"}}
+    save_json(out / EVAL_RECONSTRUCTION.out_dir / "results.json", rec)
+    write_manifest(out / EVAL_RECONSTRUCTION.out_dir, EVAL_RECONSTRUCTION, {}, ["results.json"])
+    settings = []
+    for k_shot, accuracy in [(1, 0.625), (3, 0.75)]:
+        row = {"n_way": 2, "k_shot": k_shot, "global_k": 21, "induction": True, "repeat": 0,
+               "n": 200, "correct": int(200 * accuracy), "accuracy": accuracy,
+               "ci95": [accuracy - 0.125, accuracy + 0.125], "chance": 0.5}
+        if ceiling:
+            row |= {"ceiling": 0.95, "floor": 0.5}
+        settings.append(row)
+    d = out / EVAL_UNDERSTANDING.out_dir
+    save_json(d / "results.json", settings)
+    write_manifest(d, EVAL_UNDERSTANDING, {}, ["results.json"], info={"settings": settings})
+    den = {task: {variant: {"n_images": 2, "psnr": 20.0 + i, "ssim": 0.5 + i / 10,
+                            "lpips": None, "fid": None,
+                            "token_acc": None if variant in ("corrupted", "ceiling") else 0.25 * i}
+                  for i, variant in enumerate(["corrupted", "baseline", "restored", "ceiling"])}
+           for task in ["inpainting", "rotation"]}
+    save_json(out / EVAL_DENOISING.out_dir / "results.json", den)
+    write_manifest(out / EVAL_DENOISING.out_dir, EVAL_DENOISING, {}, ["results.json"])
+    return {"reconstruction": rec, "understanding": settings, "denoising": den}
 
 
 def make_image_folder(root, n_per_class: int = 4, classes=("cls_a", "cls_b"),

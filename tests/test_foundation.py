@@ -1,4 +1,9 @@
-"""The shared plumbing: flags from constants, atomic artifacts and manifests, robust images."""
+"""The shared plumbing: the stage registry, atomic artifacts (and their file modes), manifests,
+the run summary, robust images. Flags from constants: tests/test_cli.py."""
+import json
+import os
+import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -8,40 +13,12 @@ from PIL import Image
 
 from data.images import ImageFolderDataset, collate_skip_bad, load_rgb, scan_split
 from data.transforms import ImageViews, clip_crop
-from utils.artifacts import (ChunkStore, atomic_path, is_complete, read_manifest, require_input,
-                             save_json, save_tensors, write_manifest)
-from utils.cli import build_parser, configure
+from fixtures_artifacts import make_eval_artifacts
+from utils import stages
+from utils.artifacts import (ChunkStore, atomic_dir, atomic_path, is_complete, read_manifest,
+                             require_input, save_json, save_tensors, save_torch, write_manifest)
+from utils.summary import parse_seconds, summary
 from utils.errors import V2LError
-
-SCRIPT = '''"""A toy stage."""
-# how many rows per chunk
-CHUNK = 64  # rows per chunk
-NAME = "abc"  # a name
-FLAG = False  # a flag
-OPT = None  # an optional path
-KS = (5, 21)  # several values
-RATE = 1.5  # a float, 100% of it
-cfg = configure(globals())
-AFTER = 3  # set after the flags are read: not a setting
-'''
-
-
-def test_flags_come_from_constants(tmp_path):
-    script = tmp_path / "toy.py"
-    script.write_text(SCRIPT)
-    g = {"__file__": str(script), "__doc__": "A toy stage."}
-    cfg = configure(g, ["--chunk", "3", "--flag", "--opt", "p", "--ks", "1", "2", "--rate", "0.5"])
-    assert cfg == {"chunk": 3, "name": "abc", "flag": True, "opt": "p", "ks": (1, 2), "rate": 0.5}
-    assert g["CHUNK"] == 3 and g["KS"] == (1, 2)
-    assert configure(g, ["--opt", "400"])["opt"] == 400  # an optional number is a number
-    cfg = configure(g, ["--flag", "false", "--opt", "none"])
-    assert cfg["flag"] is False and cfg["opt"] is None and cfg["chunk"] == 64
-    help_text = build_parser(SCRIPT, "A toy stage.")[0].format_help()
-    assert "100% of it" in help_text and "--after" not in help_text
-    assert "how many rows per chunk rows per chunk" in help_text and "a name (default: 'abc')" in help_text
-    with pytest.raises(SystemExit):
-        configure(g, ["--chunk", "x"])
-
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "a.json"
@@ -73,6 +50,89 @@ def test_manifest_chain(tmp_path):
     # a truncated data file is noticed
     (a / "x.safetensors").write_bytes(b"12")
     assert not is_complete(a, "vocab")
+
+
+def test_registry_names_each_stage_once_and_its_producer(tmp_path):
+    ids = [s.id for s in stages.ALL]
+    assert len(set(ids)) == len(ids) and stages.PIPELINE[0] is stages.VOCAB
+    scripts = [s.script for s in stages.PIPELINE]
+    repo = Path(stages.__file__).resolve().parent.parent
+    assert len(set(scripts)) == len(scripts) and all((repo / p).is_file() for p in scripts)
+    a = tmp_path / stages.VOCAB.out_dir
+    save_json(a / "y.json", [1])
+    assert write_manifest(a, stages.VOCAB, {}, ["y.json"])["stage"] == "vocab"
+    assert is_complete(a, stages.VOCAB) and not is_complete(a, stages.CODEBOOK)
+    # the error names the script that makes the missing stage, from the registry
+    with pytest.raises(V2LError, match="run step2_codebook_embedding.py first"):
+        read_manifest(tmp_path / "nothing", stages.CODEBOOK)
+    with pytest.raises(V2LError, match="expected 'codebook'; run step2_codebook_embedding.py"):
+        read_manifest(a, stages.CODEBOOK)
+    # run.sh's check: OUT/<the stage's dir> holds a finished artifact of that stage
+    assert stages.main(["complete", str(tmp_path), "vocab"]) == 0
+    assert stages.main(["complete", str(tmp_path), "codebook"]) == 1
+    assert stages.main(["complete", str(tmp_path), "no_such_stage"]) == 2
+    shell = stages.shell()
+    assert "STAGE_IDS=(vocab codebook global tokenizer eval_reconstruction" in shell
+    assert "[global]=step3_codebook_filtering.py" in shell
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_artifacts_respect_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        save_tensors(tmp_path / "a.safetensors", {"x": torch.zeros(2)})
+        save_json(tmp_path / "b.json", [1])
+        save_torch(tmp_path / "c.pt", {"x": 1})
+        with atomic_dir(tmp_path / "d") as d:
+            save_json(d / "e.json", [1])
+        store = ChunkStore(tmp_path / "f", total=2, chunk_size=1, key={})
+        store.save(0, {"x": torch.zeros(1)})
+    finally:
+        os.umask(old)
+    for p in ["a.safetensors", "b.json", "c.pt", "d/e.json", f"f/{store.dir.name}/chunk000000.safetensors"]:
+        assert stat.S_IMODE((tmp_path / p).stat().st_mode) == 0o666 & ~umask, p
+    for p in ["d", "f", f"f/{store.dir.name}"]:
+        assert stat.S_IMODE((tmp_path / p).stat().st_mode) == 0o777 & ~umask, p
+
+
+def test_summary_json_holds_every_number(tmp_path, capsys):
+    made = make_eval_artifacts(tmp_path)
+    seconds = parse_seconds(["demo_setup=3.5", "vocab=12.250", "codebook=skipped"])
+    text = summary(tmp_path, seconds)
+    data = json.loads((tmp_path / "summary.json").read_text())   # strict JSON: no NaN
+    assert data["stage_seconds"] == {"demo_setup": 3.5, "vocab": 12.25, "codebook": None}
+    rec = data["reconstruction"]
+    for k in ["n_images", "psnr", "ssim", "fid", "is", "codebook_used", "codebook_perplexity"]:
+        assert rec[k] == made["reconstruction"][k], k
+    assert rec["lpips"] is None and rec["skipped"] == {"lpips": "no VGG weights"}
+    rows = data["understanding"]
+    assert len(rows) == len(made["understanding"])
+    for row, want in zip(rows, made["understanding"]):
+        for k in ["n_way", "k_shot", "global_k", "accuracy", "ci95", "chance", "ceiling", "floor"]:
+            assert row[k] == want[k], k
+    pairs = [(r["task"], r["variant"]) for r in data["denoising"]]
+    assert pairs == [(t, v) for t in made["denoising"] for v in made["denoising"][t]]
+    for r in data["denoising"]:
+        want = made["denoising"][r["task"]][r["variant"]]
+        assert {k: r[k] for k in ["psnr", "ssim", "token_acc"]} == {
+            k: want[k] for k in ["psnr", "ssim", "token_acc"]}
+    # the table shows the reference points beside the accuracy
+    lines = text[text.index("few-shot understanding"):].splitlines()
+    assert re.search(r"\bacc +95% CI +chance +floor +ceiling$", lines[1]), lines[1]
+    assert lines[2].split()[-5:] == ["62.5", "50.0-75.0", "50.0", "50.0", "95.0"]
+    assert "not run" not in text
+
+
+def test_summary_of_an_old_or_partial_run(tmp_path):
+    make_eval_artifacts(tmp_path, ceiling=False)
+    (tmp_path / "eval_denoising" / "manifest.json").unlink()   # unfinished
+    text = summary(tmp_path)
+    data = json.loads((tmp_path / "summary.json").read_text())
+    assert data["stage_seconds"] == {} and data["denoising"] is None
+    assert all(r["ceiling"] is None and r["floor"] is None for r in data["understanding"])
+    assert "denoising: not run" in text
+    with pytest.raises(V2LError, match="STAGE_ID=SECONDS"):
+        parse_seconds(["vocab=fast"])
 
 
 def test_chunkstore_resume_and_sharding(tmp_path):

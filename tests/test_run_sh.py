@@ -18,11 +18,9 @@ from demo.world import write_world
 from tiny_clip import make_tiny_clip
 from tiny_llm import make_tiny_llama
 from utils.artifacts import is_complete, read_manifest
+from utils.stages import CODEBOOK, PIPELINE, VOCAB
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = {"vocab": "vocab", "codebook": "codebook", "global": "global", "tokenizer": "tokenizer",
-          "eval_reconstruction": "eval_reconstruction", "eval_understanding": "eval_understanding",
-          "eval_denoising": "eval_denoising"}
 
 
 def tiny_env(tmp_path: Path) -> dict:
@@ -66,15 +64,15 @@ def test_run_sh_interrupted_mid_stage_then_completes(tmp_path):
     assert first.poll() is None, "run.sh ended before step 2 saved its first chunk"
     os.killpg(first.pid, signal.SIGTERM)
     first.wait(timeout=30)
-    assert is_complete(out / "vocab", "vocab") and not is_complete(out / "codebook", "codebook")
+    assert is_complete(out / VOCAB.out_dir, VOCAB) and not is_complete(out / CODEBOOK.out_dir, CODEBOOK)
 
     rerun = subprocess.run(["bash", "run.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                            timeout=240)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     log = rerun.stdout
     assert "step 1: expand vocabulary: complete" in log and "skipped" in log
-    for name, stage in STAGES.items():
-        read_manifest(out / name, stage)   # complete: manifest present, every file its recorded size
+    for stage in PIPELINE:
+        read_manifest(out / stage.out_dir, stage)   # complete: manifest present, files their sizes
     assert (out / "tokenizer" / "tokenizer.pt").is_file()
     assert (out / "eval_reconstruction" / "reconstructions.png").is_file()
     assert list((out / "eval_denoising").glob("*/strips/*.png"))
@@ -84,7 +82,15 @@ def test_run_sh_interrupted_mid_stage_then_completes(tmp_path):
     assert "not run" not in summary
     results = json.loads((out / "eval_reconstruction" / "results.json").read_text())
     assert results["n_images"] == 4 and results["psnr"] > 0
+    numbers = json.loads((out / "summary.json").read_text())
+    assert numbers["stage_seconds"]["vocab"] is None                  # skipped in the rerun
+    assert all(numbers["stage_seconds"][s.id] >= 0 for s in PIPELINE[1:])
+    assert numbers["reconstruction"]["n_images"] == 4
+    assert [(r["n_way"], r["k_shot"], r["global_k"]) for r in numbers["understanding"]] == [(2, 1, 5)]
+    assert 0 <= numbers["understanding"][0]["accuracy"] <= 1
+    assert {r["task"] for r in numbers["denoising"]} == {"inpainting", "rotation"}
+    assert all({"variant", "psnr", "ssim", "token_acc"} <= set(r) for r in numbers["denoising"])
 
     again = subprocess.run(["bash", "run.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                            timeout=120)
-    assert again.returncode == 0 and again.stdout.count("skipped") >= len(STAGES)
+    assert again.returncode == 0 and again.stdout.count("skipped") >= len(PIPELINE)

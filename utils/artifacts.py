@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from utils.errors import V2LError
+from utils.stages import Stage, producer, stage_id
 
 if TYPE_CHECKING:
     import torch
@@ -38,15 +39,32 @@ MANIFEST = "manifest.json"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def current_umask() -> int:
+    """The process umask (read from /proc where it can be, so that no thread sees it changed)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary path beside ``path``; move it into place only if the block succeeds."""
+    """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
+    The file gets the mode an ordinary ``open(path, "w")`` gives (0666 less the umask): mkstemp
+    makes it 0600, which would hide artifacts from the rest of a group on a shared directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -64,9 +82,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
                        "choose another directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the artifact is an ordinary dir
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; the artifact is an ordinary dir
     try:
         yield tmp
         os.replace(tmp, path)
@@ -134,11 +150,12 @@ def _jsonable(value):
     return str(value)
 
 
-def write_manifest(out_dir, stage: str, config: dict, files: list[str],
+def write_manifest(out_dir, stage: Stage | str, config: dict, files: list[str],
                    inputs: dict[str, str | os.PathLike] | None = None,
                    info: dict | None = None) -> dict:
-    """Hash ``files`` (relative to out_dir), record the input manifests' ids, write manifest.json last."""
-    out_dir = Path(out_dir)
+    """Hash ``files`` (relative to out_dir), record the input manifests' ids, write manifest.json last.
+    ``stage`` is a utils.stages entry (or its id)."""
+    out_dir, stage = Path(out_dir), stage_id(stage)
     entries = {}
     for name in files:
         p = out_dir / name
@@ -160,10 +177,13 @@ def write_manifest(out_dir, stage: str, config: dict, files: list[str],
     return manifest
 
 
-def read_manifest(out_dir, stage: str | None = None, made_by: str | None = None) -> dict:
-    """Read a finished stage's manifest, or fail with the command that makes it."""
+def read_manifest(out_dir, stage: Stage | str | None = None, made_by: str | None = None) -> dict:
+    """Read a finished stage's manifest, or fail with the command that makes it (``made_by``,
+    else the stage's script in utils/stages.py)."""
     out_dir = Path(out_dir)
     path = out_dir / MANIFEST
+    if stage is not None:
+        made_by, stage = made_by or producer(stage), stage_id(stage)
     fix = f"; run {made_by} first" if made_by else ""
     if not out_dir.is_dir():
         raise V2LError(f"{out_dir}: directory not found{fix}")
@@ -199,7 +219,7 @@ def finished_inputs(**dirs) -> dict:
     return {name: d for name, d in dirs.items() if (Path(d) / MANIFEST).is_file()}
 
 
-def is_complete(out_dir, stage: str) -> bool:
+def is_complete(out_dir, stage: Stage | str) -> bool:
     """True when out_dir holds a finished artifact of this stage (for skipping reruns)."""
     try:
         read_manifest(out_dir, stage)
@@ -258,10 +278,3 @@ class ChunkStore:
             p.unlink()
         self.dir.rmdir()
 
-
-if __name__ == "__main__":
-    # `python -m utils.artifacts complete DIR STAGE`: exit 0 when DIR holds a finished STAGE artifact
-    import sys
-    if len(sys.argv) != 4 or sys.argv[1] != "complete":
-        sys.exit("usage: python -m utils.artifacts complete DIR STAGE")
-    sys.exit(0 if is_complete(sys.argv[2], sys.argv[3]) else 1)

@@ -1,13 +1,83 @@
-"""The end-of-run summary: one table per evaluation, read from the artifacts under OUT.
+"""The end-of-run summary: one table per evaluation, and the same numbers in OUT/summary.json.
 
-    python -m utils.summary out
+    python -m utils.summary OUT [STAGE_ID=SECONDS|skipped ...]
+
+run.sh calls it last, with each stage's wall time. ``summary.json`` is what
+scripts and CI read::
+
+    {"out": "out",
+     "stage_seconds": {"vocab": 12.3, "codebook": null, ...},   # null: skipped (already complete)
+     "reconstruction": {"n_images", "psnr", "ssim", "lpips", "fid", "is", "codebook_used",
+                        "codebook_perplexity", "skipped": {metric: reason}} or null,
+     "understanding": [{"n_way", "k_shot", "global_k", "induction", "repeat", "n", "accuracy",
+                        "ci95": [lo, hi], "chance", "ceiling", "floor"}, ...],   # one per setting
+     "denoising": [{"task", "variant", "n_images", "psnr", "ssim", "lpips", "fid", "token_acc"},
+                   ...]}                                     # one per task and variant
+
+An evaluation that has not run (or not finished) is null; a value
+an artifact does not hold (an older run without ``ceiling``, a metric not
+computed, a non-finite number) is null.
 """
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
-from utils.artifacts import is_complete, load_json
+from utils.artifacts import is_complete, load_json, read_manifest, save_json
+from utils.errors import V2LError
+from utils.stages import EVAL_DENOISING, EVAL_RECONSTRUCTION, EVAL_UNDERSTANDING
+
+SUMMARY_JSON = "summary.json"
+RECONSTRUCTION_KEYS = ["n_images", "psnr", "ssim", "lpips", "fid", "is", "codebook_used",
+                       "codebook_perplexity"]
+UNDERSTANDING_KEYS = ["n_way", "k_shot", "global_k", "induction", "repeat", "n", "accuracy", "ci95",
+                      "chance", "ceiling", "floor"]
+DENOISING_KEYS = ["task", "variant", "n_images", "psnr", "ssim", "lpips", "fid", "token_acc"]
+
+
+def _clean(x):
+    """JSON-safe: non-finite floats become null (strict JSON readers reject NaN)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    return x
+
+
+def reconstruction_results(out: Path) -> dict | None:
+    d = out / EVAL_RECONSTRUCTION.out_dir
+    if not is_complete(d, EVAL_RECONSTRUCTION):
+        return None
+    r = load_json(d / "results.json")
+    return _clean({k: r.get(k) for k in RECONSTRUCTION_KEYS} | {"skipped": r.get("skipped", {})})
+
+
+def understanding_rows(out: Path) -> list[dict] | None:
+    d = out / EVAL_UNDERSTANDING.out_dir
+    if not is_complete(d, EVAL_UNDERSTANDING):
+        return None
+    rows = read_manifest(d, EVAL_UNDERSTANDING)["info"].get("settings", [])
+    return [_clean({k: r.get(k) for k in UNDERSTANDING_KEYS}) for r in rows]
+
+
+def denoising_rows(out: Path) -> list[dict] | None:
+    d = out / EVAL_DENOISING.out_dir
+    if not is_complete(d, EVAL_DENOISING):
+        return None
+    results = load_json(d / "results.json")
+    return [_clean({"task": task, "variant": variant} | {k: r.get(k) for k in DENOISING_KEYS[2:]})
+            for task, variants in results.items() for variant, r in variants.items()]
+
+
+def collect(out, stage_seconds: dict[str, float | None] | None = None) -> dict:
+    """Everything summary.json holds (see the module docstring)."""
+    out = Path(out)
+    return {"out": str(out), "stage_seconds": dict(stage_seconds or {}),
+            "reconstruction": reconstruction_results(out),
+            "understanding": understanding_rows(out), "denoising": denoising_rows(out)}
 
 
 def _f(x, digits=3) -> str:
@@ -16,20 +86,23 @@ def _f(x, digits=3) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     cells = [header] + [[_f(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells)
+    return "\n".join(("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths))).rstrip()
+                     for r in cells)
 
 
-def reconstruction(out: Path) -> str:
-    d = out / "eval_reconstruction"
-    if not is_complete(d, "eval_reconstruction"):
+def reconstruction_text(out: Path, r: dict | None) -> str:
+    if r is None:
         return "reconstruction: not run"
-    r = load_json(d / "results.json")
-    keys = ["n_images", "psnr", "ssim", "lpips", "fid", "is", "codebook_used", "codebook_perplexity"]
-    text = "reconstruction (128 px):\n" + _table(keys, [[r.get(k) for k in keys]])
-    for name, reason in r.get("skipped", {}).items():
+    d = out / EVAL_RECONSTRUCTION.out_dir
+    text = "reconstruction (128 px):\n" + _table(RECONSTRUCTION_KEYS, [[r[k] for k in RECONSTRUCTION_KEYS]])
+    for name, reason in r["skipped"].items():
         text += f"\n  skipped {name}: {reason}"
     for png in ("reconstructions.png", "token_usage.png"):
         if (d / png).is_file():
@@ -37,37 +110,65 @@ def reconstruction(out: Path) -> str:
     return text
 
 
-def understanding(out: Path) -> str:
-    d = out / "eval_understanding"
-    if not is_complete(d, "eval_understanding"):
+def understanding_text(rows: list[dict] | None) -> str:
+    if rows is None:
         return "few-shot understanding: not run"
-    rows = load_json(d / "manifest.json")["info"]["settings"]
     keys = ["n_way", "k_shot", "global_k", "induction", "repeat", "n"]
-    body = [[r[k] for k in keys] + [f"{100 * r['accuracy']:.1f}",
-                                    f"{100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f}",
-                                    f"{100 * r['chance']:.1f}"] for r in rows]
-    return "few-shot understanding (accuracy %):\n" + _table(keys + ["acc", "95% CI", "chance"], body)
+    body = [[r[k] for k in keys]
+            + [_pct(r["accuracy"]),
+               "-" if r["ci95"] is None else f"{_pct(r['ci95'][0])}-{_pct(r['ci95'][1])}",
+               _pct(r["chance"]), _pct(r["floor"]), _pct(r["ceiling"])] for r in rows]
+    return ("few-shot understanding (accuracy %, beside chance = 1/n_way and the floor and "
+            "ceiling reference runs):\n"
+            + _table(keys + ["acc", "95% CI", "chance", "floor", "ceiling"], body))
 
 
-def denoising(out: Path) -> str:
-    d = out / "eval_denoising"
-    if not is_complete(d, "eval_denoising"):
+def denoising_text(out: Path, rows: list[dict] | None) -> str:
+    if rows is None:
         return "denoising: not run"
-    results = load_json(d / "results.json")
-    keys = ["n_images", "psnr", "ssim", "lpips", "fid", "token_acc"]
-    body = [[task, variant] + [r.get(k) for k in keys]
-            for task, variants in results.items() for variant, r in variants.items()]
-    text = "denoising with the frozen LLM (vs the clean image):\n" + _table(["task", "variant"] + keys, body)
-    strips = sorted(d.glob("*/strips"))
+    text = ("denoising with the frozen LLM (vs the clean image):\n"
+            + _table(DENOISING_KEYS, [[r[k] for k in DENOISING_KEYS] for r in rows]))
+    strips = sorted((out / EVAL_DENOISING.out_dir).glob("*/strips"))
     if strips:
         text += "\n  strips (clean | corrupted | restored): " + ", ".join(str(s) for s in strips)
     return text
 
 
-def summary(out) -> str:
+def summary(out, stage_seconds: dict[str, float | None] | None = None, write: bool = True) -> str:
+    """The summary tables; with ``write``, also OUT/summary.json."""
     out = Path(out)
-    return "\n\n".join(["== summary", reconstruction(out), understanding(out), denoising(out)])
+    data = collect(out, stage_seconds)
+    parts = ["== summary", reconstruction_text(out, data["reconstruction"]),
+             understanding_text(data["understanding"]), denoising_text(out, data["denoising"])]
+    if write:
+        save_json(out / SUMMARY_JSON, data)
+        parts.append(f"numbers: {out / SUMMARY_JSON}")
+    return "\n\n".join(parts)
+
+
+def parse_seconds(args: list[str]) -> dict[str, float | None]:
+    """``["vocab=12.5", "codebook=skipped"]`` -> ``{"vocab": 12.5, "codebook": None}``."""
+    seconds = {}
+    for a in args:
+        name, sep, value = a.partition("=")
+        try:
+            seconds[name] = None if value == "skipped" else float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise V2LError(f"utils.summary: bad stage time {a!r}; expected STAGE_ID=SECONDS or "
+                           "STAGE_ID=skipped")
+    return seconds
+
+
+def main(argv: list[str]) -> None:
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    out = argv[0] if argv else "out"
+    print(summary(out, parse_seconds(argv[1:])))
 
 
 if __name__ == "__main__":
-    print(summary(sys.argv[1] if len(sys.argv) > 1 else "out"))
+    from utils.cli import run_main
+    run_main(lambda: main(sys.argv[1:]))

@@ -1,0 +1,112 @@
+"""Every artifact kind in one place: its stage id, the command that makes it, and its directory.
+
+A stage id is what a manifest's ``"stage"`` says, what a consumer checks with
+``read_manifest(dir, VOCAB)`` (which also names ``VOCAB.script`` in its error),
+what ``run.sh`` skips on (``python -m utils.stages complete OUT vocab``) and
+where ``utils/summary.py`` looks. A new stage is one ``Stage(...)`` line here
+(plus, for a pipeline stage, its entry in ``PIPELINE`` and its command in run.sh).
+
+``out_dir`` is the directory under run.sh's ``OUT``; a script's own default is
+``out/<out_dir>`` (tests/test_cli.py checks that the two agree).
+
+    python -m utils.stages shell              # bash declarations for run.sh
+    python -m utils.stages table              # the pipeline's stages and directories
+    python -m utils.stages complete OUT ID    # exit 0 when OUT/<dir of ID> holds a finished ID
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Stage:
+    id: str        # the manifest's "stage"
+    script: str    # the command that makes it (named in "run ... first" errors)
+    out_dir: str   # its directory under run.sh's OUT (scripts default to out/<out_dir>)
+    title: str     # run.sh's label for it
+    what: str = ""  # what the artifact holds (run.sh --help)
+
+    def __str__(self) -> str:
+        return self.id
+
+
+VOCAB = Stage("vocab", "step1_expand_vocabulary.py", "vocab", "step 1: expand vocabulary",
+              "subword, bigram, trigram of every LLM token")
+CODEBOOK = Stage("codebook", "step2_codebook_embedding.py", "codebook", "step 2: codebook embedding",
+                 "CLIP text embeddings (local codebook, global candidates)")
+GLOBAL = Stage("global", "step3_codebook_filtering.py", "global", "step 3: global filtering",
+               "global candidates CLIP's image tower hits often")
+TOKENIZER = Stage("tokenizer", "step4_train_tokenizer.py", "tokenizer", "step 4: train tokenizer",
+                  "the trained V2L tokenizer")
+EVAL_RECONSTRUCTION = Stage("eval_reconstruction", "eval_reconstruction.py", "eval_reconstruction",
+                            "eval: reconstruction", "PSNR, SSIM, LPIPS, FID, IS, codebook use")
+EVAL_UNDERSTANDING = Stage("eval_understanding", "eval_understanding.py", "eval_understanding",
+                           "eval: understanding", "few-shot classification with the frozen LLM")
+EVAL_DENOISING = Stage("eval_denoising", "eval_denoising.py", "eval_denoising", "eval: denoising",
+                       "inpainting, outpainting, deblurring, rotation, shift")
+
+# the pipeline, in run.sh's order
+PIPELINE = (VOCAB, CODEBOOK, GLOBAL, TOKENIZER, EVAL_RECONSTRUCTION, EVAL_UNDERSTANDING,
+            EVAL_DENOISING)
+
+# artifacts inside a stage's directory, and the demo's inputs (made by demo/setup.py)
+EVAL_UNDERSTANDING_SETTING = Stage("eval_understanding_setting", "eval_understanding.py",
+                                   "eval_understanding/<setting>", "eval: understanding, one setting")
+DEMO = "python -m demo.setup"
+DEMO_DATA = Stage("demo_data", DEMO, "demo/data", "demo: images")
+DEMO_LLM = Stage("demo_llm", DEMO, "demo/llm", "demo: stand-in LLM")
+DEMO_VOCAB_IDS = Stage("demo_vocab_ids", DEMO, "demo/vocab_ids", "demo: vocabulary ids")
+DEMO_CLIP = Stage("demo_clip", DEMO, "demo/clip", "demo: stand-in CLIP")
+
+ALL = PIPELINE + (EVAL_UNDERSTANDING_SETTING, DEMO_DATA, DEMO_LLM, DEMO_VOCAB_IDS, DEMO_CLIP)
+BY_ID = {s.id: s for s in ALL}
+assert len(BY_ID) == len(ALL), "two stages share an id"
+
+
+def stage_id(stage: Stage | str) -> str:
+    return stage.id if isinstance(stage, Stage) else stage
+
+
+def producer(stage: Stage | str) -> str | None:
+    """The command that makes a stage's artifact, or None for an unregistered id."""
+    s = BY_ID.get(stage_id(stage))
+    return s.script if s else None
+
+
+def shell() -> str:
+    """bash declarations for run.sh: STAGE_IDS (pipeline order) and, by id, STAGE_SCRIPT,
+    STAGE_DIR (under OUT) and STAGE_TITLE."""
+    q = shlex.quote
+    lines = ["STAGE_IDS=(" + " ".join(q(s.id) for s in PIPELINE) + ")"]
+    for name, field in (("STAGE_SCRIPT", "script"), ("STAGE_DIR", "out_dir"), ("STAGE_TITLE", "title")):
+        pairs = " ".join(f"[{q(s.id)}]={q(getattr(s, field))}" for s in PIPELINE)
+        lines.append(f"declare -A {name}=({pairs})")
+    return "\n".join(lines)
+
+
+def table() -> str:
+    """The pipeline as run.sh --help lists it."""
+    width = max(len(s.script) for s in PIPELINE)
+    return "\n".join(f"  {s.script:<{width}}  {s.out_dir + '/':<21} {s.what}" for s in PIPELINE)
+
+
+def main(argv: list[str]) -> int:
+    if argv == ["shell"]:
+        print(shell())
+        return 0
+    if argv == ["table"]:
+        print(table())
+        return 0
+    if len(argv) == 3 and argv[0] == "complete" and argv[2] in BY_ID:
+        from utils.artifacts import is_complete
+        return 0 if is_complete(Path(argv[1]) / BY_ID[argv[2]].out_dir, argv[2]) else 1
+    print("usage: python -m utils.stages shell | table | complete OUT STAGE_ID\n"
+          f"stage ids: {', '.join(s.id for s in PIPELINE)}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
