@@ -112,9 +112,11 @@ if [[ $MODE == demo ]]; then
   echo "V2L demo: stand-in LLM (SmolLM2-135M-Instruct), stand-in tiny CLIP trained here, generated images."
   echo "The method's numbers need LLaMA-2-7B, CLIP ViT-L/14 and ImageNet: see README."
   t0=$(now_us)
+  # the images and the stand-in LLM now; the stand-in CLIP after step 1, whose candidate strings
+  # are its text negatives (so that no candidate it never saw becomes a hub near every image)
   # shellcheck disable=SC2086
-  "$PYTHON" -m demo.setup --out_dir "$DEMO" $DEMO_ARGS
-  TIMES+=("demo_setup|demo setup|$(seconds_since "$t0")")
+  "$PYTHON" -m demo.setup --out_dir "$DEMO" --parts data,llm,vocab_ids $DEMO_ARGS || exit 1
+  TIMES+=("demo_setup|demo setup: images, LLM|$(seconds_since "$t0")")
   IMAGENET="$DEMO/data"; LLM="$DEMO/llm"; CLIP="$DEMO/clip"; CLIP_PRETRAINED=""
   S1=(--vocab_ids "$DEMO/vocab_ids/ids.json" --batch_size 64 --chunk_size 512)
   S2=(--batch_size 64 --chunk_size 4096)
@@ -141,6 +143,11 @@ VGG_ARGS=(); [[ -n "$LPIPS_VGG" ]] && VGG_ARGS=(--vgg_path "$LPIPS_VGG")
 {
 run_stage vocab yes \
   --llm "$LLM" --out_dir "${DIR[vocab]}" "${S1[@]}" $STEP1_ARGS
+if [[ $MODE == demo ]]; then
+  t0=$(now_us)
+  "$PYTHON" -m demo.setup --out_dir "$DEMO" --parts clip --vocab_dir "${DIR[vocab]}" $DEMO_ARGS || exit 1
+  TIMES+=("demo_clip|demo setup: CLIP|$(seconds_since "$t0")")
+fi
 run_stage codebook yes \
   --vocab_dir "${DIR[vocab]}" --out_dir "${DIR[codebook]}" "${CLIP_ARGS[@]}" "${S2[@]}" $STEP2_ARGS
 run_stage global yes \
