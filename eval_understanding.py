@@ -24,7 +24,7 @@ from data.episodes import generate_episodes, read_episode_csv
 from engine.fewshot import FewShotPrompter, evaluate_episodes, global_token_strings, wilson_interval
 from engine.greedy import BatchedGreedy
 from models.llm import load_llm
-from models.tokenizer import V2LTokenizer
+from models.tokenizer_io import load_tokenizer
 from utils.artifacts import atomic_path, load_json, save_json, write_manifest, finished_inputs
 from utils.cli import configure, run_main
 from utils.errors import V2LError
@@ -146,7 +146,7 @@ def main():
     device = ("cuda" if torch.cuda.is_available() else "cpu") if DEVICE == "auto" else DEVICE
     torch.manual_seed(SEED)
     plan = [(s, episodes_for(s)) for s in settings()]
-    v2l = V2LTokenizer.load(TOKENIZER_DIR, device=device)
+    v2l = load_tokenizer(TOKENIZER_DIR, device=device)
     llm = load_llm(LLM, dtype=LLM_DTYPE, device=device)
     paths = sorted({p for _, eps in plan for ep in eps for p, _ in ep.support + (ep.query,)})
     k_max = max(s["global_k"] for s, _ in plan)

@@ -19,8 +19,9 @@ from PIL import Image
 from fixtures_tokenizer import TINY_TOKENIZER, make_codebook_artifacts, make_tiny_tokenizer, tiny_images
 from models.clip import load_clip
 from models.losses import DiscriminatorLoss, GeneratorLoss, LossWeights
-from models.tokenizer import V2LTokenizer
-from engine.train import TrainConfig, Training
+from models.tokenizer_io import load_tokenizer
+from engine import train as engine_train
+from engine.train import TrainConfig, build_training, train_step
 from test_losses import L2Perceptual
 from tiny_clip import make_tiny_clip
 from utils.artifacts import load_json, read_manifest, save_json
@@ -39,29 +40,30 @@ def _images(clip, n, res=RES, seed=0):
     return F.interpolate(x128, size=(res, res), mode="bilinear", align_corners=False), x_clip
 
 
-def _training(tok, **cfg):
+def _training(tokenizer, **train_config):
     loss = GeneratorLoss(LossWeights(disc_start=0), perceptual=L2Perceptual())
-    return Training(tok, loss, DiscriminatorLoss(ndf=8), TrainConfig(**cfg), Dist())
+    return build_training(tokenizer, loss, DiscriminatorLoss(ndf=8), TrainConfig(**train_config),
+                          Dist())
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_one_step_changes_only_the_trainable_parts(tmp_path, channels_last):
-    tok, clip, _ = make_tiny_tokenizer(tmp_path, resolution=RES)
-    train = _training(tok, channels_last=channels_last)
+    tokenizer, clip, _ = make_tiny_tokenizer(tmp_path, resolution=RES)
+    state = _training(tokenizer, channels_last=channels_last)
     frozen = {"clip." + k: v.clone() for k, v in clip.model.state_dict().items()}
-    frozen |= {k: tok.state_dict()[k].clone() for k in
+    frozen |= {k: tokenizer.state_dict()[k].clone() for k in
                ("tok_embeddings.weight", "tok_embeddings_global.weight", "llm_ids")}
-    trainable = {id(p): p.detach().clone() for p in tok.trainable_parameters()}
-    disc = {k: v.clone() for k, v in train.disc.state_dict().items()}
-    logs, _ = train.train_step(*_images(clip, 2), lr=1e-3)
+    trainable = {id(p): p.detach().clone() for p in tokenizer.trainable_parameters()}
+    disc = {k: v.clone() for k, v in state.discriminator.state_dict().items()}
+    logs, _ = train_step(state, *_images(clip, 2), lr=1e-3)
     assert {"l1", "vq", "lpips", "g_loss", "adaptive_w", "d_loss"} <= set(logs)
-    now = {"clip." + k: v for k, v in clip.model.state_dict().items()} | tok.state_dict()
+    now = {"clip." + k: v for k, v in clip.model.state_dict().items()} | tokenizer.state_dict()
     for k, v in frozen.items():
         assert torch.equal(now[k], v), k
-    changed = [not torch.equal(p, trainable[id(p)]) for p in tok.trainable_parameters()]
+    changed = [not torch.equal(p, trainable[id(p)]) for p in tokenizer.trainable_parameters()]
     assert all(changed), f"{changed.count(False)} trainable tensors did not move"
-    assert tok.codebook_projection.weight.grad is not None
-    assert not torch.equal(train.disc.state_dict()["discriminator.main.0.weight"],
+    assert tokenizer.codebook_projection.weight.grad is not None
+    assert not torch.equal(state.discriminator.state_dict()["discriminator.main.0.weight"],
                            disc["discriminator.main.0.weight"])
 
 
@@ -74,19 +76,20 @@ def test_tiny_model_overfits_one_image(tmp_path):
     """L1 + VQ only (the GAN starts later): 20 dB PSNR on one smooth 128 px image (the method's
     size: a 16x16 token grid) within 150 steps."""
     res = 128
-    tok, clip, _ = make_tiny_tokenizer(tmp_path, resolution=res)
-    train = Training(tok, GeneratorLoss(LossWeights(perceptual_weight=0, disc_start=10 ** 9)),
-                     DiscriminatorLoss(ndf=8), TrainConfig(), Dist())
+    tokenizer, clip, _ = make_tiny_tokenizer(tmp_path, resolution=res)
+    state = build_training(tokenizer,
+                           GeneratorLoss(LossWeights(perceptual_weight=0, disc_start=10 ** 9)),
+                           DiscriminatorLoss(ndf=8), TrainConfig(), Dist())
     x, x_clip = _images(clip, 1, res)
     x = F.interpolate(F.avg_pool2d(x, 8), size=(res, res), mode="bilinear", align_corners=False)
     with torch.no_grad():
-        start = _psnr(tok(x, x_clip)["rec"], x)
+        start = _psnr(tokenizer(x, x_clip)["rec"], x)
     best = start
     for step in range(150):
-        logs, _ = train.train_step(x, x_clip, lr=2e-3)
+        logs, _ = train_step(state, x, x_clip, lr=2e-3)
         if step % 10 == 9:
             with torch.no_grad():
-                best = max(best, _psnr(tok(x, x_clip)["rec"], x))
+                best = max(best, _psnr(tokenizer(x, x_clip)["rec"], x))
             if best > 20:
                 break
     assert best > 20, f"PSNR {start:.1f} -> {best:.1f} dB after {step + 1} steps"
@@ -146,20 +149,18 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(world, tmp_path, monke
     assert sorted(p.name for p in (tmp_path / "full" / "samples").iterdir()) == \
         ["epoch_0000.png", "epoch_0001.png", "epoch_0002.png"]
     assert (tmp_path / "full" / "checkpoints" / "epoch_0002.pt").is_file()
-    tok = V2LTokenizer.load(tmp_path / "full", clip=load_clip(world["clip"]))
-    assert tok.config.resolution == RES and tok.config.global_topk == TINY_TOKENIZER["global_topk"]
+    tokenizer = load_tokenizer(tmp_path / "full", clip=load_clip(world["clip"]))
+    assert tokenizer.config.resolution == RES
+    assert tokenizer.config.global_topk == TINY_TOKENIZER["global_topk"]
 
-    from engine.train import Training as T
-    original = T.train_step
-
-    def killed(self, *a, **k):
-        if self.step == 3:                               # mid-way through epoch 1
+    def killed(state, *a, **k):
+        if state.step == 3:                               # mid-way through epoch 1
             raise KeyboardInterrupt
-        return original(self, *a, **k)
-    monkeypatch.setattr(T, "train_step", killed)
+        return train_step(state, *a, **k)
+    monkeypatch.setattr(engine_train, "train_step", killed)
     assert _step4(_args(world, tmp_path / "resumed"), monkeypatch) == 130
     assert not (tmp_path / "resumed" / "manifest.json").exists()
-    monkeypatch.setattr(T, "train_step", original)
+    monkeypatch.setattr(engine_train, "train_step", train_step)
     assert _step4(_args(world, tmp_path / "resumed"), monkeypatch) == 0
     assert "resuming from" in capsys.readouterr().err
     resumed = _losses(tmp_path / "resumed")
@@ -207,4 +208,4 @@ def test_two_rank_ddp_run_writes_the_artifact(world, tmp_path):
     assert len(ckpt["rng"]) == 2 and ckpt["step"] == 2
     losses = _losses(out)
     assert len(losses) == 2 and losses[1][2] is not None   # the GAN ran under DDP
-    V2LTokenizer.load(out, clip=load_clip(world["clip"]))
+    load_tokenizer(out, clip=load_clip(world["clip"]))
