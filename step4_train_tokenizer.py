@@ -3,8 +3,16 @@
 Images (128 px in [-1, 1], plus CLIP's view for the global tokens) are
 reconstructed through the frozen local codebook (step 2) and the frozen
 filtered global codebook (step 3). Loss: L1 + VQ + 0.1 LPIPS + adaptive-weighted
-PatchGAN hinge loss from iteration DISC_START on; Adam (0.5, 0.9), 5 warm-up
-epochs then half-cycle cosine, per iteration. CLIP and both codebooks stay frozen.
+PatchGAN hinge loss from iteration DISC_START on; Adam (0.5, 0.9, eps 1e-7), 5
+warm-up epochs then half-cycle cosine, per iteration. CLIP and both codebooks
+stay frozen.
+
+As the authors run it, by default: global batch 8 at lr 4.5e-4 whatever the
+number of processes (torchrun splits BATCH_SIZE; LR_SCALING adapts the rate to
+another batch), fp16 autocast with a GradScaler and CLIP in fp16, LPIPS dropout
+active, the discriminator step on a fresh forward of the updated tokenizer.
+Their ablations are flags: --local_codebook random|trained, --projector false,
+--cross_attention false.
 
 Writes OUT_DIR: checkpoints/last.pt every epoch (a rerun of the same command
 resumes from it exactly), samples/epoch_NNNN.png (originals over
@@ -13,7 +21,7 @@ tokenizer.pt (self-contained, models.tokenizer_io.load_tokenizer) and manifest.j
 
     python step4_train_tokenizer.py --data_dir data/imagenet --clip ViT-L-14 \
         --clip_pretrained ViT-L-14.pt --clip_allow_unsafe true
-    torchrun --nproc_per_node 8 step4_train_tokenizer.py ...
+    torchrun --nproc_per_node 8 step4_train_tokenizer.py ...   # still global batch 8
 """
 import sys
 from pathlib import Path
@@ -21,8 +29,9 @@ from pathlib import Path
 import torch
 
 from data.images import ImageFolderDataset
-from engine.train import (RunLog, TrainConfig, build_training, make_loader, reconstruct_samples,
-                          resume, save_checkpoint, seed_everything, train_one_epoch)
+from engine.train import (AUTHORS_BATCH, RunLog, TrainConfig, batch_and_lr, build_training,
+                          make_loader, reconstruct_samples, resume, save_checkpoint,
+                          seed_everything, train_one_epoch)
 from models.clip import load_clip
 from models.losses import DiscriminatorLoss, GeneratorLoss, LossWeights, load_lpips
 from models.tokenizer_io import save_tokenizer, tokenizer_from_artifacts
@@ -41,17 +50,21 @@ CLIP_PRETRAINED = None  # weights for a named CLIP: OpenAI ViT-L-14.pt or an ope
 CLIP_ALLOW_UNSAFE = False  # allow pickled CLIP files (OpenAI's TorchScript ViT-L-14.pt); only if trusted
 EPOCHS = 100  # training epochs
 WARMUP_EPOCHS = 5  # linear learning-rate warm-up epochs (then half-cycle cosine to MIN_LR)
-BATCH_SIZE = 8  # images per GPU per iteration
-LR = 4.5e-4  # peak learning rate (tokenizer and discriminator)
+BATCH_SIZE = 8  # GLOBAL batch: images per iteration over all processes, split evenly (the authors: 1 GPU x 8)
+LR = 4.5e-4  # peak learning rate of the tokenizer and the discriminator (the authors' at batch 8)
+LR_SCALING = "none"  # none: LR whatever BATCH_SIZE; linear / sqrt: LR x (BATCH_SIZE / 8), or its square root
 MIN_LR = 0.0  # learning rate at the end of the cosine
 BETAS = (0.5, 0.9)  # Adam betas
+ADAM_EPS = 1e-7  # Adam epsilon (the authors'; PyTorch's default is 1e-8)
 CODEBOOK_WEIGHT = 1.0  # weight of the VQ loss
 PERCEPTUAL_WEIGHT = 0.1  # weight of LPIPS (0: train without it, no VGG16 weights needed)
+LPIPS_DROPOUT = True  # LPIPS dropout active while training, as in the authors' code (false: the metric as calibrated)
 VGG_PATH = None  # vgg16-397923af.pth for LPIPS (none: the torch hub cache, <TORCH_HOME>/hub/checkpoints)
 DISC_WEIGHT = 0.75  # multiplies the adaptive GAN weight (0: no GAN)
 DISC_START = 10000  # iteration at which the GAN term and the discriminator's training start
 DISC_NDF = 64  # discriminator base channels
 DISC_LAYERS = 2  # discriminator depth (PatchGAN n_layers)
+DISC_FRESH_FORWARD = True  # discriminator step on a new forward after the generator update, as the authors (false: reuse)
 RESOLUTION = 128  # image size the tokenizer reconstructs
 GLOBAL_TOPK = 21  # global tokens per image (k)
 CH = 128  # encoder/decoder base channels (a multiple of 32)
@@ -61,7 +74,11 @@ Z_CHANNELS = 256  # encoder output channels
 CROSS_HEADS = 8  # decoder cross-attention heads
 CROSS_HEAD_DIM = 512  # decoder cross-attention head dimension
 BETA = 0.33  # weight of the codebook term inside the VQ loss
-AMP = "bf16"  # mixed precision on GPUs: bf16, fp16 (with loss scaling) or none; CPU runs fp32
+# the authors' ablations (defaults: the paper's model)
+LOCAL_CODEBOOK = "clip"  # local codebook: clip (frozen CLIP text embeddings), random (frozen random), trained
+PROJECTOR = True  # the trainable Linear(D, D) on the local codebook (false: codes are the codebook itself)
+CROSS_ATTENTION = True  # the decoder attends to the global tokens (false: decoder without cross-attention)
+AMP = "fp16"  # mixed precision on GPUs: fp16 (with a GradScaler, CLIP in fp16: the authors'), bf16 or none; CPU: fp32
 CHANNELS_LAST = False  # NHWC memory layout for the convolutions (often faster on GPUs)
 FIND_UNUSED_PARAMETERS = False  # DDP option; only needed for architectures with unused branches
 NUM_WORKERS = 8  # image-decoding worker processes per rank
@@ -104,6 +121,7 @@ def sample_batch(dataset, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 def main():
     ddp = dist.init(DEVICE)
+    batch_per_process, lr = batch_and_lr(BATCH_SIZE, ddp.world, LR, LR_SCALING)
     seed_everything(SEED, ddp.rank)
     out, ckpt_dir = Path(OUT_DIR), Path(OUT_DIR) / "checkpoints"
     clip = load_clip(CLIP, CLIP_PRETRAINED, device=ddp.device, allow_unsafe=CLIP_ALLOW_UNSAFE)
@@ -114,14 +132,17 @@ def main():
         CODEBOOK_DIR, GLOBAL_DIR, clip, resolution=RESOLUTION, ch=CH, ch_mult=tuple(CH_MULT),
         num_res_blocks=NUM_RES_BLOCKS, z_channels=Z_CHANNELS, global_topk=GLOBAL_TOPK,
         cross_heads=CROSS_HEADS, cross_head_dim=CROSS_HEAD_DIM, beta=BETA,
+        local_codebook=LOCAL_CODEBOOK, projector=PROJECTOR, cross_attention=CROSS_ATTENTION,
         clip_spec=CLIP, clip_pretrained=CLIP_PRETRAINED)
     weights = LossWeights(codebook_weight=CODEBOOK_WEIGHT, perceptual_weight=PERCEPTUAL_WEIGHT,
                           disc_weight=DISC_WEIGHT, disc_start=DISC_START)
     perceptual = load_lpips(ddp.device, VGG_PATH) if PERCEPTUAL_WEIGHT > 0 else None
     state = build_training(
-        tokenizer, GeneratorLoss(weights, perceptual), DiscriminatorLoss(DISC_NDF, DISC_LAYERS),
-        TrainConfig(epochs=EPOCHS, warmup_epochs=WARMUP_EPOCHS, lr=LR, min_lr=MIN_LR,
-                    betas=tuple(BETAS), amp=AMP, log_every=LOG_EVERY,
+        tokenizer, GeneratorLoss(weights, perceptual, perceptual_dropout=LPIPS_DROPOUT),
+        DiscriminatorLoss(DISC_NDF, DISC_LAYERS),
+        TrainConfig(epochs=EPOCHS, warmup_epochs=WARMUP_EPOCHS, lr=lr, min_lr=MIN_LR,
+                    betas=tuple(BETAS), eps=ADAM_EPS, amp=AMP,
+                    disc_fresh_forward=DISC_FRESH_FORWARD, log_every=LOG_EVERY,
                     max_steps_per_epoch=MAX_STEPS_PER_EPOCH,
                     find_unused_parameters=FIND_UNUSED_PARAMETERS, channels_last=CHANNELS_LAST),
         ddp)
@@ -142,7 +163,10 @@ def main():
               f"{sum(p.numel() for p in tokenizer.trainable_parameters()) / 1e6:.1f}M trainable "
               f"parameters, codebooks V={tokenizer.config.n_local} M={tokenizer.config.n_global}",
               file=sys.stderr)
-    loader = make_loader(dataset, BATCH_SIZE, NUM_WORKERS, SEED, ddp)
+        print(f"global batch {BATCH_SIZE} ({ddp.world} process(es) x {batch_per_process}), "
+              f"learning rate {lr:.3g} (--lr {LR:.3g}, --lr_scaling {LR_SCALING}; the authors: "
+              f"batch {AUTHORS_BATCH}, 4.5e-4)", file=sys.stderr)
+    loader = make_loader(dataset, batch_per_process, NUM_WORKERS, SEED, ddp)
     samples = sample_batch(dataset, N_SAMPLES) if ddp.is_main else None
     run_log = RunLog(out, ddp)
     while state.epoch < EPOCHS:

@@ -13,8 +13,13 @@
   epoch e reproduces epoch e + 1 of an uninterrupted run.
 
 The learning rate of both optimisers follows ``lr_at``: linear warm-up, then a half-cycle
-cosine to ``min_lr``, set every iteration from the fractional epoch. Mixed precision on GPUs:
-bf16 autocast, or fp16 autocast with a GradScaler; on CPU everything runs in float32.
+cosine to ``min_lr``, set every iteration from the fractional epoch.
+
+``TrainConfig``'s defaults are the authors' run: Adam eps 1e-7; fp16 autocast with a
+GradScaler and CLIP's weights in fp16 (bf16 autocast is the option; on CPU everything runs
+in float32); the discriminator step on a fresh forward of the just-updated tokenizer
+(taming and LlamaGen reuse the generator step's reconstructions: ``disc_fresh_forward``
+False). The global batch and its learning rate: ``batch_and_lr``.
 """
 from __future__ import annotations
 
@@ -43,16 +48,21 @@ from utils.errors import V2LError
 from utils.figures import save_image_grid
 
 CHECKPOINT_FORMAT = "v2l-tokenizer-train-v1"
+AUTHORS_BATCH = 8          # the authors' run: one GPU x 8 images per iteration, at lr 4.5e-4
+LR_SCALINGS = ("none", "linear", "sqrt")
 
 
 @dataclass
 class TrainConfig:
+    """Defaults: the authors' run."""
     epochs: int = 100
     warmup_epochs: int = 5
     lr: float = 4.5e-4
     min_lr: float = 0.0
     betas: tuple = (0.5, 0.9)
-    amp: str = "bf16"                      # "bf16", "fp16" or "none" (GPU only; CPU runs fp32)
+    eps: float = 1e-7                      # Adam epsilon (the authors'; PyTorch's default is 1e-8)
+    amp: str = "fp16"                      # "fp16" (+ GradScaler), "bf16" or "none"; CPU runs fp32
+    disc_fresh_forward: bool = True        # D step on a new forward of the updated tokenizer
     log_every: int = 50                    # iterations between log records
     max_steps_per_epoch: int | None = None  # cut epochs short (quick runs)
     find_unused_parameters: bool = False    # DDP option, for architectures with unused branches
@@ -97,6 +107,24 @@ def lr_at(epoch: float, train_config: TrainConfig) -> float:
     return c.min_lr + (c.lr - c.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def batch_and_lr(global_batch: int, world: int, lr: float, scaling: str = "none",
+                 reference_batch: int = AUTHORS_BATCH) -> tuple[int, float]:
+    """(images per process, learning rate) for a global batch split over ``world`` processes.
+
+    ``scaling``: "none" keeps ``lr``; "linear" / "sqrt" multiply it by
+    ``global_batch / reference_batch`` or its square root (``lr`` is the rate at the
+    authors' batch of 8).
+    """
+    if scaling not in LR_SCALINGS:
+        raise V2LError(f"--lr_scaling {scaling}: expected one of {', '.join(LR_SCALINGS)}")
+    if global_batch < world or global_batch % world:
+        raise V2LError(f"--batch_size {global_batch} (the global batch) does not split evenly over "
+                       f"{world} processes; pass a multiple of {world}")
+    ratio = global_batch / reference_batch
+    factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[scaling]
+    return global_batch // world, lr * factor
+
+
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``--amp`` on this device (None: float32; CPU always runs float32)."""
     if amp not in ("bf16", "fp16", "none"):
@@ -127,11 +155,10 @@ def build_optimizers(tokenizer: V2LTokenizer, discriminator: DiscriminatorLoss,
                      train_config: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
     """Adam for the tokenizer's trainable parts and Adam for the discriminator."""
     # foreach: one multi-tensor kernel per Adam operation instead of one per parameter
-    opt_g = torch.optim.Adam(tokenizer.trainable_parameters(), lr=train_config.lr,
-                             betas=tuple(train_config.betas), foreach=True)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=train_config.lr,
-                             betas=tuple(train_config.betas), foreach=True)
-    return opt_g, opt_d
+    settings = dict(lr=train_config.lr, betas=tuple(train_config.betas), eps=train_config.eps,
+                    foreach=True)
+    return (torch.optim.Adam(tokenizer.trainable_parameters(), **settings),
+            torch.optim.Adam(discriminator.parameters(), **settings))
 
 
 def build_training(tokenizer: V2LTokenizer, gen_loss: GeneratorLoss,
@@ -139,6 +166,8 @@ def build_training(tokenizer: V2LTokenizer, gen_loss: GeneratorLoss,
                    ddp: dist.Dist) -> TrainState:
     device = ddp.device
     dtype = amp_dtype(train_config.amp, device)
+    if dtype == torch.float16 and tokenizer.clip is not None:
+        half_clip(tokenizer.clip)
     for net in (tokenizer, discriminator):
         net.to(device)
         if train_config.channels_last:
@@ -153,6 +182,12 @@ def build_training(tokenizer: V2LTokenizer, gen_loss: GeneratorLoss,
         critic = DistributedDataParallel(discriminator, device_ids=ids)
     return TrainState(tokenizer, discriminator, gen_loss, train_config, device, generator, critic,
                       opt_g, opt_d, scaler, dtype)
+
+
+def half_clip(clip) -> None:
+    """CLIP's weights in float16, as the authors run it under fp16 (it is frozen: no
+    master copy needed)."""
+    clip.model.half()
 
 
 # ---- one iteration ---------------------------------------------------------------------
@@ -180,10 +215,14 @@ def train_step(state: TrainState, x128: torch.Tensor, x_clip: torch.Tensor,
     scaler.scale(loss).backward()
     scaler.step(state.opt_g)
     state.discriminator.requires_grad_(True)
-    # discriminator: hinge loss on real images vs the reconstructions
+    # discriminator: hinge loss on real images vs reconstructions
     if state.gen_loss.gan_active(step):
+        fake = out["rec"]
+        if state.train_config.disc_fresh_forward:   # the authors: reconstruct with the updated G
+            with torch.no_grad(), autocast(state):
+                fake = state.tokenizer(x128, x_clip)["rec"]
         with autocast(state):
-            disc_logs = state.critic(x128, out["rec"])
+            disc_logs = state.critic(x128, fake)
         state.opt_d.zero_grad(set_to_none=True)
         scaler.scale(disc_logs["d_loss"]).backward()
         scaler.step(state.opt_d)

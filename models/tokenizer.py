@@ -30,6 +30,8 @@ from models.quantizers import topk_nearest, vector_quantize
 from models.vqgan import Decoder, Encoder
 from utils.errors import V2LError
 
+LOCAL_CODEBOOKS = ("clip", "random", "trained")
+
 
 @dataclass
 class TokenizerConfig:
@@ -47,6 +49,11 @@ class TokenizerConfig:
     cross_head_dim: int = 512         # decoder cross-attention head dimension
     beta: float = 0.33                # weight of the codebook term of the VQ loss
     global_metric: str = "l2"         # global-token rule: "l2" (the authors') or "cosine"
+    # the authors' ablations (defaults: the paper's model)
+    local_codebook: str = "clip"      # "clip": frozen CLIP text embeddings of the LLM's subwords;
+    #                                   "random": frozen random vectors; "trained": CLIP-initialised, trained
+    projector: bool = True            # the trainable Linear(D, D) on the local codebook (False: none)
+    cross_attention: bool = True      # the decoder attends to the global tokens (False: it does not)
     clip_spec: str = "ViT-L-14"       # CLIP to rebuild on load (models.clip.load_clip spec)
     clip_pretrained: str | None = None  # its weights file, if the spec is an architecture name
 
@@ -82,6 +89,8 @@ class TokenizerConfig:
                            f"{self.n_global} global codebook entries")
         if self.global_metric not in ("l2", "cosine"):
             raise V2LError(f"global_metric={self.global_metric!r}: use 'l2' or 'cosine'")
+        if self.local_codebook not in LOCAL_CODEBOOKS:
+            raise V2LError(f"local_codebook={self.local_codebook!r}: use one of {LOCAL_CODEBOOKS}")
 
 
 def _frozen_embedding(weight: torch.Tensor) -> nn.Embedding:
@@ -121,12 +130,17 @@ class V2LTokenizer(nn.Module):
         self.encoder = Encoder(config.ch, config.ch_mult, config.num_res_blocks, config.z_channels)
         self.decoder = Decoder(config.ch, config.ch_mult, config.num_res_blocks, config.z_channels,
                                context_dim=dim, cross_heads=config.cross_heads,
-                               cross_head_dim=config.cross_head_dim)
+                               cross_head_dim=config.cross_head_dim,
+                               cross_attention=config.cross_attention)
         self.quant_conv = nn.Conv2d(config.z_channels, dim, 1)
         self.post_quant_conv = nn.Conv2d(dim, config.z_channels, 1)
         self.tok_embeddings = _frozen_embedding(local_codebook)
-        self.codebook_projection = nn.Linear(dim, dim)
-        nn.init.normal_(self.codebook_projection.weight, std=dim ** -0.5)
+        self.tok_embeddings.weight.requires_grad_(config.local_codebook == "trained")
+        if config.projector:
+            self.codebook_projection = nn.Linear(dim, dim)
+            nn.init.normal_(self.codebook_projection.weight, std=dim ** -0.5)
+        else:
+            self.codebook_projection = nn.Identity()
         self.tok_embeddings_global = _frozen_embedding(global_codebook)
         self.register_buffer("llm_ids", llm_ids.detach().long().clone())
         self.strings = list(global_strings)
@@ -175,10 +189,10 @@ class V2LTokenizer(nn.Module):
         weight, proj = self.tok_embeddings.weight, self.codebook_projection
         if torch.is_grad_enabled() or self.training:
             return proj(weight)
-        key = tuple((t.data_ptr(), t._version) for t in (weight, proj.weight, proj.bias))
+        key = tuple((t.data_ptr(), t._version) for t in (weight, *proj.parameters()))
         if self._codes_key != key:
             with torch.autocast(weight.device.type, enabled=False):
-                self._codes = proj(weight)
+                self._codes = proj(weight).detach()   # (not a Parameter when proj is Identity)
             self._codes_key = key
         return self._codes
 
@@ -212,7 +226,8 @@ class V2LTokenizer(nn.Module):
         return idx, F.embedding(idx, weight)
 
     def _decode(self, z_q: torch.Tensor, global_emb: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z_q), global_emb.to(z_q.dtype))
+        context = None if global_emb is None else global_emb.to(z_q.dtype)
+        return self.decoder(self.post_quant_conv(z_q), context)
 
     def forward(self, x128: torch.Tensor, x_clip: torch.Tensor) -> dict[str, torch.Tensor]:
         """Training pass -> rec [B, 3, R, R] (unclamped), vq_loss, local_ids [B, g, g] (LLM ids),
@@ -237,7 +252,7 @@ class V2LTokenizer(nn.Module):
     def decode(self, local_ids: torch.Tensor, global_idx: torch.Tensor | None = None,
                global_emb: torch.Tensor | None = None) -> torch.Tensor:
         """Local LLM ids [B, g, g] + global tokens (indices or embeddings) -> images in [-1, 1]."""
-        if global_emb is None:
+        if global_emb is None and self.config.cross_attention:
             if global_idx is None:
                 raise V2LError("decode needs the global tokens: pass global_idx (from encode) "
                                "or global_emb")
@@ -251,7 +266,11 @@ class V2LTokenizer(nn.Module):
         return self.decoder.conv_out.weight
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Encoder, decoder, quant convs and codebook projector (codebooks and CLIP stay frozen)."""
+        """Encoder, decoder, quant convs and codebook projector; the local codebook too when
+        ``local_codebook`` is "trained" (the global codebook and CLIP stay frozen)."""
         parts = (self.encoder, self.decoder, self.quant_conv, self.post_quant_conv,
                  self.codebook_projection)
-        return [p for part in parts for p in part.parameters()]
+        params = [p for part in parts for p in part.parameters()]
+        if self.config.local_codebook == "trained":
+            params.append(self.tok_embeddings.weight)
+        return params

@@ -45,8 +45,17 @@ def tokenizer_from_artifacts(codebook_dir, global_dir, clip: ClipBundle | None,
     if clip is not None and embedded_with not in (None, clip.ident):
         print(f"warning: the codebook was embedded with CLIP {embedded_with}, the global tokens "
               f"will use {clip.ident}", file=sys.stderr)
-    return V2LTokenizer(TokenizerConfig.from_dict(config_overrides), local["embeddings"],
-                        local["llm_ids"], glob["embeddings"], strings, clip)
+    config = TokenizerConfig.from_dict(config_overrides)
+    local_codebook = local["embeddings"]
+    if config.local_codebook == "random":     # the authors' ablation: no language in the codes
+        local_codebook = random_like_rows(local_codebook)
+    return V2LTokenizer(config, local_codebook, local["llm_ids"], glob["embeddings"], strings, clip)
+
+
+def random_like_rows(codebook: torch.Tensor) -> torch.Tensor:
+    """Random directions (torch's global RNG) with the norms of ``codebook``'s rows."""
+    directions = torch.nn.functional.normalize(torch.randn(codebook.shape), dim=-1)
+    return directions * codebook.float().norm(dim=-1, keepdim=True)
 
 
 def save_tokenizer(tokenizer: V2LTokenizer, path) -> Path:

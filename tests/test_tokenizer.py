@@ -271,3 +271,55 @@ def test_bad_inputs_are_refused(tiny, tmp_path):
         load_tokenizer(tmp_path / "t.pt", clip=clip)
     with pytest.raises(V2LError, match="tokenizer not found"):
         load_tokenizer(tmp_path / "missing", clip=clip)
+
+
+# ----- the authors' ablations ------------------------------------------------------------
+def test_local_codebook_ablations(tiny, tmp_path):
+    _, clip, dirs = tiny
+    clip_rows = make_tiny_tokenizer(tmp_path / "a", llm_ids=LLM_IDS)[0].tok_embeddings.weight
+    built = {kind: tokenizer_from_artifacts(dirs["codebook"], dirs["global"], clip,
+                                            **TINY_TOKENIZER, local_codebook=kind)
+             for kind in ("clip", "random", "trained")}
+    codebooks = {kind: t.tok_embeddings.weight for kind, t in built.items()}
+    assert torch.equal(codebooks["clip"], codebooks["trained"])
+    assert torch.equal(codebooks["clip"], clip_rows)
+    assert not torch.allclose(codebooks["random"], codebooks["clip"], atol=0.1)
+    torch.testing.assert_close(codebooks["random"].norm(dim=1), codebooks["clip"].norm(dim=1))
+    for kind, tokenizer in built.items():
+        trained = kind == "trained"
+        assert tokenizer.tok_embeddings.weight.requires_grad == trained
+        assert any(p is tokenizer.tok_embeddings.weight
+                   for p in tokenizer.trainable_parameters()) == trained
+    # the trained codebook gets gradients through the chosen rows
+    tokenizer = built["trained"]
+    x128, x_clip = tiny_images(clip, batch=1)
+    out = tokenizer(x128, x_clip)
+    (out["rec"].abs().mean() + out["vq_loss"]).backward()
+    assert tokenizer.tok_embeddings.weight.grad.abs().sum() > 0
+    with pytest.raises(V2LError, match="local_codebook='learned'"):
+        tokenizer_from_artifacts(dirs["codebook"], dirs["global"], clip, **TINY_TOKENIZER,
+                                 local_codebook="learned")
+
+
+def test_no_projector_and_no_cross_attention(tiny, tmp_path):
+    _, clip, dirs = tiny
+    tokenizer = tokenizer_from_artifacts(dirs["codebook"], dirs["global"], clip, **TINY_TOKENIZER,
+                                         projector=False, cross_attention=False).eval()
+    keys = set(tokenizer.state_dict())
+    assert not any(k.startswith("codebook_projection.") for k in keys)
+    assert not any("cross_attn" in k for k in keys)
+    assert torch.equal(tokenizer.projected_codebook(), tokenizer.tok_embeddings.weight)
+    x128, x_clip = tiny_images(clip, batch=1)
+    global_idx, local_ids = tokenizer.encode(x128, x_clip)
+    rec = tokenizer.decode(local_ids, global_idx)
+    # without cross-attention the global tokens do not reach the decoder
+    assert torch.equal(tokenizer.decode(local_ids, (global_idx + 1) % 16), rec)
+    assert torch.equal(tokenizer.decode(local_ids), rec)
+    loaded = load_tokenizer(save_tokenizer(tokenizer, tmp_path / "t.pt"), clip=clip)
+    assert loaded.config == tokenizer.config
+    assert torch.equal(loaded.decode(local_ids, global_idx), rec)
+    # the paper model's decoder does depend on them
+    paper = tiny[0]
+    paper_ids = paper.encode(x128, x_clip)
+    assert not torch.equal(paper.decode(paper_ids[1], paper_ids[0]),
+                           paper.decode(paper_ids[1], (paper_ids[0] + 1) % 16))
