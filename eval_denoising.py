@@ -27,7 +27,7 @@ from engine.denoise import (NOISE_RATES, WINDOW_TASKS, DenoisePrompter, DenoiseV
 from engine.greedy import BatchedGreedy
 from models.llm import load_llm
 from engine.metrics import ReconstructionMetrics
-from models.tokenizer import V2LTokenizer
+from models.tokenizer_io import load_tokenizer
 from utils import dist
 from utils.artifacts import ChunkStore, atomic_path, save_json, write_manifest, finished_inputs
 from utils.figures import save_image_grid
@@ -150,7 +150,7 @@ def main():
     d = dist.init(DEVICE)
     random.seed(SEED)
     torch.manual_seed(SEED)
-    v2l = V2LTokenizer.load(TOKENIZER_DIR, device=d.device)
+    v2l = load_tokenizer(TOKENIZER_DIR, device=d.device)
     llm = load_llm(LLM, dtype=LLM_DTYPE, device=d.device)
     ds = ImageFolderDataset(DATA_DIR, SPLIT or None, transform=DenoiseViews(v2l.clip),
                             max_images=MAX_IMAGES)

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from data.images import ImageFolderDataset, collate_skip_bad
 from engine.metrics import ALL_METRICS, ReconstructionMetrics, codebook_usage
 from models.tokenizer import V2LTokenizer
+from models.tokenizer_io import load_tokenizer
 from utils import dist
 from utils.artifacts import (ChunkStore, atomic_path, read_manifest, save_json, save_tensors,
                              write_manifest)
@@ -102,7 +103,7 @@ def main():
         raise V2LError(f"--metrics: unknown {sorted(unknown)}; choose from {', '.join(ALL_METRICS)}")
     check_csv(Path(RESULTS_CSV))
     manifest = read_manifest(TOKENIZER_DIR, TOKENIZER)
-    tok = V2LTokenizer.load(TOKENIZER_DIR, device=d.device, allow_unsafe_clip=CLIP_ALLOW_UNSAFE)
+    tok = load_tokenizer(TOKENIZER_DIR, device=d.device, allow_unsafe_clip=CLIP_ALLOW_UNSAFE)
     data = ImageFolderDataset(DATA_DIR, SPLIT, tok.clip.image_views(tok.config.resolution),
                               labels_file=VAL_LABELS, max_images=MAX_IMAGES)
     acc = ReconstructionMetrics(METRICS, device=d.device, n_codes=len(tok.llm_ids),

@@ -30,7 +30,7 @@ from engine.fewshot import (REFERENCES as REFERENCE_NAMES, FewShotPrompter, eval
                             global_token_strings, image_words, llm_dtype, wilson_interval)
 from engine.greedy import BatchedGreedy
 from models.llm import load_llm
-from models.tokenizer import V2LTokenizer
+from models.tokenizer_io import load_tokenizer
 from utils import dist
 from utils.artifacts import atomic_path, load_json, save_json, write_manifest, finished_inputs
 from utils.cli import configure, run_main
@@ -248,7 +248,7 @@ def main():
     ddp = dist.init(DEVICE)
     torch.manual_seed(SEED)
     plan = [(s, episodes_for(s)) for s in settings()]
-    tokenizer = V2LTokenizer.load(TOKENIZER_DIR, device=ddp.device)
+    tokenizer = load_tokenizer(TOKENIZER_DIR, device=ddp.device)
     dtype = llm_dtype(LLM_DTYPE, ddp.device)
     llm = load_llm(LLM, dtype=dtype, device=ddp.device)
     todos = []

@@ -3,34 +3,40 @@
 Images (128 px in [-1, 1], plus CLIP's view for the global tokens) are
 reconstructed through the frozen local codebook (step 2) and the frozen
 filtered global codebook (step 3). Loss: L1 + VQ + 0.1 LPIPS + adaptive-weighted
-PatchGAN hinge loss from iteration DISC_START on; Adam (0.5, 0.9), 5 warm-up
-epochs then half-cycle cosine, per iteration. CLIP and both codebooks stay frozen.
+PatchGAN hinge loss from iteration DISC_START on; Adam (0.5, 0.9, eps 1e-7), 5
+warm-up epochs then half-cycle cosine, per iteration. CLIP and both codebooks
+stay frozen.
+
+As the authors run it, by default: global batch 8 at lr 4.5e-4 whatever the
+number of processes (torchrun splits BATCH_SIZE; LR_SCALING adapts the rate to
+another batch), fp16 autocast with a GradScaler and CLIP in fp16, LPIPS dropout
+active, the discriminator step on a fresh forward of the updated tokenizer.
+Their ablations are flags: --local_codebook random|trained, --projector false,
+--cross_attention false.
 
 Writes OUT_DIR: checkpoints/last.pt every epoch (a rerun of the same command
 resumes from it exactly), samples/epoch_NNNN.png (originals over
 reconstructions), log.jsonl and tb/ (every loss term), and at the end
-tokenizer.pt (self-contained, V2LTokenizer.load) and manifest.json.
+tokenizer.pt (self-contained, models.tokenizer_io.load_tokenizer) and manifest.json.
 
     python step4_train_tokenizer.py --data_dir data/imagenet --clip ViT-L-14 \
         --clip_pretrained ViT-L-14.pt --clip_allow_unsafe true
-    torchrun --nproc_per_node 8 step4_train_tokenizer.py ...
+    torchrun --nproc_per_node 8 step4_train_tokenizer.py ...   # still global batch 8
 """
-import random
-import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from data.images import ImageFolderDataset
+from engine.train import (AUTHORS_BATCH, RunLog, TrainConfig, batch_and_lr, build_training,
+                          make_loader, reconstruct_samples, resume, save_checkpoint,
+                          seed_everything, train_one_epoch)
 from models.clip import load_clip
 from models.losses import DiscriminatorLoss, GeneratorLoss, LossWeights, load_lpips
-from models.tokenizer import V2LTokenizer
-from engine.train import (TrainConfig, Training, load_checkpoint, make_loader,
-                                 save_checkpoint, truncate_log)
+from models.tokenizer_io import save_tokenizer, tokenizer_from_artifacts
 from utils import dist
-from utils.artifacts import MANIFEST, atomic_path, read_manifest, require_input, write_manifest
+from utils.artifacts import MANIFEST, read_manifest, require_input, write_manifest
 from utils.cli import configure, run_main
 from utils.errors import V2LError
 from utils.stages import CODEBOOK, GLOBAL, TOKENIZER
@@ -45,17 +51,21 @@ CLIP_PRETRAINED = None  # weights for a named CLIP: OpenAI ViT-L-14.pt or an ope
 CLIP_ALLOW_UNSAFE = False  # allow pickled CLIP files (OpenAI's TorchScript ViT-L-14.pt); only if trusted
 EPOCHS = 100  # training epochs
 WARMUP_EPOCHS = 5  # linear learning-rate warm-up epochs (then half-cycle cosine to MIN_LR)
-BATCH_SIZE = 8  # images per GPU per iteration
-LR = 4.5e-4  # peak learning rate (tokenizer and discriminator)
+BATCH_SIZE = 8  # GLOBAL batch: images per iteration over all processes, split evenly (the authors: 1 GPU x 8)
+LR = 4.5e-4  # peak learning rate of the tokenizer and the discriminator (the authors' at batch 8)
+LR_SCALING = "none"  # none: LR whatever BATCH_SIZE; linear / sqrt: LR x (BATCH_SIZE / 8), or its square root
 MIN_LR = 0.0  # learning rate at the end of the cosine
 BETAS = (0.5, 0.9)  # Adam betas
+ADAM_EPS = 1e-7  # Adam epsilon (the authors'; PyTorch's default is 1e-8)
 CODEBOOK_WEIGHT = 1.0  # weight of the VQ loss
 PERCEPTUAL_WEIGHT = 0.1  # weight of LPIPS (0: train without it, no VGG16 weights needed)
+LPIPS_DROPOUT = True  # LPIPS dropout active while training, as in the authors' code (false: the metric as calibrated)
 VGG_PATH = None  # vgg16-397923af.pth for LPIPS (none: the torch hub cache, <TORCH_HOME>/hub/checkpoints)
 DISC_WEIGHT = 0.75  # multiplies the adaptive GAN weight (0: no GAN)
 DISC_START = 10000  # iteration at which the GAN term and the discriminator's training start
 DISC_NDF = 64  # discriminator base channels
 DISC_LAYERS = 2  # discriminator depth (PatchGAN n_layers)
+DISC_FRESH_FORWARD = True  # discriminator step on a new forward after the generator update, as the authors (false: reuse)
 RESOLUTION = 128  # image size the tokenizer reconstructs
 GLOBAL_TOPK = 21  # global tokens per image (k)
 CH = 128  # encoder/decoder base channels (a multiple of 32)
@@ -65,7 +75,11 @@ Z_CHANNELS = 256  # encoder output channels
 CROSS_HEADS = 8  # decoder cross-attention heads
 CROSS_HEAD_DIM = 512  # decoder cross-attention head dimension
 BETA = 0.33  # weight of the codebook term inside the VQ loss
-AMP = "bf16"  # mixed precision on GPUs: bf16, fp16 (with loss scaling) or none; CPU runs fp32
+# the authors' ablations (defaults: the paper's model)
+LOCAL_CODEBOOK = "clip"  # local codebook: clip (frozen CLIP text embeddings), random (frozen random), trained
+PROJECTOR = True  # the trainable Linear(D, D) on the local codebook (false: codes are the codebook itself)
+CROSS_ATTENTION = True  # the decoder attends to the global tokens (false: decoder without cross-attention)
+AMP = "fp16"  # mixed precision on GPUs: fp16 (with a GradScaler, CLIP in fp16: the authors'), bf16 or none; CPU: fp32
 CHANNELS_LAST = False  # NHWC memory layout for the convolutions (often faster on GPUs)
 FIND_UNUSED_PARAMETERS = False  # DDP option; only needed for architectures with unused branches
 NUM_WORKERS = 8  # image-decoding worker processes per rank
@@ -77,18 +91,19 @@ SAVE_EVERY_EPOCH = 10  # also keep checkpoints/epoch_NNNN.pt every N epochs (0: 
 N_SAMPLES = 8  # images in each epoch's reconstruction grid
 DEVICE = "auto"  # auto (CUDA when available), cuda or cpu
 
-cfg = configure(globals())
+settings = configure(globals())
 
 
 def check_inputs(clip_ident: str) -> tuple[dict, dict]:
     """The finished codebook and global artifacts, made from each other and with this CLIP."""
-    code_m = read_manifest(CODEBOOK_DIR, CODEBOOK)
-    glob_m = read_manifest(GLOBAL_DIR, GLOBAL)
-    require_input(glob_m, "codebook", code_m, f"global codebook {GLOBAL_DIR}")
-    if code_m["info"].get("clip") != clip_ident:
-        raise V2LError(f"{CODEBOOK_DIR} was embedded with CLIP '{code_m['info'].get('clip')}' but "
+    codebook_manifest = read_manifest(CODEBOOK_DIR, CODEBOOK)
+    global_manifest = read_manifest(GLOBAL_DIR, GLOBAL)
+    require_input(global_manifest, "codebook", codebook_manifest, f"global codebook {GLOBAL_DIR}")
+    embedded_with = codebook_manifest["info"].get("clip")
+    if embedded_with != clip_ident:
+        raise V2LError(f"{CODEBOOK_DIR} was embedded with CLIP '{embedded_with}' but "
                        f"--clip/--clip_pretrained give '{clip_ident}'; pass the CLIP of step 2")
-    return code_m, glob_m
+    return codebook_manifest, global_manifest
 
 
 def sample_batch(dataset, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -105,94 +120,78 @@ def sample_batch(dataset, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
 
 
-def resume(train: Training, out: Path, model_config: dict, inputs: dict) -> None:
-    """Continue from checkpoints/last.pt when there is one; else seed a fresh run."""
-    path = out / "checkpoints" / "last.pt"
-    if not path.is_file():
-        torch.manual_seed(SEED + train.dist.rank)
-        np.random.seed(SEED + train.dist.rank)
-        random.seed(SEED + train.dist.rank)
-        return
-    ckpt = load_checkpoint(path)
-    if ckpt.get("inputs", inputs) != inputs:
-        raise V2LError(f"{path}: trained on other codebook/global artifacts than {CODEBOOK_DIR} "
-                       f"and {GLOBAL_DIR}; pass those, or another --out_dir to start anew")
-    train.load_state(ckpt, model_config, str(path))
-    if train.dist.is_main:
-        truncate_log(out / "log.jsonl", train.step)
-        print(f"resuming from {path}: epoch {train.epoch}, iteration {train.step}", file=sys.stderr)
-
-
 def main():
-    d = dist.init(DEVICE)
-    out = Path(OUT_DIR)
-    clip = load_clip(CLIP, CLIP_PRETRAINED, device=d.device, allow_unsafe=CLIP_ALLOW_UNSAFE)
-    code_m, glob_m = check_inputs(clip.ident)
+    ddp = dist.init(DEVICE)
+    batch_per_process, lr = batch_and_lr(BATCH_SIZE, ddp.world, LR, LR_SCALING)
+    seed_everything(SEED, ddp.rank)
+    out, ckpt_dir = Path(OUT_DIR), Path(OUT_DIR) / "checkpoints"
+    clip = load_clip(CLIP, CLIP_PRETRAINED, device=ddp.device, allow_unsafe=CLIP_ALLOW_UNSAFE)
+    codebook_manifest, global_manifest = check_inputs(clip.ident)
     dataset = ImageFolderDataset(DATA_DIR, SPLIT, transform=clip.image_views(RESOLUTION),
                                  max_images=MAX_IMAGES)
-    torch.manual_seed(SEED)  # the same initial weights on every rank
-    tokenizer = V2LTokenizer.from_artifacts(
+    tokenizer = tokenizer_from_artifacts(
         CODEBOOK_DIR, GLOBAL_DIR, clip, resolution=RESOLUTION, ch=CH, ch_mult=tuple(CH_MULT),
         num_res_blocks=NUM_RES_BLOCKS, z_channels=Z_CHANNELS, global_topk=GLOBAL_TOPK,
         cross_heads=CROSS_HEADS, cross_head_dim=CROSS_HEAD_DIM, beta=BETA,
+        local_codebook=LOCAL_CODEBOOK, projector=PROJECTOR, cross_attention=CROSS_ATTENTION,
         clip_spec=CLIP, clip_pretrained=CLIP_PRETRAINED)
     weights = LossWeights(codebook_weight=CODEBOOK_WEIGHT, perceptual_weight=PERCEPTUAL_WEIGHT,
                           disc_weight=DISC_WEIGHT, disc_start=DISC_START)
-    perceptual = load_lpips(d.device, VGG_PATH) if PERCEPTUAL_WEIGHT > 0 else None
-    train = Training(tokenizer, GeneratorLoss(weights, perceptual),
-                     DiscriminatorLoss(DISC_NDF, DISC_LAYERS),
-                     TrainConfig(epochs=EPOCHS, warmup_epochs=WARMUP_EPOCHS, lr=LR, min_lr=MIN_LR,
-                                 betas=tuple(BETAS), amp=AMP, log_every=LOG_EVERY,
-                                 max_steps_per_epoch=MAX_STEPS_PER_EPOCH,
-                                 find_unused_parameters=FIND_UNUSED_PARAMETERS,
-                                 channels_last=CHANNELS_LAST),
-                     d, out_dir=out)
+    perceptual = load_lpips(ddp.device, VGG_PATH) if PERCEPTUAL_WEIGHT > 0 else None
+    state = build_training(
+        tokenizer, GeneratorLoss(weights, perceptual, perceptual_dropout=LPIPS_DROPOUT),
+        DiscriminatorLoss(DISC_NDF, DISC_LAYERS),
+        TrainConfig(epochs=EPOCHS, warmup_epochs=WARMUP_EPOCHS, lr=lr, min_lr=MIN_LR,
+                    betas=tuple(BETAS), eps=ADAM_EPS, amp=AMP,
+                    disc_fresh_forward=DISC_FRESH_FORWARD, log_every=LOG_EVERY,
+                    max_steps_per_epoch=MAX_STEPS_PER_EPOCH,
+                    find_unused_parameters=FIND_UNUSED_PARAMETERS, channels_last=CHANNELS_LAST),
+        ddp)
     model_config = {k: v for k, v in tokenizer.config.to_dict().items()
                     if k not in ("clip_spec", "clip_pretrained")}  # CLIP is checked via the codebook
-    inputs = {"codebook": code_m["id"], "global": glob_m["id"]}
-    resume(train, out, model_config, inputs)
-    if train.epoch >= EPOCHS and (out / MANIFEST).is_file():
-        if d.is_main:
-            print(f"{out}: already trained for {train.epoch} epochs; raise --epochs to continue")
+    # what a checkpoint must match to be resumed
+    expected = {"config": model_config,
+                "inputs": {"codebook": codebook_manifest["id"], "global": global_manifest["id"]}}
+    resume(state, ckpt_dir, ddp, expected, log_path=out / "log.jsonl")
+    if state.epoch >= EPOCHS and (out / MANIFEST).is_file():
+        if ddp.is_main:
+            print(f"{out}: already trained for {state.epoch} epochs; raise --epochs to continue")
         return
-    if d.is_main:
+    if ddp.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / MANIFEST).unlink(missing_ok=True)  # the artifact is unfinished while training
-        print(f"training on {len(dataset)} images, {d.world} process(es), "
+        print(f"training on {len(dataset)} images, {ddp.world} process(es), "
               f"{sum(p.numel() for p in tokenizer.trainable_parameters()) / 1e6:.1f}M trainable "
               f"parameters, codebooks V={tokenizer.config.n_local} M={tokenizer.config.n_global}",
               file=sys.stderr)
-    loader = make_loader(dataset, BATCH_SIZE, NUM_WORKERS, SEED, d)
-    samples = sample_batch(dataset, N_SAMPLES) if d.is_main else None
-    ckpt_dir = out / "checkpoints"
-    while train.epoch < EPOCHS:
-        epoch = train.epoch
-        summary = train.train_one_epoch(loader)
-        if d.is_main:
-            words = train.save_samples(*samples, out / "samples" / f"epoch_{epoch:04d}.png") \
+        print(f"global batch {BATCH_SIZE} ({ddp.world} process(es) x {batch_per_process}), "
+              f"learning rate {lr:.3g} (--lr {LR:.3g}, --lr_scaling {LR_SCALING}; the authors: "
+              f"batch {AUTHORS_BATCH}, 4.5e-4)", file=sys.stderr)
+    loader = make_loader(dataset, batch_per_process, NUM_WORKERS, SEED, ddp)
+    samples = sample_batch(dataset, N_SAMPLES) if ddp.is_main else None
+    run_log = RunLog(out, ddp)
+    while state.epoch < EPOCHS:
+        epoch = state.epoch
+        summary = train_one_epoch(state, loader, ddp, run_log)
+        if ddp.is_main:
+            words = reconstruct_samples(state, *samples, out / "samples" / f"epoch_{epoch:04d}.png") \
                 if samples else []
-            train.log({"step": train.step, "epoch": epoch, **summary}, prefix="epoch")
+            run_log.write({"step": state.step, "epoch": epoch, **summary}, kind="epoch")
             print(f"epoch {epoch}: loss {summary['loss']:.4f}, L1 {summary['l1']:.4f}, codebook "
                   f"usage {summary['codebook_used']}/{summary['codebook_size']}", file=sys.stderr)
-            for i, w in enumerate(words[:4]):
-                print(f"  image {i} global words: {' | '.join(w)}", file=sys.stderr)
-        state = train.state(model_config, extra={"inputs": inputs})
-        if d.is_main:
-            save_checkpoint(ckpt_dir / "last.pt", state)
-            if SAVE_EVERY_EPOCH and train.epoch % SAVE_EVERY_EPOCH == 0:
-                with atomic_path(ckpt_dir / f"epoch_{train.epoch:04d}.pt") as tmp:
-                    shutil.copyfile(ckpt_dir / "last.pt", tmp)
-        dist.barrier(d)
-    train.close()
-    if d.is_main:
-        tokenizer.save(out / "tokenizer.pt")
-        write_manifest(out, TOKENIZER, cfg, ["tokenizer.pt", "log.jsonl"],
+            for i, image_words in enumerate(words[:4]):
+                print(f"  image {i} global words: {' | '.join(image_words)}", file=sys.stderr)
+        save_checkpoint(state, ckpt_dir, ddp, expected, keep_every=SAVE_EVERY_EPOCH)
+    run_log.close()
+    if ddp.is_main:
+        save_tokenizer(tokenizer, out / "tokenizer.pt")
+        write_manifest(out, TOKENIZER, settings, ["tokenizer.pt", "log.jsonl"],
                        inputs={"codebook": CODEBOOK_DIR, "global": GLOBAL_DIR},
-                       info={"epochs": train.epoch, "iterations": train.step, "world": d.world,
+                       info={"epochs": state.epoch, "iterations": state.step, "world": ddp.world,
                              "clip": clip.ident, "images": len(dataset)})
-        print(f"wrote {out}/tokenizer.pt ({train.step} iterations)", file=sys.stderr)
-    dist.barrier(d)
-    dist.shutdown(d)
+        print(f"wrote {out}/tokenizer.pt ({state.step} iterations)", file=sys.stderr)
+    dist.barrier(ddp)
+    dist.shutdown(ddp)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ CLIP_SPEC = "ViT-L-14"  # CLIP timed for the global tokens (random weights); non
 NN_TOKENS = 8           # tokens for the naive [tokens x V x D] search (it needs tokens*V*D*4 bytes)
 SEED = 0                # random weights and inputs
 
-cfg = configure(globals())
+settings = configure(globals())
 
 
 def timed(fn, device: torch.device, repeats: int = REPEATS):
@@ -99,19 +99,19 @@ def full_matrix_nearest(z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return d.argmin(1)
 
 
-def authors_encode(tok: V2LTokenizer, x128: torch.Tensor) -> torch.Tensor:
+def authors_encode(tokenizer: V2LTokenizer, x128: torch.Tensor) -> torch.Tensor:
     """The authors' encode: project all V codes every batch, full [T, V] distance matrix."""
-    z = tok.encode_features(x128)
-    codes = tok.codebook_projection(tok.tok_embeddings.weight)
+    z = tokenizer.encode_features(x128)
+    codes = tokenizer.codebook_projection(tokenizer.tok_embeddings.weight)
     rows = full_matrix_nearest(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]), codes)
-    return tok.llm_ids[rows].reshape(z.shape[0], *z.shape[2:])
+    return tokenizer.llm_ids[rows].reshape(z.shape[0], *z.shape[2:])
 
 
-def authors_decode(tok: V2LTokenizer, local_ids: torch.Tensor, global_emb: torch.Tensor):
+def authors_decode(tokenizer: V2LTokenizer, local_ids: torch.Tensor, global_emb: torch.Tensor):
     """The authors' decode: project all V codes, then look the grid up."""
-    codes = tok.codebook_projection(tok.tok_embeddings.weight)
-    z_q = F.embedding(tok.rows_from_llm_ids(local_ids), codes).permute(0, 3, 1, 2)
-    return tok.decoder(tok.post_quant_conv(z_q), global_emb).clamp(-1, 1)
+    codes = tokenizer.codebook_projection(tokenizer.tok_embeddings.weight)
+    z_q = F.embedding(tokenizer.rows_from_llm_ids(local_ids), codes).permute(0, 3, 1, 2)
+    return tokenizer.decoder(tokenizer.post_quant_conv(z_q), global_emb).clamp(-1, 1)
 
 
 def main():
@@ -120,19 +120,19 @@ def main():
         _release_freed_memory()
     torch.manual_seed(SEED)
     paper = TokenizerConfig()
-    tok = V2LTokenizer(paper, torch.randn(paper.n_local, paper.embed_dim),
+    tokenizer = V2LTokenizer(paper, torch.randn(paper.n_local, paper.embed_dim),
                        torch.arange(paper.n_local), torch.randn(paper.n_global, paper.embed_dim),
                        [str(i) for i in range(paper.n_global)]).to(device).eval()
     x128 = torch.rand(BATCH, 3, paper.resolution, paper.resolution, device=device) * 2 - 1
-    global_emb = tok.tok_embeddings_global.weight[torch.randint(0, paper.n_global,
+    global_emb = tokenizer.tok_embeddings_global.weight[torch.randint(0, paper.n_global,
                                                                 (BATCH, paper.global_topk))]
 
     rows = []                                         # (what, ours, reference)
     with torch.no_grad():
-        t_enc, local_ids = timed(lambda: tok.local_tokens(x128), device)
-        t_dec, _ = timed(lambda: tok.decode(local_ids, global_emb=global_emb), device)
-        t_enc_ref, ref_ids = timed(lambda: authors_encode(tok, x128), device)
-        t_dec_ref, _ = timed(lambda: authors_decode(tok, ref_ids, global_emb), device)
+        t_enc, local_ids = timed(lambda: tokenizer.local_tokens(x128), device)
+        t_dec, _ = timed(lambda: tokenizer.decode(local_ids, global_emb=global_emb), device)
+        t_enc_ref, ref_ids = timed(lambda: authors_encode(tokenizer, x128), device)
+        t_dec_ref, _ = timed(lambda: authors_decode(tokenizer, ref_ids, global_emb), device)
         rows += [("encode (local tokens)", f"{BATCH / t_enc:.2f} img/s",
                   f"{BATCH / t_enc_ref:.2f} img/s"),
                  ("decode", f"{BATCH / t_dec:.2f} img/s", f"{BATCH / t_dec_ref:.2f} img/s")]
@@ -149,8 +149,8 @@ def main():
         rows.append(("encode + decode" + (" + CLIP" if t_clip else ""),
                      f"{images_per_s:.2f} img/s", f"{ref_per_s:.2f} img/s"))
 
-        codes = tok.projected_codebook()
-        z = tok.encode_features(x128).permute(0, 2, 3, 1).reshape(-1, paper.embed_dim)
+        codes = tokenizer.projected_codebook()
+        z = tokenizer.encode_features(x128).permute(0, 2, 3, 1).reshape(-1, paper.embed_dim)
         results = []
         for label, tokens, reference, repeats in (
                 (f"NN search, {NN_TOKENS} tokens (ref: naive [T,V,D])", z[:NN_TOKENS],

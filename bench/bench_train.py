@@ -1,6 +1,6 @@
 """Bench: tokenizer training iterations/s at 128 px, with and without the GAN + LPIPS terms.
 
-Times ``Training.train_step`` (forward, generator loss, backward, Adam, and the
+Times ``engine.train.train_step`` (forward, generator loss, backward, Adam, and the
 discriminator step when the GAN is on) on random 128 px images, for the paper
 configuration (ch 128, D 768, V 32000, M 11908, k 21, CLIP ViT-L/14 with random
 weights) and a tiny one. Rows: plain L1 + VQ; + LPIPS + GAN (adaptive weight,
@@ -26,7 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 from models import losses  # noqa: E402
 from models.clip import load_clip  # noqa: E402
 from models.tokenizer import TokenizerConfig, V2LTokenizer  # noqa: E402
-from engine.train import TrainConfig, Training  # noqa: E402
+from engine.train import TrainConfig, build_training, train_step  # noqa: E402
 from tiny_clip import make_tiny_clip  # noqa: E402
 from utils import dist  # noqa: E402
 from utils.cli import configure, run_main  # noqa: E402
@@ -40,7 +40,7 @@ AMP = "bf16"  # mixed precision on GPUs (bf16, fp16, none)
 SEED = 0  # weights and images seed
 THREADS = 0  # CPU threads (0: torch's default; 1 is faster on a CPU shared with other jobs)
 
-cfg = configure(globals())
+settings = configure(globals())
 
 TINY = dict(ch=32, num_res_blocks=1, z_channels=32, cross_heads=2, cross_head_dim=32,
             global_topk=5)
@@ -55,9 +55,9 @@ def build_tokenizer(name: str, device) -> V2LTokenizer:
         import tempfile
         clip = load_clip(make_tiny_clip(Path(tempfile.mkdtemp()) / "clip"), device=device)
         v, m, arch = 64, 16, TINY
-    d = clip.embed_dim
-    local = F.normalize(torch.randn(v, d), dim=-1)
-    glob = F.normalize(torch.randn(m, d), dim=-1)
+    dim = clip.embed_dim
+    local = F.normalize(torch.randn(v, dim), dim=-1)
+    glob = F.normalize(torch.randn(m, dim), dim=-1)
     return V2LTokenizer(TokenizerConfig(**arch), local, torch.arange(v), glob,
                         [f"w{i}" for i in range(m)], clip)
 
@@ -69,40 +69,42 @@ def perceptual_net(device):
         return losses.freeze(losses.lpips_random_trunk()).to(device), "LPIPS (random VGG16, timing only)"
 
 
-def time_row(tok, d, full: bool, channels_last: bool, lpips_net) -> float:
+def time_row(tokenizer, ddp, full: bool, channels_last: bool, lpips_net) -> float:
     weights = losses.LossWeights(perceptual_weight=0.1 if full else 0.0,
                                  disc_start=0 if full else 10 ** 9)
-    train = Training(tok, losses.GeneratorLoss(weights, lpips_net if full else None),
-                     losses.DiscriminatorLoss(), TrainConfig(amp=AMP, channels_last=channels_last), d)
+    state = build_training(tokenizer, losses.GeneratorLoss(weights, lpips_net if full else None),
+                           losses.DiscriminatorLoss(), TrainConfig(amp=AMP, channels_last=channels_last),
+                           ddp)
     g = torch.Generator().manual_seed(SEED)
-    x128 = (torch.rand(BATCH_SIZE, 3, 128, 128, generator=g) * 2 - 1).to(d.device)
-    x_clip = torch.randn(BATCH_SIZE, 3, tok.clip.image_size, tok.clip.image_size, generator=g).to(d.device)
+    x128 = (torch.rand(BATCH_SIZE, 3, 128, 128, generator=g) * 2 - 1).to(ddp.device)
+    size = tokenizer.clip.image_size
+    x_clip = torch.randn(BATCH_SIZE, 3, size, size, generator=g).to(ddp.device)
     if channels_last:
         x128 = x128.contiguous(memory_format=torch.channels_last)
-    train.train_step(x128, x_clip, lr=1e-5)                  # warm-up
-    if d.device.type == "cuda":
+    train_step(state, x128, x_clip, lr=1e-5)                 # warm-up
+    if ddp.device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(ITERS):
-        train.train_step(x128, x_clip, lr=1e-5)
-    if d.device.type == "cuda":
+        train_step(state, x128, x_clip, lr=1e-5)
+    if ddp.device.type == "cuda":
         torch.cuda.synchronize()
-    tok.to(memory_format=torch.contiguous_format)
+    tokenizer.to(memory_format=torch.contiguous_format)
     return ITERS / (time.perf_counter() - t)
 
 
 def main():
-    d = dist.init(DEVICE)
+    ddp = dist.init(DEVICE)
     if THREADS:
         torch.set_num_threads(THREADS)
-    lpips_net, lpips_kind = perceptual_net(d.device)
-    print(f"device {d.device}, batch {BATCH_SIZE}, 128 px, {ITERS} timed iterations per row; {lpips_kind}")
+    lpips_net, lpips_kind = perceptual_net(ddp.device)
+    print(f"device {ddp.device}, batch {BATCH_SIZE}, 128 px, {ITERS} timed iterations per row; {lpips_kind}")
     print(f"{'config':8} {'loss terms':28} {'layout':14} {'it/s':>8} {'img/s':>8}")
     results = {}
     for name in CONFIGS:
-        tok = build_tokenizer(name, d.device)
+        tokenizer = build_tokenizer(name, ddp.device)
         for full, cl in ((False, False), (True, False), (True, True)):
-            ips = time_row(tok, d, full, cl, lpips_net)
+            ips = time_row(tokenizer, ddp, full, cl, lpips_net)
             results[(name, full, cl)] = ips
             terms = "L1+VQ+LPIPS+GAN" if full else "L1+VQ"
             print(f"{name:8} {terms:28} {'channels_last' if cl else 'default':14} "

@@ -1,22 +1,25 @@
-"""Training engine for the V2L tokenizer (MAE-style): one epoch at a time, exact resume.
+"""Training procedures for the V2L tokenizer (step 4): plain functions over one ``TrainState``.
 
-Per iteration: the tokenizer reconstructs the batch; the generator loss
-(``models.losses.GeneratorLoss``) updates the trainable tokenizer parts with Adam
-(betas 0.5, 0.9); from ``disc_start`` on, the PatchGAN discriminator takes a
-hinge-loss step with its own Adam. The learning rate of both follows
-``lr_at``: linear warm-up, then a half-cycle cosine to ``min_lr``, set every
-iteration from the fractional epoch.
+- ``seed_everything``: the one place the random streams are seeded.
+- ``build_training``: moves the networks to the device, builds both Adam optimisers and the
+  GradScaler, wraps both networks in DistributedDataParallel under torchrun.
+- ``train_step``: one generator update, then one discriminator update (from ``disc_start`` on).
+- ``train_one_epoch``: the loader loop around ``train_step``, with logging and codebook usage.
+- ``reconstruct_samples``: the epoch's reconstruction grid.
+- ``save_checkpoint`` / ``resume``: everything an exact resume needs, written and read here
+  only: the tokenizer's own weights (not the frozen CLIP, which is reloaded), the
+  discriminator, both optimisers, the GradScaler, the epoch and iteration counters and every
+  rank's RNG states (torch, CUDA, numpy, python). Resuming from the checkpoint written after
+  epoch e reproduces epoch e + 1 of an uninterrupted run.
 
-Mixed precision on GPUs: bf16 autocast, or fp16 autocast with a GradScaler.
-On CPU everything runs in float32. Under torchrun both networks are wrapped in
-DistributedDataParallel (gradients averaged over ranks).
+The learning rate of both optimisers follows ``lr_at``: linear warm-up, then a half-cycle
+cosine to ``min_lr``, set every iteration from the fractional epoch.
 
-A checkpoint (``save_checkpoint``) holds everything an exact resume needs: the
-tokenizer's own weights (not the frozen CLIP, which is reloaded), the
-discriminator, both optimisers, the GradScaler, the epoch and iteration
-counters, every rank's RNG states (torch, CUDA, numpy, python) and the
-sampler epoch. Resuming from the checkpoint written after epoch e reproduces
-epoch e + 1 of an uninterrupted run.
+``TrainConfig``'s defaults are the authors' run: Adam eps 1e-7; fp16 autocast with a
+GradScaler and CLIP's weights in fp16 (bf16 autocast is the option; on CPU everything runs
+in float32); the discriminator step on a fresh forward of the just-updated tokenizer
+(taming and LlamaGen reuse the generator step's reconstructions: ``disc_fresh_forward``
+False). The global batch and its learning rate: ``batch_and_lr``.
 """
 from __future__ import annotations
 
@@ -24,303 +27,390 @@ import contextlib
 import json
 import math
 import random
+import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from data.images import collate_skip_bad
 from models.losses import DiscriminatorLoss, GeneratorLoss
-from utils import dist as udist
+from models.tokenizer import V2LTokenizer
+from utils import dist
 from utils.artifacts import atomic_path, save_torch
 from utils.errors import V2LError
 from utils.figures import save_image_grid
 
 CHECKPOINT_FORMAT = "v2l-tokenizer-train-v1"
+AUTHORS_BATCH = 8          # the authors' run: one GPU x 8 images per iteration, at lr 4.5e-4
+LR_SCALINGS = ("none", "linear", "sqrt")
 
 
 @dataclass
 class TrainConfig:
+    """Defaults: the authors' run."""
     epochs: int = 100
     warmup_epochs: int = 5
     lr: float = 4.5e-4
     min_lr: float = 0.0
     betas: tuple = (0.5, 0.9)
-    amp: str = "bf16"                      # "bf16", "fp16" or "none" (GPU only; CPU runs fp32)
+    eps: float = 1e-7                      # Adam epsilon (the authors'; PyTorch's default is 1e-8)
+    amp: str = "fp16"                      # "fp16" (+ GradScaler), "bf16" or "none"; CPU runs fp32
+    disc_fresh_forward: bool = True        # D step on a new forward of the updated tokenizer
     log_every: int = 50                    # iterations between log records
     max_steps_per_epoch: int | None = None  # cut epochs short (quick runs)
     find_unused_parameters: bool = False    # DDP option, for architectures with unused branches
     channels_last: bool = False             # NHWC memory layout for the convolutions
 
 
-def lr_at(epoch: float, cfg: TrainConfig) -> float:
+@dataclass
+class TrainState:
+    """Everything one training run updates (built by ``build_training``, saved by
+    ``save_checkpoint``). ``generator`` and ``critic`` are the tokenizer and the
+    discriminator as called in a training step: DDP-wrapped under torchrun."""
+    tokenizer: V2LTokenizer
+    discriminator: DiscriminatorLoss
+    gen_loss: GeneratorLoss
+    train_config: TrainConfig
+    device: torch.device
+    generator: nn.Module
+    critic: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    epoch: int = 0                      # next epoch to run
+    step: int = 0                       # iterations done
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Seed torch, numpy and python with ``seed + rank`` (each rank its own streams; the
+    initial weights still agree, as DDP copies rank 0's to every rank)."""
+    torch.manual_seed(seed + rank)
+    np.random.seed(seed + rank)
+    random.seed(seed + rank)
+
+
+def lr_at(epoch: float, train_config: TrainConfig) -> float:
     """Learning rate at a fractional epoch: linear warm-up, then half-cycle cosine to min_lr."""
-    if epoch < cfg.warmup_epochs:
-        return cfg.lr * epoch / cfg.warmup_epochs
-    span = max(cfg.epochs - cfg.warmup_epochs, 1e-8)
-    progress = min((epoch - cfg.warmup_epochs) / span, 1.0)
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    c = train_config
+    if epoch < c.warmup_epochs:
+        return c.lr * epoch / c.warmup_epochs
+    span = max(c.epochs - c.warmup_epochs, 1e-8)
+    progress = min((epoch - c.warmup_epochs) / span, 1.0)
+    return c.min_lr + (c.lr - c.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_loader(dataset, batch_size: int, num_workers: int, seed: int, d: udist.Dist,
+def batch_and_lr(global_batch: int, world: int, lr: float, scaling: str = "none",
+                 reference_batch: int = AUTHORS_BATCH) -> tuple[int, float]:
+    """(images per process, learning rate) for a global batch split over ``world`` processes.
+
+    ``scaling``: "none" keeps ``lr``; "linear" / "sqrt" multiply it by
+    ``global_batch / reference_batch`` or its square root (``lr`` is the rate at the
+    authors' batch of 8).
+    """
+    if scaling not in LR_SCALINGS:
+        raise V2LError(f"--lr_scaling {scaling}: expected one of {', '.join(LR_SCALINGS)}")
+    if global_batch < world or global_batch % world:
+        raise V2LError(f"--batch_size {global_batch} (the global batch) does not split evenly over "
+                       f"{world} processes; pass a multiple of {world}")
+    ratio = global_batch / reference_batch
+    factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[scaling]
+    return global_batch // world, lr * factor
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``--amp`` on this device (None: float32; CPU always runs float32)."""
+    if amp not in ("bf16", "fp16", "none"):
+        raise V2LError(f"--amp {amp}: expected bf16, fp16 or none")
+    if device.type != "cuda" or amp == "none":
+        return None
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def autocast(state: TrainState):
+    if state.amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(state.device.type, dtype=state.amp_dtype)
+
+
+def make_loader(dataset, batch_size: int, num_workers: int, seed: int, ddp: dist.Dist,
                 shuffle: bool = True) -> DataLoader:
     """Per-rank loader over a DistributedSampler (also for one process, so the order is the
     same function of (seed, epoch) in every setting); unreadable images are dropped."""
-    sampler = DistributedSampler(dataset, num_replicas=d.world, rank=d.rank, shuffle=shuffle,
+    sampler = DistributedSampler(dataset, num_replicas=ddp.world, rank=ddp.rank, shuffle=shuffle,
                                  seed=seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_skip_bad, pin_memory=d.device.type == "cuda",
+                      collate_fn=collate_skip_bad, pin_memory=ddp.device.type == "cuda",
                       drop_last=False)
 
 
-@dataclass
-class Training:
-    """Everything one training run updates, plus where it logs."""
-    tokenizer: nn.Module
-    gen_loss: GeneratorLoss
-    disc: DiscriminatorLoss
-    cfg: TrainConfig
-    dist: udist.Dist
-    out_dir: Path | None = None
-    opt_g: torch.optim.Optimizer = field(init=False)
-    opt_d: torch.optim.Optimizer = field(init=False)
-    scaler: torch.amp.GradScaler = field(init=False)
-    epoch: int = 0                      # next epoch to run
-    step: int = 0                       # iterations done
-    _writer: object = field(default=None, init=False)
+def build_optimizers(tokenizer: V2LTokenizer, discriminator: DiscriminatorLoss,
+                     train_config: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """Adam for the tokenizer's trainable parts and Adam for the discriminator."""
+    # foreach: one multi-tensor kernel per Adam operation instead of one per parameter
+    settings = dict(lr=train_config.lr, betas=tuple(train_config.betas), eps=train_config.eps,
+                    foreach=True)
+    return (torch.optim.Adam(tokenizer.trainable_parameters(), **settings),
+            torch.optim.Adam(discriminator.parameters(), **settings))
 
-    def __post_init__(self):
-        dev = self.dist.device
-        self.tokenizer.to(dev)
-        self.disc.to(dev)
-        if self.cfg.channels_last:
-            self.tokenizer.to(memory_format=torch.channels_last)
-            self.disc.to(memory_format=torch.channels_last)
-        params = list(self.tokenizer.trainable_parameters())
-        # foreach: one multi-tensor kernel per Adam operation instead of one per parameter
-        self.opt_g = torch.optim.Adam(params, lr=self.cfg.lr, betas=tuple(self.cfg.betas),
-                                      foreach=True)
-        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=self.cfg.lr,
-                                      betas=tuple(self.cfg.betas), foreach=True)
-        self.scaler = torch.amp.GradScaler(dev.type, enabled=self.amp_dtype == torch.float16)
-        if self.dist.active:
-            ids = [dev.index] if dev.type == "cuda" else None
-            self.gen = DDP(self.tokenizer, device_ids=ids,
-                           find_unused_parameters=self.cfg.find_unused_parameters)
-            self.disc_ddp = DDP(self.disc, device_ids=ids)
-        else:
-            self.gen, self.disc_ddp = self.tokenizer, self.disc
 
-    @property
-    def amp_dtype(self) -> torch.dtype | None:
-        if self.dist.device.type != "cuda" or self.cfg.amp == "none":
-            return None
-        if self.cfg.amp not in ("bf16", "fp16"):
-            raise V2LError(f"--amp {self.cfg.amp}: expected bf16, fp16 or none")
-        return torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
+def build_training(tokenizer: V2LTokenizer, gen_loss: GeneratorLoss,
+                   discriminator: DiscriminatorLoss, train_config: TrainConfig,
+                   ddp: dist.Dist) -> TrainState:
+    device = ddp.device
+    dtype = amp_dtype(train_config.amp, device)
+    if dtype == torch.float16 and tokenizer.clip is not None:
+        half_clip(tokenizer.clip)
+    for net in (tokenizer, discriminator):
+        net.to(device)
+        if train_config.channels_last:
+            net.to(memory_format=torch.channels_last)
+    opt_g, opt_d = build_optimizers(tokenizer, discriminator, train_config)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    generator, critic = tokenizer, discriminator
+    if ddp.active:
+        ids = [device.index] if device.type == "cuda" else None
+        generator = DistributedDataParallel(tokenizer, device_ids=ids,
+                                            find_unused_parameters=train_config.find_unused_parameters)
+        critic = DistributedDataParallel(discriminator, device_ids=ids)
+    return TrainState(tokenizer, discriminator, gen_loss, train_config, device, generator, critic,
+                      opt_g, opt_d, scaler, dtype)
 
-    def autocast(self):
-        dt = self.amp_dtype
-        if dt is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.dist.device.type, dtype=dt)
 
-    # ---- logging ---------------------------------------------------------------------
-    def writer(self):
-        if self._writer is None and self.dist.is_main and self.out_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-            self._writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=self.step)
-        return self._writer
+def half_clip(clip) -> None:
+    """CLIP's weights in float16, as the authors run it under fp16 (it is frozen: no
+    master copy needed)."""
+    clip.model.half()
 
-    def log(self, record: dict, prefix: str = "train") -> None:
-        """One JSONL line and TensorBoard scalars ``<prefix>/<key>`` per record (rank 0)."""
-        if not self.dist.is_main or self.out_dir is None:
+
+# ---- one iteration ---------------------------------------------------------------------
+def train_step(state: TrainState, x128: torch.Tensor, x_clip: torch.Tensor,
+               lr: float) -> tuple[dict, torch.Tensor]:
+    """One generator update, then (once the GAN is on) one discriminator update.
+
+    Returns the detached loss terms and the batch's local token ids."""
+    for opt in (state.opt_g, state.opt_d):
+        for group in opt.param_groups:
+            group["lr"] = lr
+    scaler, step = state.scaler, state.step
+    # generator: L1 + VQ + LPIPS (+ adaptive-weighted GAN term); D is frozen for this step
+    state.discriminator.requires_grad_(False)
+    with autocast(state):
+        out = state.generator(x128, x_clip)
+        loss, logs = state.gen_loss(x128, out["rec"], out["vq_loss"], step,
+                                    discriminator=state.discriminator.discriminator,
+                                    last_layer=state.tokenizer.last_layer(),
+                                    grad_scale=scaler.get_scale() if scaler.is_enabled() else 1.0)
+    if not torch.isfinite(loss):
+        raise V2LError(f"training diverged: non-finite loss at iteration {step}; resume "
+                       "from the last checkpoint with a lower --lr or --amp bf16")
+    state.opt_g.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(state.opt_g)
+    state.discriminator.requires_grad_(True)
+    # discriminator: hinge loss on real images vs reconstructions
+    if state.gen_loss.gan_active(step):
+        fake = out["rec"]
+        if state.train_config.disc_fresh_forward:   # the authors: reconstruct with the updated G
+            with torch.no_grad(), autocast(state):
+                fake = state.tokenizer(x128, x_clip)["rec"]
+        with autocast(state):
+            disc_logs = state.critic(x128, fake)
+        state.opt_d.zero_grad(set_to_none=True)
+        scaler.scale(disc_logs["d_loss"]).backward()
+        scaler.step(state.opt_d)
+        logs |= {k: v.detach() for k, v in disc_logs.items()}
+    scaler.update()
+    return logs, out["local_ids"]
+
+
+# ---- one epoch ---------------------------------------------------------------------------
+def train_one_epoch(state: TrainState, loader: DataLoader, ddp: dist.Dist, run_log: "RunLog") -> dict:
+    """Run epoch ``state.epoch``; return its summary (mean losses, codebook usage)."""
+    train_config = state.train_config
+    loader.sampler.set_epoch(state.epoch)
+    n_iter = len(loader) if train_config.max_steps_per_epoch is None \
+        else min(len(loader), train_config.max_steps_per_epoch)
+    state.tokenizer.train()
+    state.discriminator.train()
+    used = torch.zeros(len(state.tokenizer.llm_ids), dtype=torch.bool, device=ddp.device)
+    sums: dict[str, torch.Tensor] = {}
+    window: dict[str, torch.Tensor] = {}
+    skipped = count = 0
+    bar = tqdm(total=n_iter, desc=f"epoch {state.epoch}", disable=not ddp.is_main, leave=False)
+    for i, batch in enumerate(loader):
+        if i >= n_iter:
+            break
+        skipped += batch["n_skipped"]
+        if "image" not in batch:
+            if ddp.active:
+                raise V2LError("a whole batch of images was unreadable (files named above); "
+                               "remove them from the data folder and rerun to resume")
+            continue
+        x128, x_clip = (t.to(ddp.device, non_blocking=True) for t in batch["image"])
+        if train_config.channels_last:
+            x128 = x128.contiguous(memory_format=torch.channels_last)
+        lr = lr_at(state.epoch + i / n_iter, train_config)
+        logs, local_ids = train_step(state, x128, x_clip, lr)
+        used[state.tokenizer.rows_from_llm_ids(local_ids.reshape(-1))] = True
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0) + v.float()
+            window[k] = window.get(k, 0) + v.float()
+        window["_n"] = window.get("_n", 0) + 1
+        count += 1
+        state.step += 1
+        bar.update()
+        if state.step % train_config.log_every == 0:
+            means = reduce_means(window, ddp)
+            window = {}
+            run_log.write({"step": state.step, "epoch": state.epoch, "lr": lr, **means})
+            bar.set_postfix(loss=f"{means['loss']:.4f}")
+    bar.close()
+    summary = reduce_means({**sums, "_n": max(count, 1)}, ddp)
+    used_all = dist.all_reduce_sum(used.float(), ddp) > 0
+    skipped_all = dist.all_reduce_sum(torch.tensor(float(skipped), device=ddp.device), ddp)
+    summary |= {"codebook_used": int(used_all.sum()), "codebook_size": len(used_all),
+                "skipped_images": int(skipped_all)}
+    state.epoch += 1
+    return summary
+
+
+def reduce_means(sums: dict, ddp: dist.Dist) -> dict:
+    """Per-key means over the iterations and ranks (a collective: every rank calls it)."""
+    keys = sorted(k for k in sums if k != "_n")
+    vec = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=ddp.device)
+                       for k in keys] + [torch.tensor(float(sums["_n"]), device=ddp.device)])
+    vec = dist.all_reduce_sum(vec, ddp)
+    return {k: float(vec[j] / vec[-1]) for j, k in enumerate(keys)}
+
+
+@torch.no_grad()
+def reconstruct_samples(state: TrainState, x128: torch.Tensor, x_clip: torch.Tensor,
+                        path: Path) -> list[list[str]]:
+    """PNG grid: originals (top row) over reconstructions; returns the images' global words."""
+    tokenizer = state.tokenizer
+    tokenizer.eval()
+    x128, x_clip = x128.to(state.device), x_clip.to(state.device)
+    with autocast(state):
+        global_idx, local_ids = tokenizer.encode(x128, x_clip)
+        rec = tokenizer.decode(local_ids, global_idx=global_idx)
+    save_image_grid(torch.cat([x128, rec.float()]), path, per_line=len(x128))
+    tokenizer.train()
+    return tokenizer.global_strings(global_idx)
+
+
+# ---- logging -----------------------------------------------------------------------------
+class RunLog:
+    """log.jsonl lines and TensorBoard scalars ``<kind>/<key>`` (rank 0 only)."""
+
+    def __init__(self, out_dir: Path, ddp: dist.Dist):
+        self.out_dir, self.enabled = out_dir, ddp.is_main
+        self.writer = None
+
+    def write(self, record: dict, kind: str = "train") -> None:
+        if not self.enabled:
             return
         with open(self.out_dir / "log.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"kind": prefix, **record}) + "\n")
-        w = self.writer()
+            f.write(json.dumps({"kind": kind, **record}) + "\n")
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=record["step"])
         for k, v in record.items():
             if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                w.add_scalar(f"{prefix}/{k}", v, record["step"])
-        w.flush()
+                self.writer.add_scalar(f"{kind}/{k}", v, record["step"])
+        self.writer.flush()
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-    # ---- one iteration -----------------------------------------------------------------
-    def train_step(self, x128: torch.Tensor, x_clip: torch.Tensor, lr: float) -> tuple[dict, torch.Tensor]:
-        for opt in (self.opt_g, self.opt_d):
-            for g in opt.param_groups:
-                g["lr"] = lr
-        gan = self.gen_loss.gan_active(self.step)
-        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
-        self.disc.requires_grad_(False)            # the generator step does not train D
-        with self.autocast():
-            out = self.gen(x128, x_clip)
-            loss, logs = self.gen_loss(x128, out["rec"], out["vq_loss"], self.step,
-                                       discriminator=self.disc.discriminator,
-                                       last_layer=self.tokenizer.last_layer(), grad_scale=scale)
-        if not torch.isfinite(loss):
-            raise V2LError(f"training diverged: non-finite loss at iteration {self.step}; resume "
-                           "from the last checkpoint with a lower --lr or --amp bf16")
-        self.opt_g.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.opt_g)
-        if gan:
-            self.disc.requires_grad_(True)
-            with self.autocast():
-                d = self.disc_ddp(x128, out["rec"])
-            self.opt_d.zero_grad(set_to_none=True)
-            self.scaler.scale(d["d_loss"]).backward()
-            self.scaler.step(self.opt_d)
-            logs |= {k: v.detach() for k, v in d.items()}
-        self.scaler.update()
-        self.disc.requires_grad_(True)
-        return logs, out["local_ids"]
-
-    # ---- one epoch ---------------------------------------------------------------------
-    def train_one_epoch(self, loader: DataLoader) -> dict:
-        """Run epoch ``self.epoch``; return its summary (mean losses, codebook usage)."""
-        d, cfg = self.dist, self.cfg
-        loader.sampler.set_epoch(self.epoch)
-        n_iter = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
-        self.tokenizer.train()
-        self.disc.train()
-        used = torch.zeros(len(self.tokenizer.llm_ids), dtype=torch.bool, device=d.device)
-        sums: dict[str, torch.Tensor] = {}
-        window: dict[str, torch.Tensor] = {}
-        skipped = count = 0
-        bar = tqdm(total=n_iter, desc=f"epoch {self.epoch}", disable=not d.is_main, leave=False)
-        for i, batch in enumerate(loader):
-            if i >= n_iter:
-                break
-            skipped += batch["n_skipped"]
-            if "image" not in batch:
-                if d.active:
-                    raise V2LError("a whole batch of images was unreadable (files named above); "
-                                   "remove them from the data folder and rerun to resume")
-                continue
-            x128, x_clip = (t.to(d.device, non_blocking=True) for t in batch["image"])
-            if cfg.channels_last:
-                x128 = x128.contiguous(memory_format=torch.channels_last)
-            lr = lr_at(self.epoch + i / n_iter, cfg)
-            logs, local_ids = self.train_step(x128, x_clip, lr)
-            used[self.tokenizer.rows_from_llm_ids(local_ids.reshape(-1))] = True
-            for k, v in logs.items():
-                v = v.float()
-                sums[k] = sums.get(k, 0) + v
-                window[k] = window.get(k, 0) + v
-            window["_n"] = window.get("_n", 0) + 1
-            count += 1
-            self.step += 1
-            bar.update()
-            if self.step % cfg.log_every == 0:
-                rec = self._reduce_means(window)
-                window = {}
-                self.log({"step": self.step, "epoch": self.epoch, "lr": lr, **rec})
-                bar.set_postfix(loss=f"{rec['loss']:.4f}")
-        bar.close()
-        summary = self._reduce_means({**sums, "_n": max(count, 1)})
-        used_all = udist.all_reduce_sum(used.float(), d) > 0
-        summary |= {"codebook_used": int(used_all.sum()), "codebook_size": len(used_all),
-                    "skipped_images": int(udist.all_reduce_sum(torch.tensor(float(skipped), device=d.device), d))}
-        self.epoch += 1
-        return summary
-
-    def _reduce_means(self, sums: dict) -> dict:
-        """Per-key means over the iterations and ranks (a collective: every rank calls it)."""
-        keys = sorted(k for k in sums if k != "_n")
-        vec = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=self.dist.device)
-                           for k in keys] + [torch.tensor(float(sums["_n"]), device=self.dist.device)])
-        vec = udist.all_reduce_sum(vec, self.dist)
-        return {k: float(vec[j] / vec[-1]) for j, k in enumerate(keys)}
-
-    # ---- samples -----------------------------------------------------------------------
-    @torch.no_grad()
-    def save_samples(self, x128: torch.Tensor, x_clip: torch.Tensor, path: Path) -> list[list[str]]:
-        """PNG grid: originals (top row) over reconstructions; returns the images' global words."""
-        self.tokenizer.eval()
-        x128, x_clip = x128.to(self.dist.device), x_clip.to(self.dist.device)
-        with self.autocast():
-            gidx, local_ids = self.tokenizer.encode(x128, x_clip)
-            rec = self.tokenizer.decode(local_ids, global_idx=gidx)
-        save_image_grid(torch.cat([x128, rec.float()]), path, per_line=len(x128))
-        self.tokenizer.train()
-        return self.tokenizer.global_strings(gidx)
-
-    # ---- checkpoints -------------------------------------------------------------------
-    def state(self, model_config: dict, extra: dict | None = None) -> dict | None:
-        """The full resume state (a collective: every rank contributes its RNG states);
-        returned on rank 0, None elsewhere."""
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-               "python": random.getstate(),
-               "cuda": torch.cuda.get_rng_state() if self.dist.device.type == "cuda" else None}
-        all_rng = udist.all_gather_objects(rng, self.dist)
-        if not self.dist.is_main:
-            return None
-        return {"format": CHECKPOINT_FORMAT, "config": model_config,
-                "train_config": asdict(self.cfg), "loss_weights": asdict(self.gen_loss.w),
-                "model": self.tokenizer.state_dict(),   # CLIP is not part of it
-                "discriminator": self.disc.state_dict(),
-                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
-                "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step,
-                "sampler_epoch": self.epoch, "world": self.dist.world, "rng": all_rng,
-                **(extra or {})}
-
-    def load_state(self, ckpt: dict, model_config: dict, source: str) -> None:
-        """Restore a ``state()`` dict; refuse one made for another architecture."""
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise V2LError(f"{source}: not a tokenizer training checkpoint; move it away or "
-                           "choose another --out_dir")
-        diff = sorted(k for k in set(model_config) | set(ckpt["config"])
-                      if model_config.get(k) != ckpt["config"].get(k))
-        if diff:
-            shown = ", ".join(f"{k}: {ckpt['config'].get(k)!r} there vs {model_config.get(k)!r} now"
-                              for k in diff[:4])
-            raise V2LError(f"{source}: checkpoint of another tokenizer architecture ({shown}); "
-                           "use the same settings to resume, or another --out_dir to start anew")
-        try:
-            self.tokenizer.load_state_dict(ckpt["model"], strict=True)
-        except RuntimeError as e:
-            raise V2LError(f"{source}: checkpoint weights do not fit this tokenizer "
-                           f"({str(e).splitlines()[1].strip()}); use another --out_dir")
-        self.disc.load_state_dict(ckpt["discriminator"])
-        self.opt_g.load_state_dict(ckpt["opt_g"])
-        self.opt_d.load_state_dict(ckpt["opt_d"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
-        rngs = ckpt["rng"]
-        if len(rngs) != self.dist.world:
-            print(f"warning: {source} was written by {len(rngs)} processes, resuming with "
-                  f"{self.dist.world}: the data order is the same, the random streams are not",
-                  file=sys.stderr)
-        rng = rngs[self.dist.rank % len(rngs)]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if rng["cuda"] is not None and self.dist.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"])
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic write (a killed run never leaves a half-written checkpoint)."""
-    save_torch(path, state)
+# ---- checkpoints: written and read here only ----------------------------------------------
+def save_checkpoint(state: TrainState, ckpt_dir: Path, ddp: dist.Dist, extra: dict,
+                    keep_every: int = 0) -> None:
+    """Write ``ckpt_dir/last.pt`` atomically (a collective: every rank contributes its RNG
+    states; rank 0 writes), and a copy ``epoch_NNNN.pt`` every ``keep_every`` epochs."""
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+           "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state() if state.device.type == "cuda" else None}
+    all_rng = dist.all_gather_objects(rng, ddp)
+    if ddp.is_main:
+        save_torch(ckpt_dir / "last.pt", {
+            "format": CHECKPOINT_FORMAT, "train_config": asdict(state.train_config),
+            "loss_weights": asdict(state.gen_loss.w),
+            "model": state.tokenizer.state_dict(),   # CLIP is not part of it
+            "discriminator": state.discriminator.state_dict(),
+            "opt_g": state.opt_g.state_dict(), "opt_d": state.opt_d.state_dict(),
+            "scaler": state.scaler.state_dict(), "epoch": state.epoch, "step": state.step,
+            "world": ddp.world, "rng": all_rng, **extra})
+        if keep_every and state.epoch % keep_every == 0:
+            with atomic_path(ckpt_dir / f"epoch_{state.epoch:04d}.pt") as tmp:
+                shutil.copyfile(ckpt_dir / "last.pt", tmp)
+    dist.barrier(ddp)
 
 
-def load_checkpoint(path: Path) -> dict:
+def resume(state: TrainState, ckpt_dir: Path, ddp: dist.Dist, expected: dict,
+           log_path: Path | None = None) -> bool:
+    """Continue from ``ckpt_dir/last.pt`` when there is one (False: a fresh run).
+
+    ``expected``: entries the checkpoint must hold with these values (the tokenizer
+    architecture under ``config``, the input artifacts under ``inputs``); a checkpoint of
+    another architecture or other inputs is refused. Log records past the checkpoint (left
+    by a run killed after it) are dropped from ``log_path``.
+    """
+    path = ckpt_dir / "last.pt"
+    if not path.is_file():
+        return False
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated or foreign files raise zip/pickle errors of many kinds
         raise V2LError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0]}); delete it to "
                        "start over, or restore a copy")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise V2LError(f"{path}: not a tokenizer training checkpoint; move it away or "
+                       "choose another --out_dir")
+    if ckpt.get("inputs", expected["inputs"]) != expected["inputs"]:
+        raise V2LError(f"{path}: trained on other codebook/global artifacts than "
+                       f"{expected['inputs']}; pass those, or another --out_dir to start anew")
+    config, saved = expected["config"], ckpt["config"]
+    diff = sorted(k for k in set(config) | set(saved) if config.get(k) != saved.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} there vs {config.get(k)!r} now" for k in diff[:4])
+        raise V2LError(f"{path}: checkpoint of another tokenizer architecture ({shown}); "
+                       "use the same settings to resume, or another --out_dir to start anew")
+    try:
+        state.tokenizer.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        raise V2LError(f"{path}: checkpoint weights do not fit this tokenizer "
+                       f"({str(e).splitlines()[1].strip()}); use another --out_dir")
+    state.discriminator.load_state_dict(ckpt["discriminator"])
+    state.opt_g.load_state_dict(ckpt["opt_g"])
+    state.opt_d.load_state_dict(ckpt["opt_d"])
+    state.scaler.load_state_dict(ckpt["scaler"])
+    state.epoch, state.step = int(ckpt["epoch"]), int(ckpt["step"])
+    rngs = ckpt["rng"]
+    if len(rngs) != ddp.world:
+        print(f"warning: {path} was written by {len(rngs)} processes, resuming with "
+              f"{ddp.world}: the data order is the same, the random streams are not",
+              file=sys.stderr)
+    rng = rngs[ddp.rank % len(rngs)]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and state.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"])
+    if ddp.is_main and log_path is not None:
+        truncate_log(log_path, state.step)
+        print(f"resuming from {path}: epoch {state.epoch}, iteration {state.step}", file=sys.stderr)
+    return True
 
 
 def truncate_log(path: Path, step: int) -> None:

@@ -191,14 +191,22 @@ class GeneratorLoss:
     ``perceptual`` is the LPIPS net (``load_lpips``); it is required when
     ``perceptual_weight > 0`` and ignored otherwise. It is kept outside any module's
     state dict (it is frozen and reloaded, never trained or checkpointed).
+
+    ``perceptual_dropout``: run the LPIPS net in training mode, so the dropout before its
+    linear heads (p 0.5) is active. The authors' LPIPS module sits inside their trained
+    model, so ``model.train()`` switches that dropout on; True reproduces it. False is
+    the metric as calibrated (eval mode, deterministic).
     """
 
-    def __init__(self, weights: LossWeights, perceptual: nn.Module | None = None):
+    def __init__(self, weights: LossWeights, perceptual: nn.Module | None = None,
+                 perceptual_dropout: bool = False):
         if weights.perceptual_weight > 0 and perceptual is None:
             raise V2LError("perceptual_weight > 0 needs the LPIPS net (models.losses.load_lpips); "
                            "pass --perceptual_weight 0 to train without LPIPS")
         self.w = weights
         self.perceptual = perceptual if weights.perceptual_weight > 0 else None
+        if self.perceptual is not None:
+            self.perceptual.train(perceptual_dropout)   # its weights stay frozen either way
 
     def gan_active(self, step: int) -> bool:
         return self.w.disc_weight > 0 and step >= self.w.disc_start

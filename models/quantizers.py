@@ -38,8 +38,8 @@ def nearest_code(z: torch.Tensor, codes: torch.Tensor, block_elems: int = BLOCK_
         best_i = torch.zeros(zt.shape[0], dtype=torch.long, device=z.device)
         for c0 in range(0, v, code_block):
             c = codes[c0:c0 + code_block]
-            d = torch.addmm(code_sq[None, c0:c0 + code_block], zt, c.t(), alpha=-2.0)
-            d_min, i_min = d.min(1)
+            distance = torch.addmm(code_sq[None, c0:c0 + code_block], zt, c.t(), alpha=-2.0)
+            d_min, i_min = distance.min(1)
             better = d_min < best_d
             best_d = torch.where(better, d_min, best_d)
             best_i = torch.where(better, i_min + c0, best_i)

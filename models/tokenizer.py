@@ -12,33 +12,25 @@
 - Decoder: ``post_quant_conv`` D -> z, then the VQGAN decoder with
   cross-attention to the k global embeddings.
 
-Parameter names are those of the authors' checkpoint; ``load_authors_checkpoint``
-loads their released weights.
+Parameter names are those of the authors' checkpoint. Building from the step-2/3
+artifacts, saving, loading and reading the authors' checkpoint live in
+``models.tokenizer_io``.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.clip import ClipBundle, load_clip
+from models.clip import ClipBundle
 from models.quantizers import topk_nearest, vector_quantize
 from models.vqgan import Decoder, Encoder
-from utils.artifacts import load_json, load_tensors, read_manifest, require_input, save_torch
 from utils.errors import V2LError
-from utils.stages import CODEBOOK, GLOBAL
 
-FORMAT = "v2l-tokenizer/1"
-FILE_NAME = "tokenizer.pt"
-# parts of the authors' checkpoint that are not the tokenizer itself
-AUTHORS_DROPPED_PREFIXES = ("global_encoder.", "perceptual_loss.")
-AUTHORS_DISCRIMINATOR_PREFIX = "discriminator."
+LOCAL_CODEBOOKS = ("clip", "random", "trained")
 
 
 @dataclass
@@ -57,6 +49,11 @@ class TokenizerConfig:
     cross_head_dim: int = 512         # decoder cross-attention head dimension
     beta: float = 0.33                # weight of the codebook term of the VQ loss
     global_metric: str = "l2"         # global-token rule: "l2" (the authors') or "cosine"
+    # the authors' ablations (defaults: the paper's model)
+    local_codebook: str = "clip"      # "clip": frozen CLIP text embeddings of the LLM's subwords;
+    #                                   "random": frozen random vectors; "trained": CLIP-initialised, trained
+    projector: bool = True            # the trainable Linear(D, D) on the local codebook (False: none)
+    cross_attention: bool = True      # the decoder attends to the global tokens (False: it does not)
     clip_spec: str = "ViT-L-14"       # CLIP to rebuild on load (models.clip.load_clip spec)
     clip_pretrained: str | None = None  # its weights file, if the spec is an architecture name
 
@@ -65,20 +62,20 @@ class TokenizerConfig:
         return self.resolution // 2 ** (len(self.ch_mult) - 1)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["ch_mult"] = list(self.ch_mult)
-        return d
+        values = dataclasses.asdict(self)
+        values["ch_mult"] = list(self.ch_mult)
+        return values
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TokenizerConfig":
+    def from_dict(cls, values: dict) -> "TokenizerConfig":
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        unknown = sorted(set(values) - names)
         if unknown:
             raise V2LError(f"unknown tokenizer setting(s) {unknown}; known: {sorted(names)}")
-        d = dict(d)
-        if "ch_mult" in d:
-            d["ch_mult"] = tuple(d["ch_mult"])
-        return cls(**d)
+        values = dict(values)
+        if "ch_mult" in values:
+            values["ch_mult"] = tuple(values["ch_mult"])
+        return cls(**values)
 
     def validate(self) -> None:
         if self.ch % 32:
@@ -92,6 +89,8 @@ class TokenizerConfig:
                            f"{self.n_global} global codebook entries")
         if self.global_metric not in ("l2", "cosine"):
             raise V2LError(f"global_metric={self.global_metric!r}: use 'l2' or 'cosine'")
+        if self.local_codebook not in LOCAL_CODEBOOKS:
+            raise V2LError(f"local_codebook={self.local_codebook!r}: use one of {LOCAL_CODEBOOKS}")
 
 
 def _frozen_embedding(weight: torch.Tensor) -> nn.Embedding:
@@ -109,34 +108,39 @@ class V2LTokenizer(nn.Module):
     from token ids works without it.
     """
 
-    def __init__(self, cfg: TokenizerConfig, local_codebook: torch.Tensor, llm_ids: torch.Tensor,
+    def __init__(self, config: TokenizerConfig, local_codebook: torch.Tensor, llm_ids: torch.Tensor,
                  global_codebook: torch.Tensor, global_strings: list[str],
                  clip: ClipBundle | None = None):
         super().__init__()
         if local_codebook.ndim != 2 or global_codebook.ndim != 2:
             raise V2LError(f"codebooks must be 2-D [rows, D]; got local {tuple(local_codebook.shape)}"
                            f", global {tuple(global_codebook.shape)}")
-        (v, d), m = local_codebook.shape, global_codebook.shape[0]
-        if global_codebook.shape[1] != d:
-            raise V2LError(f"global codebook dim {global_codebook.shape[1]} != local codebook dim {d}; "
-                           "both must come from the same CLIP")
+        (v, dim), m = local_codebook.shape, global_codebook.shape[0]
+        if global_codebook.shape[1] != dim:
+            raise V2LError(f"global codebook dim {global_codebook.shape[1]} != local codebook dim "
+                           f"{dim}; both must come from the same CLIP")
         if tuple(llm_ids.shape) != (v,):
             raise V2LError(f"llm_ids has shape {tuple(llm_ids.shape)}, expected ({v},): one LLM id "
                            "per local codebook row")
         if len(global_strings) != m:
             raise V2LError(f"{len(global_strings)} global strings for {m} global codebook entries")
-        cfg = dataclasses.replace(cfg, embed_dim=d, n_local=v, n_global=m)
-        cfg.validate()
-        self.config = cfg
-        self.encoder = Encoder(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.z_channels)
-        self.decoder = Decoder(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.z_channels,
-                               context_dim=d, cross_heads=cfg.cross_heads,
-                               cross_head_dim=cfg.cross_head_dim)
-        self.quant_conv = nn.Conv2d(cfg.z_channels, d, 1)
-        self.post_quant_conv = nn.Conv2d(d, cfg.z_channels, 1)
+        config = dataclasses.replace(config, embed_dim=dim, n_local=v, n_global=m)
+        config.validate()
+        self.config = config
+        self.encoder = Encoder(config.ch, config.ch_mult, config.num_res_blocks, config.z_channels)
+        self.decoder = Decoder(config.ch, config.ch_mult, config.num_res_blocks, config.z_channels,
+                               context_dim=dim, cross_heads=config.cross_heads,
+                               cross_head_dim=config.cross_head_dim,
+                               cross_attention=config.cross_attention)
+        self.quant_conv = nn.Conv2d(config.z_channels, dim, 1)
+        self.post_quant_conv = nn.Conv2d(dim, config.z_channels, 1)
         self.tok_embeddings = _frozen_embedding(local_codebook)
-        self.codebook_projection = nn.Linear(d, d)
-        nn.init.normal_(self.codebook_projection.weight, std=d ** -0.5)
+        self.tok_embeddings.weight.requires_grad_(config.local_codebook == "trained")
+        if config.projector:
+            self.codebook_projection = nn.Linear(dim, dim)
+            nn.init.normal_(self.codebook_projection.weight, std=dim ** -0.5)
+        else:
+            self.codebook_projection = nn.Identity()
         self.tok_embeddings_global = _frozen_embedding(global_codebook)
         self.register_buffer("llm_ids", llm_ids.detach().long().clone())
         self.strings = list(global_strings)
@@ -144,116 +148,13 @@ class V2LTokenizer(nn.Module):
         self.clip = None
         self.attach_clip(clip)
 
-    # ----- construction, saving, loading ---------------------------------------------------
+    # ----- CLIP ---------------------------------------------------------------------------
     def attach_clip(self, clip: ClipBundle | None) -> None:
         """Use ``clip`` for the global tokens (its embedding dim must be the codebooks' D)."""
         if clip is not None and clip.embed_dim != self.config.embed_dim:
             raise V2LError(f"CLIP {clip.ident} embeds in {clip.embed_dim} dims but the codebooks "
                            f"have D={self.config.embed_dim}; use the CLIP that made the codebooks")
         self.clip = clip
-
-    @classmethod
-    def from_artifacts(cls, codebook_dir, global_dir, clip: ClipBundle | None,
-                       **cfg_overrides) -> "V2LTokenizer":
-        """A fresh tokenizer on the codebooks of step 2 (``codebook/``) and step 3 (``global/``)."""
-        cb = read_manifest(codebook_dir, CODEBOOK)
-        gl = read_manifest(global_dir, GLOBAL)
-        require_input(gl, "codebook", cb, f"global codebook {global_dir}")
-        local = _read_tensors(Path(codebook_dir) / "local_codebook.safetensors",
-                              ("embeddings", "llm_ids"))
-        glob = _read_tensors(Path(global_dir) / "global_codebook.safetensors", ("embeddings",))
-        strings = load_json(Path(global_dir) / "global_strings.json").get("strings")
-        if strings is None:
-            raise V2LError(f"{global_dir}/global_strings.json has no 'strings' list; "
-                           "rerun step3_codebook_filtering.py")
-        made_with = cb.get("config", {})
-        cfg_overrides.setdefault("clip_spec", made_with.get("clip", TokenizerConfig.clip_spec))
-        cfg_overrides.setdefault("clip_pretrained", made_with.get("clip_pretrained"))
-        if clip is not None and cb.get("info", {}).get("clip") not in (None, clip.ident):
-            print(f"warning: the codebook was embedded with CLIP {cb['info']['clip']}, the "
-                  f"global tokens will use {clip.ident}", file=sys.stderr)
-        return cls(TokenizerConfig.from_dict(cfg_overrides), local["embeddings"], local["llm_ids"],
-                   glob["embeddings"], strings, clip)
-
-    def save(self, path) -> Path:
-        """Write a self-contained tokenizer (config, weights, codebooks, strings) atomically.
-
-        ``path`` is a ``.pt`` file or a directory (then ``<dir>/tokenizer.pt``).
-        """
-        path = Path(path)
-        if path.suffix != ".pt":
-            path = path / FILE_NAME
-        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
-        save_torch(path, {"format": FORMAT, "config": self.config.to_dict(), "state_dict": state,
-                          "global_strings": self.strings})
-        return path
-
-    @classmethod
-    def load(cls, path, clip: ClipBundle | None = None, device="cpu",
-             allow_unsafe_clip: bool = False) -> "V2LTokenizer":
-        """Load a saved tokenizer (a ``.pt`` file or a directory holding ``tokenizer.pt``).
-
-        Without ``clip``, the CLIP named in its config is loaded (``allow_unsafe_clip``
-        as in ``load_clip`` for OpenAI TorchScript files).
-        """
-        path = Path(path)
-        if path.is_dir():
-            path = path / FILE_NAME
-        if not path.is_file():
-            raise V2LError(f"{path}: tokenizer not found; train one with step4_train_tokenizer.py "
-                           "or give the tokenizer directory / .pt file")
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
-            raise V2LError(f"{path}: not a readable tokenizer file ({str(e).splitlines()[0]})")
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise V2LError(f"{path}: not a V2L tokenizer file (format {FORMAT} expected); for the "
-                           "authors' released checkpoint use V2LTokenizer.load_authors_checkpoint")
-        try:
-            cfg = TokenizerConfig.from_dict(payload["config"])
-            sd = payload["state_dict"]
-            model = cls(cfg, sd["tok_embeddings.weight"], sd["llm_ids"],
-                        sd["tok_embeddings_global.weight"], payload["global_strings"])
-            model.load_state_dict(sd)
-        except (KeyError, RuntimeError) as e:
-            raise V2LError(f"{path}: damaged tokenizer file (weights do not match its config: "
-                           f"{str(e).splitlines()[0][:200]}); save it again or retrain")
-        if clip is None:
-            clip = load_clip(cfg.clip_spec, cfg.clip_pretrained, device=device,
-                             allow_unsafe=allow_unsafe_clip)
-        model.attach_clip(clip)
-        return model.to(device).eval()
-
-    def load_authors_checkpoint(self, src) -> dict[str, torch.Tensor]:
-        """Load the authors' released weights into this tokenizer; return their discriminator's.
-
-        ``src``: a checkpoint path or an already loaded dict (with a ``model`` or
-        ``state_dict`` entry, or a bare state dict). Their CLIP tower and LPIPS
-        net are dropped; both codebooks are taken from the checkpoint (the
-        encoder was trained against them), so its shapes must match this
-        tokenizer's (build it from artifacts of the same LLM and CLIP).
-        """
-        model_state, disc_state = split_authors_checkpoint(src)
-        own = {k: v for k, v in self.state_dict().items() if k != "llm_ids"}
-        missing = sorted(set(own) - set(model_state))
-        unexpected = sorted(set(model_state) - set(own))
-        wrong = sorted(k for k in set(own) & set(model_state)
-                       if tuple(own[k].shape) != tuple(model_state[k].shape))
-        if missing or unexpected or wrong:
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-            if wrong:
-                k = wrong[0]
-                parts.append(f"{len(wrong)} with other shapes (e.g. {k}: checkpoint "
-                             f"{list(model_state[k].shape)} vs {list(own[k].shape)})")
-            raise V2LError(f"{_describe(src)}: not a V2L tokenizer checkpoint of this architecture: "
-                           f"{'; '.join(parts)}; check the tokenizer settings (paper defaults) and "
-                           "that the codebooks come from LLaMA-2 + CLIP ViT-L/14")
-        self.load_state_dict({**model_state, "llm_ids": self.llm_ids}, strict=True)
-        return disc_state
 
     # ----- ids ----------------------------------------------------------------------------
     def rows_from_llm_ids(self, ids: torch.Tensor) -> torch.Tensor:
@@ -288,10 +189,10 @@ class V2LTokenizer(nn.Module):
         weight, proj = self.tok_embeddings.weight, self.codebook_projection
         if torch.is_grad_enabled() or self.training:
             return proj(weight)
-        key = tuple((t.data_ptr(), t._version) for t in (weight, proj.weight, proj.bias))
+        key = tuple((t.data_ptr(), t._version) for t in (weight, *proj.parameters()))
         if self._codes_key != key:
             with torch.autocast(weight.device.type, enabled=False):
-                self._codes = proj(weight)
+                self._codes = proj(weight).detach()   # (not a Parameter when proj is Identity)
             self._codes_key = key
         return self._codes
 
@@ -325,7 +226,8 @@ class V2LTokenizer(nn.Module):
         return idx, F.embedding(idx, weight)
 
     def _decode(self, z_q: torch.Tensor, global_emb: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z_q), global_emb.to(z_q.dtype))
+        context = None if global_emb is None else global_emb.to(z_q.dtype)
+        return self.decoder(self.post_quant_conv(z_q), context)
 
     def forward(self, x128: torch.Tensor, x_clip: torch.Tensor) -> dict[str, torch.Tensor]:
         """Training pass -> rec [B, 3, R, R] (unclamped), vq_loss, local_ids [B, g, g] (LLM ids),
@@ -350,7 +252,7 @@ class V2LTokenizer(nn.Module):
     def decode(self, local_ids: torch.Tensor, global_idx: torch.Tensor | None = None,
                global_emb: torch.Tensor | None = None) -> torch.Tensor:
         """Local LLM ids [B, g, g] + global tokens (indices or embeddings) -> images in [-1, 1]."""
-        if global_emb is None:
+        if global_emb is None and self.config.cross_attention:
             if global_idx is None:
                 raise V2LError("decode needs the global tokens: pass global_idx (from encode) "
                                "or global_emb")
@@ -364,61 +266,11 @@ class V2LTokenizer(nn.Module):
         return self.decoder.conv_out.weight
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Encoder, decoder, quant convs and codebook projector (codebooks and CLIP stay frozen)."""
+        """Encoder, decoder, quant convs and codebook projector; the local codebook too when
+        ``local_codebook`` is "trained" (the global codebook and CLIP stay frozen)."""
         parts = (self.encoder, self.decoder, self.quant_conv, self.post_quant_conv,
                  self.codebook_projection)
-        return [p for part in parts for p in part.parameters()]
-
-
-def _read_tensors(path: Path, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    try:
-        tensors = load_tensors(path)
-    except Exception as e:  # noqa: BLE001 - a missing or corrupt file gets the same advice
-        raise V2LError(f"{path}: unreadable ({str(e).splitlines()[0]}); rerun the stage that made it")
-    missing = [k for k in keys if k not in tensors]
-    if missing:
-        raise V2LError(f"{path}: missing tensor(s) {missing}; rerun the stage that made it")
-    return tensors
-
-
-def _describe(src) -> str:
-    return str(src) if isinstance(src, (str, Path)) else "checkpoint"
-
-
-def split_authors_checkpoint(src) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The authors' checkpoint -> (tokenizer state dict, discriminator state dict).
-
-    Accepts a path or a loaded dict: ``{"model": sd}``, ``{"state_dict": sd}`` or
-    a bare state dict; strips a DDP ``module.`` prefix, drops their CLIP tower
-    (``global_encoder.*``) and LPIPS net (``perceptual_loss.*``), and returns the
-    discriminator (``discriminator.*``) with its prefix removed. Our parameter
-    names are theirs, so the rest maps by identity.
-    """
-    if isinstance(src, (str, Path)):
-        if not Path(src).is_file():
-            raise V2LError(f"{src}: checkpoint file not found")
-        try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                src_dict = torch.load(src, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - unreadable for any reason: same advice
-            raise V2LError(f"{src}: cannot read as a PyTorch checkpoint ({str(e).splitlines()[0]})")
-    else:
-        src_dict = src
-    if not isinstance(src_dict, dict):
-        raise V2LError(f"{_describe(src)}: expected a dict of tensors, got {type(src_dict).__name__}")
-    for key in ("model", "state_dict"):
-        if isinstance(src_dict.get(key), dict):
-            src_dict = src_dict[key]
-            break
-    model_state, disc_state = {}, {}
-    for name, value in src_dict.items():
-        if not isinstance(value, torch.Tensor):
-            raise V2LError(f"{_describe(src)}: entry {name!r} is not a tensor; not a state dict")
-        name = name.removeprefix("module.")
-        if name.startswith(AUTHORS_DROPPED_PREFIXES):
-            continue
-        if name.startswith(AUTHORS_DISCRIMINATOR_PREFIX):
-            disc_state[name.removeprefix(AUTHORS_DISCRIMINATOR_PREFIX)] = value
-        else:
-            model_state[name] = value
-    return model_state, disc_state
+        params = [p for part in parts for p in part.parameters()]
+        if self.config.local_codebook == "trained":
+            params.append(self.tok_embeddings.weight)
+        return params

@@ -16,7 +16,8 @@ Self-attention is only in the middle blocks: the authors' configuration asks
 for attention at resolution 16 but declares resolution 256 while training at
 128, so no level attention was ever built, and their checkpoint has none.
 The cross-attention's output replaces the features (no residual), as in the
-authors' decoder.
+authors' decoder; ``cross_attention=False`` builds the decoder without it (the
+authors' ablation: the global tokens then do not reach the decoder).
 """
 from __future__ import annotations
 
@@ -136,13 +137,14 @@ class Decoder(nn.Module):
 
     def __init__(self, ch: int = 128, ch_mult=(1, 2, 2, 4), num_res_blocks: int = 2,
                  z_channels: int = 256, context_dim: int = 768, cross_heads: int = 8,
-                 cross_head_dim: int = 512, out_channels: int = 3):
+                 cross_head_dim: int = 512, out_channels: int = 3, cross_attention: bool = True):
         super().__init__()
         c = ch * ch_mult[-1]
         self.conv_in = conv3x3(z_channels, c)
         self.mid = nn.Module()
         self.mid.block_1, self.mid.attn_1 = ResnetBlock(c, c), AttnBlock(c)
-        self.mid.cross_attn_1 = CrossAttention(c, context_dim, cross_heads, cross_head_dim)
+        if cross_attention:
+            self.mid.cross_attn_1 = CrossAttention(c, context_dim, cross_heads, cross_head_dim)
         self.mid.block_2 = ResnetBlock(c, c)
         stages = []
         for level in reversed(range(len(ch_mult))):       # built deepest first, stored by level
@@ -158,11 +160,14 @@ class Decoder(nn.Module):
         self.norm_out = group_norm(c)
         self.conv_out = conv3x3(c, out_channels)
 
-    def forward(self, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """``context`` is ignored (may be None) by a decoder built without cross-attention."""
         h = self.mid.attn_1(self.mid.block_1(self.conv_in(z)))
-        b, c, height, width = h.shape
-        h = self.mid.cross_attn_1(h.flatten(2).transpose(1, 2), context)   # replaces h
-        h = self.mid.block_2(h.transpose(1, 2).reshape(b, c, height, width))
+        if hasattr(self.mid, "cross_attn_1"):
+            b, c, height, width = h.shape
+            h = self.mid.cross_attn_1(h.flatten(2).transpose(1, 2), context)   # replaces h
+            h = h.transpose(1, 2).reshape(b, c, height, width)
+        h = self.mid.block_2(h)
         for stage in reversed(self.up):
             for block in stage.block:
                 h = block(h)

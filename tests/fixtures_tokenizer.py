@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from data.transforms import clip_normalize
 from models.clip import load_clip
-from models.tokenizer import V2LTokenizer
+from models.tokenizer_io import tokenizer_from_artifacts
 from tiny_clip import make_tiny_clip
 from utils.artifacts import save_json, save_tensors, write_manifest
 
@@ -87,9 +87,9 @@ def make_tiny_tokenizer(tmp, V: int = 64, M: int = 16, llm_ids=None, **overrides
     clip_dir = make_tiny_clip(tmp / "clip")
     clip = load_clip(clip_dir)
     dirs = make_codebook_artifacts(tmp, clip_dir, V=V, M=M, llm_ids=llm_ids, clip=clip)
-    tok = V2LTokenizer.from_artifacts(dirs["codebook"], dirs["global"], clip,
-                                      **{**TINY_TOKENIZER, **overrides})
-    return tok, clip, {"clip": Path(clip_dir), **dirs}
+    tokenizer = tokenizer_from_artifacts(dirs["codebook"], dirs["global"], clip,
+                                   **{**TINY_TOKENIZER, **overrides})
+    return tokenizer, clip, {"clip": Path(clip_dir), **dirs}
 
 
 def tiny_images(clip, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ from engine.denoise import (NOISE_RATES, TASKS, DenoisePrompter, DenoiseViews, b
                             check_tasks, chunk_starts, codebook_vocab_mask, corrupt_image,
                             noisy_copies, prediction_mask, restore)
 from engine.greedy import BatchedGreedy
+from models.tokenizer_io import save_tokenizer
 from test_fewshot import image_folders, run_script
 from tiny_llm import make_tiny_llama
 from utils.errors import V2LError
@@ -126,7 +127,7 @@ def test_restore_keeps_known_cells_and_codebook_ids(llm, task):
 def test_eval_denoising_script_all_tasks(tmp_path, llm_dir, monkeypatch, capsys):
     from fixtures_tokenizer import make_tiny_tokenizer
     tok, _, _ = make_tiny_tokenizer(tmp_path / "tok", llm_ids=torch.arange(100, 164))
-    tok.save(tmp_path / "tokenizer")
+    save_tokenizer(tok, tmp_path / "tokenizer")
     data = image_folders(tmp_path / "data" / "val", {"cat": 1, "dog": 1})
     out = tmp_path / "out"
     args = ["--tokenizer_dir", str(tmp_path / "tokenizer"), "--llm", llm_dir, "--data_dir",

@@ -14,6 +14,7 @@ from PIL import Image
 from data.images import ImageFolderDataset, collate_skip_bad
 from engine.metrics import ReconstructionMetrics
 from models.tokenizer import V2LTokenizer
+from models.tokenizer_io import load_tokenizer, save_tokenizer
 from fixtures_tokenizer import make_tiny_tokenizer
 from utils.artifacts import load_json, load_tensors, write_manifest
 
@@ -27,7 +28,7 @@ def setup(tmp_path_factory):
     """A saved tiny tokenizer with its manifest chain, and a val folder of small images."""
     tmp = tmp_path_factory.mktemp("evalrec")
     tok, clip, dirs = make_tiny_tokenizer(tmp)
-    tok.save(tmp / "tokenizer")
+    save_tokenizer(tok, tmp / "tokenizer")
     write_manifest(tmp / "tokenizer", "tokenizer", {}, ["tokenizer.pt"],
                    inputs={"codebook": dirs["codebook"], "global": dirs["global"]})
     rng = np.random.default_rng(0)
@@ -94,7 +95,7 @@ def test_results_match_direct_computation(setup, full_run):
     assert "weights-inception-2015-12-05-6726825d.pth" in res["skipped"]["fid"]
 
     # the same numbers straight from the public API
-    tok = V2LTokenizer.load(setup / "tokenizer")
+    tok = load_tokenizer(setup / "tokenizer")
     data = ImageFolderDataset(setup / "data", "val", tok.clip.image_views(128))
     batch = collate_skip_bad([data[i] for i in range(len(data))])
     x128, x_clip = batch["image"]

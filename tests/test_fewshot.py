@@ -10,6 +10,7 @@ from PIL import Image
 
 from data.episodes import generate_episodes, read_episode_csv
 from engine.greedy import BatchedGreedy
+from models.tokenizer_io import save_tokenizer
 from engine.fewshot import (FewShotPrompter, NameTrie, induction_line,
                             wilson_interval)
 from tiny_llm import make_tiny_llama, tiny_llama_model
@@ -178,7 +179,7 @@ def run_script(name: str, args: list[str], monkeypatch) -> None:
 def test_eval_understanding_script_end_to_end(tmp_path, llm_dir, monkeypatch, capsys):
     from fixtures_tokenizer import make_tiny_tokenizer
     tokenizer, _, _ = make_tiny_tokenizer(tmp_path / "tok")
-    tokenizer.save(tmp_path / "tokenizer")
+    save_tokenizer(tokenizer, tmp_path / "tokenizer")
     data = image_folders(tmp_path / "data" / "train", {"cat": 4, "dog": 4, "red_car": 4})
     out = tmp_path / "out"
     args = ["--tokenizer_dir", str(tmp_path / "tokenizer"), "--llm", llm_dir, "--data_dir",

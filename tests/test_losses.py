@@ -131,3 +131,23 @@ def test_lpips_loads_the_cached_trunk_and_the_shipped_heads(tmp_path, monkeypatc
     _fake_vgg_file(losses.vgg16_weights_path(), layers=20)
     with pytest.raises(V2LError, match="not torchvision's VGG16"):
         load_lpips()
+
+
+def test_lpips_dropout_while_training_is_the_authors_choice():
+    """With ``perceptual_dropout`` (the authors': LPIPS inside the trained model) the LPIPS
+    term is stochastic, its dropout on; without, it is the calibrated deterministic metric."""
+    net = losses.freeze(losses.lpips_random_trunk())
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    rec = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
+    vq = torch.tensor(0.0)
+    values = {}
+    for dropout in (True, False):
+        loss = GeneratorLoss(LossWeights(disc_start=10 ** 9), perceptual=net,
+                             perceptual_dropout=dropout)
+        torch.manual_seed(0)
+        values[dropout] = [float(loss(x, rec, vq, step=0)[1]["lpips"]) for _ in range(3)]
+        assert net.training == dropout
+        assert not any(p.requires_grad for p in net.parameters())
+    assert len(set(values[True])) == 3                   # a new dropout mask every call
+    assert len(set(values[False])) == 1
+    assert values[False][0] == pytest.approx(float(net.eval()(x, rec).mean()), rel=1e-6)

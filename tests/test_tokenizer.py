@@ -13,7 +13,9 @@ from fixtures_tokenizer import (TINY_TOKENIZER, make_codebook_artifacts, make_ti
 
 from models.losses import PatchDiscriminator
 from models.quantizers import nearest_code, topk_nearest, vector_quantize
-from models.tokenizer import TokenizerConfig, V2LTokenizer, split_authors_checkpoint
+from models.tokenizer import TokenizerConfig, V2LTokenizer
+from models.tokenizer_io import (load_authors_checkpoint, load_tokenizer, save_tokenizer,
+                                 split_authors_checkpoint, tokenizer_from_artifacts)
 from utils.artifacts import save_tensors, write_manifest
 from utils.errors import V2LError
 
@@ -23,8 +25,8 @@ LLM_IDS = torch.arange(64) * 7 + 3          # codebook rows are NOT LLM ids: the
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    tok, clip, dirs = make_tiny_tokenizer(tmp_path_factory.mktemp("tiny"), llm_ids=LLM_IDS)
-    return tok.eval(), clip, dirs
+    tokenizer, clip, dirs = make_tiny_tokenizer(tmp_path_factory.mktemp("tiny"), llm_ids=LLM_IDS)
+    return tokenizer.eval(), clip, dirs
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,7 @@ def test_authors_checkpoint_loads(paper_tokenizer, authors_shapes, tmp_path):
     sd = _authors_state(authors_shapes)
     path = tmp_path / "v2l.pth"
     torch.save({"model": sd, "epoch": 99}, path)
-    disc = paper_tokenizer.load_authors_checkpoint(path)
+    disc = load_authors_checkpoint(paper_tokenizer, path)
     assert set(disc) == {k.removeprefix("discriminator.") for k in authors_shapes
                          if k.startswith("discriminator.")}
     PatchDiscriminator().load_state_dict(disc)      # their discriminator part fits ours as is
@@ -91,12 +93,12 @@ def test_other_architecture_is_refused(paper_tokenizer, authors_shapes):
     before = paper_tokenizer.decoder.conv_out.weight.clone()
     with pytest.raises(V2LError, match="not a V2L tokenizer checkpoint.*1 missing.*1 unexpected"
                                        ".*encoder.conv_out.weight"):
-        paper_tokenizer.load_authors_checkpoint(sd)
+        load_authors_checkpoint(paper_tokenizer, sd)
     assert torch.equal(before, paper_tokenizer.decoder.conv_out.weight)    # nothing half-loaded
     with pytest.raises(V2LError, match="not a tensor"):
-        paper_tokenizer.load_authors_checkpoint({"model": {"a": 1}})
+        load_authors_checkpoint(paper_tokenizer, {"model": {"a": 1}})
     with pytest.raises(V2LError, match="not found"):
-        paper_tokenizer.load_authors_checkpoint("no/such/file.pth")
+        load_authors_checkpoint(paper_tokenizer, "no/such/file.pth")
 
 
 # ----- quantisers vs brute force ---------------------------------------------------------
@@ -141,71 +143,71 @@ def test_topk_nearest_equals_brute_force():
 
 
 def test_row_lookup_gradients_and_codebook_cache(tmp_path):
-    tok = make_tiny_tokenizer(tmp_path)[0]
+    tokenizer = make_tiny_tokenizer(tmp_path)[0]
     z = F.normalize(torch.randn(2, 32, 4, 4), dim=1)
     # gradients through the projected rows only == through the whole projected codebook
     grads = []
-    for quantize in (lambda: vector_quantize(z, tok.projected_codebook(), tok.config.beta),
-                     lambda: tok.quantize(z)):
-        tok.zero_grad()
+    for quantize in (lambda: vector_quantize(z, tokenizer.projected_codebook(), tokenizer.config.beta),
+                     lambda: tokenizer.quantize(z)):
+        tokenizer.zero_grad()
         zq, loss, rows = quantize()
         loss.backward()
-        grads.append((rows, zq, tok.codebook_projection.weight.grad.clone()))
+        grads.append((rows, zq, tokenizer.codebook_projection.weight.grad.clone()))
     assert torch.equal(grads[0][0], grads[1][0])
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
     assert torch.allclose(grads[0][2], grads[1][2], atol=1e-6) and grads[0][2].abs().sum() > 0
     # the inference cache follows the weights and the mode
-    tok.eval()
+    tokenizer.eval()
     with torch.no_grad():
-        first = tok.projected_codebook()
-        assert tok.projected_codebook() is first
-        tok.codebook_projection.weight.mul_(2)
-        changed = tok.projected_codebook()
+        first = tokenizer.projected_codebook()
+        assert tokenizer.projected_codebook() is first
+        tokenizer.codebook_projection.weight.mul_(2)
+        changed = tokenizer.projected_codebook()
         assert changed is not first
-        assert torch.allclose(changed, tok.codebook_projection(tok.tok_embeddings.weight))
-        tok.train()
-        assert tok.projected_codebook() is not changed
+        assert torch.allclose(changed, tokenizer.codebook_projection(tokenizer.tok_embeddings.weight))
+        tokenizer.train()
+        assert tokenizer.projected_codebook() is not changed
 
 
 # ----- the tiny tokenizer end to end ------------------------------------------------------
 def test_forward_shapes_ids_and_gradients(tiny):
-    tok, clip, _ = tiny
+    tokenizer, clip, _ = tiny
     x128, x_clip = tiny_images(clip, batch=2)
-    tok.zero_grad()
-    out = tok(x128, x_clip)
+    tokenizer.zero_grad()
+    out = tokenizer(x128, x_clip)
     assert out["rec"].shape == (2, 3, 128, 128)
     assert out["local_ids"].shape == (2, 16, 16) and out["global_idx"].shape == (2, 5)
     assert set(out["local_ids"].unique().tolist()) <= set(LLM_IDS.tolist())
     (out["rec"].abs().mean() + out["vq_loss"]).backward()
     for name in ("encoder.conv_in.weight", "quant_conv.weight", "codebook_projection.weight",
                  "post_quant_conv.weight", "decoder.mid.cross_attn_1.to_k.weight"):
-        grad = tok.get_parameter(name).grad
+        grad = tokenizer.get_parameter(name).grad
         assert grad is not None and grad.abs().sum() > 0, name
-    assert tok.tok_embeddings.weight.grad is None
+    assert tokenizer.tok_embeddings.weight.grad is None
     assert all(p.grad is None for p in clip.model.parameters())
     # the global branch equals brute force on CLIP's embeddings
     emb = clip.encode_images(x_clip)
-    expected = torch.cdist(emb, tok.tok_embeddings_global.weight).topk(5, largest=False).indices
+    expected = torch.cdist(emb, tokenizer.tok_embeddings_global.weight).topk(5, largest=False).indices
     assert torch.equal(out["global_idx"], expected)
 
 
 def test_encode_decode_save_load(tiny, tmp_path):
-    tok, clip, _ = tiny
+    tokenizer, clip, _ = tiny
     x128, x_clip = tiny_images(clip, batch=1, seed=1)
     with torch.no_grad():
-        out = tok(x128, x_clip)
-    global_idx, local_ids = tok.encode(x128, x_clip)
+        out = tokenizer(x128, x_clip)
+    global_idx, local_ids = tokenizer.encode(x128, x_clip)
     assert torch.equal(global_idx, out["global_idx"]) and torch.equal(local_ids, out["local_ids"])
-    rec = tok.decode(local_ids, global_idx)
+    rec = tokenizer.decode(local_ids, global_idx)
     assert rec.shape == (1, 3, 128, 128) and rec.abs().max() <= 1
     assert torch.allclose(rec, out["rec"].clamp(-1, 1), atol=1e-4)
-    words = tok.global_strings(global_idx)
+    words = tokenizer.global_strings(global_idx)
     assert len(words) == 1 and len(words[0]) == 5 and all(isinstance(w, str) for w in words[0])
 
-    path = tok.save(tmp_path / "tokenizer")
+    path = save_tokenizer(tokenizer, tmp_path / "tokenizer")
     assert path == tmp_path / "tokenizer" / "tokenizer.pt"
-    loaded = V2LTokenizer.load(tmp_path / "tokenizer")     # rebuilds CLIP from the codebook's spec
-    assert loaded.config == tok.config and loaded.config.n_local == 64 and loaded.config.embed_dim == 32
+    loaded = load_tokenizer(tmp_path / "tokenizer")     # rebuilds CLIP from the codebook's spec
+    assert loaded.config == tokenizer.config and loaded.config.n_local == 64 and loaded.config.embed_dim == 32
     idx2, emb2 = loaded.global_tokens(x_clip)
     assert torch.equal(idx2, global_idx)
     assert torch.equal(loaded.decode(local_ids, global_emb=emb2), rec)
@@ -213,33 +215,33 @@ def test_encode_decode_save_load(tiny, tmp_path):
 
 
 def test_id_mapping(tiny):
-    tok = tiny[0]
+    tokenizer = tiny[0]
     rows = torch.tensor([[0, 5], [63, 1]])
-    assert torch.equal(tok.llm_ids_from_rows(rows), LLM_IDS[rows])
-    assert torch.equal(tok.rows_from_llm_ids(LLM_IDS[rows]), rows)
+    assert torch.equal(tokenizer.llm_ids_from_rows(rows), LLM_IDS[rows])
+    assert torch.equal(tokenizer.rows_from_llm_ids(LLM_IDS[rows]), rows)
     for bad in (4, -1, 10_000):                 # between ids, negative, beyond the vocabulary
         with pytest.raises(V2LError, match="not in the local codebook"):
-            tok.rows_from_llm_ids(torch.tensor([3, bad]))
+            tokenizer.rows_from_llm_ids(torch.tensor([3, bad]))
 
 
 # ----- bad input: one clear line ---------------------------------------------------------
 def test_bad_inputs_are_refused(tiny, tmp_path):
-    tok, clip, dirs = tiny
+    tokenizer, clip, dirs = tiny
     with pytest.raises(V2LError, match="step2_codebook_embedding.py"):
-        V2LTokenizer.from_artifacts(tmp_path / "nowhere", dirs["global"], clip)
+        tokenizer_from_artifacts(tmp_path / "nowhere", dirs["global"], clip)
     with pytest.raises(V2LError, match="expected 'codebook'"):
-        V2LTokenizer.from_artifacts(dirs["global"], dirs["global"], clip)
+        tokenizer_from_artifacts(dirs["global"], dirs["global"], clip)
     other = make_codebook_artifacts(tmp_path / "other", dirs["clip"], seed=1, clip=clip)
     with pytest.raises(V2LError, match="different codebook artifact"):
-        V2LTokenizer.from_artifacts(dirs["codebook"], other["global"], clip)
+        tokenizer_from_artifacts(dirs["codebook"], other["global"], clip)
     with pytest.raises(V2LError, match="embeds in 48 dims but the codebooks have D=32"):
-        V2LTokenizer.from_artifacts(dirs["codebook"], dirs["global"],
+        tokenizer_from_artifacts(dirs["codebook"], dirs["global"],
                                     dataclasses.replace(clip, embed_dim=48), **TINY_TOKENIZER)
     with pytest.raises(V2LError, match="unknown tokenizer setting"):
-        V2LTokenizer.from_artifacts(dirs["codebook"], dirs["global"], clip, **TINY_TOKENIZER,
+        tokenizer_from_artifacts(dirs["codebook"], dirs["global"], clip, **TINY_TOKENIZER,
                                     chanels=64)
     with pytest.raises(V2LError, match="global_topk=99"):
-        V2LTokenizer.from_artifacts(dirs["codebook"], dirs["global"], clip,
+        tokenizer_from_artifacts(dirs["codebook"], dirs["global"], clip,
                                     **{**TINY_TOKENIZER, "global_topk": 99})
     # a codebook file without its llm_ids (with a consistent manifest)
     broken = other["codebook"]
@@ -249,23 +251,75 @@ def test_bad_inputs_are_refused(tiny, tmp_path):
     write_manifest(other["global"], "global", {},
                    ["global_codebook.safetensors", "global_strings.json"], inputs={"codebook": broken})
     with pytest.raises(V2LError, match=r"missing tensor\(s\) \['llm_ids'\]"):
-        V2LTokenizer.from_artifacts(broken, other["global"], clip, **TINY_TOKENIZER)
+        tokenizer_from_artifacts(broken, other["global"], clip, **TINY_TOKENIZER)
     with pytest.raises(V2LError, match="global codebook dim 16 != local codebook dim 32"):
-        V2LTokenizer(tok.config, torch.randn(64, 32), torch.arange(64), torch.randn(16, 16), ["w"] * 16)
+        V2LTokenizer(tokenizer.config, torch.randn(64, 32), torch.arange(64), torch.randn(16, 16), ["w"] * 16)
     with pytest.raises(V2LError, match="3 global strings for 16"):
-        V2LTokenizer(tok.config, torch.randn(64, 32), torch.arange(64), torch.randn(16, 32), ["w"] * 3)
+        V2LTokenizer(tokenizer.config, torch.randn(64, 32), torch.arange(64), torch.randn(16, 32), ["w"] * 3)
     with pytest.raises(V2LError, match="decode needs the global tokens"):
-        tok.decode(torch.zeros(1, 16, 16, dtype=torch.long) + 3)
-    bare = V2LTokenizer(tok.config, torch.randn(64, 32), torch.arange(64), torch.randn(16, 32), ["w"] * 16)
+        tokenizer.decode(torch.zeros(1, 16, 16, dtype=torch.long) + 3)
+    bare = V2LTokenizer(tokenizer.config, torch.randn(64, 32), torch.arange(64), torch.randn(16, 32), ["w"] * 16)
     with pytest.raises(V2LError, match="need the CLIP image tower"):
         bare.global_tokens(torch.zeros(1, 3, 64, 64))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(V2LError, match="not a readable tokenizer file"):
-        V2LTokenizer.load(tmp_path / "junk.pt", clip=clip)
-    payload = torch.load(tok.save(tmp_path / "t.pt"), weights_only=True)
+        load_tokenizer(tmp_path / "junk.pt", clip=clip)
+    payload = torch.load(save_tokenizer(tokenizer, tmp_path / "t.pt"), weights_only=True)
     payload["config"]["ch"] = 64
     torch.save(payload, tmp_path / "t.pt")
     with pytest.raises(V2LError, match="damaged tokenizer file"):
-        V2LTokenizer.load(tmp_path / "t.pt", clip=clip)
+        load_tokenizer(tmp_path / "t.pt", clip=clip)
     with pytest.raises(V2LError, match="tokenizer not found"):
-        V2LTokenizer.load(tmp_path / "missing", clip=clip)
+        load_tokenizer(tmp_path / "missing", clip=clip)
+
+
+# ----- the authors' ablations ------------------------------------------------------------
+def test_local_codebook_ablations(tiny, tmp_path):
+    _, clip, dirs = tiny
+    clip_rows = make_tiny_tokenizer(tmp_path / "a", llm_ids=LLM_IDS)[0].tok_embeddings.weight
+    built = {kind: tokenizer_from_artifacts(dirs["codebook"], dirs["global"], clip,
+                                            **TINY_TOKENIZER, local_codebook=kind)
+             for kind in ("clip", "random", "trained")}
+    codebooks = {kind: t.tok_embeddings.weight for kind, t in built.items()}
+    assert torch.equal(codebooks["clip"], codebooks["trained"])
+    assert torch.equal(codebooks["clip"], clip_rows)
+    assert not torch.allclose(codebooks["random"], codebooks["clip"], atol=0.1)
+    torch.testing.assert_close(codebooks["random"].norm(dim=1), codebooks["clip"].norm(dim=1))
+    for kind, tokenizer in built.items():
+        trained = kind == "trained"
+        assert tokenizer.tok_embeddings.weight.requires_grad == trained
+        assert any(p is tokenizer.tok_embeddings.weight
+                   for p in tokenizer.trainable_parameters()) == trained
+    # the trained codebook gets gradients through the chosen rows
+    tokenizer = built["trained"]
+    x128, x_clip = tiny_images(clip, batch=1)
+    out = tokenizer(x128, x_clip)
+    (out["rec"].abs().mean() + out["vq_loss"]).backward()
+    assert tokenizer.tok_embeddings.weight.grad.abs().sum() > 0
+    with pytest.raises(V2LError, match="local_codebook='learned'"):
+        tokenizer_from_artifacts(dirs["codebook"], dirs["global"], clip, **TINY_TOKENIZER,
+                                 local_codebook="learned")
+
+
+def test_no_projector_and_no_cross_attention(tiny, tmp_path):
+    _, clip, dirs = tiny
+    tokenizer = tokenizer_from_artifacts(dirs["codebook"], dirs["global"], clip, **TINY_TOKENIZER,
+                                         projector=False, cross_attention=False).eval()
+    keys = set(tokenizer.state_dict())
+    assert not any(k.startswith("codebook_projection.") for k in keys)
+    assert not any("cross_attn" in k for k in keys)
+    assert torch.equal(tokenizer.projected_codebook(), tokenizer.tok_embeddings.weight)
+    x128, x_clip = tiny_images(clip, batch=1)
+    global_idx, local_ids = tokenizer.encode(x128, x_clip)
+    rec = tokenizer.decode(local_ids, global_idx)
+    # without cross-attention the global tokens do not reach the decoder
+    assert torch.equal(tokenizer.decode(local_ids, (global_idx + 1) % 16), rec)
+    assert torch.equal(tokenizer.decode(local_ids), rec)
+    loaded = load_tokenizer(save_tokenizer(tokenizer, tmp_path / "t.pt"), clip=clip)
+    assert loaded.config == tokenizer.config
+    assert torch.equal(loaded.decode(local_ids, global_idx), rec)
+    # the paper model's decoder does depend on them
+    paper = tiny[0]
+    paper_ids = paper.encode(x128, x_clip)
+    assert not torch.equal(paper.decode(paper_ids[1], paper_ids[0]),
+                           paper.decode(paper_ids[1], (paper_ids[0] + 1) % 16))
