@@ -26,7 +26,7 @@ from engine.train import (TrainConfig, amp_dtype, batch_and_lr, build_training, 
 from test_losses import L2Perceptual
 from tiny_clip import make_tiny_clip
 from utils.artifacts import load_json, load_tensors, read_manifest, save_json
-from utils.cli import build_parser
+from utils.cli import settings_of
 from utils.errors import V2LError
 from utils.dist import Dist
 
@@ -73,7 +73,7 @@ def test_one_step_changes_only_the_trainable_parts(tmp_path, channels_last):
 # ---- the authors' training recipe ----------------------------------------------------------
 
 def _script_defaults() -> dict:
-    return {name: default for name, default, _ in build_parser(SCRIPT.read_text(), None)[1]}
+    return {setting.name: setting.default for setting in settings_of(SCRIPT.read_text())}
 
 
 def test_defaults_are_the_authors_recipe():

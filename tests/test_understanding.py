@@ -12,6 +12,7 @@ from data.episodes import generate_episodes
 from engine.fewshot import (FewShotPrompter, NameTrie, PositionUnion, evaluate_episodes,
                             image_words, llm_dtype, normalised)
 from engine.greedy import BatchedGreedy
+from models.tokenizer_io import save_tokenizer
 from test_fewshot import image_folders, llm, llm_dir  # noqa: F401 (shared module fixtures)
 from utils.errors import V2LError
 
@@ -111,7 +112,7 @@ def test_references_run_on_the_same_episodes(tmp_path, llm, spaces):  # noqa: F8
 def _setup(tmp: Path, llm_dir: str) -> list[str]:
     from fixtures_tokenizer import make_tiny_tokenizer
     tokenizer, _, _ = make_tiny_tokenizer(tmp / "tok")
-    tokenizer.save(tmp / "tokenizer")
+    save_tokenizer(tokenizer, tmp / "tokenizer")
     data = image_folders(tmp / "data" / "train", {"cat": 4, "dog": 4, "red_car": 4})
     return ["--tokenizer_dir", str(tmp / "tokenizer"), "--llm", llm_dir, "--data_dir",
             str(data.parent), "--split", "train", "--n_episodes", "9", "--batch_size", "2",
