@@ -64,13 +64,13 @@ DEVICE = "auto"                   # auto, cpu or cuda
 NUM_WORKERS = 4                   # image loading workers
 OUT_DIR = "out/eval_understanding"  # where results are written
 
-cfg = configure(globals())
+settings = configure(globals())
 
 SWEEP_WAYS, SWEEP_SHOTS, SWEEP_KS = (2, 5), (1, 3, 5), (5, 21)
 DEDUP_POOL = 4                    # with GLOBAL_DEDUP, ranks fetched per image: DEDUP_POOL x k
 
 
-def settings() -> list[dict]:
+def setting_grid() -> list[dict]:
     if SWEEP:
         return [dict(n_way=n, k_shot=k, global_k=g, induction=True, repeat=REPEAT)
                 for n in SWEEP_WAYS for k in SWEEP_SHOTS for g in SWEEP_KS]
@@ -183,7 +183,7 @@ def run_setting(s: dict, episodes: list, todo: list, strings: dict, greedy: Batc
     done = load_done(log, key_for(s, llm))
     summary = summarise(s, [done[ep.index] for ep in episodes])
     save_json(out / "summary.json", summary)
-    write_manifest(out, EVAL_UNDERSTANDING_SETTING, cfg | s, ["episodes.jsonl", "summary.json"],
+    write_manifest(out, EVAL_UNDERSTANDING_SETTING, settings | s, ["episodes.jsonl", "summary.json"],
                    inputs=finished_inputs(tokenizer=TOKENIZER_DIR), info=summary)
     refs = (f"; ceiling {100 * summary['ceiling']:.1f}%, floor {100 * summary['floor']:.1f}%"
             if REFERENCES else "")
@@ -247,7 +247,7 @@ def main():
     check_options()
     ddp = dist.init(DEVICE)
     torch.manual_seed(SEED)
-    plan = [(s, episodes_for(s)) for s in settings()]
+    plan = [(s, episodes_for(s)) for s in setting_grid()]
     tokenizer = load_tokenizer(TOKENIZER_DIR, device=ddp.device)
     dtype = llm_dtype(LLM_DTYPE, ddp.device)
     llm = load_llm(LLM, dtype=dtype, device=ddp.device)
@@ -271,7 +271,7 @@ def main():
             for (s, eps), todo in zip(plan, todos)]
     if ddp.is_main:
         write_table(rows)
-        write_manifest(OUT_DIR, EVAL_UNDERSTANDING, cfg, ["results.md", "results.csv"],
+        write_manifest(OUT_DIR, EVAL_UNDERSTANDING, settings, ["results.md", "results.csv"],
                        inputs=finished_inputs(tokenizer=TOKENIZER_DIR),
                        info={"settings": rows, "llm_dtype": dtype})
     dist.shutdown(ddp)

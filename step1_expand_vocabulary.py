@@ -52,7 +52,7 @@ DTYPE = "auto"  # auto (bf16 or fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16
 DEVICE = "auto"  # auto (CUDA when available), cuda or cpu
 DEVICE_MAP = None  # "auto" spreads a model too large for one GPU over all GPUs (one process only)
 
-cfg = configure(globals())
+settings = configure(globals())
 
 
 def main():
@@ -61,34 +61,34 @@ def main():
                        "(consolidated.*.pth, params.json, tokenizer.model) or a .gguf file")
     if "{}" not in PROMPT:
         raise V2LError(f"--prompt {PROMPT!r} has no {{}} where the token text goes")
-    d = dist.init(DEVICE)
-    if DEVICE_MAP and d.active:
+    ddp = dist.init(DEVICE)
+    if DEVICE_MAP and ddp.active:
         raise V2LError("--device_map spreads one model over all GPUs; run one process, not torchrun")
-    llm = load_llm(LLM, dtype=DTYPE, device=d.device, device_map=DEVICE_MAP)
-    tok = llm.text_tokenizer
+    llm = load_llm(LLM, dtype=DTYPE, device=ddp.device, device_map=DEVICE_MAP)
+    text_tokenizer = llm.text_tokenizer
     ids = selected_ids(llm.vocab_size)
-    subwords = token_strings(tok, ids)
+    subwords = token_strings(text_tokenizer, ids)
     key = {"llm": llm.fingerprint, "weights": llm.ident, "prompt": PROMPT, "add_bos": ADD_BOS,
            "ids": hashlib.sha256(json.dumps(ids).encode()).hexdigest(),
            "dtype": str(next(llm.model.parameters()).dtype)}
     store = ChunkStore(OUT_DIR, len(ids), CHUNK_SIZE, key)
 
-    todo = store.todo(d.rank, d.world)
+    todo = store.todo(ddp.rank, ddp.world)
     todo = todo[:MAX_CHUNKS] if MAX_CHUNKS > 0 else todo
-    for i in tqdm(todo, desc=f"step1 rank {d.rank}", disable=not d.is_main):
+    for i in tqdm(todo, desc=f"step1 rank {ddp.rank}", disable=not ddp.is_main):
         lo, hi = store.bounds(i)
-        next1, next2 = expand_tokens(llm.model, tok, subwords[lo:hi], PROMPT, ADD_BOS, BATCH_SIZE)
+        next1, next2 = expand_tokens(llm.model, text_tokenizer, subwords[lo:hi], PROMPT, ADD_BOS, BATCH_SIZE)
         store.save(i, {"next1": next1, "next2": next2})
-    dist.barrier(d)
+    dist.barrier(ddp)
 
-    if d.is_main:
+    if ddp.is_main:
         if store.n_done() < store.n_chunks:
             print(f"{store.n_done()} of {store.n_chunks} chunks done; rerun the same command to continue")
         else:
             write_vocab(llm, ids, subwords, store.gather())
             store.cleanup()
-    dist.barrier(d)
-    dist.shutdown(d)
+    dist.barrier(ddp)
+    dist.shutdown(ddp)
 
 
 def selected_ids(vocab_size: int) -> list[int]:
@@ -111,18 +111,18 @@ def selected_ids(vocab_size: int) -> list[int]:
 
 def write_vocab(llm, ids: list[int], subwords: list[str], tokens: dict) -> None:
     """vocab.json (the strings), vocab_tokens.safetensors (the ids), then the manifest."""
-    tok = llm.text_tokenizer
-    s2 = token_strings(tok, tokens["next1"], skip_special=True)
-    s3 = token_strings(tok, tokens["next2"], skip_special=True)
+    text_tokenizer = llm.text_tokenizer
+    s2 = token_strings(text_tokenizer, tokens["next1"], skip_special=True)
+    s3 = token_strings(text_tokenizer, tokens["next2"], skip_special=True)
     bigram = [a + b for a, b in zip(subwords, s2)]
-    printable = printable_mask(tok, ids, subwords)
+    printable = printable_mask(text_tokenizer, ids, subwords)
     save_json(f"{OUT_DIR}/vocab.json", {
         "ids": ids, "subword": subwords, "bigram": bigram,
         "trigram": [b + c for b, c in zip(bigram, s3)], "printable": printable})
     save_tensors(f"{OUT_DIR}/vocab_tokens.safetensors",
                  {"ids": torch.tensor(ids, dtype=torch.long), "next1": tokens["next1"],
                   "next2": tokens["next2"]})
-    write_manifest(OUT_DIR, VOCAB, cfg, ["vocab.json", "vocab_tokens.safetensors"],
+    write_manifest(OUT_DIR, VOCAB, settings, ["vocab.json", "vocab_tokens.safetensors"],
                    info={"llm": llm.ident, "llm_fingerprint": llm.fingerprint, "prompt": PROMPT,
                          "vocab_size": len(ids), "printable": sum(printable),
                          "llm_vocab_size": llm.vocab_size})

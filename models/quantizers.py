@@ -60,14 +60,14 @@ def vector_quantize(z: torch.Tensor, codes: torch.Tensor, beta: float = 0.33,
     rows of ``codes``); a lookup that projects only the chosen rows gives the
     same gradient without back-propagating through all V codes.
     """
-    b, d, h, w = z.shape
-    flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+    b, dim, h, w = z.shape
+    flat = z.permute(0, 2, 3, 1).reshape(-1, dim)
     rows = nearest_code(flat.detach(), codes.detach(), block_elems)
     zq = F.embedding(rows, codes) if lookup is None else lookup(rows)
     z32, zq32 = flat.float(), zq.float()                 # the loss in float32, also under autocast
     loss = torch.mean((zq32.detach() - z32) ** 2) + beta * torch.mean((zq32 - z32.detach()) ** 2)
     zq = flat + (zq.to(flat.dtype) - flat).detach()
-    return zq.reshape(b, h, w, d).permute(0, 3, 1, 2), loss, rows.reshape(b, h, w)
+    return zq.reshape(b, h, w, dim).permute(0, 3, 1, 2), loss, rows.reshape(b, h, w)
 
 
 @torch.no_grad()

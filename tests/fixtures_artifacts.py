@@ -49,9 +49,9 @@ def make_eval_artifacts(out, ceiling: bool = True) -> dict:
         if ceiling:
             row |= {"ceiling": 0.95, "floor": 0.5}
         settings.append(row)
-    d = out / EVAL_UNDERSTANDING.out_dir
-    save_json(d / "results.json", settings)
-    write_manifest(d, EVAL_UNDERSTANDING, {}, ["results.json"], info={"settings": settings})
+    folder = out / EVAL_UNDERSTANDING.out_dir
+    save_json(folder / "results.json", settings)
+    write_manifest(folder, EVAL_UNDERSTANDING, {}, ["results.json"], info={"settings": settings})
     den = {task: {variant: {"n_images": 2, "psnr": 20.0 + i, "ssim": 0.5 + i / 10,
                             "lpips": None, "fid": None,
                             "token_acc": None if variant in ("corrupted", "ceiling") else 0.25 * i}
@@ -68,18 +68,18 @@ def make_image_folder(root, n_per_class: int = 4, classes=("cls_a", "cls_b"),
     JPEG, a 5x5 PNG and one corrupt file (which a reader must skip)."""
     rng = np.random.default_rng(0)
     for c in classes:
-        d = Path(root) / "train" / c
-        d.mkdir(parents=True, exist_ok=True)
+        folder = Path(root) / "train" / c
+        folder.mkdir(parents=True, exist_ok=True)
         for i in range(n_per_class):
             size = tuple(int(s) for s in rng.integers(40, 90, 2))
             arr = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
-            Image.fromarray(arr).save(d / f"img{i}.jpg", quality=90)
+            Image.fromarray(arr).save(folder / f"img{i}.jpg", quality=90)
     if odd:
-        d = Path(root) / "train" / classes[0]
-        Image.fromarray(rng.integers(0, 256, (50, 70), dtype=np.uint8), "L").save(d / "gray.png")
-        Image.fromarray(rng.integers(0, 256, (60, 60, 4), dtype=np.uint8), "CMYK").save(d / "cmyk.jpg")
-        Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)).save(d / "tiny.png")
-        (d / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+        folder = Path(root) / "train" / classes[0]
+        Image.fromarray(rng.integers(0, 256, (50, 70), dtype=np.uint8), "L").save(folder / "gray.png")
+        Image.fromarray(rng.integers(0, 256, (60, 60, 4), dtype=np.uint8), "CMYK").save(folder / "cmyk.jpg")
+        Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)).save(folder / "tiny.png")
+        (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
     return str(root)
 
 

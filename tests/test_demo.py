@@ -181,12 +181,12 @@ def test_demo_vocab_ids_holds_class_words_and_first_ids():
     bpe.train_from_iterator(text, trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<|endoftext|>", "<extra>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
+    text_tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
                                   additional_special_tokens=["<extra>"])
-    ids = demo_llm.demo_vocab_ids(tok, 10, ["red", "star", "zebra"])
+    ids = demo_llm.demo_vocab_ids(text_tokenizer, 10, ["red", "star", "zebra"])
     assert ids == sorted(set(ids))
-    assert tok.convert_tokens_to_ids("Ġred") in ids and tok.convert_tokens_to_ids("Ġstar") in ids
-    assert set(tok.encode(" zebra", add_special_tokens=False)) <= set(ids)  # pieces of an unknown word
+    assert text_tokenizer.convert_tokens_to_ids("Ġred") in ids and text_tokenizer.convert_tokens_to_ids("Ġstar") in ids
+    assert set(text_tokenizer.encode(" zebra", add_special_tokens=False)) <= set(ids)  # pieces of an unknown word
     assert not {0, 1} & set(ids)  # special and added tokens are not counted among the first ids
     assert set(range(2, 12)) <= set(ids)
-    assert ids == demo_llm.demo_vocab_ids(tok, 10, ["red", "star", "zebra"])
+    assert ids == demo_llm.demo_vocab_ids(text_tokenizer, 10, ["red", "star", "zebra"])
