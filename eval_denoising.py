@@ -3,7 +3,7 @@
 For each image the LLM reads ten noisy copies of the image's local token
 sequence as in-context examples and predicts the missing / clean local tokens
 two at a time (restricted to local codebook ids); the predicted grid is decoded
-with the image's global tokens (models/denoise.py describes the protocol).
+with the image's global tokens (engine/denoise.py describes the protocol).
 
 Scores against the clean 128 px image (FID, LPIPS, PSNR, SSIM): the corrupted
 input (the baseline: what the LLM was given), the LLM's restoration, and the
@@ -52,8 +52,13 @@ DEVICE = "auto"                   # auto, cpu or cuda
 NUM_WORKERS = 4                   # image loading workers
 OUT_DIR = "out/eval_denoising"    # where results are written
 
-cfg = configure(globals())
+settings = configure(globals())
 VARIANTS = ("corrupted", "restored", "reconstruction")
+
+
+def save_text(path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
 
 
 def chunk_batches(ds, store: ChunkStore, chunks: list[int], desc: str):
@@ -65,32 +70,36 @@ def chunk_batches(ds, store: ChunkStore, chunks: list[int], desc: str):
         yield ci, next(iter(loader))
 
 
-def tokenize_and_restore(task, ds, store, v2l, decoder, prompter, vocab_mask, d) -> None:
+def tokenize_and_restore(task, ds, store, tokenizer, greedy, prompter, vocab_mask, ddp) -> None:
     """The LLM pass: each chunk's clean, query and restored local tokens, saved as it finishes."""
-    for ci, batch in chunk_batches(ds, store, store.todo(d.rank, d.world), f"{task} (rank {d.rank})"):
+    for ci, batch in chunk_batches(ds, store, store.todo(ddp.rank, ddp.world), f"{task} (rank {ddp.rank})"):
         if "image" not in batch:      # every image of the chunk unreadable
-            n = v2l.config.grid ** 2
+            n = tokenizer.config.grid ** 2
             store.save(ci, {k: torch.zeros((0,) + s, dtype=torch.long) for k, s in
-                            (("index", ()), ("global_idx", (v2l.config.global_topk,)),
+                            (("index", ()), ("global_idx", (tokenizer.config.global_topk,)),
                              ("clean", (n,)), ("query", (n,)), ("pred", (n,)))})
             continue
-        x, x_clip, x_shift = (t.to(d.device) for t in batch["image"])
+        x, x_clip, x_shift = (t.to(ddp.device) for t in batch["image"])
         idx = batch["index"].tolist()
-        global_idx, clean = v2l.encode(x, x_clip)
+        global_idx, clean = tokenizer.encode(x, x_clip)
         if task in WINDOW_TASKS:      # known cells are the clean ones; the rest is predicted
             query = clean.clone()
         else:                         # global tokens from the clean CLIP view, as the authors
-            query = v2l.encode(corrupt_batch(task, x, x_shift, idx, SEED), x_clip)[1]
+            query = tokenizer.encode(corrupt_batch(task, x, x_shift, idx, SEED), x_clip)[1]
         clean, query = clean.flatten(1).cpu(), query.flatten(1).cpu()
-        noisy_clean, noisy_query = noisy_batch(clean, query, v2l.llm_ids.cpu(), idx, SEED)
-        pred = restore(decoder, prompter, task, query, noisy_clean, noisy_query, vocab_mask,
-                       step=STEP, window=WINDOW, batch_size=BATCH_SIZE, grid=v2l.config.grid)
+        noisy_clean, noisy_query = noisy_batch(clean, query, tokenizer.llm_ids.cpu(), idx, SEED)
+        log = [] if ci == 0 else None
+        pred = restore(greedy, prompter, task, query, noisy_clean, noisy_query, vocab_mask,
+                       step=STEP, window=WINDOW, batch_size=BATCH_SIZE, grid=tokenizer.config.grid,
+                       prompt_log=log)
+        if log:                       # the first prompt, decoded from the ids the LLM read
+            save_text(Path(OUT_DIR) / task / "prompt_example.txt", prompter.text(log[0]))
         store.save(ci, {"index": batch["index"], "global_idx": global_idx.cpu(), "clean": clean,
                         "query": query, "pred": pred})
 
 
 @torch.no_grad()
-def score(task, ds, store, v2l, device) -> dict:
+def score(task, ds, store, tokenizer, device) -> dict:
     """Decode the saved tokens and score the three variants against the clean images."""
     tokens = store.gather()
     row_of = {int(i): r for r, i in enumerate(tokens["index"].tolist())}
@@ -98,7 +107,7 @@ def score(task, ds, store, v2l, device) -> dict:
     meters = {"corrupted": first} | {v: ReconstructionMetrics(
         first.metrics, device=device, inception=first.inception, lpips=first.lpips)
         for v in VARIANTS[1:]}
-    cells = prediction_mask(task, v2l.config.grid).flatten()
+    cells = prediction_mask(task, tokenizer.config.grid).flatten()
     hits = {"corrupted": 0, "restored": 0}
     strips = Path(OUT_DIR) / task / "strips"
     for _, batch in chunk_batches(ds, store, range(store.n_chunks), f"{task} scores"):
@@ -108,10 +117,10 @@ def score(task, ds, store, v2l, device) -> dict:
         idx = batch["index"].tolist()
         rows = torch.tensor([row_of[i] for i in idx])
         gidx = tokens["global_idx"][rows].to(device)
-        grid = (len(idx), v2l.config.grid, v2l.config.grid)
+        grid = (len(idx), tokenizer.config.grid, tokenizer.config.grid)
         out = {"corrupted": corrupt_batch(task, x, x_shift, idx, SEED),
-               "restored": v2l.decode(tokens["pred"][rows].view(grid).to(device), gidx),
-               "reconstruction": v2l.decode(tokens["clean"][rows].view(grid).to(device), gidx)}
+               "restored": tokenizer.decode(tokens["pred"][rows].view(grid).to(device), gidx),
+               "reconstruction": tokenizer.decode(tokens["clean"][rows].view(grid).to(device), gidx)}
         for v in VARIANTS:
             meters[v].update(x, out[v])
         clean = tokens["clean"][rows][:, cells]
@@ -134,45 +143,43 @@ def write_results(results: dict) -> list[str]:
             for task in results for v in VARIANTS]
     out = Path(OUT_DIR)
     save_json(out / "results.json", results)
-    with atomic_path(out / "results.csv") as tmp:
-        Path(tmp).write_text("\n".join(",".join(r) for r in [cols] + rows) + "\n", encoding="utf-8")
+    save_text(out / "results.csv", "\n".join(",".join(r) for r in [cols] + rows) + "\n")
     md = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
-    with atomic_path(out / "results.md") as tmp:
-        Path(tmp).write_text("\n".join(md) + "\n", encoding="utf-8")
+    save_text(out / "results.md", "\n".join(md) + "\n")
     print("\n".join(md))
     return ["results.json", "results.csv", "results.md"]
 
 
 def main():
     tasks = check_tasks(TASKS)
-    d = dist.init(DEVICE)
+    ddp = dist.init(DEVICE)
     random.seed(SEED)
     torch.manual_seed(SEED)
-    v2l = V2LTokenizer.load(TOKENIZER_DIR, device=d.device)
-    llm = load_llm(LLM, dtype=LLM_DTYPE, device=d.device)
-    ds = ImageFolderDataset(DATA_DIR, SPLIT or None, transform=DenoiseViews(v2l.clip),
+    tokenizer = V2LTokenizer.load(TOKENIZER_DIR, device=ddp.device)
+    llm = load_llm(LLM, dtype=LLM_DTYPE, device=ddp.device)
+    ds = ImageFolderDataset(DATA_DIR, SPLIT or None, transform=DenoiseViews(tokenizer.clip),
                             max_images=MAX_IMAGES)
     pad = llm.text_tokenizer.pad_token_id if llm.text_tokenizer.pad_token_id is not None else 0
-    decoder = BatchedGreedy(llm.model, pad)
+    greedy = BatchedGreedy(llm.model, pad)
     prompter = DenoisePrompter(llm.text_tokenizer, STEP)
-    vocab_mask = codebook_vocab_mask(v2l.llm_ids, llm.model.config.vocab_size)
+    vocab_mask = codebook_vocab_mask(tokenizer.llm_ids, llm.model.config.vocab_size)
     results = {}
     for task in tasks:
         key = {"task": task, "step": STEP, "window": WINDOW, "seed": SEED, "rates": NOISE_RATES,
                "tokenizer": str(TOKENIZER_DIR), "llm": llm.ident, "data": [str(DATA_DIR), SPLIT],
                "n_images": len(ds)}
         store = ChunkStore(Path(OUT_DIR) / task, len(ds), CHUNK_IMAGES, key)
-        tokenize_and_restore(task, ds, store, v2l, decoder, prompter, vocab_mask, d)
-        dist.barrier(d)
-        if d.is_main:
-            results[task] = score(task, ds, store, v2l, d.device)
-    if d.is_main:
+        tokenize_and_restore(task, ds, store, tokenizer, greedy, prompter, vocab_mask, ddp)
+        dist.barrier(ddp)
+        if ddp.is_main:
+            results[task] = score(task, ds, store, tokenizer, ddp.device)
+    if ddp.is_main:
         files = write_results(results)
         inputs = finished_inputs(tokenizer=TOKENIZER_DIR)
-        write_manifest(OUT_DIR, "eval_denoising", cfg, files, inputs=inputs,
+        write_manifest(OUT_DIR, "eval_denoising", settings, files, inputs=inputs,
                        info={"llm": llm.ident, "n_images": len(ds)})
-    dist.shutdown(d)
+    dist.shutdown(ddp)
 
 
 if __name__ == "__main__":

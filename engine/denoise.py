@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torchvision.transforms import functional as TF
 
 from data.transforms import clip_crop
-from engine.fewshot import IN_TEXT, OUT_TEXT, check_prompt_length, context_length
+from engine.fewshot import check_prompt_length, context_length
 from engine.greedy import BatchedGreedy
 from utils.errors import V2LError
 
@@ -43,7 +43,10 @@ TASKS = ("inpainting", "outpainting", "deblurring", "rotation", "shift")
 WINDOW_TASKS = ("inpainting", "outpainting")
 NOISE_RATES = (0.50, 0.47, 0.44, 0.41, 0.38, 0.35, 0.32, 0.29, 0.26, 0.23)
 BLUR_KERNELS = (5, 7, 9, 11)   # the authors' GaussianBlur(blur_limit=(5, 11)): a random odd size
+# The restoration prompt's own strings (the authors' wording; the few-shot prompt has its own).
 INSTRUCTION = "Learning a new language and predict the {step} tokens following the examples.\n"
+IN_TEXT = "###\nInput: < "
+OUT_TEXT = " >\nOutput: "
 UNKNOWN = -1                   # marks the cells to predict in the query sequence
 
 
@@ -167,11 +170,17 @@ def chunk_starts(mask: torch.Tensor, step: int) -> list[int]:
 class DenoisePrompter:
     """Token-id prompts of the restoration task (segments tokenised once)."""
 
-    def __init__(self, tokenizer, step: int):
-        enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    def __init__(self, text_tokenizer, step: int):
+        self.text_tokenizer = text_tokenizer
+        enc = lambda s: text_tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+        bos = [text_tokenizer.bos_token_id] if text_tokenizer.bos_token_id is not None else []
         self.head = bos + enc(INSTRUCTION.format(step=step))
         self.inp, self.out = enc(IN_TEXT), enc(OUT_TEXT)
+
+    def text(self, ids: list[int]) -> str:
+        """What the LLM reads, as text: decoded from the prompt's ids (not re-assembled from
+        the strings, so a log shows exactly the tokens that were run)."""
+        return self.text_tokenizer.decode(ids)
 
     def build(self, ex_in: torch.Tensor, ex_out: torch.Tensor, query_in: torch.Tensor) -> list[int]:
         """ex_in [R, a], ex_out [R, b], query_in [a] -> the prompt's ids."""
@@ -182,15 +191,16 @@ class DenoisePrompter:
 
 
 @torch.no_grad()
-def restore(decoder: BatchedGreedy, prompter: DenoisePrompter, task: str,
+def restore(greedy: BatchedGreedy, prompter: DenoisePrompter, task: str,
             query: torch.Tensor, noisy_clean: torch.Tensor, noisy_corrupt: torch.Tensor,
             vocab_mask: torch.Tensor, step: int = 2, window: int = 16, batch_size: int = 64,
-            grid: int = 16) -> torch.Tensor:
+            grid: int = 16, prompt_log: list | None = None) -> torch.Tensor:
     """Predict the clean local tokens of B images.
 
     query: [B, N] sequences the LLM reads (N = grid * grid): the corrupted image's
     tokens, or for in/outpainting the clean ones (their cells to predict are
     blanked here and never read); noisy_*: [B, R, N] from ``noisy_copies``.
+    ``prompt_log``: a list that receives the first prompt's ids, as run.
     Returns [B, N]: the known cells kept, the predicted ones filled."""
     mask = prediction_mask(task, grid).flatten()
     starts = chunk_starts(mask, step)
@@ -216,9 +226,11 @@ def restore(decoder: BatchedGreedy, prompter: DenoisePrompter, task: str,
                 prompts.append(prompter.build(noisy_corrupt[b, :, a:e_in] if task not in WINDOW_TASKS
                                               else noisy_clean[b, :, a:e_in],
                                               noisy_clean[b, :, s:e], query))
-            check_prompt_length(len(prompts[0]), step, context_length(decoder.model),
+            check_prompt_length(len(prompts[0]), step, context_length(greedy.model),
                                 f"{task} prompt", "--window or --step")
-            gen = decoder.generate(prompts, step, vocab_mask=vocab_mask)
+            if prompt_log is not None and not prompt_log:
+                prompt_log.append(prompts[0])
+            gen = greedy.generate(prompts, step, vocab_mask=vocab_mask)
             for (b, s), toks in zip(part, gen):
                 e = chunk(s)[2]
                 keep = mask[s:e]

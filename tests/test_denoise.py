@@ -91,15 +91,25 @@ def test_noisy_copies_share_positions_and_ids():
 
 
 def test_prompt_layout(llm):
-    tok = llm.text_tokenizer
-    p = DenoisePrompter(tok, step=2)
+    text_tokenizer = llm.text_tokenizer
+    p = DenoisePrompter(text_tokenizer, step=2)
     ids = p.build(torch.tensor([[7, 8], [9, 10]]), torch.tensor([[11, 12], [13, 14]]),
                   torch.tensor([15, 16]))
-    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
-    head = [tok.bos_token_id] + enc("Learning a new language and predict the 2 tokens following "
-                                    "the examples.\n")
+    enc = lambda s: text_tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    head = [text_tokenizer.bos_token_id] + enc("Learning a new language and predict the 2 tokens "
+                                               "following the examples.\n")
     i, o = enc("###\nInput: < "), enc(" >\nOutput: ")
     assert ids == head + i + [7, 8] + o + [11, 12] + i + [9, 10] + o + [13, 14] + i + [15, 16] + o
+    assert p.text(ids) == text_tokenizer.decode(ids)        # the log shows the ids run
+
+
+def test_prompt_strings_are_the_denoising_prompts_own(llm, monkeypatch):
+    import engine.fewshot
+    before = DenoisePrompter(llm.text_tokenizer, step=2)
+    monkeypatch.setattr(engine.fewshot, "IN_TEXT", "Q: ")
+    monkeypatch.setattr(engine.fewshot, "OUT_TEXT", " A: ")
+    after = DenoisePrompter(llm.text_tokenizer, step=2)
+    assert (after.head, after.inp, after.out) == (before.head, before.inp, before.out)
 
 
 @pytest.mark.parametrize("task", ["inpainting", "deblurring"])
@@ -112,11 +122,16 @@ def test_restore_keeps_known_cells_and_codebook_ids(llm, task):
     pairs = [noisy_copies(c, q, allowed, g) for c, q in zip(clean, query)]
     nc, nq = torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
     prompter = DenoisePrompter(llm.text_tokenizer, 2)
+    log = []
     pred = restore(BatchedGreedy(llm.model, 0), prompter, task, query, nc, nq, vocab_mask,
-                   step=2, window=4, batch_size=64)
+                   step=2, window=4, batch_size=64, prompt_log=log)
     cells = prediction_mask(task).flatten()
     assert torch.isin(pred, allowed).all()                   # only codebook ids
     assert torch.equal(pred[:, ~cells], query[:, ~cells])    # known cells untouched
+    s = 68 if task == "inpainting" else 0                    # the first chunk's prompt, as run
+    src = nc if task == "inpainting" else nq
+    lo, hi = (s - 4, s) if task == "inpainting" else (s, s + 2)
+    assert log == [prompter.build(src[0, :, lo:hi], nc[0, :, s:s + 2], query[0, lo:hi])]
     if task == "deblurring":                                 # the mask is what restricts them
         free = restore(BatchedGreedy(llm.model, 0), prompter, task, query, nc, nq,
                        torch.ones_like(vocab_mask), step=2, window=4, batch_size=64)
@@ -141,6 +156,7 @@ def test_eval_denoising_script_all_tasks(tmp_path, llm_dir, monkeypatch, capsys)
     for task in TASKS:
         strip = Image.open(out / task / "strips" / "00000.png")
         assert strip.size == (3 * 128, 128)
+        assert (out / task / "prompt_example.txt").read_text().count("Input: <") == 11
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         run_script("eval_denoising.py", args + ["--tasks", "painting"], monkeypatch)
