@@ -5,11 +5,15 @@ sequence as in-context examples and predicts the missing / clean local tokens
 two at a time (restricted to local codebook ids); the predicted grid is decoded
 with the image's global tokens (engine/denoise.py describes the protocol).
 
-Scores against the clean 128 px image (FID, LPIPS, PSNR, SSIM): the corrupted
-input (the baseline: what the LLM was given), the LLM's restoration, and the
-tokenizer's own reconstruction of the clean image (the ceiling). Writes
-``results.json`` / ``results.csv`` / ``results.md``, PNG strips
-(clean | corrupted | restored) for the first images, and a manifest. Long runs
+Scores against the clean 128 px image (FID, LPIPS, PSNR, SSIM), per task, four
+rows: ``corrupted`` (the corrupted image itself), ``baseline`` (the corrupted
+image encoded and decoded by the same tokenizer: what the tokenizer gives
+without the LLM), ``restored`` (the LLM's restoration) and ``ceiling`` (the
+clean image through the tokenizer). ``token_acc`` (baseline, restored): the
+share of the cells to predict whose local token equals the clean image's.
+Writes ``results.json`` ({task: {variant: {metric: value}}}), ``results.csv``,
+``results.md``, PNG strips (clean | corrupted | baseline | restored | ceiling)
+for the first images, each task's first prompt as text, and a manifest. Long runs
 resume from chunks; ``torchrun --nproc_per_node N`` splits the images.
 
     python eval_denoising.py --tokenizer_dir out/tokenizer --llm llama-2-7b-hf --data_dir imagenet
@@ -22,8 +26,9 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data.images import ImageFolderDataset, collate_skip_bad
-from engine.denoise import (NOISE_RATES, WINDOW_TASKS, DenoisePrompter, DenoiseViews, check_tasks,
-                            codebook_vocab_mask, corrupt_batch, noisy_batch, prediction_mask, restore)
+from engine.denoise import (NOISE_RATES, VARIANTS, DenoisePrompter, DenoiseViews, check_tasks,
+                            codebook_vocab_mask, encode_task, noisy_batch, prediction_mask,
+                            query_tokens, restore, token_hits, variant_images)
 from engine.greedy import BatchedGreedy
 from models.llm import load_llm
 from engine.metrics import ReconstructionMetrics
@@ -53,7 +58,7 @@ NUM_WORKERS = 4                   # image loading workers
 OUT_DIR = "out/eval_denoising"    # where results are written
 
 settings = configure(globals())
-VARIANTS = ("corrupted", "restored", "reconstruction")
+SAVED = ("clean", "corrupt", "pred")   # local tokens [N] saved per image (with index, global_idx)
 
 
 def save_text(path, text: str) -> None:
@@ -71,44 +76,41 @@ def chunk_batches(ds, store: ChunkStore, chunks: list[int], desc: str):
 
 
 def tokenize_and_restore(task, ds, store, tokenizer, greedy, prompter, vocab_mask, ddp) -> None:
-    """The LLM pass: each chunk's clean, query and restored local tokens, saved as it finishes."""
+    """The LLM pass: each chunk's clean, corrupted and restored local tokens, saved as it finishes."""
+    n, k = tokenizer.config.grid ** 2, tokenizer.config.global_topk
     for ci, batch in chunk_batches(ds, store, store.todo(ddp.rank, ddp.world), f"{task} (rank {ddp.rank})"):
         if "image" not in batch:      # every image of the chunk unreadable
-            n = tokenizer.config.grid ** 2
-            store.save(ci, {k: torch.zeros((0,) + s, dtype=torch.long) for k, s in
-                            (("index", ()), ("global_idx", (tokenizer.config.global_topk,)),
-                             ("clean", (n,)), ("query", (n,)), ("pred", (n,)))})
+            store.save(ci, {"index": torch.zeros(0, dtype=torch.long),
+                            "global_idx": torch.zeros(0, k, dtype=torch.long)}
+                       | {key: torch.zeros(0, n, dtype=torch.long) for key in SAVED})
             continue
         x, x_clip, x_shift = (t.to(ddp.device) for t in batch["image"])
         idx = batch["index"].tolist()
-        global_idx, clean = tokenizer.encode(x, x_clip)
-        if task in WINDOW_TASKS:      # known cells are the clean ones; the rest is predicted
-            query = clean.clone()
-        else:                         # global tokens from the clean CLIP view, as the authors
-            query = tokenizer.encode(corrupt_batch(task, x, x_shift, idx, SEED), x_clip)[1]
-        clean, query = clean.flatten(1).cpu(), query.flatten(1).cpu()
-        noisy_clean, noisy_query = noisy_batch(clean, query, tokenizer.llm_ids.cpu(), idx, SEED)
+        tokens = {key: t.cpu() for key, t in encode_task(tokenizer, task, x, x_clip, x_shift,
+                                                          idx, SEED).items()}
+        query = query_tokens(task, tokens["clean"], tokens["corrupt"])
+        noisy_clean, noisy_query = noisy_batch(tokens["clean"], query, tokenizer.llm_ids.cpu(),
+                                               idx, SEED)
         log = [] if ci == 0 else None
-        pred = restore(greedy, prompter, task, query, noisy_clean, noisy_query, vocab_mask,
-                       step=STEP, window=WINDOW, batch_size=BATCH_SIZE, grid=tokenizer.config.grid,
-                       prompt_log=log)
+        tokens["pred"] = restore(greedy, prompter, task, query, noisy_clean, noisy_query,
+                                 vocab_mask, step=STEP, window=WINDOW, batch_size=BATCH_SIZE,
+                                 grid=tokenizer.config.grid, prompt_log=log)
         if log:                       # the first prompt, decoded from the ids the LLM read
             save_text(Path(OUT_DIR) / task / "prompt_example.txt", prompter.text(log[0]))
-        store.save(ci, {"index": batch["index"], "global_idx": global_idx.cpu(), "clean": clean,
-                        "query": query, "pred": pred})
+        store.save(ci, {"index": batch["index"]} | tokens)
 
 
 @torch.no_grad()
 def score(task, ds, store, tokenizer, device) -> dict:
-    """Decode the saved tokens and score the three variants against the clean images."""
+    """Decode the saved tokens and score every variant against the clean images; write the
+    strips clean | corrupted | baseline | restored | ceiling."""
     tokens = store.gather()
     row_of = {int(i): r for r, i in enumerate(tokens["index"].tolist())}
     first = ReconstructionMetrics(METRICS, device=device, inception_weights=INCEPTION_WEIGHTS or None)
-    meters = {"corrupted": first} | {v: ReconstructionMetrics(
+    meters = {VARIANTS[0]: first} | {v: ReconstructionMetrics(
         first.metrics, device=device, inception=first.inception, lpips=first.lpips)
         for v in VARIANTS[1:]}
-    cells = prediction_mask(task, tokenizer.config.grid).flatten()
-    hits = {"corrupted": 0, "restored": 0}
+    hits = {"baseline": 0, "restored": 0}
     strips = Path(OUT_DIR) / task / "strips"
     for _, batch in chunk_batches(ds, store, range(store.n_chunks), f"{task} scores"):
         if "image" not in batch:
@@ -116,23 +118,19 @@ def score(task, ds, store, tokenizer, device) -> dict:
         x, _, x_shift = (t.to(device) for t in batch["image"])
         idx = batch["index"].tolist()
         rows = torch.tensor([row_of[i] for i in idx])
-        gidx = tokens["global_idx"][rows].to(device)
-        grid = (len(idx), tokenizer.config.grid, tokenizer.config.grid)
-        out = {"corrupted": corrupt_batch(task, x, x_shift, idx, SEED),
-               "restored": tokenizer.decode(tokens["pred"][rows].view(grid).to(device), gidx),
-               "reconstruction": tokenizer.decode(tokens["clean"][rows].view(grid).to(device), gidx)}
+        part = {key: tokens[key][rows] for key in ("global_idx",) + SAVED}
+        out = variant_images(tokenizer, task, x, x_shift, idx, SEED, part)
         for v in VARIANTS:
             meters[v].update(x, out[v])
-        clean = tokens["clean"][rows][:, cells]
-        hits["restored"] += int((tokens["pred"][rows][:, cells] == clean).sum())
-        if task not in WINDOW_TASKS:
-            hits["corrupted"] += int((tokens["query"][rows][:, cells] == clean).sum())
+        for v, h in token_hits(task, part, tokenizer.config.grid).items():
+            hits[v] += h
         for j, i in enumerate(idx):
             if i < SAVE_STRIPS:
-                save_image_grid(torch.stack([x[j], out["corrupted"][j], out["restored"][j]]), strips / f"{i:05d}.png", per_line=3, padding=0)
-    n_cells = max(1, len(row_of) * int(cells.sum()))
-    token_acc = {"restored": hits["restored"] / n_cells, "reconstruction": None,
-                 "corrupted": None if task in WINDOW_TASKS else hits["corrupted"] / n_cells}
+                save_image_grid(torch.stack([x[j]] + [out[v][j] for v in VARIANTS]),
+                                strips / f"{i:05d}.png", per_line=1 + len(VARIANTS), padding=0)
+    cells = int(prediction_mask(task, tokenizer.config.grid).sum())
+    n_cells = max(1, len(row_of) * cells)
+    token_acc = {v: hits[v] / n_cells if v in hits else None for v in VARIANTS}
     return {v: meters[v].compute() | {"token_acc": token_acc[v]} for v in VARIANTS}
 
 
@@ -166,7 +164,7 @@ def main():
     vocab_mask = codebook_vocab_mask(tokenizer.llm_ids, llm.model.config.vocab_size)
     results = {}
     for task in tasks:
-        key = {"task": task, "step": STEP, "window": WINDOW, "seed": SEED, "rates": NOISE_RATES,
+        key = {"task": task, "saved": SAVED, "step": STEP, "window": WINDOW, "seed": SEED, "rates": NOISE_RATES,
                "tokenizer": str(TOKENIZER_DIR), "llm": llm.ident, "data": [str(DATA_DIR), SPLIT],
                "n_images": len(ds)}
         store = ChunkStore(Path(OUT_DIR) / task, len(ds), CHUNK_IMAGES, key)

@@ -79,8 +79,8 @@ def blur_sigma(kernel: int) -> float:
 
 def corrupt_image(task: str, x: torch.Tensor, shifted: torch.Tensor, rng: random.Random,
                   grid: int = 16) -> torch.Tensor:
-    """The corrupted view of one image x [3, H, W] in [-1, 1] (what the metrics' baseline
-    row scores). ``shifted``: the bottom-right crop of the same picture (the shift task).
+    """The corrupted view of one image x [3, H, W] in [-1, 1] (the "corrupted" row; the
+    "baseline" row is its encoding decoded). ``shifted``: the bottom-right crop of the same picture (the shift task).
     In/outpainting grey out the cells to predict."""
     if task == "deblurring":
         k = rng.choice(BLUR_KERNELS)
@@ -99,6 +99,55 @@ def corrupt_batch(task: str, x: torch.Tensor, shifted: torch.Tensor, indices: li
     """``corrupt_image`` over a batch; image i's randomness depends only on (seed, index)."""
     return torch.stack([corrupt_image(task, xi, si, random.Random(f"{seed}-{i}"))
                         for xi, si, i in zip(x, shifted, indices)])
+
+
+# The rows of the evaluation, per task. All but "corrupted" are decoded by the tokenizer with
+# the clean image's global tokens (the authors decode the restored grid so), so baseline,
+# restored and ceiling differ only in their local tokens.
+VARIANTS = ("corrupted",   # the corrupted image itself (pixel metrics only)
+            "baseline",    # the corrupted image encoded and decoded by the same tokenizer
+            "restored",    # the LLM's restored local tokens, decoded
+            "ceiling")     # the clean image encoded and decoded (the best a restoration decodes to)
+
+
+@torch.no_grad()
+def encode_task(tokenizer, task: str, x: torch.Tensor, x_clip: torch.Tensor, shifted: torch.Tensor,
+                indices: list[int], seed: int) -> dict[str, torch.Tensor]:
+    """The tokens of a batch for one task: ``global_idx`` [B, k] (the clean CLIP view's, as
+    the authors), ``clean`` [B, N] (the target) and ``corrupt`` [B, N] (the corrupted image
+    through the same tokenizer's encoder: the baseline, and what the LLM reads for
+    deblurring, rotation and shift)."""
+    global_idx, clean = tokenizer.encode(x, x_clip)
+    corrupt = tokenizer.local_tokens(corrupt_batch(task, x, shifted, indices, seed))
+    return {"global_idx": global_idx, "clean": clean.flatten(1), "corrupt": corrupt.flatten(1)}
+
+
+def query_tokens(task: str, clean: torch.Tensor, corrupt: torch.Tensor) -> torch.Tensor:
+    """The sequence the LLM reads: for in/outpainting the clean tokens (their known cells; the
+    ones to predict are never read), as the authors; otherwise the corrupted image's."""
+    return clean if task in WINDOW_TASKS else corrupt
+
+
+@torch.no_grad()
+def variant_images(tokenizer, task: str, x: torch.Tensor, shifted: torch.Tensor,
+                   indices: list[int], seed: int, tokens: dict) -> dict[str, torch.Tensor]:
+    """Each variant's images [B, 3, R, R] in [-1, 1]; ``tokens``: global_idx, clean, corrupt,
+    pred ([B, N] local ids) of the batch."""
+    g = tokenizer.config.grid
+    global_idx = tokens["global_idx"].to(x.device)
+    decode = lambda ids: tokenizer.decode(ids.reshape(-1, g, g).to(x.device), global_idx)  # noqa: E731
+    return {"corrupted": corrupt_batch(task, x, shifted, indices, seed),
+            "baseline": decode(tokens["corrupt"]), "restored": decode(tokens["pred"]),
+            "ceiling": decode(tokens["clean"])}
+
+
+def token_hits(task: str, tokens: dict, grid: int = 16) -> dict[str, int]:
+    """Cells to predict whose token equals the clean image's: the baseline (the corrupted
+    image's tokens) and the restored ones, summed over the batch."""
+    cells = prediction_mask(task, grid).flatten()
+    target = tokens["clean"][:, cells]
+    return {v: int((tokens[k][:, cells] == target).sum())
+            for v, k in (("baseline", "corrupt"), ("restored", "pred"))}
 
 
 class DenoiseViews:

@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.denoise import (NOISE_RATES, TASKS, DenoisePrompter, DenoiseViews, blur_sigma,
-                            check_tasks, chunk_starts, codebook_vocab_mask, corrupt_image,
-                            noisy_copies, prediction_mask, restore)
+from engine.denoise import (NOISE_RATES, TASKS, VARIANTS, DenoisePrompter, DenoiseViews,
+                            blur_sigma, check_tasks, chunk_starts, codebook_vocab_mask,
+                            corrupt_batch, corrupt_image, encode_task, noisy_copies,
+                            prediction_mask, query_tokens, restore, token_hits, variant_images)
 from engine.greedy import BatchedGreedy
 from test_fewshot import image_folders, run_script
 from tiny_llm import make_tiny_llama
@@ -138,6 +139,46 @@ def test_restore_keeps_known_cells_and_codebook_ids(llm, task):
         assert not torch.isin(free[:, cells], allowed).all()
 
 
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from fixtures_tokenizer import make_tiny_tokenizer
+    return make_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"), llm_ids=torch.arange(100, 164))[0]
+
+
+@pytest.mark.parametrize("task", ["inpainting", "deblurring"])
+def test_baseline_is_the_corrupted_image_through_the_same_tokenizer(tokenizer, task, monkeypatch):
+    from fixtures_tokenizer import tiny_images
+    x, x_clip = tiny_images(tokenizer.clip, batch=2, seed=1)
+    shifted = x.flip(-1)
+    idx = [3, 7]
+    seen = []                                     # every image the tokenizer's encoder reads
+    local_tokens = tokenizer.local_tokens
+    monkeypatch.setattr(tokenizer, "local_tokens", lambda im: seen.append(im) or local_tokens(im))
+    tokens = encode_task(tokenizer, task, x, x_clip, shifted, idx, seed=5)
+    corrupted = corrupt_batch(task, x, shifted, idx, 5)
+    assert len(seen) == 2 and torch.equal(seen[0], x) and torch.equal(seen[1], corrupted)
+    by_hand = local_tokens(corrupted).flatten(1)
+    assert torch.equal(tokens["corrupt"], by_hand)
+    assert torch.equal(query_tokens(task, tokens["clean"], tokens["corrupt"]),
+                       tokens["clean"] if task == "inpainting" else by_hand)
+    g = tokenizer.config.grid
+    cells = prediction_mask(task, g).flatten()
+    wrong = cells.nonzero()[:5, 0]                # 5 predicted cells of image 0 get another id
+    tokens["pred"] = tokens["clean"].clone()
+    tokens["pred"][0, wrong] = (tokens["clean"][0, wrong] - 100 + 1) % 64 + 100
+    images = variant_images(tokenizer, task, x, shifted, idx, 5, tokens)
+    assert list(images) == list(VARIANTS)
+    decode = lambda ids: tokenizer.decode(ids.view(-1, g, g), tokens["global_idx"])  # noqa: E731
+    assert torch.equal(images["corrupted"], corrupted)
+    assert torch.allclose(images["baseline"], decode(by_hand), atol=1e-6)
+    assert torch.allclose(images["ceiling"], decode(tokens["clean"]), atol=1e-6)
+    assert torch.allclose(images["restored"], decode(tokens["pred"]), atol=1e-6)
+    assert not torch.allclose(images["baseline"], images["ceiling"])
+    hits = token_hits(task, tokens, g)
+    assert hits["restored"] == 2 * int(cells.sum()) - 5
+    assert hits["baseline"] == int((by_hand == tokens["clean"])[:, cells].sum()) < 2 * int(cells.sum())
+
+
 def test_eval_denoising_script_all_tasks(tmp_path, llm_dir, monkeypatch, capsys):
     from fixtures_tokenizer import make_tiny_tokenizer
     tok, _, _ = make_tiny_tokenizer(tmp_path / "tok", llm_ids=torch.arange(100, 164))
@@ -150,12 +191,19 @@ def test_eval_denoising_script_all_tasks(tmp_path, llm_dir, monkeypatch, capsys)
     run_script("eval_denoising.py", args, monkeypatch)
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [(r["task"], r["variant"]) for r in rows] == [
-        (t, v) for t in TASKS for v in ("corrupted", "restored", "reconstruction")]
+        (t, v) for t in TASKS for v in ("corrupted", "baseline", "restored", "ceiling")]
     assert all(r["n_images"] == "2" and float(r["psnr"]) > 0 for r in rows)
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == list(TASKS)
+    for task in TASKS:
+        assert list(results[task]) == list(VARIANTS)
+        acc = {v: results[task][v]["token_acc"] for v in VARIANTS}
+        assert acc["corrupted"] is None and acc["ceiling"] is None
+        assert 0 <= acc["baseline"] <= 1 and 0 <= acc["restored"] <= 1
     assert (out / "manifest.json").is_file()
     for task in TASKS:
         strip = Image.open(out / task / "strips" / "00000.png")
-        assert strip.size == (3 * 128, 128)
+        assert strip.size == (5 * 128, 128)
         assert (out / task / "prompt_example.txt").read_text().count("Input: <") == 11
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
