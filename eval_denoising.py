@@ -26,9 +26,9 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data.images import ImageFolderDataset, collate_skip_bad
-from engine.denoise import (NOISE_RATES, VARIANTS, DenoisePrompter, DenoiseViews, check_tasks,
-                            codebook_vocab_mask, encode_task, noisy_batch, prediction_mask,
-                            query_tokens, restore, token_hits, variant_images)
+from engine.denoise import (NOISE_RATES, VARIANTS, DenoisePrompter, DenoiseViews, check_protocol,
+                            check_tasks, codebook_vocab_mask, encode_task, llm_dtype, noisy_batch,
+                            prediction_mask, query_tokens, restore, token_hits, variant_images)
 from engine.greedy import BatchedGreedy
 from models.llm import load_llm
 from engine.metrics import ReconstructionMetrics
@@ -40,7 +40,8 @@ from utils.cli import configure, run_main
 
 TOKENIZER_DIR = "out/tokenizer"   # the trained tokenizer (directory or tokenizer.pt)
 LLM = "models/llama-2-7b"         # the frozen LLM: Hugging Face dir, Meta LLaMA dir or .gguf
-LLM_DTYPE = "auto"                # auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16
+LLM_DTYPE = "fp16"                # fp16 (the authors'), bf16 or fp32 on GPU; the CPU runs fp32
+PROTOCOL = "authors"              # authors (their image views and noise count) or consistent (engine/denoise.py)
 DATA_DIR = "data/imagenet"       # image root (ImageNet layout)
 SPLIT = "val"                     # sub-folder of DATA_DIR ("" for DATA_DIR itself)
 TASKS = ["inpainting", "outpainting", "deblurring", "rotation", "shift"]  # tasks to run
@@ -90,7 +91,7 @@ def tokenize_and_restore(task, ds, store, tokenizer, greedy, prompter, vocab_mas
                                                           idx, SEED).items()}
         query = query_tokens(task, tokens["clean"], tokens["corrupt"])
         noisy_clean, noisy_query = noisy_batch(tokens["clean"], query, tokenizer.llm_ids.cpu(),
-                                               idx, SEED)
+                                               idx, SEED, n_global=k, protocol=PROTOCOL)
         log = [] if ci == 0 else None
         tokens["pred"] = restore(greedy, prompter, task, query, noisy_clean, noisy_query,
                                  vocab_mask, step=STEP, window=WINDOW, batch_size=BATCH_SIZE,
@@ -151,20 +152,23 @@ def write_results(results: dict) -> list[str]:
 
 def main():
     tasks = check_tasks(TASKS)
+    check_protocol(PROTOCOL)
     ddp = dist.init(DEVICE)
+    dtype = llm_dtype(LLM_DTYPE, ddp.device)
     random.seed(SEED)
     torch.manual_seed(SEED)
     tokenizer = V2LTokenizer.load(TOKENIZER_DIR, device=ddp.device)
-    llm = load_llm(LLM, dtype=LLM_DTYPE, device=ddp.device)
-    ds = ImageFolderDataset(DATA_DIR, SPLIT or None, transform=DenoiseViews(tokenizer.clip),
-                            max_images=MAX_IMAGES)
+    llm = load_llm(LLM, dtype=dtype, device=ddp.device)
+    views = DenoiseViews(tokenizer.clip, protocol=PROTOCOL)
+    ds = ImageFolderDataset(DATA_DIR, SPLIT or None, transform=views, max_images=MAX_IMAGES)
     pad = llm.text_tokenizer.pad_token_id if llm.text_tokenizer.pad_token_id is not None else 0
     greedy = BatchedGreedy(llm.model, pad)
     prompter = DenoisePrompter(llm.text_tokenizer, STEP)
     vocab_mask = codebook_vocab_mask(tokenizer.llm_ids, llm.model.config.vocab_size)
     results = {}
     for task in tasks:
-        key = {"task": task, "saved": SAVED, "step": STEP, "window": WINDOW, "seed": SEED, "rates": NOISE_RATES,
+        key = {"task": task, "saved": SAVED, "protocol": PROTOCOL, "llm_dtype": dtype, "step": STEP,
+               "window": WINDOW, "seed": SEED, "rates": NOISE_RATES,
                "tokenizer": str(TOKENIZER_DIR), "llm": llm.ident, "data": [str(DATA_DIR), SPLIT],
                "n_images": len(ds)}
         store = ChunkStore(Path(OUT_DIR) / task, len(ds), CHUNK_IMAGES, key)
@@ -176,7 +180,7 @@ def main():
         files = write_results(results)
         inputs = finished_inputs(tokenizer=TOKENIZER_DIR)
         write_manifest(OUT_DIR, "eval_denoising", settings, files, inputs=inputs,
-                       info={"llm": llm.ident, "n_images": len(ds)})
+                       info={"llm": llm.ident, "llm_dtype": dtype, "n_images": len(ds)})
     dist.shutdown(ddp)
 
 

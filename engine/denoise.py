@@ -21,10 +21,26 @@ restores the target ``step`` tokens at a time, reading
   not depend on one another and run as one batch.
 
 Every predicted id is one of the local codebook's (the LLM's other logits are
-masked), so the grid always decodes. Unlike the authors' script, the noise
-positions are drawn over the 256 local positions for any number of global
-tokens (theirs start at a hard-coded 21), and the random ids are codebook ids.
-The global tokens come from the clean image's CLIP view, as in their script.
+masked), so the grid always decodes. The global tokens come from the clean
+image's CLIP view, as in the authors' script.
+
+Protocols (``PROTOCOLS``): "authors" reproduces their script where it matters
+for the numbers; "consistent" is the sound alternative.
+
+- images: authors: the clean (and shifted) image is the picture's shorter side
+  resized straight to 128 px (bilinear, no anti-aliasing) and centre (bottom-right)
+  cropped to 128. consistent: the view the tokenizer was trained on, CLIP's 224
+  centre (bottom-right) crop resized to 128, the same pixels as the CLIP view.
+- noise count: authors: int(rate x (k + N)) positions of N local ones (k global
+  tokens; 138 at rate 0.5 with k = 21), since their sequence holds the global
+  tokens too. consistent: int(rate x N), the rate being the share of local
+  tokens hit.
+
+Two fixes of their script are kept under both protocols:
+- LOCAL POSITIONS: the noise positions are drawn over the N local positions
+  for any k (theirs start at a hard-coded 21, right only for k = 21);
+- CODEBOOK IDS: the random ids are local codebook ids (LLM tokens the
+  tokenizer can decode), not arbitrary vocabulary ids.
 """
 from __future__ import annotations
 
@@ -48,6 +64,29 @@ INSTRUCTION = "Learning a new language and predict the {step} tokens following t
 IN_TEXT = "###\nInput: < "
 OUT_TEXT = " >\nOutput: "
 UNKNOWN = -1                   # marks the cells to predict in the query sequence
+PROTOCOLS = ("authors", "consistent")   # see the module docstring
+LLM_DTYPES = ("fp16", "bf16", "fp32")   # on GPU; fp16 is the authors'
+
+
+def check_protocol(protocol: str) -> str:
+    if protocol not in PROTOCOLS:
+        raise V2LError(f"unknown denoising protocol {protocol!r}; --protocol takes "
+                       f"{' or '.join(PROTOCOLS)}")
+    return protocol
+
+
+def llm_dtype(dtype: str, device) -> str:
+    """The LLM's precision: ``dtype`` on a GPU (the authors run fp16), fp32 on the CPU
+    (half precision there is slow or unsupported)."""
+    if dtype not in LLM_DTYPES:
+        raise V2LError(f"--llm_dtype {dtype!r} unknown; use {', '.join(LLM_DTYPES)}")
+    return "fp32" if torch.device(device).type == "cpu" else dtype
+
+
+def noise_count(rate: float, n_local: int, n_global: int, protocol: str = "authors") -> int:
+    """How many of the n_local positions a noisy copy replaces (see the module docstring)."""
+    base = n_local + n_global if check_protocol(protocol) == "authors" else n_local
+    return min(n_local, int(rate * base))
 
 
 def check_tasks(tasks) -> list[str]:
@@ -151,18 +190,31 @@ def token_hits(task: str, tokens: dict, grid: int = 16) -> dict[str, int]:
 
 
 class DenoiseViews:
-    """PIL -> (128 px view, CLIP view, 128 px view of the bottom-right crop).
+    """PIL -> (128 px clean view, CLIP view, 128 px shifted view).
 
-    The clean view is the tokenizer's (CLIP's centre crop resized to 128); the
-    shifted one takes the bottom-right square of the same resized picture
-    instead of its centre (a square picture has no shift)."""
+    The CLIP view is always CLIP's own preprocessing (the global tokens'). The
+    128 px views follow ``protocol`` (module docstring): the shifted one is the
+    bottom-right square of the same resized picture instead of its centre (a
+    square picture has no shift)."""
 
-    def __init__(self, clip, out_size: int = 128):
+    def __init__(self, clip, out_size: int = 128, protocol: str = "authors"):
+        self.protocol = check_protocol(protocol)
         self.views = clip.image_views(out_size)
+        self.clip_view = clip.image_view()
         self.size, self.out_size = clip.image_size, out_size
         self.resize = clip_crop(clip.image_size, clip.interpolation).transforms[0]
 
+    def _authors(self, image) -> tuple[torch.Tensor, torch.Tensor]:
+        big = TF.resize(TF.to_tensor(image), self.out_size,
+                        interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
+        x = TF.center_crop(big, [self.out_size, self.out_size])
+        corner = big[:, -self.out_size:, -self.out_size:]
+        return x.clamp(0, 1) * 2 - 1, corner.clamp(0, 1) * 2 - 1
+
     def __call__(self, image):
+        if self.protocol == "authors":
+            x128, shifted = self._authors(image)
+            return x128, self.clip_view(image), shifted
         x128, x_clip = self.views(image)
         big = TF.to_tensor(self.resize(image))
         corner = big[:, -self.size:, -self.size:]
@@ -182,14 +234,16 @@ def codebook_vocab_mask(llm_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def noisy_copies(clean: torch.Tensor, corrupt: torch.Tensor, ids: torch.Tensor,
-                 gen: torch.Generator, rates=NOISE_RATES) -> tuple[torch.Tensor, torch.Tensor]:
-    """For one image's sequences [N]: ``len(rates)`` copies of each [R, N] where the same
-    int(rate * N) positions hold the same random ids (drawn from ``ids``) in both."""
+                 gen: torch.Generator, rates=NOISE_RATES, n_global: int = 0,
+                 protocol: str = "authors") -> tuple[torch.Tensor, torch.Tensor]:
+    """For one image's local sequences [N]: ``len(rates)`` copies of each [R, N] where the
+    same ``noise_count(rate, N, n_global, protocol)`` positions (LOCAL POSITIONS) hold the
+    same random ids drawn from ``ids`` (CODEBOOK IDS) in both."""
     n = clean.numel()
     out_clean = clean.repeat(len(rates), 1)
     out_corrupt = corrupt.repeat(len(rates), 1)
     for r, rate in enumerate(rates):
-        pos = torch.randperm(n, generator=gen)[: int(rate * n)]
+        pos = torch.randperm(n, generator=gen)[: noise_count(rate, n, n_global, protocol)]
         new = ids[torch.randint(len(ids), (len(pos),), generator=gen)]
         out_clean[r, pos] = new
         out_corrupt[r, pos] = new
@@ -197,9 +251,11 @@ def noisy_copies(clean: torch.Tensor, corrupt: torch.Tensor, ids: torch.Tensor,
 
 
 def noisy_batch(clean: torch.Tensor, query: torch.Tensor, ids: torch.Tensor, indices: list[int],
-                seed: int, rates=NOISE_RATES) -> tuple[torch.Tensor, torch.Tensor]:
+                seed: int, rates=NOISE_RATES, n_global: int = 0,
+                protocol: str = "authors") -> tuple[torch.Tensor, torch.Tensor]:
     """``noisy_copies`` of B images ([B, N] each -> [B, R, N] each), seeded per image index."""
-    pairs = [noisy_copies(c, q, ids, torch.Generator().manual_seed(seed * 1_000_003 + i), rates)
+    pairs = [noisy_copies(c, q, ids, torch.Generator().manual_seed(seed * 1_000_003 + i), rates,
+                          n_global, protocol)
              for c, q, i in zip(clean, query, indices)]
     return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
 

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from engine.denoise import (NOISE_RATES, TASKS, VARIANTS, DenoisePrompter, DenoiseViews,
                             blur_sigma, check_tasks, chunk_starts, codebook_vocab_mask,
-                            corrupt_batch, corrupt_image, encode_task, noisy_copies,
-                            prediction_mask, query_tokens, restore, token_hits, variant_images)
+                            corrupt_batch, corrupt_image, encode_task, llm_dtype, noise_count,
+                            noisy_copies, prediction_mask, query_tokens, restore, token_hits, variant_images)
 from engine.greedy import BatchedGreedy
 from test_fewshot import image_folders, run_script
 from tiny_llm import make_tiny_llama
@@ -65,18 +66,57 @@ def test_corruptions():
     assert (outp[:, 64:] == 0).all() and torch.equal(outp[:, :64], x[:, :64])
 
 
-def test_shift_view_is_the_bottom_right_crop(tmp_path):
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
     from tiny_clip import make_tiny_clip
     from models.clip import load_clip
-    clip = load_clip(make_tiny_clip(tmp_path / "clip"))
-    views = DenoiseViews(clip)
+    return load_clip(make_tiny_clip(tmp_path_factory.mktemp("clip") / "clip"))
+
+
+def test_shift_view_is_the_bottom_right_crop(clip):
+    views = DenoiseViews(clip, protocol="consistent")
     wide = Image.fromarray((torch.rand(64, 96, 3) * 255).byte().numpy())
     x, x_clip, shifted = views(wide)
     assert x.shape == shifted.shape == (3, 128, 128) and x_clip.shape[-1] == clip.image_size
+    assert torch.allclose(x, clip.image_views(128)(wide)[0])       # the tokenizer's view
     assert not torch.allclose(x, shifted)
     square = Image.fromarray((torch.rand(64, 64, 3) * 255).byte().numpy())
     x, _, shifted = views(square)
     assert torch.allclose(x, shifted, atol=1e-6)
+
+
+def test_authors_views_resize_the_picture_straight_to_128(clip):
+    """Shorter side to 128 (bilinear, no anti-aliasing), centre / bottom-right 128 crop."""
+    from torchvision.transforms import functional as TF
+    views = DenoiseViews(clip, protocol="authors")
+    pixels = (torch.rand(300, 450, 3) * 255).byte().numpy()           # 300 x 450: -> 128 x 192
+    picture = Image.fromarray(pixels)
+    x, x_clip, shifted = views(picture)
+    big = torch.from_numpy(pixels).permute(2, 0, 1).float()[None] / 255
+    by_hand = F.interpolate(big, size=(128, 192), mode="bilinear", align_corners=False)[0] * 2 - 1
+    assert torch.allclose(x, by_hand[:, :, 32:160], atol=1e-5)
+    assert torch.allclose(shifted, by_hand[:, :, -128:], atol=1e-5)
+    assert torch.allclose(x_clip, clip.image_view()(picture))         # CLIP's own view
+    smooth = TF.resize(TF.to_tensor(picture), 128, antialias=True)[:, :, 32:160] * 2 - 1
+    assert (x - smooth).abs().mean() > 0.05                            # noise aliases: no antialias
+    assert not torch.allclose(x, DenoiseViews(clip, protocol="consistent")(picture)[0], atol=0.05)
+
+
+def test_unknown_protocol_and_dtype_are_refused(clip):
+    with pytest.raises(V2LError, match="--protocol takes authors or consistent"):
+        DenoiseViews(clip, protocol="paper")
+    with pytest.raises(V2LError, match="--llm_dtype 'half' unknown"):
+        llm_dtype("half", "cpu")
+
+
+def test_llm_precision_is_fp16_on_gpu_by_default_and_fp32_on_cpu():
+    import ast
+    source = (Path(__file__).parents[1] / "eval_denoising.py").read_text()
+    constants = {t.id: n.value.value for n in ast.parse(source).body if isinstance(n, ast.Assign)
+                 for t in n.targets if isinstance(t, ast.Name) and isinstance(n.value, ast.Constant)}
+    assert constants["LLM_DTYPE"] == "fp16" and constants["PROTOCOL"] == "authors"
+    assert llm_dtype("fp16", "cuda") == "fp16" and llm_dtype("bf16", "cuda:1") == "bf16"
+    assert llm_dtype("fp16", "cpu") == llm_dtype("bf16", torch.device("cpu")) == "fp32"
 
 
 def test_noisy_copies_share_positions_and_ids():
@@ -89,6 +129,21 @@ def test_noisy_copies_share_positions_and_ids():
         assert changed.sum() == int(rate * 256)
         assert torch.equal(changed, nq[r] != query)
         assert torch.equal(nc[r][changed], nq[r][changed]) and torch.isin(nc[r][changed], ids).all()
+
+
+@pytest.mark.parametrize("protocol, k, counts", [
+    ("authors", 21, [int(r * 277) for r in NOISE_RATES]),       # 138 at rate 0.5
+    ("authors", 0, [int(r * 256) for r in NOISE_RATES]),
+    ("consistent", 21, [int(r * 256) for r in NOISE_RATES])])
+def test_noise_count_follows_the_protocol(protocol, k, counts):
+    clean, query = torch.arange(256), torch.arange(256) + 1000
+    ids = torch.arange(5000, 5100)
+    assert noise_count(0.5, 256, 21, "authors") == 138 and noise_count(0.5, 256, 21, "consistent") == 128
+    assert noise_count(0.9, 256, 400, "authors") == 256                 # never more than N
+    nc, nq = noisy_copies(clean, query, ids, torch.Generator().manual_seed(1), n_global=k,
+                          protocol=protocol)
+    assert (nc != clean).sum(1).tolist() == counts                      # local positions only
+    assert torch.isin(nq[nq != query], ids).all()                       # codebook ids
 
 
 def test_prompt_layout(llm):
