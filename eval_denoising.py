@@ -50,7 +50,7 @@ STEP = 2                          # local tokens predicted per LLM call
 WINDOW = 16                       # preceding tokens shown per example (in/outpainting)
 SEED = 0                          # noise and blur seed (per image, independent of batching)
 BATCH_SIZE = 64                   # prompts per LLM forward pass
-CHUNK_IMAGES = 16                 # images per resumable chunk
+CHUNK_IMAGES = 64                 # images per resumable chunk; in/outpainting batch them in each sequential LLM call
 METRICS = ["psnr", "ssim", "lpips", "fid"]  # scores to compute (FID needs the TF-Inception weights)
 INCEPTION_WEIGHTS = ""            # TF-Inception weights file for FID ("" = torch hub's cache)
 SAVE_STRIPS = 32                  # PNG strips written per task (first images)
