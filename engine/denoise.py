@@ -21,10 +21,26 @@ restores the target ``step`` tokens at a time, reading
   not depend on one another and run as one batch.
 
 Every predicted id is one of the local codebook's (the LLM's other logits are
-masked), so the grid always decodes. Unlike the authors' script, the noise
-positions are drawn over the 256 local positions for any number of global
-tokens (theirs start at a hard-coded 21), and the random ids are codebook ids.
-The global tokens come from the clean image's CLIP view, as in their script.
+masked), so the grid always decodes. The global tokens come from the clean
+image's CLIP view, as in the authors' script.
+
+Protocols (``PROTOCOLS``): "authors" reproduces their script where it matters
+for the numbers; "consistent" is the sound alternative.
+
+- images: authors: the clean (and shifted) image is the picture's shorter side
+  resized straight to 128 px (bilinear, no anti-aliasing) and centre (bottom-right)
+  cropped to 128. consistent: the view the tokenizer was trained on, CLIP's 224
+  centre (bottom-right) crop resized to 128, the same pixels as the CLIP view.
+- noise count: authors: int(rate x (k + N)) positions of N local ones (k global
+  tokens; 138 at rate 0.5 with k = 21), since their sequence holds the global
+  tokens too. consistent: int(rate x N), the rate being the share of local
+  tokens hit.
+
+Two fixes of their script are kept under both protocols:
+- LOCAL POSITIONS: the noise positions are drawn over the N local positions
+  for any k (theirs start at a hard-coded 21, right only for k = 21);
+- CODEBOOK IDS: the random ids are local codebook ids (LLM tokens the
+  tokenizer can decode), not arbitrary vocabulary ids.
 """
 from __future__ import annotations
 
@@ -35,7 +51,7 @@ import torch.nn.functional as F
 from torchvision.transforms import functional as TF
 
 from data.transforms import clip_crop
-from engine.fewshot import IN_TEXT, OUT_TEXT, check_prompt_length, context_length
+from engine.fewshot import check_prompt_length, context_length
 from engine.greedy import BatchedGreedy
 from utils.errors import V2LError
 
@@ -43,8 +59,34 @@ TASKS = ("inpainting", "outpainting", "deblurring", "rotation", "shift")
 WINDOW_TASKS = ("inpainting", "outpainting")
 NOISE_RATES = (0.50, 0.47, 0.44, 0.41, 0.38, 0.35, 0.32, 0.29, 0.26, 0.23)
 BLUR_KERNELS = (5, 7, 9, 11)   # the authors' GaussianBlur(blur_limit=(5, 11)): a random odd size
+# The restoration prompt's own strings (the authors' wording; the few-shot prompt has its own).
 INSTRUCTION = "Learning a new language and predict the {step} tokens following the examples.\n"
+IN_TEXT = "###\nInput: < "
+OUT_TEXT = " >\nOutput: "
 UNKNOWN = -1                   # marks the cells to predict in the query sequence
+PROTOCOLS = ("authors", "consistent")   # see the module docstring
+LLM_DTYPES = ("fp16", "bf16", "fp32")   # on GPU; fp16 is the authors'
+
+
+def check_protocol(protocol: str) -> str:
+    if protocol not in PROTOCOLS:
+        raise V2LError(f"unknown denoising protocol {protocol!r}; --protocol takes "
+                       f"{' or '.join(PROTOCOLS)}")
+    return protocol
+
+
+def llm_dtype(dtype: str, device) -> str:
+    """The LLM's precision: ``dtype`` on a GPU (the authors run fp16), fp32 on the CPU
+    (half precision there is slow or unsupported)."""
+    if dtype not in LLM_DTYPES:
+        raise V2LError(f"--llm_dtype {dtype!r} unknown; use {', '.join(LLM_DTYPES)}")
+    return "fp32" if torch.device(device).type == "cpu" else dtype
+
+
+def noise_count(rate: float, n_local: int, n_global: int, protocol: str = "authors") -> int:
+    """How many of the n_local positions a noisy copy replaces (see the module docstring)."""
+    base = n_local + n_global if check_protocol(protocol) == "authors" else n_local
+    return min(n_local, int(rate * base))
 
 
 def check_tasks(tasks) -> list[str]:
@@ -76,8 +118,8 @@ def blur_sigma(kernel: int) -> float:
 
 def corrupt_image(task: str, x: torch.Tensor, shifted: torch.Tensor, rng: random.Random,
                   grid: int = 16) -> torch.Tensor:
-    """The corrupted view of one image x [3, H, W] in [-1, 1] (what the metrics' baseline
-    row scores). ``shifted``: the bottom-right crop of the same picture (the shift task).
+    """The corrupted view of one image x [3, H, W] in [-1, 1] (the "corrupted" row; the
+    "baseline" row is its encoding decoded). ``shifted``: the bottom-right crop of the same picture (the shift task).
     In/outpainting grey out the cells to predict."""
     if task == "deblurring":
         k = rng.choice(BLUR_KERNELS)
@@ -98,19 +140,81 @@ def corrupt_batch(task: str, x: torch.Tensor, shifted: torch.Tensor, indices: li
                         for xi, si, i in zip(x, shifted, indices)])
 
 
+# The rows of the evaluation, per task. All but "corrupted" are decoded by the tokenizer with
+# the clean image's global tokens (the authors decode the restored grid so), so baseline,
+# restored and ceiling differ only in their local tokens.
+VARIANTS = ("corrupted",   # the corrupted image itself (pixel metrics only)
+            "baseline",    # the corrupted image encoded and decoded by the same tokenizer
+            "restored",    # the LLM's restored local tokens, decoded
+            "ceiling")     # the clean image encoded and decoded (the best a restoration decodes to)
+
+
+@torch.no_grad()
+def encode_task(tokenizer, task: str, x: torch.Tensor, x_clip: torch.Tensor, shifted: torch.Tensor,
+                indices: list[int], seed: int) -> dict[str, torch.Tensor]:
+    """The tokens of a batch for one task: ``global_idx`` [B, k] (the clean CLIP view's, as
+    the authors), ``clean`` [B, N] (the target) and ``corrupt`` [B, N] (the corrupted image
+    through the same tokenizer's encoder: the baseline, and what the LLM reads for
+    deblurring, rotation and shift)."""
+    global_idx, clean = tokenizer.encode(x, x_clip)
+    corrupt = tokenizer.local_tokens(corrupt_batch(task, x, shifted, indices, seed))
+    return {"global_idx": global_idx, "clean": clean.flatten(1), "corrupt": corrupt.flatten(1)}
+
+
+def query_tokens(task: str, clean: torch.Tensor, corrupt: torch.Tensor) -> torch.Tensor:
+    """The sequence the LLM reads: for in/outpainting the clean tokens (their known cells; the
+    ones to predict are never read), as the authors; otherwise the corrupted image's."""
+    return clean if task in WINDOW_TASKS else corrupt
+
+
+@torch.no_grad()
+def variant_images(tokenizer, task: str, x: torch.Tensor, shifted: torch.Tensor,
+                   indices: list[int], seed: int, tokens: dict) -> dict[str, torch.Tensor]:
+    """Each variant's images [B, 3, R, R] in [-1, 1]; ``tokens``: global_idx, clean, corrupt,
+    pred ([B, N] local ids) of the batch."""
+    g = tokenizer.config.grid
+    global_idx = tokens["global_idx"].to(x.device)
+    decode = lambda ids: tokenizer.decode(ids.reshape(-1, g, g).to(x.device), global_idx)  # noqa: E731
+    return {"corrupted": corrupt_batch(task, x, shifted, indices, seed),
+            "baseline": decode(tokens["corrupt"]), "restored": decode(tokens["pred"]),
+            "ceiling": decode(tokens["clean"])}
+
+
+def token_hits(task: str, tokens: dict, grid: int = 16) -> dict[str, int]:
+    """Cells to predict whose token equals the clean image's: the baseline (the corrupted
+    image's tokens) and the restored ones, summed over the batch."""
+    cells = prediction_mask(task, grid).flatten()
+    target = tokens["clean"][:, cells]
+    return {v: int((tokens[k][:, cells] == target).sum())
+            for v, k in (("baseline", "corrupt"), ("restored", "pred"))}
+
+
 class DenoiseViews:
-    """PIL -> (128 px view, CLIP view, 128 px view of the bottom-right crop).
+    """PIL -> (128 px clean view, CLIP view, 128 px shifted view).
 
-    The clean view is the tokenizer's (CLIP's centre crop resized to 128); the
-    shifted one takes the bottom-right square of the same resized picture
-    instead of its centre (a square picture has no shift)."""
+    The CLIP view is always CLIP's own preprocessing (the global tokens'). The
+    128 px views follow ``protocol`` (module docstring): the shifted one is the
+    bottom-right square of the same resized picture instead of its centre (a
+    square picture has no shift)."""
 
-    def __init__(self, clip, out_size: int = 128):
+    def __init__(self, clip, out_size: int = 128, protocol: str = "authors"):
+        self.protocol = check_protocol(protocol)
         self.views = clip.image_views(out_size)
+        self.clip_view = clip.image_view()
         self.size, self.out_size = clip.image_size, out_size
         self.resize = clip_crop(clip.image_size, clip.interpolation).transforms[0]
 
+    def _authors(self, image) -> tuple[torch.Tensor, torch.Tensor]:
+        big = TF.resize(TF.to_tensor(image), self.out_size,
+                        interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
+        x = TF.center_crop(big, [self.out_size, self.out_size])
+        corner = big[:, -self.out_size:, -self.out_size:]
+        return x.clamp(0, 1) * 2 - 1, corner.clamp(0, 1) * 2 - 1
+
     def __call__(self, image):
+        if self.protocol == "authors":
+            x128, shifted = self._authors(image)
+            return x128, self.clip_view(image), shifted
         x128, x_clip = self.views(image)
         big = TF.to_tensor(self.resize(image))
         corner = big[:, -self.size:, -self.size:]
@@ -130,14 +234,16 @@ def codebook_vocab_mask(llm_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def noisy_copies(clean: torch.Tensor, corrupt: torch.Tensor, ids: torch.Tensor,
-                 gen: torch.Generator, rates=NOISE_RATES) -> tuple[torch.Tensor, torch.Tensor]:
-    """For one image's sequences [N]: ``len(rates)`` copies of each [R, N] where the same
-    int(rate * N) positions hold the same random ids (drawn from ``ids``) in both."""
+                 gen: torch.Generator, rates=NOISE_RATES, n_global: int = 0,
+                 protocol: str = "authors") -> tuple[torch.Tensor, torch.Tensor]:
+    """For one image's local sequences [N]: ``len(rates)`` copies of each [R, N] where the
+    same ``noise_count(rate, N, n_global, protocol)`` positions (LOCAL POSITIONS) hold the
+    same random ids drawn from ``ids`` (CODEBOOK IDS) in both."""
     n = clean.numel()
     out_clean = clean.repeat(len(rates), 1)
     out_corrupt = corrupt.repeat(len(rates), 1)
     for r, rate in enumerate(rates):
-        pos = torch.randperm(n, generator=gen)[: int(rate * n)]
+        pos = torch.randperm(n, generator=gen)[: noise_count(rate, n, n_global, protocol)]
         new = ids[torch.randint(len(ids), (len(pos),), generator=gen)]
         out_clean[r, pos] = new
         out_corrupt[r, pos] = new
@@ -145,9 +251,11 @@ def noisy_copies(clean: torch.Tensor, corrupt: torch.Tensor, ids: torch.Tensor,
 
 
 def noisy_batch(clean: torch.Tensor, query: torch.Tensor, ids: torch.Tensor, indices: list[int],
-                seed: int, rates=NOISE_RATES) -> tuple[torch.Tensor, torch.Tensor]:
+                seed: int, rates=NOISE_RATES, n_global: int = 0,
+                protocol: str = "authors") -> tuple[torch.Tensor, torch.Tensor]:
     """``noisy_copies`` of B images ([B, N] each -> [B, R, N] each), seeded per image index."""
-    pairs = [noisy_copies(c, q, ids, torch.Generator().manual_seed(seed * 1_000_003 + i), rates)
+    pairs = [noisy_copies(c, q, ids, torch.Generator().manual_seed(seed * 1_000_003 + i), rates,
+                          n_global, protocol)
              for c, q, i in zip(clean, query, indices)]
     return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
 
@@ -167,11 +275,17 @@ def chunk_starts(mask: torch.Tensor, step: int) -> list[int]:
 class DenoisePrompter:
     """Token-id prompts of the restoration task (segments tokenised once)."""
 
-    def __init__(self, tokenizer, step: int):
-        enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    def __init__(self, text_tokenizer, step: int):
+        self.text_tokenizer = text_tokenizer
+        enc = lambda s: text_tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+        bos = [text_tokenizer.bos_token_id] if text_tokenizer.bos_token_id is not None else []
         self.head = bos + enc(INSTRUCTION.format(step=step))
         self.inp, self.out = enc(IN_TEXT), enc(OUT_TEXT)
+
+    def text(self, ids: list[int]) -> str:
+        """What the LLM reads, as text: decoded from the prompt's ids (not re-assembled from
+        the strings, so a log shows exactly the tokens that were run)."""
+        return self.text_tokenizer.decode(ids)
 
     def build(self, ex_in: torch.Tensor, ex_out: torch.Tensor, query_in: torch.Tensor) -> list[int]:
         """ex_in [R, a], ex_out [R, b], query_in [a] -> the prompt's ids."""
@@ -182,15 +296,16 @@ class DenoisePrompter:
 
 
 @torch.no_grad()
-def restore(decoder: BatchedGreedy, prompter: DenoisePrompter, task: str,
+def restore(greedy: BatchedGreedy, prompter: DenoisePrompter, task: str,
             query: torch.Tensor, noisy_clean: torch.Tensor, noisy_corrupt: torch.Tensor,
             vocab_mask: torch.Tensor, step: int = 2, window: int = 16, batch_size: int = 64,
-            grid: int = 16) -> torch.Tensor:
+            grid: int = 16, prompt_log: list | None = None) -> torch.Tensor:
     """Predict the clean local tokens of B images.
 
     query: [B, N] sequences the LLM reads (N = grid * grid): the corrupted image's
     tokens, or for in/outpainting the clean ones (their cells to predict are
     blanked here and never read); noisy_*: [B, R, N] from ``noisy_copies``.
+    ``prompt_log``: a list that receives the first prompt's ids, as run.
     Returns [B, N]: the known cells kept, the predicted ones filled."""
     mask = prediction_mask(task, grid).flatten()
     starts = chunk_starts(mask, step)
@@ -216,9 +331,11 @@ def restore(decoder: BatchedGreedy, prompter: DenoisePrompter, task: str,
                 prompts.append(prompter.build(noisy_corrupt[b, :, a:e_in] if task not in WINDOW_TASKS
                                               else noisy_clean[b, :, a:e_in],
                                               noisy_clean[b, :, s:e], query))
-            check_prompt_length(len(prompts[0]), step, context_length(decoder.model),
+            check_prompt_length(len(prompts[0]), step, context_length(greedy.model),
                                 f"{task} prompt", "--window or --step")
-            gen = decoder.generate(prompts, step, vocab_mask=vocab_mask)
+            if prompt_log is not None and not prompt_log:
+                prompt_log.append(prompts[0])
+            gen = greedy.generate(prompts, step, vocab_mask=vocab_mask)
             for (b, s), toks in zip(part, gen):
                 e = chunk(s)[2]
                 keep = mask[s:e]

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from engine.denoise import (NOISE_RATES, TASKS, DenoisePrompter, DenoiseViews, blur_sigma,
-                            check_tasks, chunk_starts, codebook_vocab_mask, corrupt_image,
-                            noisy_copies, prediction_mask, restore)
+from engine.denoise import (NOISE_RATES, TASKS, VARIANTS, DenoisePrompter, DenoiseViews,
+                            blur_sigma, check_tasks, chunk_starts, codebook_vocab_mask,
+                            corrupt_batch, corrupt_image, encode_task, llm_dtype, noise_count,
+                            noisy_copies, prediction_mask, query_tokens, restore, token_hits, variant_images)
 from engine.greedy import BatchedGreedy
 from models.tokenizer_io import save_tokenizer
 from test_fewshot import image_folders, run_script
@@ -65,18 +67,57 @@ def test_corruptions():
     assert (outp[:, 64:] == 0).all() and torch.equal(outp[:, :64], x[:, :64])
 
 
-def test_shift_view_is_the_bottom_right_crop(tmp_path):
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
     from tiny_clip import make_tiny_clip
     from models.clip import load_clip
-    clip = load_clip(make_tiny_clip(tmp_path / "clip"))
-    views = DenoiseViews(clip)
+    return load_clip(make_tiny_clip(tmp_path_factory.mktemp("clip") / "clip"))
+
+
+def test_shift_view_is_the_bottom_right_crop(clip):
+    views = DenoiseViews(clip, protocol="consistent")
     wide = Image.fromarray((torch.rand(64, 96, 3) * 255).byte().numpy())
     x, x_clip, shifted = views(wide)
     assert x.shape == shifted.shape == (3, 128, 128) and x_clip.shape[-1] == clip.image_size
+    assert torch.allclose(x, clip.image_views(128)(wide)[0])       # the tokenizer's view
     assert not torch.allclose(x, shifted)
     square = Image.fromarray((torch.rand(64, 64, 3) * 255).byte().numpy())
     x, _, shifted = views(square)
     assert torch.allclose(x, shifted, atol=1e-6)
+
+
+def test_authors_views_resize_the_picture_straight_to_128(clip):
+    """Shorter side to 128 (bilinear, no anti-aliasing), centre / bottom-right 128 crop."""
+    from torchvision.transforms import functional as TF
+    views = DenoiseViews(clip, protocol="authors")
+    pixels = (torch.rand(300, 450, 3) * 255).byte().numpy()           # 300 x 450: -> 128 x 192
+    picture = Image.fromarray(pixels)
+    x, x_clip, shifted = views(picture)
+    big = torch.from_numpy(pixels).permute(2, 0, 1).float()[None] / 255
+    by_hand = F.interpolate(big, size=(128, 192), mode="bilinear", align_corners=False)[0] * 2 - 1
+    assert torch.allclose(x, by_hand[:, :, 32:160], atol=1e-5)
+    assert torch.allclose(shifted, by_hand[:, :, -128:], atol=1e-5)
+    assert torch.allclose(x_clip, clip.image_view()(picture))         # CLIP's own view
+    smooth = TF.resize(TF.to_tensor(picture), 128, antialias=True)[:, :, 32:160] * 2 - 1
+    assert (x - smooth).abs().mean() > 0.05                            # noise aliases: no antialias
+    assert not torch.allclose(x, DenoiseViews(clip, protocol="consistent")(picture)[0], atol=0.05)
+
+
+def test_unknown_protocol_and_dtype_are_refused(clip):
+    with pytest.raises(V2LError, match="--protocol takes authors or consistent"):
+        DenoiseViews(clip, protocol="paper")
+    with pytest.raises(V2LError, match="--llm_dtype 'half' unknown"):
+        llm_dtype("half", "cpu")
+
+
+def test_llm_precision_is_fp16_on_gpu_by_default_and_fp32_on_cpu():
+    import ast
+    source = (Path(__file__).parents[1] / "eval_denoising.py").read_text()
+    constants = {t.id: n.value.value for n in ast.parse(source).body if isinstance(n, ast.Assign)
+                 for t in n.targets if isinstance(t, ast.Name) and isinstance(n.value, ast.Constant)}
+    assert constants["LLM_DTYPE"] == "fp16" and constants["PROTOCOL"] == "authors"
+    assert llm_dtype("fp16", "cuda") == "fp16" and llm_dtype("bf16", "cuda:1") == "bf16"
+    assert llm_dtype("fp16", "cpu") == llm_dtype("bf16", torch.device("cpu")) == "fp32"
 
 
 def test_noisy_copies_share_positions_and_ids():
@@ -91,16 +132,41 @@ def test_noisy_copies_share_positions_and_ids():
         assert torch.equal(nc[r][changed], nq[r][changed]) and torch.isin(nc[r][changed], ids).all()
 
 
+@pytest.mark.parametrize("protocol, k, counts", [
+    ("authors", 21, [int(r * 277) for r in NOISE_RATES]),       # 138 at rate 0.5
+    ("authors", 0, [int(r * 256) for r in NOISE_RATES]),
+    ("consistent", 21, [int(r * 256) for r in NOISE_RATES])])
+def test_noise_count_follows_the_protocol(protocol, k, counts):
+    clean, query = torch.arange(256), torch.arange(256) + 1000
+    ids = torch.arange(5000, 5100)
+    assert noise_count(0.5, 256, 21, "authors") == 138 and noise_count(0.5, 256, 21, "consistent") == 128
+    assert noise_count(0.9, 256, 400, "authors") == 256                 # never more than N
+    nc, nq = noisy_copies(clean, query, ids, torch.Generator().manual_seed(1), n_global=k,
+                          protocol=protocol)
+    assert (nc != clean).sum(1).tolist() == counts                      # local positions only
+    assert torch.isin(nq[nq != query], ids).all()                       # codebook ids
+
+
 def test_prompt_layout(llm):
-    tok = llm.text_tokenizer
-    p = DenoisePrompter(tok, step=2)
+    text_tokenizer = llm.text_tokenizer
+    p = DenoisePrompter(text_tokenizer, step=2)
     ids = p.build(torch.tensor([[7, 8], [9, 10]]), torch.tensor([[11, 12], [13, 14]]),
                   torch.tensor([15, 16]))
-    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
-    head = [tok.bos_token_id] + enc("Learning a new language and predict the 2 tokens following "
-                                    "the examples.\n")
+    enc = lambda s: text_tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    head = [text_tokenizer.bos_token_id] + enc("Learning a new language and predict the 2 tokens "
+                                               "following the examples.\n")
     i, o = enc("###\nInput: < "), enc(" >\nOutput: ")
     assert ids == head + i + [7, 8] + o + [11, 12] + i + [9, 10] + o + [13, 14] + i + [15, 16] + o
+    assert p.text(ids) == text_tokenizer.decode(ids)        # the log shows the ids run
+
+
+def test_prompt_strings_are_the_denoising_prompts_own(llm, monkeypatch):
+    import engine.fewshot
+    before = DenoisePrompter(llm.text_tokenizer, step=2)
+    monkeypatch.setattr(engine.fewshot, "IN_TEXT", "Q: ")
+    monkeypatch.setattr(engine.fewshot, "OUT_TEXT", " A: ")
+    after = DenoisePrompter(llm.text_tokenizer, step=2)
+    assert (after.head, after.inp, after.out) == (before.head, before.inp, before.out)
 
 
 @pytest.mark.parametrize("task", ["inpainting", "deblurring"])
@@ -113,15 +179,60 @@ def test_restore_keeps_known_cells_and_codebook_ids(llm, task):
     pairs = [noisy_copies(c, q, allowed, g) for c, q in zip(clean, query)]
     nc, nq = torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
     prompter = DenoisePrompter(llm.text_tokenizer, 2)
+    log = []
     pred = restore(BatchedGreedy(llm.model, 0), prompter, task, query, nc, nq, vocab_mask,
-                   step=2, window=4, batch_size=64)
+                   step=2, window=4, batch_size=64, prompt_log=log)
     cells = prediction_mask(task).flatten()
     assert torch.isin(pred, allowed).all()                   # only codebook ids
     assert torch.equal(pred[:, ~cells], query[:, ~cells])    # known cells untouched
+    s = 68 if task == "inpainting" else 0                    # the first chunk's prompt, as run
+    src = nc if task == "inpainting" else nq
+    lo, hi = (s - 4, s) if task == "inpainting" else (s, s + 2)
+    assert log == [prompter.build(src[0, :, lo:hi], nc[0, :, s:s + 2], query[0, lo:hi])]
     if task == "deblurring":                                 # the mask is what restricts them
         free = restore(BatchedGreedy(llm.model, 0), prompter, task, query, nc, nq,
                        torch.ones_like(vocab_mask), step=2, window=4, batch_size=64)
         assert not torch.isin(free[:, cells], allowed).all()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from fixtures_tokenizer import make_tiny_tokenizer
+    return make_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"), llm_ids=torch.arange(100, 164))[0]
+
+
+@pytest.mark.parametrize("task", ["inpainting", "deblurring"])
+def test_baseline_is_the_corrupted_image_through_the_same_tokenizer(tokenizer, task, monkeypatch):
+    from fixtures_tokenizer import tiny_images
+    x, x_clip = tiny_images(tokenizer.clip, batch=2, seed=1)
+    shifted = x.flip(-1)
+    idx = [3, 7]
+    seen = []                                     # every image the tokenizer's encoder reads
+    local_tokens = tokenizer.local_tokens
+    monkeypatch.setattr(tokenizer, "local_tokens", lambda im: seen.append(im) or local_tokens(im))
+    tokens = encode_task(tokenizer, task, x, x_clip, shifted, idx, seed=5)
+    corrupted = corrupt_batch(task, x, shifted, idx, 5)
+    assert len(seen) == 2 and torch.equal(seen[0], x) and torch.equal(seen[1], corrupted)
+    by_hand = local_tokens(corrupted).flatten(1)
+    assert torch.equal(tokens["corrupt"], by_hand)
+    assert torch.equal(query_tokens(task, tokens["clean"], tokens["corrupt"]),
+                       tokens["clean"] if task == "inpainting" else by_hand)
+    g = tokenizer.config.grid
+    cells = prediction_mask(task, g).flatten()
+    wrong = cells.nonzero()[:5, 0]                # 5 predicted cells of image 0 get another id
+    tokens["pred"] = tokens["clean"].clone()
+    tokens["pred"][0, wrong] = (tokens["clean"][0, wrong] - 100 + 1) % 64 + 100
+    images = variant_images(tokenizer, task, x, shifted, idx, 5, tokens)
+    assert list(images) == list(VARIANTS)
+    decode = lambda ids: tokenizer.decode(ids.view(-1, g, g), tokens["global_idx"])  # noqa: E731
+    assert torch.equal(images["corrupted"], corrupted)
+    assert torch.allclose(images["baseline"], decode(by_hand), atol=1e-6)
+    assert torch.allclose(images["ceiling"], decode(tokens["clean"]), atol=1e-6)
+    assert torch.allclose(images["restored"], decode(tokens["pred"]), atol=1e-6)
+    assert not torch.allclose(images["baseline"], images["ceiling"])
+    hits = token_hits(task, tokens, g)
+    assert hits["restored"] == 2 * int(cells.sum()) - 5
+    assert hits["baseline"] == int((by_hand == tokens["clean"])[:, cells].sum()) < 2 * int(cells.sum())
 
 
 def test_eval_denoising_script_all_tasks(tmp_path, llm_dir, monkeypatch, capsys):
@@ -136,12 +247,20 @@ def test_eval_denoising_script_all_tasks(tmp_path, llm_dir, monkeypatch, capsys)
     run_script("eval_denoising.py", args, monkeypatch)
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [(r["task"], r["variant"]) for r in rows] == [
-        (t, v) for t in TASKS for v in ("corrupted", "restored", "reconstruction")]
+        (t, v) for t in TASKS for v in ("corrupted", "baseline", "restored", "ceiling")]
     assert all(r["n_images"] == "2" and float(r["psnr"]) > 0 for r in rows)
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == list(TASKS)
+    for task in TASKS:
+        assert list(results[task]) == list(VARIANTS)
+        acc = {v: results[task][v]["token_acc"] for v in VARIANTS}
+        assert acc["corrupted"] is None and acc["ceiling"] is None
+        assert 0 <= acc["baseline"] <= 1 and 0 <= acc["restored"] <= 1
     assert (out / "manifest.json").is_file()
     for task in TASKS:
         strip = Image.open(out / task / "strips" / "00000.png")
-        assert strip.size == (3 * 128, 128)
+        assert strip.size == (5 * 128, 128)
+        assert (out / task / "prompt_example.txt").read_text().count("Input: <") == 11
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         run_script("eval_denoising.py", args + ["--tasks", "painting"], monkeypatch)
