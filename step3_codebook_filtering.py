@@ -5,7 +5,8 @@ its L2-normalised embedding is scored against all 3V global candidates of step 2
 (invalid ones never win), and its top-5 candidates each get one hit. A
 candidate hit more than the threshold is kept: --threshold (an absolute count,
 the paper's 100 for ImageNet's 1.28M images) wins when given, else
---threshold_rate x number of images read (by default the paper's 100 / 1,281,167).
+--threshold_rate x number of images read (by default the paper's 100 / 1,281,167,
+as an exact fraction: on ImageNet's 1,281,167 images, exactly "more than 100").
 
 Images are counted in chunks saved as they finish (a killed run resumes);
 under torchrun the chunks are shared between ranks without padding, so every
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data.images import ImageFolderDataset, collate_skip_bad
-from engine.candidates import count_hits, hit_threshold, select_global
+from engine.candidates import count_hits, hit_threshold, parse_rate, select_global
 from models.clip import load_clip
 from utils import dist
 from utils.artifacts import (ChunkStore, load_json, load_tensors, read_manifest, require_input,
@@ -41,7 +42,7 @@ CLIP_PRETRAINED = None  # weights for a named CLIP: OpenAI ViT-L-14.pt or an ope
 CLIP_ALLOW_UNSAFE = False  # allow pickled CLIP files (OpenAI's TorchScript ViT-L-14.pt); only if trusted
 TOPK = 5  # candidates hit per image
 THRESHOLD = None  # keep candidates hit MORE than this many times; wins over THRESHOLD_RATE when set
-THRESHOLD_RATE = 7.805289e-05  # threshold per image read when THRESHOLD is none (paper: 100 / 1,281,167)
+THRESHOLD_RATE = "100/1281167"  # hits per image read to exceed when THRESHOLD is none, a fraction or decimal, taken exactly (paper: 100 on ImageNet's 1,281,167)
 SIMILARITY = "dot"  # dot: image . template-mean embedding (the authors); cosine: renormalise candidates
 MAX_IMAGES = None  # count only the first N images (none: all)
 BATCH_SIZE = 256  # images per forward pass
@@ -69,6 +70,7 @@ def check_inputs(clip_ident: str) -> tuple[dict, dict]:
 def main():
     if SIMILARITY not in ("dot", "cosine"):
         raise V2LError(f"--similarity {SIMILARITY}: expected dot or cosine")
+    parse_rate(THRESHOLD_RATE)  # refuse a malformed rate before counting
     d = dist.init(DEVICE)
     clip = load_clip(CLIP, CLIP_PRETRAINED, device=d.device, allow_unsafe=CLIP_ALLOW_UNSAFE)
     vocab_m, code_m = check_inputs(clip.ident)
