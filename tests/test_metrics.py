@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.special
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
@@ -258,3 +259,118 @@ def test_lpips_from_a_vgg_file_uses_the_minus_one_one_range(tmp_path):
         expected = ref(M.to_uint8(real) / 255.0, M.to_uint8(fake) / 255.0, normalize=True).mean()
     assert abs(acc.compute()["lpips"] - expected.item()) < 1e-5
     assert expected.item() > 1e-4
+
+
+# ----------------------------------------------------------------------------- authors' protocol
+
+@pytest.fixture
+def authors_weights(tmp_path, monkeypatch):
+    """Random stand-ins for torchvision's inception_v3 and AlexNet and pyiqa's LPIPS heads,
+    saved under the names and folders the real files go to (a temporary torch hub)."""
+    import pyiqa.utils.download_util as pyiqa_download
+    from pyiqa.archs.lpips_arch import LPIPS
+    from torchvision.models import alexnet, inception_v3
+    hub = tmp_path / "hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    (hub / "pyiqa").mkdir()
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    monkeypatch.setattr(pyiqa_download, "DEFAULT_CACHE_DIR", str(hub / "pyiqa"))
+    torch.manual_seed(6)
+    net = inception_v3(weights=None, aux_logits=True, init_weights=True, transform_input=False)
+    # Random weights give logits ~1e11 and one class for every image: calibrate the batch
+    # norms on images like the test's, then centre and scale the classifier (logits ~2).
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+            m.reset_running_stats()
+    calib = torch.nn.functional.interpolate(_images(b=8, size=32, seed=8)[1], size=(299, 299),
+                                            mode="bilinear")
+    with torch.no_grad():
+        net.train()(calib)
+        logits = net.eval()(calib)
+        scale = 2 / (logits - logits.mean(0)).std()
+        net.fc.weight *= scale
+        net.fc.bias.copy_(scale * (net.fc.bias - logits.mean(0)))
+    torch.save(net.state_dict(), hub / "checkpoints" / M.TV_INCEPTION_FILE)
+    torch.save(alexnet().state_dict(), hub / "checkpoints" / M.ALEXNET_FILE)
+    heads = LPIPS(pretrained=False, pnet_rand=True, net="alex", version="0.1")
+    for p in heads.lins.parameters():  # positive weights, as calibrated heads have
+        p.data.uniform_(0.1, 1.0)
+    torch.save({k: v for k, v in heads.state_dict().items() if k.startswith("lin")},
+               hub / "pyiqa" / M.PYIQA_LPIPS_FILE)
+    return hub
+
+
+def _classic_is(logits, splits):
+    """The improved-GAN Inception Score as the authors' script computes it, in numpy:
+    softmax, contiguous splits of N // splits, the rest dropped."""
+    p = torch.softmax(logits.double(), dim=1).numpy()
+    size, scores = p.shape[0] // splits, []
+    for k in range(splits):
+        part = p[k * size:(k + 1) * size]
+        py = part.mean(0, keepdims=True)
+        scores.append(np.exp(scipy.special.rel_entr(part, py).sum(1).mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def test_authors_protocol_uses_their_libraries(authors_weights):
+    import piq
+    from pyiqa.archs.lpips_arch import LPIPS
+    from torchvision.models import inception_v3
+    n, splits = 12, 5
+    real, fake = _images(b=n, size=32, seed=7)
+    acc = M.ReconstructionMetrics(("psnr", "ssim", "lpips", "is"), protocol="authors",
+                                  n_total=n, is_splits=splits)
+    assert acc.skipped == {}
+    for sl in (slice(0, 5), slice(5, n)):  # contiguous splits follow the dataset index
+        acc.update(real[sl], fake[sl], index=torch.arange(n)[sl])
+    res = acc.compute()
+    assert res["protocol"] == "authors" and res["n_images"] == n
+
+    # PSNR-Y on the float images (no 8-bit rounding), against scikit-image
+    y = lambda x: 16.0 + torch.einsum("chw,c->hw", (x.double() + 1) / 2,  # noqa: E731
+                                      torch.tensor([65.481, 128.553, 24.966], dtype=torch.float64))
+    ref_psnr = np.mean([peak_signal_noise_ratio(y(a).numpy(), y(b).numpy(), data_range=255)
+                        for a, b in zip(real, fake)])
+    assert abs(res["psnr"] - ref_psnr) <= 1e3 * EPS64 * ref_psnr
+    rounded = M.psnr_y(M.to_uint8(real), M.to_uint8(fake)).mean().item()
+    assert abs(res["psnr"] - rounded) > 1e3 * EPS64 * ref_psnr  # rounding does change it
+
+    # SSIM: piq on RGB in [0, 1] (float32 inside piq: ~1e-6)
+    ref_ssim = piq.ssim((fake + 1) / 2, (real + 1) / 2, data_range=1.0, reduction="none").mean()
+    assert abs(res["ssim"] - ref_ssim.item()) < 1e-5
+    assert abs(res["ssim"] - M.ssim_y(M.to_uint8(real), M.to_uint8(fake)).mean().item()) > 1e-3
+
+    # LPIPS: pyiqa's network from the same files, fed [-1, 1] with normalize=True (their call)
+    net = LPIPS(net="alex", version="0.1", pretrained_model_path=str(
+        authors_weights / "pyiqa" / M.PYIQA_LPIPS_FILE))
+    with torch.no_grad():
+        theirs = net(fake, real).mean().item()
+        proper = net(fake, real, normalize=False).mean().item()
+    assert abs(res["lpips"] - theirs) <= 1e-5 * theirs
+    assert abs(theirs - proper) > 1e-3 * theirs  # the range slip matters
+
+    # IS: torchvision inception_v3 on [-1, 1] resized to 299, contiguous splits
+    tv = inception_v3(weights=None, aux_logits=True, transform_input=False, init_weights=False)
+    tv.load_state_dict(torch.load(authors_weights / "checkpoints" / M.TV_INCEPTION_FILE))
+    with torch.no_grad():
+        logits = tv.eval()(torch.nn.functional.interpolate(fake, size=(299, 299), mode="bilinear"))
+    mean, std = _classic_is(logits, splits)
+    # float32 logits from differently sized batches: ~1e-6 relative, through exp and softmax
+    assert abs(res["is"] - mean) <= 1e-4 * mean and abs(res["is_std"] - std) <= 1e-4 * mean
+    assert abs(M.inception_score(logits, splits)[0] - mean) > 1e-4 * mean  # i % splits differs
+
+
+def test_authors_protocol_missing_weights_skip_by_name(tmp_path, monkeypatch):
+    import pyiqa.utils.download_util as pyiqa_download
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(pyiqa_download, "DEFAULT_CACHE_DIR", str(tmp_path / "hub" / "pyiqa"))
+    acc = M.ReconstructionMetrics(("psnr", "lpips", "is"), protocol="authors", n_total=4)
+    assert set(acc.skipped) == {"lpips", "is"}
+    assert M.TV_INCEPTION_FILE in acc.skipped["is"]
+    assert str(tmp_path / "hub" / "checkpoints") in acc.skipped["is"]
+    assert M.ALEXNET_FILE in acc.skipped["lpips"]
+    with pytest.raises(V2LError, match="n_total"):
+        M.ReconstructionMetrics(("is",), protocol="authors")
+    with pytest.raises(V2LError, match="protocol"):
+        M.ReconstructionMetrics(("psnr",), protocol="theirs")
