@@ -5,7 +5,8 @@ its L2-normalised embedding is scored against all 3V global candidates of step 2
 (invalid ones never win), and its top-5 candidates each get one hit. A
 candidate hit more than the threshold is kept: --threshold (an absolute count,
 the paper's 100 for ImageNet's 1.28M images) wins when given, else
---threshold_rate x number of images read (by default the paper's 100 / 1,281,167).
+--threshold_rate x number of images read (by default the paper's 100 / 1,281,167,
+as an exact fraction: on ImageNet's 1,281,167 images, exactly "more than 100").
 
 Images are counted in chunks saved as they finish (a killed run resumes);
 under torchrun the chunks are shared between ranks without padding, so every
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data.images import ImageFolderDataset, collate_skip_bad
-from engine.candidates import count_hits, hit_threshold, select_global
+from engine.candidates import count_hits, hit_threshold, parse_rate, select_global
 from models.clip import load_clip
 from utils import dist
 from utils.artifacts import (ChunkStore, load_json, load_tensors, read_manifest, require_input,
@@ -42,7 +43,7 @@ CLIP_PRETRAINED = None  # weights for a named CLIP: OpenAI ViT-L-14.pt or an ope
 CLIP_ALLOW_UNSAFE = False  # allow pickled CLIP files (OpenAI's TorchScript ViT-L-14.pt); only if trusted
 TOPK = 5  # candidates hit per image
 THRESHOLD: int | None = None  # keep candidates hit MORE than this many times; wins over THRESHOLD_RATE when set
-THRESHOLD_RATE = 7.805289e-05  # threshold per image read when THRESHOLD is none (paper: 100 / 1,281,167)
+THRESHOLD_RATE = "100/1281167"  # hits per image read to exceed when THRESHOLD is none, a fraction or decimal, taken exactly (paper: 100 on ImageNet's 1,281,167)
 SIMILARITY = "dot"  # dot: image . template-mean embedding (the authors); cosine: renormalise candidates
 MAX_IMAGES: int | None = None  # count only the first N images (none: all)
 BATCH_SIZE = 256  # images per forward pass
@@ -52,7 +53,7 @@ DEVICE = "auto"  # auto (CUDA when available), cuda or cpu
 PRECISION = "auto"  # auto (fp16 autocast on CUDA, fp32 on CPU), fp32, fp16 or bf16
 SHOW_TOP = 30  # most-hit candidates printed at the end
 
-cfg = configure(globals())
+settings = configure(globals())
 
 
 def check_inputs(clip_ident: str) -> tuple[dict, dict]:
@@ -70,8 +71,9 @@ def check_inputs(clip_ident: str) -> tuple[dict, dict]:
 def main():
     if SIMILARITY not in ("dot", "cosine"):
         raise V2LError(f"--similarity {SIMILARITY}: expected dot or cosine")
-    d = dist.init(DEVICE)
-    clip = load_clip(CLIP, CLIP_PRETRAINED, device=d.device, allow_unsafe=CLIP_ALLOW_UNSAFE)
+    parse_rate(THRESHOLD_RATE)  # refuse a malformed rate before counting
+    ddp = dist.init(DEVICE)
+    clip = load_clip(CLIP, CLIP_PRETRAINED, device=ddp.device, allow_unsafe=CLIP_ALLOW_UNSAFE)
     vocab_m, code_m = check_inputs(clip.ident)
     candidates = load_tensors(f"{CODEBOOK_DIR}/global_candidates.safetensors")["embeddings"]
     table = load_json(f"{CODEBOOK_DIR}/candidates.json")
@@ -86,26 +88,26 @@ def main():
     store = ChunkStore(OUT_DIR, len(data), CHUNK_SIZE, key={
         "codebook": code_m["id"], "clip": clip.ident, "images": paths_digest, "topk": TOPK,
         "similarity": SIMILARITY, "precision": PRECISION})
-    if d.is_main:
+    if ddp.is_main:
         print(f"{len(data)} images in {store.n_chunks} chunks ({store.n_done()} done), "
-              f"{len(valid)} candidates ({int(valid.sum())} valid), world={d.world}")
-    dev_candidates, dev_valid = candidates.to(d.device), valid.to(d.device)
-    for i in tqdm(store.todo(d.rank, d.world), desc=f"rank {d.rank} chunks", disable=not d.is_main):
+              f"{len(valid)} candidates ({int(valid.sum())} valid), world={ddp.world}")
+    dev_candidates, dev_valid = candidates.to(ddp.device), valid.to(ddp.device)
+    for i in tqdm(store.todo(ddp.rank, ddp.world), desc=f"rank {ddp.rank} chunks", disable=not ddp.is_main):
         loader = DataLoader(Subset(data, range(*store.bounds(i))), batch_size=BATCH_SIZE,
                             num_workers=NUM_WORKERS, collate_fn=collate_skip_bad,
-                            pin_memory=d.device.type == "cuda")
+                            pin_memory=ddp.device.type == "cuda")
         counts, n_images, n_skipped = count_hits(clip, loader, dev_candidates, dev_valid, TOPK,
                                                  PRECISION)
         store.save(i, {"hits": counts, "stats": torch.tensor([n_images, n_skipped])})
 
     # every rank sums the chunks it owns; one integer all-reduce gives the totals
-    own = [store.load(i) for i in range(d.rank, store.n_chunks, d.world)]
+    own = [store.load(i) for i in range(ddp.rank, store.n_chunks, ddp.world)]
     hits = sum((c["hits"] for c in own), torch.zeros(len(valid), dtype=torch.long))
     stats = sum((c["stats"] for c in own), torch.zeros(2, dtype=torch.long))
-    if d.active:
-        hits, stats = hits.to(d.device), stats.to(d.device)
-        dist.all_reduce_sum(hits, d)
-        dist.all_reduce_sum(stats, d)
+    if ddp.active:
+        hits, stats = hits.to(ddp.device), stats.to(ddp.device)
+        dist.all_reduce_sum(hits, ddp)
+        dist.all_reduce_sum(stats, ddp)
     hits, (n_images, n_skipped) = hits.cpu(), stats.tolist()
 
     if n_images == 0:
@@ -115,7 +117,7 @@ def main():
     if keep.numel() == 0:
         raise V2LError(f"no candidate was hit more than {min_hits:g} times in {n_images} "
                        "images; lower --threshold / --threshold_rate or count more images")
-    if d.is_main:
+    if ddp.is_main:
         save_tensors(f"{OUT_DIR}/global_codebook.safetensors", {
             "embeddings": candidates[keep].contiguous(), "candidate_index": keep,
             "hits": hits[keep]})
@@ -123,7 +125,7 @@ def main():
                   {"strings": [table["strings"][i] for i in keep.tolist()]})
         save_tensors(f"{OUT_DIR}/hit_counts.safetensors", {"hits": hits})
         plot_hit_histogram(hits, min_hits, f"{OUT_DIR}/hit_histogram.png")
-        write_manifest(OUT_DIR, GLOBAL, cfg,
+        write_manifest(OUT_DIR, GLOBAL, settings,
                        ["global_codebook.safetensors", "global_strings.json",
                         "hit_counts.safetensors"],
                        inputs={"vocab": VOCAB_DIR, "codebook": CODEBOOK_DIR},
@@ -135,8 +137,8 @@ def main():
         print(f"kept M={keep.numel()} of {len(valid)} candidates (hit > {min_hits:g}) from "
               f"{n_images} images, {n_skipped} unreadable images skipped")
         print("most hit: " + ", ".join(f"{table['strings'][i]!r} ({int(hits[i])})" for i in order))
-    dist.barrier(d)
-    dist.shutdown(d)
+    dist.barrier(ddp)
+    dist.shutdown(ddp)
 
 
 if __name__ == "__main__":

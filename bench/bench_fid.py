@@ -1,12 +1,12 @@
 """Bench: the FID trace term by symmetric eigenvalues vs scipy.linalg.sqrtm.
 
-Both compute FID between two Gaussians fitted to random 2048-d features (the
+Both compute FID between two Gaussians fitted to random 2048-ddp features (the
 Inception pool size); the table shows the time of each and the difference of
 the results. Ours: a Cholesky factor S1 = L L^T, then the eigenvalues of the
 symmetric L^T S2 L (engine.metrics.frechet_distance). Reference: pytorch-fid's recipe,
 ``sqrtm(S1 @ S2)`` (a Schur decomposition of a general matrix).
 
-    python bench/bench_fid.py               # 2048-d, as for real FID
+    python bench/bench_fid.py               # 2048-ddp, as for real FID
     python bench/bench_fid.py --dim 512     # quicker
 """
 import sys
@@ -26,7 +26,7 @@ DIM = 2048  # feature dimension (2048 = Inception pool features)
 N_SAMPLES = 5000  # feature vectors per side (>= DIM for full-rank covariances)
 SEED = 0  # random features' seed
 
-cfg = configure(globals())
+settings = configure(globals())
 
 
 def scipy_fid(mu1, s1, mu2, s2) -> float:

@@ -12,8 +12,12 @@ authors materialise a [B*k, 3V] one-hot per batch).
 """
 from __future__ import annotations
 
+import math
+from fractions import Fraction
 
 import torch
+
+from utils.errors import V2LError
 
 from models.clip import autocast_context
 
@@ -74,13 +78,31 @@ def count_hits(clip, batches, candidates: torch.Tensor, valid: torch.Tensor, k: 
     return counts.cpu(), n_images, n_skipped
 
 
-def hit_threshold(n_images: int, threshold: int | None, threshold_rate: float) -> float:
+def parse_rate(rate) -> Fraction:
+    """A threshold rate as an exact fraction: ``"100/1281167"``, ``"0.004"``, ``"7.8e-05"``
+    (decimal text is taken exactly, not as the nearest binary float)."""
+    try:
+        value = Fraction(str(rate).strip())
+    except (ValueError, ZeroDivisionError):
+        raise V2LError(f"--threshold_rate {rate}: expected a fraction such as 100/1281167 "
+                       "or a decimal such as 0.004") from None
+    if value < 0:
+        raise V2LError(f"--threshold_rate {rate}: must not be negative")
+    return value
+
+
+def hit_threshold(n_images: int, threshold: int | None, threshold_rate) -> int | float:
     """The count a candidate must EXCEED to be kept.
 
     An absolute ``threshold`` wins when given (the paper: 100 for ImageNet's 1.28M train
     images); otherwise ``threshold_rate * n_images`` scales the paper's rate to the data
-    set actually counted."""
-    return float(threshold) if threshold is not None else threshold_rate * n_images
+    set actually counted. Hits are integers, so "more than rate x n" is "more than
+    floor(rate x n)", computed exactly: with the paper's rate 100/1281167 on ImageNet's
+    1,281,167 images that is exactly 100, as theirs (a rounded decimal rate would land
+    just below 100 and also keep the candidates hit exactly 100 times)."""
+    if threshold is not None:
+        return threshold
+    return math.floor(parse_rate(threshold_rate) * n_images)
 
 
 def select_global(hits: torch.Tensor, min_hits: float) -> torch.Tensor:

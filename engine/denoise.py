@@ -53,6 +53,7 @@ from torchvision.transforms import functional as TF
 from data.transforms import clip_crop
 from engine.fewshot import check_prompt_length, context_length
 from engine.greedy import BatchedGreedy
+from models.llm import encode_segment
 from utils.errors import V2LError
 
 TASKS = ("inpainting", "outpainting", "deblurring", "rotation", "shift")
@@ -277,7 +278,7 @@ class DenoisePrompter:
 
     def __init__(self, text_tokenizer, step: int):
         self.text_tokenizer = text_tokenizer
-        enc = lambda s: text_tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+        enc = lambda s: encode_segment(text_tokenizer, s)  # noqa: E731  (Meta's encode of a segment)
         bos = [text_tokenizer.bos_token_id] if text_tokenizer.bos_token_id is not None else []
         self.head = bos + enc(INSTRUCTION.format(step=step))
         self.inp, self.out = enc(IN_TEXT), enc(OUT_TEXT)

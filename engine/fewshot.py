@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data.images import load_rgb
 from engine.greedy import BatchedGreedy
+from models.llm import encode_segment
 from models.quantizers import topk_nearest
 from utils.errors import V2LError
 
@@ -167,7 +168,7 @@ class FewShotPrompter:
         self.encode = lru_cache(maxsize=None)(self._encode)
 
     def _encode(self, text: str) -> tuple[int, ...]:
-        return tuple(self.text_tokenizer.encode(text, add_special_tokens=False))
+        return tuple(encode_segment(self.text_tokenizer, text))
 
     def name_ids(self, name: str) -> list[int]:
         """The class name's tokens; a name the tokenizer cannot represent is refused."""

@@ -1,6 +1,19 @@
 """Reconstruction metrics: PSNR and SSIM on Y, LPIPS (VGG), FID, Inception Score, codebook usage.
 
-Conventions (the same for every evaluation in this project):
+Two protocols. ``standard`` (below) is this project's. ``authors`` reproduces the
+metric code of the paper's evaluation script, to compare with its table:
+
+- no rounding to 8 bits: PSNR-Y on the float images;
+- SSIM: piq's ``ssim`` on RGB in [0, 1] (11x11 Gaussian window, sigma 1.5, data range 1);
+- LPIPS: pyiqa's (AlexNet, v0.1) fed images in [-1, 1] while it expects [0, 1]
+  (it maps x -> 2x - 1, so it sees [-3, 1]), as their script does;
+- IS: torchvision's ``inception_v3`` (ImageNet weights, ``transform_input=False``) on
+  the unnormalised [-1, 1] reconstructions, bilinearly resized to 299, softmax over 1000
+  classes, 10 contiguous splits of N // 10 images (the last N mod 10 dropped);
+- FID: as standard. Deviation: the TF-Inception extractor takes 8-bit images, so FID's
+  inputs are still rounded (theirs are not); the effect is below one grey level.
+
+Conventions of the standard protocol (the same for every evaluation in this project):
 
 - Images come in as float tensors [B, 3, H, W] in [-1, 1] and are first
   quantised to 8 bits, ``round((x + 1) * 127.5)``, as if both were read back
@@ -44,6 +57,10 @@ PSNR_IDENTICAL_DB = 100.0
 INCEPTION_FILES = ("weights-inception-2015-12-05-6726825d.pth",   # torch-fidelity's name
                    "pt_inception-2015-12-05-6726825d.pth")        # pytorch-fid's name
 ALL_METRICS = ("psnr", "ssim", "lpips", "fid", "is", "codebook")
+PROTOCOLS = ("authors", "standard")
+TV_INCEPTION_FILE = "inception_v3_google-0cc3c7bd.pth"   # torchvision's IMAGENET1K_V1 weights
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"                # torchvision's IMAGENET1K_V1 weights
+PYIQA_LPIPS_FILE = "LPIPS_v0.1_alex-df73285e.pth"        # pyiqa's LPIPS (AlexNet, v0.1) heads
 
 
 # ----------------------------------------------------------------------------- pixels
@@ -92,6 +109,13 @@ def ssim_y(real: torch.Tensor, fake: torch.Tensor, win_size: int = 11, sigma: fl
     cxy = blur(x * y) - mx * my
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return s.flatten(1).mean(1)
+
+
+def ssim_piq(real01: torch.Tensor, fake01: torch.Tensor) -> torch.Tensor:
+    """The authors' SSIM: piq's ``ssim`` on RGB images in [0, 1] (its defaults: 11x11
+    Gaussian window, sigma 1.5), per image."""
+    import piq
+    return piq.ssim(fake01.float(), real01.float(), data_range=1.0, reduction="none").double()
 
 
 # ----------------------------------------------------------------------------- FID
@@ -160,12 +184,15 @@ def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- IS
 
 class InceptionScoreStats:
-    """Streaming Inception Score: images go to split ``index % splits``; per split the count,
-    the sum of class probabilities and the sum of sum_c p log p are kept."""
+    """Streaming Inception Score: images go to split ``index % splits`` (or, given the total
+    ``n_total``, to contiguous splits of n_total // splits images, the rest dropped); per
+    split the count, the sum of class probabilities and the sum of sum_c p log p are kept."""
 
-    def __init__(self, n: torch.Tensor, p_sum: torch.Tensor, plogp_sum: torch.Tensor):
+    def __init__(self, n: torch.Tensor, p_sum: torch.Tensor, plogp_sum: torch.Tensor,
+                 n_total: int | None = None):
         self.n, self.p_sum, self.plogp_sum = n, p_sum, plogp_sum  # [splits], [splits, C], [splits]
         self.splits = n.numel()
+        self.n_total = n_total
 
     @classmethod
     def zeros(cls, n_classes: int, splits: int = 10, device="cpu") -> "InceptionScoreStats":
@@ -177,7 +204,16 @@ class InceptionScoreStats:
         dev = self.n.device
         log_p = torch.log_softmax(logits.to(dev, torch.float64), dim=1)
         p = log_p.exp()
-        split = index.to(dev).long() % self.splits
+        index = index.to(dev).long()
+        if self.n_total is None:
+            split = index % self.splits
+        else:
+            size = self.n_total // self.splits
+            if size == 0:
+                raise V2LError(f"contiguous Inception Score splits need at least {self.splits} "
+                               f"images, got {self.n_total}")
+            keep = index < size * self.splits
+            log_p, p, split = log_p[keep], p[keep], index[keep] // size
         self.n.index_add_(0, split, torch.ones_like(split, dtype=torch.float64))
         self.p_sum.index_add_(0, split, p)
         self.plogp_sum.index_add_(0, split, (p * log_p).sum(1))
@@ -194,9 +230,12 @@ class InceptionScoreStats:
         return float(scores.mean()), float(scores.std(unbiased=False))
 
 
-def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
-    """IS (mean, std) of logits [N, C]; image i goes to split i % splits."""
+def inception_score(logits: torch.Tensor, splits: int = 10,
+                    contiguous: bool = False) -> tuple[float, float]:
+    """IS (mean, std) of logits [N, C]; image i goes to split i % splits, or with
+    ``contiguous`` to split i // (N // splits) (the last N mod splits images dropped)."""
     stats = InceptionScoreStats.zeros(logits.shape[1], splits)
+    stats.n_total = logits.shape[0] if contiguous else None
     stats.update(logits, torch.arange(logits.shape[0]))
     return stats.compute()
 
@@ -262,6 +301,55 @@ def load_lpips_metric(device="cpu", vgg_path=None):
     return load_lpips(device=device, vgg_path=path)
 
 
+def _hub_file(folder: Path, name: str, what: str) -> Path:
+    if not (folder / name).is_file():
+        raise V2LError(f"{what} needs {name}: not found in {folder}; download it there")
+    return folder / name
+
+
+def load_torchvision_inception(device="cpu") -> Callable:
+    """The authors' IS network: torchvision's inception_v3 with its ImageNet weights,
+    ``transform_input=False``: images in [-1, 1] (as they are, unnormalised), bilinearly
+    resized to 299 -> 1000 logits."""
+    from torchvision.models import inception_v3
+
+    path = _hub_file(Path(torch.hub.get_dir()) / "checkpoints", TV_INCEPTION_FILE,
+                     "the authors' Inception Score (torchvision inception_v3)")
+    net = inception_v3(weights=None, aux_logits=True, transform_input=False, init_weights=False)
+    try:
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as e:
+        raise V2LError(f"{path}: not torchvision's inception_v3 weights "
+                       f"({str(e).splitlines()[0]}); download {TV_INCEPTION_FILE} again")
+    net = net.eval().to(device)
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=False)
+        return net(x)
+    return logits
+
+
+def load_pyiqa_lpips(device="cpu") -> Callable:
+    """The authors' LPIPS: pyiqa's LPIPS (AlexNet trunk from torchvision, v0.1 heads from
+    pyiqa's cache folder), called as their script does: (a, b) in [-1, 1] into a metric that
+    expects [0, 1] (``normalize=True``) -> [B]."""
+    from pyiqa.archs.lpips_arch import LPIPS
+    from pyiqa.utils.download_util import DEFAULT_CACHE_DIR
+
+    _hub_file(Path(torch.hub.get_dir()) / "checkpoints", ALEXNET_FILE, "the authors' LPIPS (pyiqa)")
+    heads = _hub_file(Path(DEFAULT_CACHE_DIR), PYIQA_LPIPS_FILE, "the authors' LPIPS (pyiqa)")
+    try:  # refuse anything but a plain state dict before pyiqa unpickles it
+        torch.load(heads, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise V2LError(f"{heads}: not a readable LPIPS state dict ({str(e).splitlines()[0]}); "
+                       "download the file again")
+    net = LPIPS(net="alex", version="0.1", pretrained_model_path=str(heads)).to(device)
+
+    def distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return net(a.float(), b.float()).flatten()
+    return distance
+
+
 # ----------------------------------------------------------------------------- accumulator
 
 class ReconstructionMetrics:
@@ -278,26 +366,45 @@ class ReconstructionMetrics:
     ``lpips(a, b) -> [B]`` (or [B, 1, 1, 1]) distances for images in [-1, 1].
     ``inception_weights`` / ``lpips_vgg``: weight files when not in torch hub's cache.
     Codebook usage is tracked only when ``n_codes`` (the codebook size) is given.
+
+    ``protocol="authors"`` computes the paper script's metrics (module docstring); its IS
+    uses contiguous splits, so it needs ``n_total``, the number of dataset indices, and
+    ``is_net(images in [-1, 1]) -> logits`` may be given (else torchvision's inception_v3);
+    ``lpips`` is then pyiqa's.
     """
 
     def __init__(self, metrics=ALL_METRICS, device="cpu", n_codes: int | None = None,
                  inception: Callable | None = None, inception_weights=None,
-                 lpips: Callable | None = None, lpips_vgg=None, is_splits: int = 10):
+                 lpips: Callable | None = None, lpips_vgg=None, is_splits: int = 10,
+                 protocol: str = "standard", n_total: int | None = None,
+                 is_net: Callable | None = None):
         unknown = set(metrics) - set(ALL_METRICS)
         if unknown:
             raise V2LError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(ALL_METRICS)}")
+        if protocol not in PROTOCOLS:
+            raise V2LError(f"metric protocol '{protocol}': choose from {', '.join(PROTOCOLS)}")
+        if protocol == "authors" and "is" in metrics and n_total is None:
+            raise V2LError("the authors' Inception Score uses contiguous splits: give n_total")
+        self.protocol, self.n_total = protocol, n_total
+        authors = protocol == "authors"
         self.device = torch.device(device)
         self.skipped: dict[str, str] = {}
         self.metrics = list(metrics)
         if "codebook" in self.metrics and n_codes is None:
             self.metrics.remove("codebook")
+        self.is_net = is_net
+        if authors and self.is_net is None and "is" in self.metrics:
+            self.is_net = self._try("is", lambda: load_torchvision_inception(self.device))
         self.inception = inception
-        if self.inception is None and ({"fid", "is"} & set(self.metrics)):
+        tf_metrics = {"fid"} if authors else {"fid", "is"}
+        if self.inception is None and (tf_metrics & set(self.metrics)):
             self.inception = self._try("fid", lambda: load_inception(inception_weights, self.device),
-                                       also=("is",))
+                                       also=tuple(sorted(tf_metrics - {"fid"})))
         self.lpips = lpips
         if self.lpips is None and "lpips" in self.metrics:
-            self.lpips = self._try("lpips", lambda: load_lpips_metric(self.device, lpips_vgg))
+            load = (lambda: load_pyiqa_lpips(self.device)) if authors else \
+                (lambda: load_lpips_metric(self.device, lpips_vgg))
+            self.lpips = self._try("lpips", load)
         self.is_splits = is_splits
         self.n_codes = n_codes
         self.reset()
@@ -335,7 +442,8 @@ class ReconstructionMetrics:
         return GaussianStats(*(self._state[f"fid_{side}_{k}"] for k in ("n", "sum", "outer")))
 
     def _isc(self) -> InceptionScoreStats:
-        return InceptionScoreStats(*(self._state[f"is_{k}"] for k in ("n", "p_sum", "plogp_sum")))
+        return InceptionScoreStats(*(self._state[f"is_{k}"] for k in ("n", "p_sum", "plogp_sum")),
+                                   n_total=self.n_total if self.protocol == "authors" else None)
 
     @torch.no_grad()
     def update(self, real: torch.Tensor, fake: torch.Tensor, codes: torch.Tensor | None = None,
@@ -349,23 +457,36 @@ class ReconstructionMetrics:
         if index is None:
             index = torch.arange(self._seen, self._seen + b)
         self._seen += b
-        r8, f8 = to_uint8(real.to(self.device)), to_uint8(fake.to(self.device))
+        real, fake = real.to(self.device), fake.to(self.device)
+        r8, f8 = to_uint8(real), to_uint8(fake)
+        authors = self.protocol == "authors"
         feats = None
         if self.inception is not None:
-            pool_f, logits_f = self.inception(f8)
             pool_r = self.inception(r8)[0] if "fid" in self.metrics else None
-            feats = (pool_r, pool_f, logits_f)
+            pool_f, logits_f = self.inception(f8)
+            feats = [pool_r, pool_f, logits_f]
+        if authors and self.is_net is not None:
+            logits_f = self.is_net(fake.float().clamp(-1, 1))
+            feats = feats or [None, None, None]
+            feats[2] = logits_f
         if self._state is None:
-            self._state = self._init_state(feats[1].shape[1] if feats else 0,
+            self._state = self._init_state(feats[1].shape[1] if feats and feats[1] is not None else 0,
                                            feats[2].shape[1] if feats else 0)
         st = self._state
         st["n"] += b
+        if authors:  # float images, no 8-bit rounding
+            rf, ff = (real.double().clamp(-1, 1) + 1) * 127.5, (fake.double().clamp(-1, 1) + 1) * 127.5
+        else:
+            rf, ff = r8, f8
         if "psnr" in self.metrics:
-            st["psnr_sum"] += psnr_y(r8, f8).sum()
+            st["psnr_sum"] += psnr_y(rf, ff).sum()
         if "ssim" in self.metrics:
-            st["ssim_sum"] += ssim_y(r8, f8).sum()
+            st["ssim_sum"] += (ssim_piq(rf / 255, ff / 255) if authors else ssim_y(r8, f8)).sum()
         if "lpips" in self.metrics:
-            d = self.lpips(r8.float() / 127.5 - 1, f8.float() / 127.5 - 1)
+            if authors:  # pyiqa's LPIPS, called with (reconstruction, source) as in their script
+                d = self.lpips(fake.float().clamp(-1, 1), real.float().clamp(-1, 1))
+            else:
+                d = self.lpips(r8.float() / 127.5 - 1, f8.float() / 127.5 - 1)
             st["lpips_sum"] += d.double().sum()  # any shape with B values: [B] or [B, 1, 1, 1]
         if "fid" in self.metrics:
             self._gauss("real").update(feats[0])
@@ -411,7 +532,7 @@ class ReconstructionMetrics:
         if st is None or st["n"].item() == 0:
             raise V2LError("no images were evaluated; check the data path and MAX_IMAGES")
         n = st["n"].item()
-        out: dict = {"n_images": int(n)}
+        out: dict = {"protocol": self.protocol, "n_images": int(n)}
         for m in ("psnr", "ssim", "lpips"):
             if m in self.metrics:
                 out[m] = float(st[f"{m}_sum"] / n)

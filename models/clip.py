@@ -4,7 +4,12 @@
 - an open_clip model directory (``open_clip_config.json`` + weights), e.g. a
   Hugging Face open_clip repo downloaded to disk, or the demo's trained CLIP;
 - ``NAME`` with ``pretrained=FILE``: an open_clip/HF ``.bin``/``.safetensors``
-  state dict for the built-in architecture NAME (e.g. ``ViT-L-14``);
+  state dict for the built-in architecture NAME (e.g. ``ViT-L-14``). OpenAI's
+  weights in this form (open_clip's ``timm/vit_large_patch14_clip_224.openai``)
+  were trained with QuickGELU while open_clip's ``ViT-L-14`` config says GELU:
+  they are recognised (see ``openai_weights_hint``) and loaded with QuickGELU;
+  a file that cannot be identified loads as named, with a warning giving the
+  ``-quickgelu`` architecture to use if it is OpenAI's;
 - ``NAME`` with ``pretrained=ViT-L-14.pt``: OpenAI's original TorchScript
   archive (needs ``allow_unsafe=True``: it is a pickle; QuickGELU is forced,
   as OpenAI's models use it);
@@ -106,14 +111,25 @@ def load_clip(spec: str, pretrained: str | None = None, device="cpu",
             if not p.is_file():
                 raise V2LError(f"{pretrained}: CLIP checkpoint file not found; give the path of "
                                "ViT-L-14.pt (OpenAI) or an open_clip .bin/.safetensors")
+            ident = f"{spec}:{p.name}:{p.stat().st_size}"
             if _is_torchscript(p):
                 if not allow_unsafe:
                     raise V2LError(f"{pretrained}: OpenAI TorchScript archive (a pickle that runs "
                                    "code on load); pass --clip_allow_unsafe true if you trust it")
                 kwargs["force_quick_gelu"] = True
+            elif not _config_quick_gelu(name):
+                hint = openai_weights_hint(name, p)
+                if hint:
+                    print(f"note: {pretrained}: OpenAI's CLIP weights ({hint}): loading '{name}' "
+                          "with QuickGELU, the activation they were trained with", file=sys.stderr)
+                    kwargs["force_quick_gelu"] = True
+                    ident += ":quickgelu"
+                elif f"{name}-quickgelu" in open_clip.list_models():
+                    print(f"warning: {pretrained}: loaded into '{name}' with GELU; if these are "
+                          f"OpenAI's weights (trained with QuickGELU) use --clip {name}-quickgelu",
+                          file=sys.stderr)
             kwargs["pretrained"] = str(p)
             kwargs["weights_only"] = not allow_unsafe
-            ident = f"{spec}:{p.name}:{p.stat().st_size}"
         else:
             print(f"warning: CLIP '{spec}' has no weights given: random initialisation "
                   "(fine for tests and timing, meaningless for the method)", file=sys.stderr)
@@ -138,6 +154,40 @@ def load_clip(spec: str, pretrained: str | None = None, device="cpu",
         embed_dim=int(model.text_projection.shape[-1] if hasattr(model, "text_projection")
                       and model.text_projection is not None else model.visual.output_dim),
         ident=ident)
+
+
+def _config_quick_gelu(name: str) -> bool:
+    """Whether open_clip's built-in config NAME already uses QuickGELU."""
+    import open_clip
+    return bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False))
+
+
+def openai_weights_hint(name: str, path) -> str | None:
+    """Why the state-dict file ``path`` holds QuickGELU-trained (OpenAI) weights for the
+    open_clip architecture NAME, or None when nothing says so. Two signs:
+    an ``open_clip_config.json`` beside it (as in a Hugging Face open_clip repo) with
+    ``quick_gelu: true``; or a path through one of open_clip's own QuickGELU releases of
+    NAME (its Hugging Face repo, e.g. ``timm/vit_large_patch14_clip_224.openai``, also as
+    the hub cache's ``models--timm--vit_large_patch14_clip_224.openai``)."""
+    import open_clip
+    path = Path(path)
+    sidecar = path.parent / "open_clip_config.json"
+    if sidecar.is_file():
+        try:
+            model_cfg = json.loads(sidecar.read_text()).get("model_cfg", {})
+        except (json.JSONDecodeError, AttributeError):
+            model_cfg = {}
+        if model_cfg.get("quick_gelu"):
+            return f"{sidecar} sets quick_gelu"
+    parts = set(path.resolve().parts) | set(path.parts)
+    for tag in open_clip.list_pretrained_tags_by_model(name):
+        release = open_clip.get_pretrained_cfg(name, tag)
+        repo = (release.get("hf_hub") or "").strip("/")
+        if release.get("quick_gelu") and repo:
+            owner, _, repo_name = repo.partition("/")
+            if repo_name in parts or f"models--{owner}--{repo_name}" in parts:
+                return f"the path is open_clip's '{tag}' release {repo}"
+    return None
 
 
 def _dir_digest(path: Path) -> str:

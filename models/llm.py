@@ -15,7 +15,8 @@ Nothing assumes sentencepiece or a 32k vocabulary: byte-level BPE models
 (GPT-2 style, e.g. SmolLM2's 49,152 tokens) work the same way.
 
 Also here: ``token_strings`` (the faithful text of single token ids),
-``printable_mask`` (which ids are real text) and ``encode_prompts``. Meta's
+``printable_mask`` (which ids are real text), ``encode_segment`` (the ids of one
+prompt segment exactly as Meta's ``Tokenizer.encode``) and ``encode_prompts``. Meta's
 layout is converted in ``models/meta_llama.py``; decoding is ``engine/greedy.py``.
 """
 from __future__ import annotations
@@ -113,6 +114,8 @@ def load_llm(path, dtype=None, device=None, device_map=None) -> LLM:
     else:
         model, tokenizer = _load_transformers(path, fmt, torch_dtype, device_map)
         check_vocab(model, tokenizer, path)
+        if fmt == "hf":
+            attach_sentencepiece(tokenizer, path / "tokenizer.model")
         if not device_map:
             model = model.to(device)
     model.eval()
@@ -205,16 +208,74 @@ def printable_mask(tokenizer, ids, strings: list[str] | None = None) -> list[boo
     return out
 
 
-def encode_prompts(tokenizer, texts: list[str], add_bos: bool = True) -> list[list[int]]:
-    """Token ids of each text, with the tokenizer's BOS first when add_bos (and it has one).
+# ----------------------------------------------------------------------------- prompt ids
+#
+# The authors build every prompt by concatenating the ids of its segments, each from
+# Meta's Tokenizer.encode, i.e. sentencepiece's own encode: it puts its dummy-prefix
+# space in front of EVERY segment, so " >" is ["▁", "▁>"] and "  " three "▁".
+# transformers' LLaMA tokenizers (Metaspace, prepend_scheme "first") skip that prefix
+# when the text already starts with a space: " >" becomes ["▁>"], one id short.
+
+SENTENCEPIECE_ATTR = "sentencepiece"  # a tokenizer's attached SentencePieceProcessor, when known
+_SWALLOWS_SPACE: dict[int, tuple[object, bool]] = {}
+
+
+def attach_sentencepiece(text_tokenizer, model_file) -> bool:
+    """Attach the sentencepiece processor of ``model_file`` to a LLaMA-style text tokenizer so
+    :func:`encode_segment` calls sentencepiece itself; only when the file exists and its pieces
+    are the tokenizer's own (checked on every id). Returns whether it was attached."""
+    model_file = Path(model_file)
+    if not model_file.is_file():
+        return False
+    try:
+        import sentencepiece as spm
+        sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    except Exception:  # sentencepiece missing, or not a sentencepiece file: keep transformers'
+        return False
+    n = sp.get_piece_size()
+    if n > len(text_tokenizer) or \
+            text_tokenizer.convert_ids_to_tokens(list(range(n))) != [sp.id_to_piece(i) for i in range(n)]:
+        return False
+    setattr(text_tokenizer, SENTENCEPIECE_ATTR, sp)
+    return True
+
+
+def _swallows_leading_space(text_tokenizer) -> bool:
+    """True for sentencepiece-style tokenizers (a dummy "▁" prefix on "a") that add no
+    prefix when the text starts with a space (" a" tokenises like "a")."""
+    key = id(text_tokenizer)
+    if key not in _SWALLOWS_SPACE or _SWALLOWS_SPACE[key][0] is not text_tokenizer:
+        bare = text_tokenizer.encode("a", add_special_tokens=False)
+        spaced = text_tokenizer.encode(" a", add_special_tokens=False)
+        prefixed = text_tokenizer.convert_ids_to_tokens(bare[:1])[0].startswith("▁")
+        _SWALLOWS_SPACE[key] = (text_tokenizer, prefixed and spaced == bare)
+    return _SWALLOWS_SPACE[key][1]
+
+
+def encode_segment(text_tokenizer, text: str) -> list[int]:
+    """The ids of one prompt segment (no BOS/EOS) as Meta's ``Tokenizer.encode(text, bos=False,
+    eos=False)``: sentencepiece's encode, dummy prefix included, for every segment.
+
+    Uses the attached sentencepiece processor when there is one (Meta directories; HF
+    directories that ship tokenizer.model); else, for a sentencepiece-style transformers
+    tokenizer that swallows the prefix before a leading space, restores it by adding the
+    space it would have added. Byte-level BPE tokenizers (no dummy prefix) encode as is.
+    """
+    sp = getattr(text_tokenizer, SENTENCEPIECE_ATTR, None)
+    if sp is not None:
+        return list(sp.encode(text))
+    if text.startswith(" ") and _swallows_leading_space(text_tokenizer):
+        text = " " + text
+    return list(text_tokenizer.encode(text, add_special_tokens=False))
+
+
+def encode_prompts(text_tokenizer, texts: list[str], add_bos: bool = True) -> list[list[int]]:
+    """Token ids of each text (one segment each, see :func:`encode_segment`), with the
+    tokenizer's BOS first when add_bos (and it has one).
 
     BOS is added explicitly rather than through the tokenizer's own template so the
     behaviour is the same for every model: it mirrors Meta's ``encode(text, bos=True)``.
     """
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    if add_bos and bos is not None:
-        ids = [[bos] + x for x in ids]
-    return [list(x) for x in ids]
-
-
+    bos = text_tokenizer.bos_token_id
+    head = [bos] if add_bos and bos is not None else []
+    return [head + encode_segment(text_tokenizer, t) for t in texts]

@@ -165,10 +165,13 @@ def sentencepiece_tokenizer(tok_file):
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(tok_file, Path(tmp) / "tokenizer.model")
         try:
-            return LlamaTokenizer.from_pretrained(tmp)
+            tokenizer = LlamaTokenizer.from_pretrained(tmp)
         except Exception as e:  # sentencepiece/protobuf raise assorted types on a bad file
             raise V2LError(f"{tok_file}: not a sentencepiece tokenizer model ({type(e).__name__}); "
                            "LLaMA-3 style tiktoken files are not supported, convert to Hugging Face "
                            "format instead") from e
+    from models.llm import attach_sentencepiece
+    attach_sentencepiece(tokenizer, tok_file)  # prompt segments encode as Meta's Tokenizer
+    return tokenizer
 
 

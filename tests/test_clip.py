@@ -4,8 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from data.classes import imagenet_templates
-from models.clip import encode_text_templates, encode_text_truncated, load_clip, tokenize_templates
-from tiny_clip import make_tiny_clip, make_tiny_openai_archive, register_tiny_arch
+from models.clip import (encode_text_templates, encode_text_truncated, load_clip, openai_weights_hint,
+                         tokenize_templates)
+from tiny_clip import TINY_CLIP_CFG, make_tiny_clip, make_tiny_openai_archive, register_tiny_arch
 from utils.errors import V2LError
 
 TRICKY = ["cat", "hello world", "a.b", "x!", "  dog  ", "Ünïcode", "&amp", "'s", "1 2 3", "...",
@@ -80,3 +81,54 @@ def test_state_dict_file_and_bad_specs(tmp_path, clip):
         load_clip("no-such-clip")
     with pytest.raises(V2LError, match="not found"):
         load_clip(name, str(tmp_path / "missing.pt"))
+
+
+def _activation(bundle) -> str:
+    return type(bundle.model.transformer.resblocks[0].mlp.gelu).__name__
+
+
+def test_openai_state_dict_gets_quick_gelu(tmp_path, capsys):
+    """OpenAI's weights as an open_clip state dict (a .bin beside an open_clip_config.json
+    saying quick_gelu, as in open_clip's Hugging Face release) load into the GELU-configured
+    architecture with QuickGELU and compute what the QuickGELU model computes; the same file
+    with nothing to identify it loads with GELU, and the warning names the -quickgelu fix."""
+    import json
+
+    import open_clip
+    name = register_tiny_arch(tmp_path / "configs")
+    register_tiny_arch(tmp_path / "configs", quick_gelu=True)
+    torch.manual_seed(1)
+    eager = open_clip.CLIP(**TINY_CLIP_CFG, quick_gelu=True).eval().requires_grad_(False)
+    release = tmp_path / "release"
+    release.mkdir()
+    torch.save(eager.state_dict(), release / "open_clip_pytorch_model.bin")
+    (release / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": {**TINY_CLIP_CFG, "quick_gelu": True}}))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    torch.save(eager.state_dict(), bare / "weights.bin")
+    tokens = open_clip.get_tokenizer(name)(["a photo of a dog.", "x"])
+    with torch.no_grad():
+        want = eager.encode_text(tokens)
+
+        found = load_clip(name, str(release / "open_clip_pytorch_model.bin"))
+        assert _activation(found) == "QuickGELU" and "quick_gelu" in capsys.readouterr().err
+        assert torch.equal(found.model.encode_text(tokens), want)
+
+        unknown = load_clip(name, str(bare / "weights.bin"))
+        assert _activation(unknown) == "GELU"
+        assert f"--clip {name}-quickgelu" in capsys.readouterr().err
+        assert (unknown.model.encode_text(tokens) - want).abs().max() > 1e-3  # GELU is wrong here
+        fixed = load_clip(f"{name}-quickgelu", str(bare / "weights.bin"))
+        assert torch.equal(fixed.model.encode_text(tokens), want)
+    assert found.ident != unknown.ident  # an artifact made with the wrong activation is refused
+
+
+def test_openai_release_recognised_by_path():
+    """open_clip's own QuickGELU release of ViT-L-14 (its Hugging Face repo, also as the hub
+    cache lays it out) is recognised; LAION's GELU release is not."""
+    hub = "/cache/huggingface/hub/models--{}/snapshots/0123/open_clip_pytorch_model.bin"
+    assert openai_weights_hint("ViT-L-14", hub.format("timm--vit_large_patch14_clip_224.openai"))
+    assert openai_weights_hint("ViT-L-14", "/w/vit_large_patch14_clip_224.openai/model.bin")
+    assert openai_weights_hint("ViT-L-14", hub.format("laion--CLIP-ViT-L-14-laion2B-s32B-b82K")) is None
+    assert openai_weights_hint("ViT-L-14", "/w/ViT-L-14/open_clip_pytorch_model.bin") is None

@@ -43,7 +43,7 @@ def setup(tmp_path_factory):
 def _args(tmp, out, **extra):
     args = {"tokenizer_dir": tmp / "tokenizer", "data_dir": tmp / "data", "out_dir": out,
             "results_csv": tmp / f"{Path(out).name}.csv", "device": "cpu", "batch_size": 3,
-            "num_workers": 0, "chunk_size": 2, "grid_images": 2, **extra}
+            "num_workers": 0, "chunk_size": 2, "grid_images": 2, "protocol": "standard", **extra}
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]
 
 
@@ -90,6 +90,7 @@ def test_killed_run_resumes_from_chunks(full_run):
 def test_results_match_direct_computation(setup, full_run):
     out = full_run[0]
     res = load_json(out / "results.json")
+    assert res["protocol"] == "standard"
     assert res["n_images"] == N_IMAGES and res["unreadable_images"] == 1
     assert set(res["skipped"]) == {"fid", "is", "lpips"}
     assert "weights-inception-2015-12-05-6726825d.pth" in res["skipped"]["fid"]
@@ -117,6 +118,39 @@ def test_results_match_direct_computation(setup, full_run):
     rows = list(csv.DictReader(open(setup / "full.csv")))
     assert len(rows) == 1 and int(rows[0]["n_images"]) == N_IMAGES
     assert abs(float(rows[0]["psnr"]) - res["psnr"]) < 1e-9
+
+
+def test_authors_protocol_at_256_with_png_dumps(setup, monkeypatch, tmp_path):
+    """--protocol authors: 256 px centre crops (a 32 x 32 token grid from the 128 px-trained
+    tokenizer), the authors' metric code, the protocol named in results and CSV, PNG dumps."""
+    import pyiqa.utils.download_util as pyiqa_download
+    from engine.metrics import psnr_y
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(pyiqa_download, "DEFAULT_CACHE_DIR", str(tmp_path / "hub" / "pyiqa"))
+    out = tmp_path / "authors"
+    _run_in_process(monkeypatch, setup, out, protocol="authors", dump_png="true", grid_images=0)
+    res = load_json(out / "results.json")
+    assert res["protocol"] == "authors" and res["n_images"] == N_IMAGES
+    assert set(res["skipped"]) == {"fid", "is", "lpips"}
+    assert "inception_v3_google-0cc3c7bd.pth" in res["skipped"]["is"]
+    counts = load_tensors(out / "token_counts.safetensors")["counts"]
+    assert counts.sum() == N_IMAGES * 32 * 32
+    sources = sorted((out / "png" / "source").glob("*.png"))
+    recs = sorted((out / "png" / "reconstruction").glob("*.png"))
+    assert len(sources) == len(recs) == N_IMAGES
+    assert Image.open(sources[0]).size == (256, 256)
+    # The PNGs are the 8-bit images, and the authors' PSNR is on the float ones: rounding both
+    # moves Y by at most 2 x 0.5 x 219/255 per pixel, so the RMSE by at most that (delta)
+    # and the PSNR by at most 20/ln(10) x delta / (rmse - delta) dB.
+    read = lambda p: torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1)[None]  # noqa: E731
+    per_image = torch.cat([psnr_y(read(a), read(b)) for a, b in zip(sources, recs)])
+    delta = 219 / 255
+    rmse = 255 / 10 ** (per_image / 20)
+    bound = (20 / np.log(10) * delta / (rmse - delta)).mean().item()
+    rounded = per_image.mean().item()
+    assert 0 < abs(rounded - res["psnr"]) <= bound
+    rows = list(csv.DictReader(open(setup / "authors.csv")))
+    assert rows[-1]["protocol"] == "authors"
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@ import pytest
 import torch
 from tiny_llm import make_sentencepiece_model, make_tiny_llama, tiny_llama_model
 
-from models.llm import encode_prompts, load_llm, printable_mask, resolve_dtype, token_strings
+from models.llm import (SENTENCEPIECE_ATTR, attach_sentencepiece, encode_prompts, encode_segment,
+                        load_llm, printable_mask, resolve_dtype, token_strings)
 from models.meta_llama import _meta_permute, meta_intermediate_size
 from meta_export import save_meta_llama
 from utils.errors import V2LError
@@ -151,6 +152,58 @@ def test_token_strings_byte_level_bpe(tmp_path):
     assert strings[partial] == "\ufffd" and not printable[partial]
     newline = tok.convert_tokens_to_ids("Ċ")
     assert strings[newline] == "\n" and not printable[newline]
+
+
+# Prompt segments as the authors' few-shot/denoising prompts have them: leading, repeated
+# and trailing spaces, newlines, empty.
+SEGMENTS = [" >\nOutput: ", "Input: ", "Output: ", "a photo of the cat", " cat", "  cat",
+            "   dog  ", "cat ", "cat  ", " ", "  ", "   ", "", "\n", " \n dog", "\n  red", "é 42 "]
+
+
+def test_encode_segment_equals_sentencepiece(tmp_path):
+    """Meta's tokenizer (sentencepiece attached) and a transformers LLaMA tokenizer saved as a
+    Hugging Face directory without tokenizer.model (the leading-space fix) both give exactly
+    sentencepiece's encode of every segment; the plain transformers encode does not."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from models.meta_llama import sentencepiece_tokenizer
+    sp_file = make_sentencepiece_model(tmp_path / "spm", space_runs=True)
+    sp = spm.SentencePieceProcessor(model_file=sp_file)
+    assert sp.piece_to_id("\u2581\u2581") != sp.unk_id()  # repeated spaces are real pieces
+    meta = sentencepiece_tokenizer(sp_file)
+    assert getattr(meta, SENTENCEPIECE_ATTR, None) is not None
+    meta.save_pretrained(tmp_path / "hf")
+    hf = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert getattr(hf, SENTENCEPIECE_ATTR, None) is None
+    for text in SEGMENTS:
+        want = sp.encode(text)
+        assert encode_segment(meta, text) == want, text
+        assert encode_segment(hf, text) == want, text
+    plain = [hf.encode(t, add_special_tokens=False) for t in SEGMENTS]
+    differ = [t for t, ids in zip(SEGMENTS, plain) if ids != sp.encode(t)]
+    assert SEGMENTS[0] in differ and all(t.startswith(" ") for t in differ)  # what is fixed
+    assert encode_prompts(hf, SEGMENTS[:2]) == [[1] + sp.encode(t) for t in SEGMENTS[:2]]
+
+
+def test_hf_directory_with_tokenizer_model_uses_sentencepiece(tmp_path, tiny_dirs):
+    """load_llm attaches the HF directory's tokenizer.model only when it is the tokenizer's own."""
+    own = Path(tiny_dirs["hf"]).parent / ".hf-spm" / "spm.model"
+    with_model = tmp_path / "with"
+    shutil.copytree(tiny_dirs["hf"], with_model)
+    shutil.copy(own, with_model / "tokenizer.model")
+    text_tokenizer = load_llm(with_model).text_tokenizer
+    assert getattr(text_tokenizer, SENTENCEPIECE_ATTR, None) is not None
+    other = make_sentencepiece_model(tmp_path / "other", seed=1, space_runs=True)
+    assert not attach_sentencepiece(load_llm(tiny_dirs["hf"]).text_tokenizer, other)
+    assert not attach_sentencepiece(text_tokenizer, tmp_path / "missing.model")
+
+
+def test_encode_segment_byte_level_bpe_unchanged(tmp_path):
+    text_tokenizer = _byte_level_tokenizer(tmp_path)
+    for text in SEGMENTS:
+        assert encode_segment(text_tokenizer, text) == text_tokenizer.encode(
+            text, add_special_tokens=False), text
 
 
 def test_device_map_auto_loads_both_formats(tiny_dirs):

@@ -12,6 +12,7 @@ from engine.candidates import count_topk_hits, hit_threshold, select_global
 from models.clip import load_clip
 from tiny_clip import make_tiny_clip
 from utils.artifacts import load_json, load_tensors, read_manifest
+from utils.errors import V2LError
 
 WORDS = ["cat", "dog", "", "tree", "car", "sky", "red", "blue", "house", "bird"]
 
@@ -28,11 +29,27 @@ def test_bincount_equals_one_hot_reference():
 
 
 def test_threshold_logic():
-    assert hit_threshold(1_281_167, None, 100 / 1_281_167) == pytest.approx(100)
-    assert hit_threshold(1000, 3, 0.5) == 3.0  # an absolute threshold wins
-    assert hit_threshold(1000, None, 0.01) == 10.0
+    assert hit_threshold(1000, 3, "1/2") == 3  # an absolute threshold wins
+    assert hit_threshold(1000, None, "0.01") == 10
+    assert hit_threshold(999, None, "0.01") == 9   # more than 9.99 hits: 10 or more
+    with pytest.raises(V2LError, match="threshold_rate"):
+        hit_threshold(1000, None, "1/0")
     hits = torch.tensor([0, 10, 11, 3, 100])
+    assert select_global(hits, 10).tolist() == [2, 4]
     assert select_global(hits, 10.0).tolist() == [2, 4]  # strictly more than the threshold
+
+
+def test_default_rate_on_full_imagenet_keeps_more_than_100():
+    """The paper keeps candidates hit more than 100 times in ImageNet's 1,281,167 train
+    images: with the script's default rate, 100 hits are dropped and 101 kept."""
+    from utils.cli import build_parser
+    source = (REPO / "step3_codebook_filtering.py").read_text(encoding="utf-8")
+    rate = {name: default for name, default, _ in build_parser(source, None)[1]}["THRESHOLD_RATE"]
+    min_hits = hit_threshold(1_281_167, None, rate)
+    assert min_hits == 100
+    assert select_global(torch.tensor([99, 100, 101, 5000]), min_hits).tolist() == [2, 3]
+    # one image fewer and the scaled threshold drops just below 100: 100 hits are kept
+    assert hit_threshold(1_281_166, None, rate) == 99
 
 
 @pytest.fixture(scope="module")

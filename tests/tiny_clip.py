@@ -27,15 +27,17 @@ def make_tiny_clip(out_dir, seed: int = 0) -> str:
 TINY_ARCH = "tiny-clip-test"
 
 
-def register_tiny_arch(config_dir) -> str:
-    """Register the tiny config as a named open_clip architecture (like ``ViT-L-14``)."""
+def register_tiny_arch(config_dir, quick_gelu: bool = False) -> str:
+    """Register the tiny config as a named open_clip architecture (like ``ViT-L-14``;
+    quick_gelu: its ``-quickgelu`` sibling, like ``ViT-L-14-quickgelu``)."""
     import json
     from pathlib import Path
-    path = Path(config_dir) / f"{TINY_ARCH}.json"
+    name = f"{TINY_ARCH}-quickgelu" if quick_gelu else TINY_ARCH
+    path = Path(config_dir) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(TINY_CLIP_CFG))
+    path.write_text(json.dumps({**TINY_CLIP_CFG, "quick_gelu": True} if quick_gelu else TINY_CLIP_CFG))
     open_clip.add_model_config(str(path))
-    return TINY_ARCH
+    return name
 
 
 def make_tiny_openai_archive(path, seed: int = 0) -> torch.nn.Module:

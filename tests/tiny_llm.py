@@ -21,14 +21,20 @@ WORDS = ("a photo of the cat dog bird tree house car red blue green small big ol
          "black white yellow wooden metal glass shiny dark bright happy sleeping eating").split()
 
 
-def make_sentencepiece_model(out_dir, vocab_size: int = 400, seed: int = 0) -> str:
+def make_sentencepiece_model(out_dir, vocab_size: int = 400, seed: int = 0,
+                             space_runs: bool = False) -> str:
     """Train a LLaMA-style sentencepiece BPE model (byte fallback, split digits, ids
-    0/1/2 = <unk>/<s>/</s>) on generated sentences; return the tokenizer.model path."""
+    0/1/2 = <unk>/<s>/</s>) on generated sentences; return the tokenizer.model path.
+    space_runs: also lines with leading and repeated spaces, so that whitespace-only
+    pieces ("▁▁", as in LLaMA-2's vocabulary) are learned."""
     import sentencepiece as spm
     rng = random.Random(seed)
     tails = [".", "!", ",", " 42", " 2024", "", "?"]
     lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + rng.choice(tails)
              for _ in range(3000)]
+    if space_runs:
+        lines += [" " * rng.randint(1, 4) + (" " * rng.randint(1, 3)).join(
+            rng.choice(WORDS) for _ in range(rng.randint(2, 6))) for _ in range(1000)]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prefix = out_dir / "spm"
