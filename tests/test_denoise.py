@@ -14,6 +14,7 @@ from engine.denoise import (NOISE_RATES, TASKS, VARIANTS, DenoisePrompter, Denoi
                             corrupt_batch, corrupt_image, encode_task, llm_dtype, noise_count,
                             noisy_copies, prediction_mask, query_tokens, restore, token_hits, variant_images)
 from engine.greedy import BatchedGreedy
+from models.llm import encode_segment
 from models.tokenizer_io import save_tokenizer
 from test_fewshot import image_folders, run_script
 from tiny_llm import make_tiny_llama
@@ -152,7 +153,7 @@ def test_prompt_layout(llm):
     p = DenoisePrompter(text_tokenizer, step=2)
     ids = p.build(torch.tensor([[7, 8], [9, 10]]), torch.tensor([[11, 12], [13, 14]]),
                   torch.tensor([15, 16]))
-    enc = lambda s: text_tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    enc = lambda s: encode_segment(text_tokenizer, s)  # noqa: E731  (each segment as Meta encodes it)
     head = [text_tokenizer.bos_token_id] + enc("Learning a new language and predict the 2 tokens "
                                                "following the examples.\n")
     i, o = enc("###\nInput: < "), enc(" >\nOutput: ")

@@ -10,6 +10,7 @@ from PIL import Image
 
 from data.episodes import generate_episodes, read_episode_csv
 from engine.greedy import BatchedGreedy
+from models.llm import encode_segment
 from models.tokenizer_io import save_tokenizer
 from engine.fewshot import (FewShotPrompter, NameTrie, induction_line,
                             wilson_interval)
@@ -98,7 +99,7 @@ def test_prompt_layout(llm):
     for part in parts:                                      # every piece, in prompt order
         at = prompt.text.index(part, at) + len(part)
     assert prompt.text.count("###\nInput: <") == 5 and prompt.text.count(">\nOutput:") == 5
-    enc = lambda s: text_tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    enc = lambda s: encode_segment(text_tokenizer, s)  # noqa: E731  (each segment as Meta encodes it)
     seg = enc("###\nInput: < ") + enc("red tree") + enc(" >\nOutput: ") + enc("cat")
     assert prompt.ids[0] == text_tokenizer.bos_token_id
     assert prompt.ids[1:1 + len(enc(line))] == enc(line)

@@ -42,9 +42,9 @@ def test_threshold_logic():
 def test_default_rate_on_full_imagenet_keeps_more_than_100():
     """The paper keeps candidates hit more than 100 times in ImageNet's 1,281,167 train
     images: with the script's default rate, 100 hits are dropped and 101 kept."""
-    from utils.cli import build_parser
+    from utils.cli import settings_of
     source = (REPO / "step3_codebook_filtering.py").read_text(encoding="utf-8")
-    rate = {name: default for name, default, _ in build_parser(source, None)[1]}["THRESHOLD_RATE"]
+    rate = {s.name: s.default for s in settings_of(source)}["THRESHOLD_RATE"]
     min_hits = hit_threshold(1_281_167, None, rate)
     assert min_hits == 100
     assert select_global(torch.tensor([99, 100, 101, 5000]), min_hits).tolist() == [2, 3]
