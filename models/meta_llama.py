@@ -63,9 +63,9 @@ def _meta_files(path: Path) -> tuple[dict, Path, list[Path]]:
     if missing:
         raise V2LError(f"{params_file}: lacks {', '.join(missing)}; not a LLaMA params.json, "
                        "restore it from the original download")
-    tok = next((p for p in (path / "tokenizer.model", path.parent / "tokenizer.model")
+    tok_file = next((p for p in (path / "tokenizer.model", path.parent / "tokenizer.model")
                 if p.is_file()), None)
-    if tok is None:
+    if tok_file is None:
         raise V2LError(f"{path}: tokenizer.model not found here or in the parent directory; "
                        "copy Meta's tokenizer.model next to params.json")
     shards = sorted(path.glob("consolidated.*.pth"))
@@ -75,7 +75,7 @@ def _meta_files(path: Path) -> tuple[dict, Path, list[Path]]:
     if numbers != list(range(len(shards))):
         raise V2LError(f"{path}: weight shards are numbered {numbers}, expected 0..{len(shards) - 1}; "
                        "a shard is missing, download it again")
-    return params, tok, shards
+    return params, tok_file, shards
 
 
 def meta_config(params: dict, vocab_size: int, intermediate_size: int):

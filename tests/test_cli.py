@@ -29,7 +29,7 @@ KS = (5, 21)  # exactly two values
 LEVELS: tuple[int, ...] = (1, 2)  # one or more values
 TASKS = ["a", "b"]  # any number of values
 RATE = 1.5  # a float, 100% of it
-cfg = configure(globals())
+settings = configure(globals())
 AFTER = 3  # set after the flags are read: not a setting
 '''
 
@@ -40,7 +40,7 @@ def toy(tmp_path, text=SCRIPT):
     return {"__file__": str(script), "__doc__": "A toy stage."}
 
 
-def settings_error(body: str, tail: str = "cfg = configure(globals())\n") -> str:
+def settings_error(body: str, tail: str = "settings = configure(globals())\n") -> str:
     with pytest.raises(V2LError) as e:
         settings_of("import os\n" + body + tail, "toy.py")
     return str(e.value)
@@ -48,12 +48,12 @@ def settings_error(body: str, tail: str = "cfg = configure(globals())\n") -> str
 
 def test_types_follow_the_defaults(tmp_path):
     g = toy(tmp_path)
-    cfg = configure(g, ["--chunk", "3", "--flag", "--opt", "p", "--ks", "1", "2", "--rate", "5",
+    settings = configure(g, ["--chunk", "3", "--flag", "--opt", "p", "--ks", "1", "2", "--rate", "5",
                         "--tasks", "c", "--levels", "1", "2", "4"])
-    assert cfg == {"chunk": 3, "name": "abc", "flag": True, "opt": "p", "limit": None,
+    assert settings == {"chunk": 3, "name": "abc", "flag": True, "opt": "p", "limit": None,
                    "ks": (1, 2), "levels": (1, 2, 4), "tasks": ["c"], "rate": 5.0}
     assert g["CHUNK"] == 3 and g["KS"] == (1, 2) and type(g["RATE"]) is float
-    assert configure(g, [])["chunk"] == 64 and "after" not in cfg
+    assert configure(g, [])["chunk"] == 64 and "after" not in settings
     with pytest.raises(SystemExit):
         configure(g, ["--chunk", "x"])
     with pytest.raises(SystemExit):
@@ -122,15 +122,15 @@ def test_only_settings_between_imports_and_configure():
         settings_of("A = 1\nimport os\nB = 2\ncfg = configure(globals())\n", "toy.py")
     # a computed one there is fine (e.g. ROOT = Path(__file__)... before sys.path setup)
     assert [s.name for s in settings_of("ROOT = os.getcwd()\nimport os\nB = 2\n"
-                                        "cfg = configure(globals())\n")] == ["B"]
+                                        "settings = configure(globals())\n")] == ["B"]
 
 
 def test_configure_must_be_one_top_level_statement():
     assert "no configure(globals()) call" in settings_error("A = 1\n", tail="")
     assert "not inside a function" in settings_error(
-        "A = 1\n", tail="def main():\n    cfg = configure(globals())\n")
+        "A = 1\n", tail="def main():\n    settings = configure(globals())\n")
     assert "not inside a function" in settings_error(
-        "A = 1\n", tail="if True:\n    cfg = configure(globals())\n")
+        "A = 1\n", tail="if True:\n    settings = configure(globals())\n")
     assert [s.name for s in settings_of("import os\nA = 1\nconfigure(globals())\n")] == ["A"]
     assert [s.name for s in settings_of("import os\nA = 1\ncfg = cli.configure(globals())\n")] == ["A"]
 

@@ -238,8 +238,8 @@ def test_baseline_is_the_corrupted_image_through_the_same_tokenizer(tokenizer, t
 
 def test_eval_denoising_script_all_tasks(tmp_path, llm_dir, monkeypatch, capsys):
     from fixtures_tokenizer import make_tiny_tokenizer
-    tok, _, _ = make_tiny_tokenizer(tmp_path / "tok", llm_ids=torch.arange(100, 164))
-    save_tokenizer(tok, tmp_path / "tokenizer")
+    tokenizer, _, _ = make_tiny_tokenizer(tmp_path / "artifacts", llm_ids=torch.arange(100, 164))
+    save_tokenizer(tokenizer, tmp_path / "tokenizer")
     data = image_folders(tmp_path / "data" / "val", {"cat": 1, "dog": 1})
     out = tmp_path / "out"
     args = ["--tokenizer_dir", str(tmp_path / "tokenizer"), "--llm", llm_dir, "--data_dir",

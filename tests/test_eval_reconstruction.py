@@ -27,8 +27,8 @@ N_IMAGES = 3
 def setup(tmp_path_factory):
     """A saved tiny tokenizer with its manifest chain, and a val folder of small images."""
     tmp = tmp_path_factory.mktemp("evalrec")
-    tok, clip, dirs = make_tiny_tokenizer(tmp)
-    save_tokenizer(tok, tmp / "tokenizer")
+    tokenizer, clip, dirs = make_tiny_tokenizer(tmp)
+    save_tokenizer(tokenizer, tmp / "tokenizer")
     write_manifest(tmp / "tokenizer", "tokenizer", {}, ["tokenizer.pt"],
                    inputs={"codebook": dirs["codebook"], "global": dirs["global"]})
     rng = np.random.default_rng(0)
@@ -96,13 +96,13 @@ def test_results_match_direct_computation(setup, full_run):
     assert "weights-inception-2015-12-05-6726825d.pth" in res["skipped"]["fid"]
 
     # the same numbers straight from the public API
-    tok = load_tokenizer(setup / "tokenizer")
-    data = ImageFolderDataset(setup / "data", "val", tok.clip.image_views(128))
+    tokenizer = load_tokenizer(setup / "tokenizer")
+    data = ImageFolderDataset(setup / "data", "val", tokenizer.clip.image_views(128))
     batch = collate_skip_bad([data[i] for i in range(len(data))])
     x128, x_clip = batch["image"]
-    gidx, ids = tok.encode(x128, x_clip)
-    acc = ReconstructionMetrics(("psnr", "ssim", "codebook"), n_codes=len(tok.llm_ids))
-    acc.update(x128, tok.decode(ids, global_idx=gidx), codes=tok.rows_from_llm_ids(ids))
+    gidx, ids = tokenizer.encode(x128, x_clip)
+    acc = ReconstructionMetrics(("psnr", "ssim", "codebook"), n_codes=len(tokenizer.llm_ids))
+    acc.update(x128, tokenizer.decode(ids, global_idx=gidx), codes=tokenizer.rows_from_llm_ids(ids))
     ref = acc.compute()
     for k in ("psnr", "ssim", "codebook_used", "codebook_perplexity"):
         assert abs(res[k] - ref[k]) < 1e-4 * max(1, abs(ref[k])), k

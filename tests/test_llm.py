@@ -106,24 +106,24 @@ def test_permutation_matches_meta_rotary_convention():
 def test_meta_tokenizer_matches_sentencepiece(tiny_dirs):
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=str(Path(tiny_dirs["meta"]) / "tokenizer.model"))
-    tok = load_llm(tiny_dirs["meta"]).text_tokenizer
+    text_tokenizer = load_llm(tiny_dirs["meta"]).text_tokenizer
     for text in [PROMPT, "a photo of  dog\nsitting é 2024", "a photo of ing"]:
-        assert encode_prompts(tok, [text]) == [[1] + sp.encode(text)]   # BOS like encode(bos=True)
+        assert encode_prompts(text_tokenizer, [text]) == [[1] + sp.encode(text)]   # BOS like encode(bos=True)
 
 
 def test_token_strings_sentencepiece(tiny_dirs):
-    tok = load_llm(tiny_dirs["hf"]).text_tokenizer
-    ids = list(range(len(tok)))
-    strings = token_strings(tok, ids)
-    pieces = tok.convert_ids_to_tokens(ids)
-    printable = printable_mask(tok, ids, strings)
+    text_tokenizer = load_llm(tiny_dirs["hf"]).text_tokenizer
+    ids = list(range(len(text_tokenizer)))
+    strings = token_strings(text_tokenizer, ids)
+    pieces = text_tokenizer.convert_ids_to_tokens(ids)
+    printable = printable_mask(text_tokenizer, ids, strings)
     for piece, s, ok in zip(pieces, strings, printable):
         if piece.startswith("<0x"):
             assert not ok
         elif piece.startswith("▁") and piece != "▁":
             assert s == " " + piece[1:] and ok
     assert strings[1] == "<s>" and not printable[1] and not printable[0]
-    assert token_strings(tok, [2, 1], skip_special=True) == ["", ""]
+    assert token_strings(text_tokenizer, [2, 1], skip_special=True) == ["", ""]
     assert sum(p.startswith("▁") and len(p) > 2 for p in pieces) > 20   # word pieces were checked
 
 
@@ -141,16 +141,16 @@ def _byte_level_tokenizer(tmp_path):
 
 
 def test_token_strings_byte_level_bpe(tmp_path):
-    tok = _byte_level_tokenizer(tmp_path)
-    ids = list(range(len(tok)))
-    strings = token_strings(tok, ids)
-    printable = printable_mask(tok, ids, strings)
-    cat = tok.convert_tokens_to_ids("Ġcat")
+    text_tokenizer = _byte_level_tokenizer(tmp_path)
+    ids = list(range(len(text_tokenizer)))
+    strings = token_strings(text_tokenizer, ids)
+    printable = printable_mask(text_tokenizer, ids, strings)
+    cat = text_tokenizer.convert_tokens_to_ids("Ġcat")
     assert strings[cat] == " cat" and printable[cat]
-    assert not printable[tok.convert_tokens_to_ids("<|endoftext|>")]
-    partial = tok.convert_tokens_to_ids("Ã")           # first byte of a 2-byte UTF-8 char
+    assert not printable[text_tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    partial = text_tokenizer.convert_tokens_to_ids("Ã")           # first byte of a 2-byte UTF-8 char
     assert strings[partial] == "\ufffd" and not printable[partial]
-    newline = tok.convert_tokens_to_ids("Ċ")
+    newline = text_tokenizer.convert_tokens_to_ids("Ċ")
     assert strings[newline] == "\n" and not printable[newline]
 
 

@@ -9,12 +9,12 @@ as a trailing comment (a comment block directly above a constant is added to it)
     OUT_DIR = "out/vocab"            # where the artifact is written
     MAX_IMAGES: int | None = None    # stop after this many images (none: all)
 
-    cfg = configure(globals())
+    settings = configure(globals())
 
 Rules (tests/test_cli.py holds one test per rule):
 
 * The settings are the statements between the script's last top-level import
-  and one top-level ``cfg = configure(globals())`` (or a bare
+  and one top-level ``settings = configure(globals())`` (or a bare
   ``configure(globals())``). Only UPPER_CASE assignments may stand there; each
   becomes ``--lower_case_name``. Anything else there, an UPPER_CASE literal
   above the imports (it would silently not be a flag), no top-level call, or
