@@ -126,7 +126,7 @@ if [[ $MODE == demo ]]; then
   S4=(--epochs 2 --warmup_epochs 0 --lr 1e-3 --batch_size 8 --ch 32 --num_res_blocks 1
       --z_channels 64 --cross_heads 8 --cross_head_dim 64 --global_topk 21 --perceptual_weight 0
       --disc_weight 0 --channels_last true --num_workers 2 --log_every 10 --save_every_epoch 0)
-  ER=(--max_images 300 --batch_size 32 --num_workers 2 --chunk_size 100)
+  ER=(--max_images 300 --batch_size 32 --num_workers 2 --chunk_size 100 --protocol standard)
   EU=(--n_episodes 200 --n_way 2 --k_shot 1 --global_k 21 --batch_size 8 --split val --num_workers 0
       --class_names spaces)
   ED=(--max_images 2 --tasks inpainting rotation --batch_size 64 --chunk_images 2 --num_workers 0
