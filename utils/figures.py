@@ -70,3 +70,27 @@ def plot_hit_histogram(hits: torch.Tensor, min_hits: float, path) -> None:
     ax.set_ylabel("candidates")
     ax.legend()
     _save(fig, path)
+
+
+def save_text_gallery(image_paths: list[str], texts: list[str], path, per_line: int = 4,
+                      wrap: int = 34) -> None:
+    """PNG of images, each with its text underneath (e.g. generated caption and references),
+    ``per_line`` images per row; long lines are wrapped at ``wrap`` characters."""
+    import textwrap
+
+    from data.images import load_rgb
+    plt = _pyplot()
+    n = len(image_paths)
+    cols = max(1, min(per_line, n))
+    rows = max(1, (n + cols - 1) // cols)
+    printable = lambda t: "".join(c if c.isprintable() else "?" for c in t)  # noqa: E731
+    lines = [sum((textwrap.wrap(printable(t), wrap) or [""] for t in text.split("\n")), [])
+             for text in texts]
+    height = 2.6 + 0.17 * max((len(x) for x in lines), default=0)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, height * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, p, text in zip(axes.flat, image_paths, lines):
+        ax.imshow(load_rgb(p))
+        ax.set_title("\n".join(text), fontsize=7.5, loc="left", y=-0.02, va="top")
+    _save(fig, path)
