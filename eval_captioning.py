@@ -100,9 +100,8 @@ def main():
     queries, pool, fmt = load_captions(CAPTIONS_FILE, IMAGE_DIR or None, SPLIT, EXAMPLE_SPLIT)
     queries = spread(queries, MAX_IMAGES)
     picker = ExamplePicker(pool, K_SHOT, SEED, fixed=FIXED_EXAMPLES)
-    used = {id(pool[i]): pool[i] for q in queries for i in picker(q)}
-    where = IMAGE_DIR or str(Path(CAPTIONS_FILE).parent)
-    check_images(queries + list(used.values()), CAPTIONS_FILE, where)
+    used = [pool[i] for q in queries for i in picker(q)]
+    check_images(queries + used, CAPTIONS_FILE, IMAGE_DIR or str(Path(CAPTIONS_FILE).parent))
     settings = {k: cfg[k] for k in ("captions_file", "split", "example_split", "k_shot",
                                     "fixed_examples", "global_k", "local_tokens", "max_new_tokens",
                                     "seed", "tokenizer_dir", "llm")}

@@ -122,8 +122,8 @@ def main():
     ddp = dist.init(DEVICE)
     queries = spread_images(queries, MAX_IMAGES)
     picker = ExamplePicker(pool, K_SHOT, SEED, fixed=FIXED_EXAMPLES, same_type=SAME_TYPE)
-    used = {pool[i].path: pool[i] for q in queries for i in picker(q)}
-    check_images(list({q.path: q for q in queries}.values()) + list(used.values()),
+    used = [pool[i] for q in queries for i in picker(q)]
+    check_images(queries + used,
                  QUESTIONS_FILE or DATA_DIR, IMAGE_DIR if QUESTIONS_FILE else DATA_DIR)
     settings = {k: cfg[k] for k in ("questions_file", "annotations_file", "data_dir", "split",
                                     "example_split", "k_shot", "same_type", "fixed_examples",

@@ -24,6 +24,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data.images import is_image
 from utils.errors import V2LError
 
 
@@ -76,8 +77,9 @@ def caption_format(data) -> str:
         if all(isinstance(i, dict) and "sentences" in i for i in data["images"][:5]):
             return "karpathy"
     elif isinstance(data, dict) and data and all(
-            isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(c, str) for c in v))
-            for v in data.values()):
+            is_image(Path(k)) and (isinstance(v, str) or (isinstance(v, list) and v
+                                                            and all(isinstance(c, str) for c in v)))
+            for k, v in data.items()):
         return "mapping"
     return "unknown"
 
@@ -150,10 +152,11 @@ def spread_images(items: list, n: int | None) -> list:
 
 
 def check_images(items: list, source, image_dir) -> None:
-    """Refuse items whose image file is missing, naming how many and the first."""
-    missing = [it.path for it in items if not Path(it.path).is_file()]
+    """Refuse items whose image file is missing, naming how many images and the first."""
+    paths = list(dict.fromkeys(it.path for it in items))
+    missing = [p for p in paths if not Path(p).is_file()]
     if missing:
-        raise V2LError(f"{len(missing)} of {len(items)} images listed in {source} are missing from "
+        raise V2LError(f"{len(missing)} of {len(paths)} images listed in {source} are missing from "
                        f"{image_dir} (e.g. {missing[0]}); pass --image_dir, the folder holding them")
 
 
