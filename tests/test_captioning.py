@@ -235,3 +235,18 @@ def test_torchrun_two_ranks_equal_one(setup, tmp_path):
                           for v in ("image", "ceiling", "floor")})
     assert sorted((tmp_path / "two" / "image").glob("log.rank*.jsonl"))[-1].name == "log.rank1.jsonl"
     assert results["one"] == results["two"]
+
+
+def test_image_words_global_and_local(setup):
+    from engine.fewshot import global_token_strings
+    from engine.open_ended import image_words
+    from models.tokenizer import V2LTokenizer
+    tokenizer = V2LTokenizer.load(setup["tokenizer"])
+    paths = sorted(str(p) for p in (Path(setup["world"]) / "val").rglob("*.png"))[:2]
+    words = image_words(tokenizer, paths, 3, local=True)
+    strings = global_token_strings(tokenizer, paths, 3, progress=False)
+    grid = tokenizer.config.grid
+    for p, s in zip(paths, strings):
+        assert words[p].text == "".join(s) and len(words[p].ids) == grid * grid
+        assert set(words[p].ids) <= set(tokenizer.llm_ids.tolist())
+    assert all(w.ids == () for w in image_words(tokenizer, paths, 3, local=False).values())
