@@ -93,7 +93,7 @@ def main():
         run(jobs[:BATCH_SIZE], True, BATCH_SIZE)                                   # warm-up
         for name, cache, batch in (("one at a time", False, 1), ("batched", False, BATCH_SIZE),
                                    ("batched + prefix cache", True, BATCH_SIZE)):
-            results[(fixed, name)] = timed(lambda: run(jobs, cache, batch))
+            results[(fixed, name)] = timed(lambda j=jobs, c=cache, b=batch: run(j, c, b))
         print(f"{'fixed' if fixed else 'per-query'} examples: {len(jobs[0][1].ids)}-token prompts")
     print(f"{'examples':<11}{'method':<26}{'seconds':>9}{'queries/s':>11}{'same captions':>15}")
     for (fixed, name), (sec, out) in results.items():

@@ -85,7 +85,7 @@ def save_text_gallery(image_paths: list[str], texts: list[str], path, per_line: 
     cols = max(1, min(per_line, n))
     rows = max(1, (n + cols - 1) // cols)
     printable = lambda t: "".join(c if c.isprintable() else "?" for c in t)  # noqa: E731
-    lines = [sum((textwrap.wrap(printable(t), wrap) or [""] for t in text.split("\n")), [])
+    lines = [[line for t in text.split("\n") for line in textwrap.wrap(printable(t), wrap) or [""]]
              for text in texts]
     text_h = 0.16 * max((len(x) for x in lines), default=1) + 0.1      # inches at 8 pt
     fig = plt.figure(figsize=(3.0 * cols, (2.6 + text_h) * rows))
