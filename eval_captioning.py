@@ -51,7 +51,7 @@ MAX_NEW_TOKENS = 30               # longest caption in tokens
 SEED = 0                          # example selection seed
 BATCH_SIZE = 8                    # prompts decoded together
 PREFIX_CACHE = True               # run a batch's shared prompt prefix once (same captions, faster)
-GALLERY = 12                      # images in gallery.png (0: none)
+GALLERY = 12                      # images in gallery.png, evenly spaced over the queries (0: none)
 DEVICE = "auto"                   # auto, cpu or cuda
 NUM_WORKERS = 2                   # image loading workers
 OUT_DIR = "out/eval_captioning"   # where results are written
@@ -85,7 +85,7 @@ def write_results(results: dict, rows: dict, queries: list) -> list[str]:
     print("\n".join(md))
     files = ["results.json", "results.md"]
     if GALLERY:
-        show = queries[:GALLERY]
+        show = spread(queries, GALLERY)
         texts = ["\n".join(f"{v}: {rows[v][q.key]['answer'] or '(empty)'}" for v in rows)
                  + f"\nreference: {q.captions[0]}" for q in show]
         save_text_gallery([q.path for q in show], texts, out / "gallery.png")

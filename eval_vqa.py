@@ -58,7 +58,7 @@ MAX_NEW_TOKENS = 10               # longest answer in tokens
 SEED = 0                          # example selection and demo question seed
 BATCH_SIZE = 8                    # prompts decoded together
 PREFIX_CACHE = True               # run a batch's shared prompt prefix once (same answers, faster)
-GALLERY = 12                      # images in gallery.png (0: none)
+GALLERY = 12                      # images in gallery.png, evenly spaced over the queries (0: none)
 DEVICE = "auto"                   # auto, cpu or cuda
 NUM_WORKERS = 2                   # image loading workers
 OUT_DIR = "out/eval_vqa"          # where results are written
@@ -106,7 +106,10 @@ def write_results(results: dict, rows: dict, queries: list, skipped: dict) -> li
     print("\n".join(md))
     files = ["results.json", "results.md"]
     if GALLERY:
-        show = queries[:GALLERY]
+        groups: dict[str, list] = {}
+        for q in spread_images(queries, GALLERY):
+            groups.setdefault(q.image_id, []).append(q)
+        show = [qs[i % len(qs)] for i, qs in enumerate(groups.values())]   # question types rotate
         texts = [f"Q: {q.question}\n" + "\n".join(f"{v}: {rows[v][q.key]['answer'] or '(empty)'}"
                                                    for v in rows)
                  + f"\nhuman: {max(q.answers, key=q.answers.count)}" for q in show]
