@@ -311,6 +311,8 @@ def run_variants(queries: list, pool: list, picker: ExamplePicker, variants: lis
     return every rank's rows, per variant, once all ranks are done."""
     from tqdm import tqdm
     from utils import dist
+    if not queries:
+        raise V2LError("no images or questions to answer; check the data files and --split")
     question = (lambda it: None) if not hasattr(queries[0], "question") else (lambda it: it.question)
     examples = {q.key: picker(q) for q in queries}
     logs = {v: JsonlLog(Path(out_dir) / v, settings | {"variant": v}, ddp.rank) for v in variants}
