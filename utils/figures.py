@@ -1,6 +1,7 @@
 """Every figure the stages write: image grids and matplotlib plots, saved atomically as PNG."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -70,3 +71,36 @@ def plot_hit_histogram(hits: torch.Tensor, min_hits: float, path) -> None:
     ax.set_ylabel("candidates")
     ax.legend()
     _save(fig, path)
+
+
+def save_text_gallery(image_paths: list[str], texts: list[str], path, per_line: int = 4,
+                      wrap: int = 40) -> None:
+    """PNG of images, each with its text underneath (e.g. generated captions and references),
+    ``per_line`` images per row; long lines are wrapped at ``wrap`` characters."""
+    import textwrap
+
+    from data.images import load_rgb
+    plt = _pyplot()
+    n = len(image_paths)
+    cols = max(1, min(per_line, n))
+    rows = max(1, (n + cols - 1) // cols)
+    printable = lambda t: "".join(c if c.isprintable() else "?" for c in t)  # noqa: E731
+    lines = [[line for t in text.split("\n") for line in textwrap.wrap(printable(t), wrap) or [""]]
+             for text in texts]
+    text_h = 0.16 * max((len(x) for x in lines), default=1) + 0.1      # inches at 8 pt
+    fig = plt.figure(figsize=(3.0 * cols, (2.6 + text_h) * rows))
+    grid = fig.add_gridspec(2 * rows, cols, height_ratios=[2.6, text_h] * rows, hspace=0.05,
+                            wspace=0.08, left=0.01, right=0.99, top=0.99, bottom=0.01)
+    for i, (p, text) in enumerate(zip(image_paths, lines)):
+        r, c = divmod(i, cols)
+        ax = fig.add_subplot(grid[2 * r, c])
+        ax.imshow(load_rgb(p))
+        ax.axis("off")
+        ax = fig.add_subplot(grid[2 * r + 1, c])
+        ax.axis("off")
+        ax.text(0, 1, "\n".join(text), va="top", ha="left", fontsize=8, family="monospace",
+                transform=ax.transAxes)
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")                 # glyphs the font lacks
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,123 @@
+"""Image captioning by a frozen LLM reading images as words, in context.
+
+The prompt holds K examples (image words -> caption) and then the query
+image's words; the LLM writes the caption greedily and stops at the separator
+(engine/open_ended.py gives the layout). Image words are the image's global
+token strings and, with --local_tokens, its local tokens. Three variants run
+on the same queries and examples:
+
+- image:   the V2L tokenizer's words for every image;
+- ceiling: each image's own first reference caption as its words;
+- floor:   no image words (the LLM writes from the examples alone).
+
+Scores: CIDEr-D and BLEU-4 from pycocoevalcap with PTB tokenisation
+(engine/captioning.py; METEOR and SPICE need Java and are skipped).
+
+Data: COCO Karpathy ``dataset_coco.json`` (test split; examples from train),
+COCO ``captions_val2014.json`` with its images, or any ``{image path: caption(s)}``
+JSON over a folder, such as the demo world's ``captions.json`` (val; examples
+from train). Writes ``<variant>/log.rank*.jsonl`` (resumable; torchrun splits
+the images), ``results.json``, ``results.md``, ``gallery.png`` and a manifest.
+
+    python eval_captioning.py --captions_file coco/dataset_coco.json --image_dir coco \\
+        --tokenizer_dir out/tokenizer --llm llama-2-7b
+    python eval_captioning.py --captions_file out/demo/data/captions.json --split val ...
+"""
+from pathlib import Path
+
+from data.captions import check_images, load_captions, spread
+from engine.captioning import SKIPPED, caption_scores, require_pycocoevalcap
+from engine.open_ended import (ExamplePicker, bootstrap_ci, check_variants, model_loaders,
+                               run_variants)
+from utils import dist
+from utils.artifacts import atomic_path, finished_inputs, save_json, write_manifest
+from utils.cli import configure, run_main
+from utils.figures import save_text_gallery
+
+TOKENIZER_DIR = "out/tokenizer"   # the trained tokenizer (directory or tokenizer.pt)
+LLM = "models/llama-2-7b"         # the frozen LLM: Hugging Face dir, Meta LLaMA dir or .gguf
+LLM_DTYPE = "auto"                # auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16
+CAPTIONS_FILE = "data/coco/dataset_coco.json"  # Karpathy dataset_coco.json, COCO captions_*.json, or {image path: caption(s)}
+IMAGE_DIR = ""                    # image root (Karpathy: COCO root with val2014/; COCO: the val2014 folder; "": the captions file's folder)
+SPLIT = "test"                    # captioned split (Karpathy: test; a mapping: first folder of its paths, e.g. val)
+EXAMPLE_SPLIT = "train"           # split the in-context examples come from (Karpathy train includes restval)
+MAX_IMAGES = 5000                 # images of the split, evenly spaced over it (Karpathy test: all 5,000)
+K_SHOT = 2                        # in-context examples per query
+FIXED_EXAMPLES = False            # the same seeded examples for every query (their prefix cache is shared)
+GLOBAL_K = 21                     # global tokens per image
+LOCAL_TOKENS = False              # also give each image's local tokens (grid x grid LLM ids)
+VARIANTS = ["image", "ceiling", "floor"]  # image: tokenizer words; ceiling: own reference caption; floor: none
+MAX_NEW_TOKENS = 30               # longest caption in tokens
+SEED = 0                          # example selection seed
+BATCH_SIZE = 8                    # prompts decoded together
+PREFIX_CACHE = True               # run a batch's shared prompt prefix once (same captions, faster)
+GALLERY = 12                      # images in gallery.png, evenly spaced over the queries (0: none)
+DEVICE = "auto"                   # auto, cpu or cuda
+NUM_WORKERS = 2                   # image loading workers
+OUT_DIR = "out/eval_captioning"   # where results are written
+
+cfg = configure(globals())
+
+
+def score(rows: dict, queries: list) -> dict:
+    refs = {q.key: q.captions for q in queries}
+    preds = {q.key: rows[q.key]["answer"] for q in queries}
+    s = caption_scores(preds, refs)
+    per = [s["per_key_cider"][q.key] for q in queries]
+    return {"n": len(queries), "CIDEr-D": s["CIDEr-D"], "CIDEr-D_ci95": list(bootstrap_ci(per, SEED)),
+            "BLEU-1": s["BLEU-1"], "BLEU-4": s["BLEU-4"],
+            "empty": sum(not preds[k] for k in preds),
+            "mean_prompt_tokens": sum(rows[q.key]["prompt_tokens"] for q in queries) / len(queries)}
+
+
+def write_results(results: dict, rows: dict, queries: list) -> list[str]:
+    out = Path(OUT_DIR)
+    save_json(out / "results.json", {"variants": results, "skipped": SKIPPED})
+    cols = ["variant", "n", "CIDEr-D", "CIDEr-D 95% CI", "BLEU-4", "empty"]
+    md = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    for v, r in results.items():
+        lo, hi = r["CIDEr-D_ci95"]
+        md.append(f"| {v} | {r['n']} | {r['CIDEr-D']:.3f} | {lo:.3f}-{hi:.3f} | {r['BLEU-4']:.3f} "
+                  f"| {r['empty']} |")
+    md.append("\nskipped: " + "; ".join(f"{k} ({why})" for k, why in SKIPPED.items()))
+    with atomic_path(out / "results.md") as tmp:
+        Path(tmp).write_text("\n".join(md) + "\n", encoding="utf-8")
+    print("\n".join(md))
+    files = ["results.json", "results.md"]
+    if GALLERY:
+        show = spread(queries, GALLERY)
+        texts = ["\n".join(f"{v}: {rows[v][q.key]['answer'] or '(empty)'}" for v in rows)
+                 + f"\nreference: {q.captions[0]}" for q in show]
+        save_text_gallery([q.path for q in show], texts, out / "gallery.png")
+        files.append("gallery.png")
+    return files
+
+
+def main():
+    require_pycocoevalcap()
+    variants, _ = check_variants(VARIANTS, True, CAPTIONS_FILE)
+    ddp = dist.init(DEVICE)
+    queries, pool, fmt = load_captions(CAPTIONS_FILE, IMAGE_DIR or None, SPLIT, EXAMPLE_SPLIT)
+    queries = spread(queries, MAX_IMAGES)
+    picker = ExamplePicker(pool, K_SHOT, SEED, fixed=FIXED_EXAMPLES)
+    used = [pool[i] for q in queries for i in picker(q)]
+    check_images(queries + used, CAPTIONS_FILE, IMAGE_DIR or str(Path(CAPTIONS_FILE).parent))
+    settings = {k: cfg[k] for k in ("captions_file", "split", "example_split", "k_shot",
+                                    "fixed_examples", "global_k", "local_tokens", "max_new_tokens",
+                                    "seed", "tokenizer_dir", "llm")}
+    load_llm_fn, load_tokenizer_fn = model_loaders(LLM, LLM_DTYPE, TOKENIZER_DIR, ddp.device)
+    rows = run_variants(queries, pool, picker, variants, OUT_DIR, settings, ddp, load_llm_fn,
+                        load_tokenizer_fn, GLOBAL_K, LOCAL_TOKENS, BATCH_SIZE, MAX_NEW_TOKENS,
+                        PREFIX_CACHE, NUM_WORKERS)
+    if ddp.is_main:
+        results = {v: score(rows[v], queries) for v in variants}
+        files = write_results(results, rows, queries)
+        inputs = finished_inputs(tokenizer=TOKENIZER_DIR) if "image" in variants else {}
+        write_manifest(OUT_DIR, "eval_captioning", cfg, files, inputs=inputs,
+                       info={"format": fmt, "variants": results, "skipped": SKIPPED})
+    dist.barrier(ddp)
+    dist.shutdown(ddp)
+
+
+if __name__ == "__main__":
+    run_main(main)
