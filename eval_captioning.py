@@ -29,15 +29,17 @@ from data.captions import check_images, load_captions, spread
 from engine.captioning import SKIPPED, caption_scores, require_pycocoevalcap
 from engine.open_ended import (ExamplePicker, bootstrap_ci, check_variants, model_loaders,
                                run_variants)
+from models.llm import llm_dtype
 from utils import dist
 from utils.artifacts import atomic_path, finished_inputs, save_json, write_manifest
 from utils.cli import configure, run_main
+from utils.stages import EVAL_CAPTIONING
 from utils.figures import save_text_gallery
 
 TOKENIZER_DIR = "out/tokenizer"   # the trained tokenizer (directory or tokenizer.pt)
-LLM = "models/llama-2-7b"         # the frozen LLM: Hugging Face dir, Meta LLaMA dir or .gguf
-LLM_DTYPE = "auto"                # auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16
-CAPTIONS_FILE = "data/coco/dataset_coco.json"  # Karpathy dataset_coco.json, COCO captions_*.json, or {image path: caption(s)}
+LLM = "/models/llama-2-7b"        # the frozen LLM: Hugging Face dir, Meta LLaMA dir or .gguf
+LLM_DTYPE = "fp16"                # fp16 or bf16 on GPU (as the other evaluations); on CPU always fp32
+CAPTIONS_FILE = "/data/coco/dataset_coco.json"  # Karpathy dataset_coco.json, COCO captions_*.json, or {image path: caption(s)}
 IMAGE_DIR = ""                    # image root (Karpathy: COCO root with val2014/; COCO: the val2014 folder; "": the captions file's folder)
 SPLIT = "test"                    # captioned split (Karpathy: test; a mapping: first folder of its paths, e.g. val)
 EXAMPLE_SPLIT = "train"           # split the in-context examples come from (Karpathy train includes restval)
@@ -56,7 +58,7 @@ DEVICE = "auto"                   # auto, cpu or cuda
 NUM_WORKERS = 2                   # image loading workers
 OUT_DIR = "out/eval_captioning"   # where results are written
 
-cfg = configure(globals())
+settings = configure(globals())
 
 
 def score(rows: dict, queries: list) -> dict:
@@ -102,18 +104,18 @@ def main():
     picker = ExamplePicker(pool, K_SHOT, SEED, fixed=FIXED_EXAMPLES)
     used = [pool[i] for q in queries for i in picker(q)]
     check_images(queries + used, CAPTIONS_FILE, IMAGE_DIR or str(Path(CAPTIONS_FILE).parent))
-    settings = {k: cfg[k] for k in ("captions_file", "split", "example_split", "k_shot",
+    key = {k: settings[k] for k in ("captions_file", "split", "example_split", "k_shot",
                                     "fixed_examples", "global_k", "local_tokens", "max_new_tokens",
                                     "seed", "tokenizer_dir", "llm")}
-    load_llm_fn, load_tokenizer_fn = model_loaders(LLM, LLM_DTYPE, TOKENIZER_DIR, ddp.device)
-    rows = run_variants(queries, pool, picker, variants, OUT_DIR, settings, ddp, load_llm_fn,
+    load_llm_fn, load_tokenizer_fn = model_loaders(LLM, llm_dtype(LLM_DTYPE, ddp.device), TOKENIZER_DIR, ddp.device)
+    rows = run_variants(queries, pool, picker, variants, OUT_DIR, key, ddp, load_llm_fn,
                         load_tokenizer_fn, GLOBAL_K, LOCAL_TOKENS, BATCH_SIZE, MAX_NEW_TOKENS,
                         PREFIX_CACHE, NUM_WORKERS)
     if ddp.is_main:
         results = {v: score(rows[v], queries) for v in variants}
         files = write_results(results, rows, queries)
         inputs = finished_inputs(tokenizer=TOKENIZER_DIR) if "image" in variants else {}
-        write_manifest(OUT_DIR, "eval_captioning", cfg, files, inputs=inputs,
+        write_manifest(OUT_DIR, EVAL_CAPTIONING, settings, files, inputs=inputs,
                        info={"format": fmt, "variants": results, "skipped": SKIPPED})
     dist.barrier(ddp)
     dist.shutdown(ddp)

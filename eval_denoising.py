@@ -27,10 +27,10 @@ from tqdm import tqdm
 
 from data.images import ImageFolderDataset, collate_skip_bad
 from engine.denoise import (NOISE_RATES, VARIANTS, DenoisePrompter, DenoiseViews, check_protocol,
-                            check_tasks, codebook_vocab_mask, encode_task, llm_dtype, noisy_batch,
+                            check_tasks, codebook_vocab_mask, encode_task, noisy_batch,
                             prediction_mask, query_tokens, restore, token_hits, variant_images)
 from engine.greedy import BatchedGreedy
-from models.llm import load_llm
+from models.llm import llm_dtype, load_llm
 from engine.metrics import ReconstructionMetrics
 from models.tokenizer_io import load_tokenizer
 from utils import dist

@@ -27,9 +27,9 @@ import torch
 
 from data.episodes import generate_episodes, read_episode_csv
 from engine.fewshot import (REFERENCES as REFERENCE_NAMES, FewShotPrompter, evaluate_episodes,
-                            global_token_strings, image_words, llm_dtype, wilson_interval)
+                            global_token_strings, image_words, wilson_interval)
 from engine.greedy import BatchedGreedy
-from models.llm import load_llm
+from models.llm import llm_dtype, load_llm
 from models.tokenizer_io import load_tokenizer
 from utils import dist
 from utils.artifacts import atomic_path, load_json, save_json, write_manifest, finished_inputs

@@ -32,17 +32,19 @@ from engine.fewshot import wilson_interval
 from engine.open_ended import (ExamplePicker, bootstrap_ci, check_variants, model_loaders,
                                run_variants)
 from engine.vqa import vqa_accuracy
+from models.llm import llm_dtype
 from utils import dist
 from utils.artifacts import atomic_path, finished_inputs, save_json, write_manifest
 from utils.cli import configure, run_main
+from utils.stages import EVAL_VQA
 from utils.figures import save_text_gallery
 
 TOKENIZER_DIR = "out/tokenizer"   # the trained tokenizer (directory or tokenizer.pt)
-LLM = "models/llama-2-7b"         # the frozen LLM: Hugging Face dir, Meta LLaMA dir or .gguf
-LLM_DTYPE = "auto"                # auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16
-QUESTIONS_FILE = "data/vqa/v2_OpenEnded_mscoco_val2014_questions.json"  # VQAv2 questions ("": the demo world's generated questions)
-ANNOTATIONS_FILE = "data/vqa/v2_mscoco_val2014_annotations.json"  # VQAv2 annotations (ten answers per question)
-IMAGE_DIR = "data/coco/val2014"   # COCO images of the questions (COCO_val2014_<id>.jpg)
+LLM = "/models/llama-2-7b"        # the frozen LLM: Hugging Face dir, Meta LLaMA dir or .gguf
+LLM_DTYPE = "fp16"                # fp16 or bf16 on GPU (as the other evaluations); on CPU always fp32
+QUESTIONS_FILE = "/data/vqa/v2_OpenEnded_mscoco_val2014_questions.json"  # VQAv2 questions ("": the demo world's generated questions)
+ANNOTATIONS_FILE = "/data/vqa/v2_mscoco_val2014_annotations.json"  # VQAv2 annotations (ten answers per question)
+IMAGE_DIR = "/data/coco/val2014"   # COCO images of the questions (COCO_val2014_<id>.jpg)
 LABELS_FILE = ""                  # COCO captions_val2014.json: each image's first caption is the ceiling's words
 DATA_DIR = "out/demo/data"        # the demo world (class folders <colour>_<shape>), when QUESTIONS_FILE is ""
 SPLIT = "val"                     # demo: split the questions are asked about
@@ -63,7 +65,7 @@ DEVICE = "auto"                   # auto, cpu or cuda
 NUM_WORKERS = 2                   # image loading workers
 OUT_DIR = "out/eval_vqa"          # where results are written
 
-cfg = configure(globals())
+settings = configure(globals())
 
 
 def load_data() -> tuple[list, list, str]:
@@ -128,19 +130,19 @@ def main():
     used = [pool[i] for q in queries for i in picker(q)]
     check_images(queries + used,
                  QUESTIONS_FILE or DATA_DIR, IMAGE_DIR if QUESTIONS_FILE else DATA_DIR)
-    settings = {k: cfg[k] for k in ("questions_file", "annotations_file", "data_dir", "split",
+    key = {k: settings[k] for k in ("questions_file", "annotations_file", "data_dir", "split",
                                     "example_split", "k_shot", "same_type", "fixed_examples",
                                     "global_k", "local_tokens", "max_new_tokens", "seed",
                                     "tokenizer_dir", "llm", "labels_file")}
-    load_llm_fn, load_tokenizer_fn = model_loaders(LLM, LLM_DTYPE, TOKENIZER_DIR, ddp.device)
-    rows = run_variants(queries, pool, picker, variants, OUT_DIR, settings, ddp, load_llm_fn,
+    load_llm_fn, load_tokenizer_fn = model_loaders(LLM, llm_dtype(LLM_DTYPE, ddp.device), TOKENIZER_DIR, ddp.device)
+    rows = run_variants(queries, pool, picker, variants, OUT_DIR, key, ddp, load_llm_fn,
                         load_tokenizer_fn, GLOBAL_K, LOCAL_TOKENS, BATCH_SIZE, MAX_NEW_TOKENS,
                         PREFIX_CACHE, NUM_WORKERS)
     if ddp.is_main:
         results = {v: score(rows[v], queries) for v in variants}
         files = write_results(results, rows, queries, skipped)
         inputs = finished_inputs(tokenizer=TOKENIZER_DIR) if "image" in variants else {}
-        write_manifest(OUT_DIR, "eval_vqa", cfg, files, inputs=inputs,
+        write_manifest(OUT_DIR, EVAL_VQA, settings, files, inputs=inputs,
                        info={"format": fmt, "variants": results, "skipped": skipped})
     dist.barrier(ddp)
     dist.shutdown(ddp)

@@ -36,7 +36,7 @@ WORDS = 21               # global words per image
 MAX_NEW_TOKENS = 20      # caption length cap
 SEED = 0                 # prompt and weight seed
 
-cfg = configure(globals())
+settings = configure(globals())
 
 VOCAB = ("dog cat bird tree grass sky water red blue green small big old young wooden metal "
          "glass shiny dark bright running sitting flying").split()

@@ -66,7 +66,6 @@ IN_TEXT = "###\nInput: < "
 OUT_TEXT = " >\nOutput: "
 UNKNOWN = -1                   # marks the cells to predict in the query sequence
 PROTOCOLS = ("authors", "consistent")   # see the module docstring
-LLM_DTYPES = ("fp16", "bf16", "fp32")   # on GPU; fp16 is the authors'
 
 
 def check_protocol(protocol: str) -> str:
@@ -74,14 +73,6 @@ def check_protocol(protocol: str) -> str:
         raise V2LError(f"unknown denoising protocol {protocol!r}; --protocol takes "
                        f"{' or '.join(PROTOCOLS)}")
     return protocol
-
-
-def llm_dtype(dtype: str, device) -> str:
-    """The LLM's precision: ``dtype`` on a GPU (the authors run fp16), fp32 on the CPU
-    (half precision there is slow or unsupported)."""
-    if dtype not in LLM_DTYPES:
-        raise V2LError(f"--llm_dtype {dtype!r} unknown; use {', '.join(LLM_DTYPES)}")
-    return "fp32" if torch.device(device).type == "cpu" else dtype
 
 
 def noise_count(rate: float, n_local: int, n_global: int, protocol: str = "authors") -> int:

@@ -65,14 +65,6 @@ def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[floa
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def llm_dtype(name: str, device) -> str:
-    """The LLM precision for few-shot: fp16 (the authors') or bf16 on a GPU; on CPU always fp32
-    (half-precision matmuls there are slow or unsupported)."""
-    if name not in ("fp16", "bf16", "fp32"):
-        raise V2LError(f"--llm_dtype {name!r} unknown; use fp16 (the paper), bf16 or fp32")
-    return "fp32" if torch.device(device).type == "cpu" else name
-
-
 def normalised(word: str) -> str:
     """A global word reduced to what a reader sees: lowercased, spaces and punctuation removed."""
     return re.sub(r"[\W_]+", "", word.lower())

@@ -33,6 +33,7 @@ import torch
 
 from engine.fewshot import check_prompt_length, context_length
 from engine.greedy import BatchedGreedy
+from models.llm import encode_segment
 from utils.artifacts import load_json, save_json
 from utils.errors import V2LError
 
@@ -73,7 +74,7 @@ class OpenEndedPrompter:
         self.encode = lru_cache(maxsize=None)(self._encode)
 
     def _encode(self, text: str) -> tuple[int, ...]:
-        return tuple(self.text_tokenizer.encode(text, add_special_tokens=False)) if text else ()
+        return tuple(encode_segment(self.text_tokenizer, text)) if text else ()
 
     def shot(self, shot: Shot) -> tuple[list[int], str]:
         label = CAPTION_LABEL if shot.question is None else QUESTION_TEXT.format(shot.question) + ANSWER_LABEL
@@ -207,9 +208,9 @@ def check_variants(variants, have_labels: bool, what: str) -> tuple[list[str], d
 def model_loaders(llm: str, llm_dtype: str, tokenizer_dir: str, device):
     """(load the LLM, load the tokenizer): called only when there is something to answer."""
     from models.llm import load_llm
-    from models.tokenizer import V2LTokenizer
+    from models.tokenizer_io import load_tokenizer
     return (lambda: load_llm(llm, dtype=llm_dtype, device=str(device)),
-            lambda: V2LTokenizer.load(tokenizer_dir, device=str(device)))
+            lambda: load_tokenizer(tokenizer_dir, device=str(device)))
 
 
 # ----------------------------------------------------------------------------- generation

@@ -57,6 +57,17 @@ class LLM:
 
 # ----------------------------------------------------------------------------- loading
 
+LLM_DTYPES = ("fp16", "bf16", "fp32")   # an evaluation's LLM precision on a GPU; fp16 is the authors'
+
+
+def llm_dtype(name: str, device) -> str:
+    """The LLM precision an evaluation runs at: ``name`` (fp16, the authors', or bf16) on a GPU;
+    fp32 on the CPU, where half-precision matmuls are slow or unsupported."""
+    if name not in LLM_DTYPES:
+        raise V2LError(f"--llm_dtype {name!r} unknown; use {', '.join(LLM_DTYPES)} (fp16: the paper)")
+    return "fp32" if torch.device(device).type == "cpu" else name
+
+
 def resolve_dtype(dtype, device) -> torch.dtype:
     """None/"auto": bf16 on a GPU that supports it, else fp16 on GPU, fp32 on CPU."""
     if isinstance(dtype, torch.dtype):

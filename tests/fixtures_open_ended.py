@@ -14,12 +14,13 @@ def make_setup(tmp: Path) -> dict[str, str]:
     images per class, 48 px), a tiny random Llama (context 256) and a tiny V2L tokenizer."""
     from demo.world import write_world
     from fixtures_tokenizer import make_tiny_tokenizer
+    from models.tokenizer_io import save_tokenizer
     from tiny_llm import make_tiny_llama
     write_world(tmp / "world", seed=0, train_per_class=4, val_per_class=3, size=48,
                 colours=["red", "blue"], shapes=["circle", "square"], photos=False, style="smooth")
     llm = make_tiny_llama(tmp / "llm", fmt="hf")
     tokenizer, _, _ = make_tiny_tokenizer(tmp / "tok")
-    tokenizer.save(tmp / "tokenizer")
+    save_tokenizer(tokenizer, tmp / "tokenizer")
     return {"world": str(tmp / "world"), "llm": llm, "tokenizer": str(tmp / "tokenizer")}
 
 

@@ -14,6 +14,7 @@ from engine.captioning import PUNCTUATIONS, caption_scores, ptb_tokenize
 from engine.open_ended import (ExamplePicker, ImageWords, JsonlLog, OpenEndedPrompter, Shot,
                                StopAtSeparator, cut_answer)
 from fixtures_open_ended import ROOT, make_setup, run_script
+from models.llm import encode_segment
 from utils.errors import V2LError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -132,7 +133,7 @@ def test_prompt_layout_and_stop(setup):
     local = text_tokenizer.decode([5, 6])
     assert prompt.text == (f"###\nInput: < red tree{local} >\nOutput: a cat."
                            "###\nInput: <  >\nOutput: ")
-    enc = lambda s: text_tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    enc = lambda s: encode_segment(text_tokenizer, s)  # noqa: E731
     assert prompt.ids == ([text_tokenizer.bos_token_id] + enc("###\nInput: < ") + enc("red tree")
                           + [5, 6] + enc(" >\nOutput: ") + enc("a cat.") + enc("###\nInput: < ")
                           + enc(" >\nOutput: "))
@@ -240,8 +241,8 @@ def test_torchrun_two_ranks_equal_one(setup, tmp_path):
 def test_image_words_global_and_local(setup):
     from engine.fewshot import global_token_strings
     from engine.open_ended import image_words
-    from models.tokenizer import V2LTokenizer
-    tokenizer = V2LTokenizer.load(setup["tokenizer"])
+    from models.tokenizer_io import load_tokenizer
+    tokenizer = load_tokenizer(setup["tokenizer"])
     paths = sorted(str(p) for p in (Path(setup["world"]) / "val").rglob("*.png"))[:2]
     words = image_words(tokenizer, paths, 3, local=True)
     strings = global_token_strings(tokenizer, paths, 3, progress=False)

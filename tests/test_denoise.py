@@ -11,10 +11,10 @@ from PIL import Image
 
 from engine.denoise import (NOISE_RATES, TASKS, VARIANTS, DenoisePrompter, DenoiseViews,
                             blur_sigma, check_tasks, chunk_starts, codebook_vocab_mask,
-                            corrupt_batch, corrupt_image, encode_task, llm_dtype, noise_count,
+                            corrupt_batch, corrupt_image, encode_task, noise_count,
                             noisy_copies, prediction_mask, query_tokens, restore, token_hits, variant_images)
 from engine.greedy import BatchedGreedy
-from models.llm import encode_segment
+from models.llm import encode_segment, llm_dtype
 from models.tokenizer_io import save_tokenizer
 from test_fewshot import image_folders, run_script
 from tiny_llm import make_tiny_llama

@@ -10,7 +10,7 @@ import pytest
 
 from data.episodes import generate_episodes
 from engine.fewshot import (FewShotPrompter, NameTrie, PositionUnion, evaluate_episodes,
-                            image_words, llm_dtype, normalised)
+                            image_words, normalised)
 from engine.greedy import BatchedGreedy
 from models.tokenizer_io import save_tokenizer
 from test_fewshot import image_folders, llm, llm_dir  # noqa: F401 (shared module fixtures)
@@ -54,13 +54,6 @@ def test_union_decoding_stays_in_the_columns(llm):  # noqa: F811
                                                      eos_id=text_tokenizer.eos_token_id):
         assert len(toks) == len(union.columns)
         assert all(t in union.columns[j] for j, t in enumerate(toks))
-
-
-def test_llm_precision():
-    assert llm_dtype("fp16", "cuda") == "fp16" and llm_dtype("bf16", "cuda:0") == "bf16"
-    assert llm_dtype("fp16", "cpu") == llm_dtype("bf16", "cpu") == "fp32"
-    with pytest.raises(V2LError, match="--llm_dtype"):
-        llm_dtype("auto", "cuda")
 
 
 class Recorder(BatchedGreedy):

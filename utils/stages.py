@@ -47,10 +47,14 @@ EVAL_UNDERSTANDING = Stage("eval_understanding", "eval_understanding.py", "eval_
                            "eval: understanding", "few-shot classification with the frozen LLM")
 EVAL_DENOISING = Stage("eval_denoising", "eval_denoising.py", "eval_denoising", "eval: denoising",
                        "inpainting, outpainting, deblurring, rotation, shift")
+EVAL_CAPTIONING = Stage("eval_captioning", "eval_captioning.py", "eval_captioning",
+                        "eval: captioning", "captions by the frozen LLM, CIDEr-D and BLEU-4")
+EVAL_VQA = Stage("eval_vqa", "eval_vqa.py", "eval_vqa", "eval: vqa",
+                 "visual question answering by the frozen LLM, VQAv2 accuracy")
 
 # the pipeline, in run.sh's order
 PIPELINE = (VOCAB, CODEBOOK, GLOBAL, TOKENIZER, EVAL_RECONSTRUCTION, EVAL_UNDERSTANDING,
-            EVAL_DENOISING)
+            EVAL_DENOISING, EVAL_CAPTIONING, EVAL_VQA)
 
 # artifacts inside a stage's directory, and the demo's inputs (made by demo/setup.py)
 EVAL_UNDERSTANDING_SETTING = Stage("eval_understanding_setting", "eval_understanding.py",
