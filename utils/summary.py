@@ -12,7 +12,9 @@ scripts and CI read::
      "understanding": [{"n_way", "k_shot", "global_k", "induction", "repeat", "n", "accuracy",
                         "ci95": [lo, hi], "chance", "ceiling", "floor"}, ...],   # one per setting
      "denoising": [{"task", "variant", "n_images", "psnr", "ssim", "lpips", "fid", "token_acc"},
-                   ...]}                                     # one per task and variant
+                   ...],                                     # one per task and variant
+     "captioning": [{"variant", "n", "cider_d", "cider_d_ci95", "bleu4"}, ...],  # image/ceiling/floor
+     "vqa": [{"variant", "answer_type", "n", "accuracy", "ci95"}, ...]}  # per variant and answer type
 
 An evaluation that has not run (or not finished) is null; a value
 an artifact does not hold (an older run without ``ceiling``, a metric not
@@ -26,7 +28,8 @@ from pathlib import Path
 
 from utils.artifacts import is_complete, load_json, read_manifest, save_json
 from utils.errors import V2LError
-from utils.stages import EVAL_DENOISING, EVAL_RECONSTRUCTION, EVAL_UNDERSTANDING
+from utils.stages import (EVAL_CAPTIONING, EVAL_DENOISING, EVAL_RECONSTRUCTION, EVAL_UNDERSTANDING,
+                          EVAL_VQA)
 
 SUMMARY_JSON = "summary.json"
 RECONSTRUCTION_KEYS = ["n_images", "psnr", "ssim", "lpips", "fid", "is", "codebook_used",
@@ -34,6 +37,8 @@ RECONSTRUCTION_KEYS = ["n_images", "psnr", "ssim", "lpips", "fid", "is", "codebo
 UNDERSTANDING_KEYS = ["n_way", "k_shot", "global_k", "induction", "repeat", "n", "accuracy", "ci95",
                       "chance", "ceiling", "floor"]
 DENOISING_KEYS = ["task", "variant", "n_images", "psnr", "ssim", "lpips", "fid", "token_acc"]
+CAPTIONING_KEYS = ["variant", "n", "cider_d", "cider_d_ci95", "bleu4"]
+VQA_KEYS = ["variant", "answer_type", "n", "accuracy", "ci95"]
 
 
 def _clean(x):
@@ -72,12 +77,35 @@ def denoising_rows(out: Path) -> list[dict] | None:
             for task, variants in results.items() for variant, r in variants.items()]
 
 
+def _results(out: Path, stage) -> dict | None:
+    d = out / stage.out_dir
+    return load_json(d / "results.json") if is_complete(d, stage) else None
+
+
+def captioning_rows(out: Path) -> list[dict] | None:
+    r = _results(out, EVAL_CAPTIONING)
+    if r is None:
+        return None
+    return [_clean({"variant": v, "n": x.get("n"), "cider_d": x.get("CIDEr-D"),
+                    "cider_d_ci95": x.get("CIDEr-D_ci95"), "bleu4": x.get("BLEU-4")})
+            for v, x in r["variants"].items()]
+
+
+def vqa_rows(out: Path) -> list[dict] | None:
+    r = _results(out, EVAL_VQA)
+    if r is None:
+        return None
+    return [_clean({"variant": v, "answer_type": t} | {k: x.get(k) for k in VQA_KEYS[2:]})
+            for v, per in r["variants"].items() for t, x in per.items()]
+
+
 def collect(out, stage_seconds: dict[str, float | None] | None = None) -> dict:
     """Everything summary.json holds (see the module docstring)."""
     out = Path(out)
     return {"out": str(out), "stage_seconds": dict(stage_seconds or {}),
             "reconstruction": reconstruction_results(out),
-            "understanding": understanding_rows(out), "denoising": denoising_rows(out)}
+            "understanding": understanding_rows(out), "denoising": denoising_rows(out),
+            "captioning": captioning_rows(out), "vqa": vqa_rows(out)}
 
 
 def _f(x, digits=3) -> str:
@@ -130,7 +158,38 @@ def denoising_text(out: Path, rows: list[dict] | None) -> str:
             + _table(DENOISING_KEYS, [[r[k] for k in DENOISING_KEYS] for r in rows]))
     strips = sorted((out / EVAL_DENOISING.out_dir).glob("*/strips"))
     if strips:
-        text += "\n  strips (clean | corrupted | restored): " + ", ".join(str(s) for s in strips)
+        text += ("\n  strips (clean | corrupted | baseline | restored | ceiling): "
+                 + ", ".join(str(s) for s in strips))
+    return text
+
+
+def _ci(ci) -> str:
+    return "-" if ci is None else f"{_f(ci[0])}-{_f(ci[1])}"
+
+
+def captioning_text(out: Path, rows: list[dict] | None) -> str:
+    if rows is None:
+        return "captioning: not run"
+    body = [[r["variant"], r["n"], r["cider_d"], _ci(r["cider_d_ci95"]), r["bleu4"]] for r in rows]
+    text = ("captioning with the frozen LLM (image: the tokenizer's words; ceiling: each image's "
+            "own caption as its words; floor: no words):\n"
+            + _table(["variant", "n", "CIDEr-D", "95% CI", "BLEU-4"], body))
+    if (out / EVAL_CAPTIONING.out_dir / "gallery.png").is_file():
+        text += f"\n  picture: {out / EVAL_CAPTIONING.out_dir / 'gallery.png'}"
+    return text
+
+
+def vqa_text(out: Path, rows: list[dict] | None) -> str:
+    if rows is None:
+        return "visual question answering: not run"
+    body = [[r["variant"], r["answer_type"], r["n"], _pct(r["accuracy"]),
+             "-" if r["ci95"] is None else f"{_pct(r['ci95'][0])}-{_pct(r['ci95'][1])}"]
+            for r in rows]
+    text = ("visual question answering (VQAv2 accuracy %; image: the tokenizer's words; ceiling: "
+            "each image's own labels as its words; floor: no words):\n"
+            + _table(["variant", "answer type", "n", "acc", "95% CI"], body))
+    if (out / EVAL_VQA.out_dir / "gallery.png").is_file():
+        text += f"\n  picture: {out / EVAL_VQA.out_dir / 'gallery.png'}"
     return text
 
 
@@ -139,7 +198,8 @@ def summary(out, stage_seconds: dict[str, float | None] | None = None, write: bo
     out = Path(out)
     data = collect(out, stage_seconds)
     parts = ["== summary", reconstruction_text(out, data["reconstruction"]),
-             understanding_text(data["understanding"]), denoising_text(out, data["denoising"])]
+             understanding_text(data["understanding"]), denoising_text(out, data["denoising"]),
+             captioning_text(out, data["captioning"]), vqa_text(out, data["vqa"])]
     if write:
         save_json(out / SUMMARY_JSON, data)
         parts.append(f"numbers: {out / SUMMARY_JSON}")
