@@ -9,7 +9,8 @@ import numpy as np
 from PIL import Image
 
 from utils.artifacts import save_json, save_tensors, write_manifest
-from utils.stages import EVAL_DENOISING, EVAL_RECONSTRUCTION, EVAL_UNDERSTANDING
+from utils.stages import (EVAL_CAPTIONING, EVAL_DENOISING, EVAL_RECONSTRUCTION, EVAL_UNDERSTANDING,
+                          EVAL_VQA)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,7 +33,8 @@ def make_vocab_artifact(out_dir, words: list[str], printable: list[bool] | None 
 
 
 def make_eval_artifacts(out, ceiling: bool = True) -> dict:
-    """Finished eval_reconstruction/, eval_understanding/ and eval_denoising/ artifacts under
+    """Finished eval_reconstruction/, eval_understanding/, eval_denoising/, eval_captioning/ and
+    eval_vqa/ artifacts under
     ``out`` holding made-up numbers in the layout the eval scripts write (with ``ceiling``
     False, understanding rows as older runs wrote them: no ceiling/floor). Returns the numbers."""
     out = Path(out)
@@ -59,7 +61,17 @@ def make_eval_artifacts(out, ceiling: bool = True) -> dict:
            for task in ["inpainting", "rotation"]}
     save_json(out / EVAL_DENOISING.out_dir / "results.json", den)
     write_manifest(out / EVAL_DENOISING.out_dir, EVAL_DENOISING, {}, ["results.json"])
-    return {"reconstruction": rec, "understanding": settings, "denoising": den}
+    cap = {"variants": {v: {"n": 90, "CIDEr-D": c, "CIDEr-D_ci95": [c - 0.5, c + 0.5], "BLEU-4": b}
+                        for v, c, b in [("image", 4.5, 0.5), ("ceiling", 9.9, 0.99), ("floor", 1.0, 0.3)]}}
+    save_json(out / EVAL_CAPTIONING.out_dir / "results.json", cap)
+    write_manifest(out / EVAL_CAPTIONING.out_dir, EVAL_CAPTIONING, {}, ["results.json"])
+    vqa = {"variants": {v: {t: {"n": 60, "accuracy": a, "ci95": [a - 0.1, a + 0.1]}
+                            for t, a in [("colour", acc), ("shape", acc / 2)]}
+                        for v, acc in [("image", 0.6), ("ceiling", 1.0), ("floor", 0.2)]}}
+    save_json(out / EVAL_VQA.out_dir / "results.json", vqa)
+    write_manifest(out / EVAL_VQA.out_dir, EVAL_VQA, {}, ["results.json"])
+    return {"reconstruction": rec, "understanding": settings, "denoising": den,
+            "captioning": cap, "vqa": vqa}
 
 
 def make_image_folder(root, n_per_class: int = 4, classes=("cls_a", "cls_b"),

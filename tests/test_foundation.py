@@ -116,6 +116,13 @@ def test_summary_json_holds_every_number(tmp_path, capsys):
         want = made["denoising"][r["task"]][r["variant"]]
         assert {k: r[k] for k in ["psnr", "ssim", "token_acc"]} == {
             k: want[k] for k in ["psnr", "ssim", "token_acc"]}
+    caption_rows = {r["variant"]: r for r in data["captioning"]}
+    for v, want in made["captioning"]["variants"].items():
+        assert (caption_rows[v]["cider_d"], caption_rows[v]["cider_d_ci95"], caption_rows[v]["bleu4"]) \
+            == (want["CIDEr-D"], want["CIDEr-D_ci95"], want["BLEU-4"])
+    vqa = {(r["variant"], r["answer_type"]): r for r in data["vqa"]}
+    assert len(vqa) == 6 and vqa[("floor", "shape")]["accuracy"] == 0.1
+    assert vqa[("image", "colour")]["ci95"] == made["vqa"]["variants"]["image"]["colour"]["ci95"]
     # the table shows the reference points beside the accuracy
     lines = text[text.index("few-shot understanding"):].splitlines()
     assert re.search(r"\bacc +95% CI +chance +floor +ceiling$", lines[1]), lines[1]
