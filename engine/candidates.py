@@ -3,8 +3,10 @@ CLIP's image tower hits often enough to keep (step 3).
 
 Candidates are the 3V strings [subwords; bigrams; trigrams] of the expanded
 vocabulary. A candidate is *valid* when its source token is printable and its
-text is not blank; invalid ones are embedded (the global codebook stays aligned
-with the vocabulary) but can never be hit.
+text is neither blank nor holds a control character (a bigram such as "()" +
+"\n" would put line breaks into every prompt that reads it); invalid ones are
+embedded (the global codebook stays aligned with the vocabulary) but can
+never be hit.
 
 Hit counting is a bincount of each image's top-k candidate indices into one
 int64 counter of length 3V: memory does not grow with the data set (the
@@ -13,6 +15,7 @@ authors materialise a [B*k, 3V] one-hot per batch).
 from __future__ import annotations
 
 import math
+import unicodedata
 from fractions import Fraction
 
 import torch
@@ -24,6 +27,11 @@ from models.clip import autocast_context
 KINDS = ("subword", "bigram", "trigram")
 
 
+def has_control(text: str) -> bool:
+    """True when the text holds a control character (line breaks, tabs, ...)."""
+    return any(unicodedata.category(c)[0] == "C" for c in text)
+
+
 def build_candidates(vocab: dict) -> dict:
     """The candidate table of a step-1 ``vocab.json``: strings, kind, source LLM id, valid."""
     ids, printable = list(vocab["ids"]), list(vocab["printable"])
@@ -33,7 +41,7 @@ def build_candidates(vocab: dict) -> dict:
         strings += column
         kind += [k] * len(column)
         llm_ids += ids
-        valid += [bool(p) and bool(s.strip()) for p, s in zip(printable, column)]
+        valid += [bool(p) and bool(s.strip()) and not has_control(s) for p, s in zip(printable, column)]
     return {"strings": strings, "kind": kind, "llm_ids": llm_ids, "valid": valid}
 
 

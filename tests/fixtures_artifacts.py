@@ -33,9 +33,10 @@ def make_vocab_artifact(out_dir, words: list[str], printable: list[bool] | None 
 
 
 def make_eval_artifacts(out, ceiling: bool = True) -> dict:
-    """Finished eval_reconstruction/, eval_understanding/, eval_denoising/, eval_captioning/ and
-    eval_vqa/ artifacts under ``out`` holding made-up numbers in the layout the eval scripts write (with ``ceiling``
-    False, understanding rows as older runs wrote them: no ceiling/floor). Returns the numbers."""
+    """Finished eval_reconstruction/, eval_understanding/, eval_denoising/, eval_captioning/
+    and eval_vqa/ artifacts under ``out`` holding made-up numbers in the layout the eval
+    scripts write (with ``ceiling`` False, understanding rows as older runs wrote them: no
+    ceiling/floor). Returns the numbers."""
     out = Path(out)
     rec = {"n_images": 300, "psnr": 23.5, "ssim": 0.71, "lpips": float("nan"), "fid": 11.2,
            "is": 80.1, "codebook_used": 0.93, "codebook_perplexity": 1234.5,

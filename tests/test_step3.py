@@ -148,3 +148,14 @@ def test_two_processes_write_the_one_process_artifacts(setup, tmp_path):
         a, b = (load_tensors(outs[k][1] / name) for k in outs)
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert read_manifest(outs["single"][1])["id"] == read_manifest(outs["torchrun"][1])["id"]
+
+
+def test_candidates_with_control_characters_are_never_global_words():
+    from engine.candidates import build_candidates
+    vocab = {"ids": [0, 1, 2], "printable": [True, True, False],
+             "subword": ["()", " red", "x"], "bigram": ["()\n", " red star", "x y"],
+             "trigram": ["()\n\n", " red\tstar", "x y z"]}
+    valid = build_candidates(vocab)["valid"]
+    # subword, bigram, trigram of each id: line breaks and tabs are refused, as is a
+    # non-printable source token; ordinary text stays valid
+    assert valid == [True, True, False, False, True, False, False, False, False]
