@@ -242,25 +242,33 @@ def set_attention(llm, attn: str) -> None:
         llm.model.config._attn_implementation = attn   # refused by models.voco.check_llm
 
 
-def load_voco(voco_dir, llm, tokenizer_dir, seed_only: bool = False) -> tuple[VoCo, dict]:
-    """The VoCo weights of a step-5 artifact on ``llm`` (checked: made for this LLM and, when
-    the tokenizer has a manifest, from this tokenizer). ``seed_only``: the same VoCo with its
-    untrained initial weights (the lower bound)."""
+
+def load_voco(voco_dir, llm, tokenizer_dir) -> tuple[VoCo, dict, dict]:
+    """(VoCo on ``llm`` with its untrained initial weights, the artifact's voco.json, the trained
+    weights to ``load_adapter_state``) from a step-5 artifact, checked to be made for this LLM
+    and (when the tokenizer has a manifest) from this tokenizer. The untrained state is the
+    paper's lower bound ("random compression"): initial VoCo embeddings, LoRA = identity."""
     from pathlib import Path
 
-    from utils.artifacts import MANIFEST, load_tensors, read_manifest, require_input
+    from utils.artifacts import MANIFEST, load_json, load_tensors, read_manifest, require_input
     manifest = read_manifest(voco_dir, "voco", made_by="step5_train_voco.py")
-    info = load_json_file(Path(voco_dir) / "voco.json")
+    info = load_json(Path(voco_dir) / "voco.json")
     check_identity(info["llm_identity"], llm, str(voco_dir))
     if (Path(tokenizer_dir) / MANIFEST).is_file():
-        require_input(manifest, "tokenizer", read_manifest(tokenizer_dir), str(voco_dir))
+        require_input(manifest, "tokenizer", read_manifest(tokenizer_dir), f"{voco_dir} (VoCo weights)")
     voco = VoCo(llm.model, info["k_max"], info["lora_rank"], info["lora_alpha"],
                 info["lora_targets"], bos_id=info["bos_id"], seed=info["seed"])
-    if not seed_only:
-        voco.load_adapter_state(load_tensors(Path(voco_dir) / "voco.safetensors"))
-    return voco, info
+    return voco, info, load_tensors(Path(voco_dir) / "voco.safetensors")
 
 
-def load_json_file(path):
-    from utils.artifacts import load_json
-    return load_json(path)
+def prefill_flops(model, n_new: float, n_past: float = 0.0) -> float:
+    """Approximate FLOPs of a prefill of ``n_new`` tokens after ``n_past`` cached ones: the
+    layers' matmuls (2 x parameters per token), attention scores and mixing (4 x layers x
+    heads*head_dim per query-key pair, causal), and one row of output logits."""
+    c = model.config
+    layer_params = sum(p.numel() for n, p in model.named_parameters()
+                       if ".layers." in n and "lora_" not in n)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    pairs = n_new * n_past + n_new * (n_new + 1) / 2
+    return (2 * layer_params * n_new + 4 * c.num_hidden_layers * c.num_attention_heads * head_dim * pairs
+            + 2 * c.hidden_size * c.vocab_size)
