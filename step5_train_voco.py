@@ -123,13 +123,13 @@ def main():
     prompter = VoCoPrompter(llm.text_tokenizer)
     params = voco.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
-    key = {k: v for k, v in cfg.items() if k not in ("stop_after", "num_workers", "save_every",
-                                                      "device", "out_dir")}
+    key = json.loads(json.dumps({k: v for k, v in cfg.items() if k not in (
+        "stop_after", "num_workers", "save_every", "device", "out_dir")}))
     start, log = 0, []
     ckpt = out / "checkpoint.pt"
     if ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state["key"] != json.loads(json.dumps(key)):
+        if state["key"] != key:
             raise V2LError(f"{ckpt}: a checkpoint of a run with other settings; rerun with those "
                            "or delete the checkpoint")
         voco.load_adapter_state(state["adapter"])

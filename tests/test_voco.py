@@ -1,5 +1,7 @@
 """VoCo compression: the cached two-pass path equals one masked pass, the controls differ,
 only VoCo weights learn, and bad settings are refused."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -157,3 +159,123 @@ def test_kv_bytes():
     block = voco.compress([torch.tensor([5, 6, 7])], 3)[0]
     assert isinstance(block, VoCoBlock)
     assert block.nbytes == 3 * kv_bytes_per_token(voco.llm) == 3 * 2 * 2 * 2 * 16 * 4
+
+
+# ----------------------------------------------------------------------------- the scripts
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny tokenizer (with manifest), a tiny LLM and five classes of images; step 5 held
+    out every 2nd class (bird, cat, tree) and trained on car and dog."""
+    from fixtures_artifacts import make_image_folder
+    from fixtures_tokenizer import make_tiny_tokenizer
+    from tiny_llm import make_tiny_llama
+    from utils.artifacts import write_manifest
+    tmp = tmp_path_factory.mktemp("voco")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)     # module fixtures run before the per-test one_thread fixture
+    tok, _, dirs = make_tiny_tokenizer(tmp)
+    tok.save(tmp / "tokenizer")
+    write_manifest(tmp / "tokenizer", "tokenizer", {}, ["tokenizer.pt"],
+                   inputs={"codebook": dirs["codebook"], "global": dirs["global"]})
+    make_image_folder(tmp / "data", n_per_class=3, classes=("cat", "dog", "bird", "tree", "car"),
+                      odd=False)
+    make_tiny_llama(tmp / "llm", fmt="hf")
+    yield tmp
+    torch.set_num_threads(threads)
+
+
+def step5_flags(world, out, **extra):
+    return {"tokenizer_dir": world / "tokenizer", "llm": world / "llm", "data_dir": world / "data",
+            "holdout_every": 2, "global_k": 5, "k_max": 4, "train_ks": "2", "steps": 4,
+            "batch_size": 2, "save_every": 1, "device": "cpu", "num_workers": 0, "out_dir": out,
+            **extra}
+
+
+def eval_flags(world, voco_dir, out, **extra):
+    return {"tokenizer_dir": world / "tokenizer", "llm": world / "llm", "voco_dir": voco_dir,
+            "data_dir": world / "data", "eval_ks": "2", "n_episodes": 4, "batch_size": 4,
+            "device": "cpu", "num_workers": 0, "out_dir": out, **extra}
+
+
+@pytest.fixture(scope="module")
+def trained(world):
+    from fixtures_artifacts import run_script
+    out = world / "voco_full"
+    assert run_script("step5_train_voco.py", **step5_flags(world, out)) == 0
+    return out
+
+
+def test_step5_resume_equals_uninterrupted(world, trained):
+    from fixtures_artifacts import run_script
+    from utils.artifacts import load_json, load_tensors
+    out = world / "voco_resumed"
+    assert run_script("step5_train_voco.py", **step5_flags(world, out, stop_after=2)) == 0
+    assert (out / "checkpoint.pt").is_file() and not (out / "manifest.json").exists()
+    assert run_script("step5_train_voco.py", **step5_flags(world, out)) == 0
+    a, b = load_tensors(trained / "voco.safetensors"), load_tensors(out / "voco.safetensors")
+    assert a.keys() == b.keys() and any(k.startswith("lora.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    info = load_json(out / "voco.json")
+    assert info["eval_classes"] == ["bird", "cat", "tree"] and info["train_classes"] == ["car", "dog"]
+    assert (out / "loss.png").is_file() and not (out / "checkpoint.pt").exists()
+
+
+def test_eval_compression_runs(world, trained):
+    from fixtures_artifacts import run_script
+    from utils.artifacts import load_json
+    out = world / "eval"
+    assert run_script("eval_compression.py", **eval_flags(world, trained, out)) == 0
+    res = load_json(out / "results.json")
+    conditions = [(r["condition"], r["k"]) for r in res["rows"]]
+    assert conditions == [("upper", None), ("none", None), ("lower", 2), ("voco", 2)]
+    assert all(r["n"] == 4 for r in res["rows"])
+    assert res["cost"]["voco k=2"]["kv_bytes_per_image"] == 2 * res["cost"]["kv_bytes_per_token"]
+    assert (out / "retention.png").is_file() and (out / "manifest.json").is_file()
+
+
+def test_bad_inputs_one_line(world, trained, capsys):
+    import shutil
+    from fixtures_artifacts import run_script
+    from tiny_llm import make_tiny_llama
+    from utils.artifacts import write_manifest
+    other_llm = make_tiny_llama(world / "llm_other", fmt="hf", vocab_size=320)
+    other_tok = world / "tokenizer_other"
+    shutil.copytree(world / "tokenizer", other_tok)
+    write_manifest(other_tok, "tokenizer", {"other": True}, ["tokenizer.pt"])
+    cases = [
+        (eval_flags(world, trained, world / "e1", llm=other_llm), "made for another LLM"),
+        (eval_flags(world, trained, world / "e2", tokenizer_dir=other_tok),
+         "different tokenizer artifact"),
+        (eval_flags(world, trained, world / "e3", eval_ks="8"), "at most k_max=4"),
+        (eval_flags(world, trained, world / "e4", max_new_tokens=250), "over the LLM context of 256"),
+        (eval_flags(world, trained, world / "e5", attn="flash_attention_2"), "cannot take VoCo"),
+    ]
+    for flags, message in cases:
+        capsys.readouterr()
+        assert run_script("eval_compression.py", **flags) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and message in err[0], err
+        assert not (flags["out_dir"] / "manifest.json").exists()
+    assert run_script("step5_train_voco.py",
+                      **step5_flags(world, world / "v2", attn="flash_attention_2")) == 2
+    assert "attn_implementation='sdpa'" in capsys.readouterr().err
+    assert not (world / "v2").exists()
+
+
+@pytest.mark.slow
+def test_step5_two_process_gloo_equals_one(world, trained):
+    import os
+    import subprocess
+    import sys
+    from utils.artifacts import load_tensors
+    repo = Path(__file__).resolve().parent.parent
+    out = world / "voco_ddp"
+    flags = [f"--{k}={v}" for k, v in step5_flags(world, out).items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", "29533", str(repo / "step5_train_voco.py"), *flags],
+                   check=True, env=env, cwd=repo, capture_output=True)
+    a, b = load_tensors(trained / "voco.safetensors"), load_tensors(out / "voco.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5   # summation order only
