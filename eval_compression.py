@@ -138,7 +138,7 @@ def main():
     prompts = {c: [(ep.index, realize(s, c, words=words)) for ep, s in zip(episodes, segments)]
                for c in ("upper", "none")}
     for k in EVAL_KS:   # stand-in blocks of the right size for the length check
-        dummy = VoCoBlock([torch.zeros(1, k, 1)], [torch.zeros(1, k, 1)])
+        dummy = VoCoBlock(torch.zeros(1, 1, k, 1), torch.zeros(1, 1, k, 1))
         prompts[f"voco k={k}"] = [(ep.index, realize(s, "voco", blocks={p: dummy for p in words}))
                                   for ep, s in zip(episodes, segments)]
     context_check(prompts, getattr(llm.model.config, "max_position_embeddings", None))

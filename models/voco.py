@@ -120,21 +120,21 @@ class Image:
 
 @dataclass
 class VoCoBlock:
-    """One image's compressed cache: per layer keys/values [kv_heads, k, head_dim], keys rotated
-    to positions 0..k-1."""
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    """One image's compressed cache: keys and values [layers, kv_heads, k, head_dim], the keys
+    rotated to positions 0..k-1."""
+    keys: torch.Tensor
+    values: torch.Tensor
 
     @property
     def k(self) -> int:
-        return self.keys[0].shape[1]
+        return self.keys.shape[2]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        return 2 * self.keys.numel() * self.keys.element_size()
 
     def detach(self) -> "VoCoBlock":
-        return VoCoBlock([t.detach() for t in self.keys], [t.detach() for t in self.values])
+        return VoCoBlock(self.keys.detach(), self.values.detach())
 
 
 def kv_bytes_per_token(model, dtype: torch.dtype | None = None) -> int:
@@ -257,9 +257,10 @@ class VoCo(nn.Module):
                        position_ids=pos.to(dev), use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         back = -lengths.to(dev)                     # VoCo sat at positions len..len+k-1
-        keys = [rotate(layer.keys[:, :, -k:], back, self._inv_freq) for layer in cache.layers]
-        values = [layer.values[:, :, -k:] for layer in cache.layers]
-        return [VoCoBlock([t[i] for t in keys], [t[i] for t in values]) for i in range(b)]
+        keys = torch.stack([rotate(layer.keys[:, :, -k:], back, self._inv_freq)
+                            for layer in cache.layers], 1)          # [B, layers, kv, k, d]
+        values = torch.stack([layer.values[:, :, -k:] for layer in cache.layers], 1)
+        return [VoCoBlock(keys[i], values[i]) for i in range(b)]
 
     # -- reading compressed prompts
     def prefill(self, prompts: list[list], all_logits: bool = False, explicit_positions: bool = True):
@@ -272,7 +273,6 @@ class VoCo(nn.Module):
         is a control only: transformers then counts positions from the cache length (wrong).
         """
         dev, dtype = self.device, self.dtype
-        layers = self.llm.config.num_hidden_layers
         rows = []
         for prompt in prompts:
             if not prompt or isinstance(prompt[-1], VoCoBlock) or not len(prompt[-1]):
@@ -299,9 +299,8 @@ class VoCo(nn.Module):
         c_pos = torch.zeros(b, n_max, dtype=torch.long)
         c_valid = torch.zeros(b, n_max, dtype=torch.bool)
         text_index = torch.full((b, t_max), -1, dtype=torch.long)
-        ref = self.llm.get_input_embeddings().weight
-        c_keys = [[] for _ in range(layers)]
-        c_values = [[] for _ in range(layers)]
+        c_shift = torch.zeros(b, n_max, dtype=torch.long)
+        c_keys, c_values = [], []
         for i, (text, text_pos, blocks, block_pos, _) in enumerate(rows):
             t = len(text)
             ids[i, t_max - t:] = torch.tensor(text)
@@ -311,21 +310,23 @@ class VoCo(nn.Module):
             n = sum(bl.k for bl in blocks)
             if n:
                 c_pos[i, :n] = torch.cat([torch.arange(p, p + bl.k) for bl, p in zip(blocks, block_pos)])
+                c_shift[i, :n] = torch.cat([torch.full((bl.k,), p) for bl, p in zip(blocks, block_pos)])
                 c_valid[i, :n] = True
-            shift = torch.tensor(block_pos, device=dev, dtype=torch.long)
-            for layer in range(layers):
-                if blocks:
-                    k_ = torch.cat([rotate(bl.keys[layer][None], shift[j:j + 1], self._inv_freq)[0]
-                                    for j, bl in enumerate(blocks)], dim=1)
-                    v_ = torch.cat([bl.values[layer] for bl in blocks], dim=1)
-                else:
-                    shape = (self.llm.config.num_key_value_heads, 0, _head_dim(self.llm.config))
-                    k_ = v_ = ref.new_zeros(shape)
-                pad = n_max - k_.shape[1]
-                c_keys[layer].append(torch.cat([k_, k_.new_zeros(k_.shape[0], pad, k_.shape[2])], 1))
-                c_values[layer].append(torch.cat([v_, v_.new_zeros(v_.shape[0], pad, v_.shape[2])], 1))
-        cache = DynamicCache(ddp_cache_data=[(torch.stack(k_), torch.stack(v_))
-                                             for k_, v_ in zip(c_keys, c_values)]) if n_max else None
+            if n_max:   # [layers, kv_heads, entries, head_dim], zero-padded to n_max entries
+                k_ = torch.cat([bl.keys for bl in blocks], 2) if blocks else None
+                v_ = torch.cat([bl.values for bl in blocks], 2) if blocks else None
+                like = k_ if k_ is not None else next(bl for r in rows for bl in r[2]).keys
+                pad = like.new_zeros(*like.shape[:2], n_max - n, like.shape[3])
+                c_keys.append(torch.cat([k_, pad], 2) if k_ is not None else pad)
+                c_values.append(torch.cat([v_, pad], 2) if v_ is not None else pad)
+        cache = None
+        if n_max:   # one rotation places every block at its position (stored at 0..k-1)
+            keys = torch.stack(c_keys, 1)                      # [layers, B, kv_heads, N, d]
+            shape = keys.shape
+            keys = rotate(keys.reshape(shape[0] * b, *shape[2:]), c_shift.to(dev).repeat(shape[0], 1),
+                          self._inv_freq).reshape(shape)
+            values = torch.stack(c_values, 1)
+            cache = DynamicCache(ddp_cache_data=list(zip(keys.unbind(0), values.unbind(0))))
         key_pos = torch.cat([c_pos, q_pos], 1)
         key_valid = torch.cat([c_valid, q_valid], 1)
         allowed = (key_pos[:, None, :] <= q_pos[:, :, None]) & key_valid[:, None, :]
@@ -432,10 +433,6 @@ def _lora_modules(model, targets) -> list[str]:
         raise V2LError(f"no linear layer named {list(targets)} in the LLM; set --lora_targets to "
                        "its attention projection names")
     return names
-
-
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _causal_allowed(valid: torch.Tensor) -> torch.Tensor:
