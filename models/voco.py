@@ -167,7 +167,8 @@ class VoCo(nn.Module):
         # (the authors' new <voco> token also starts as a random embedding row)
         init = weight.detach().float().mean(0) + weight.detach().float().std() * torch.randn(
             self.k_max, weight.shape[1], generator=g)
-        self.embeddings = nn.Parameter(init.to(weight.device, weight.dtype))
+        # kept in fp32 (cast to the LLM's dtype where used) so bf16 training updates them well
+        self.embeddings = nn.Parameter(init.to(weight.device))
         self.peft = None
         if self.lora["rank"] > 0:
             from peft import LoraConfig, get_peft_model
@@ -235,9 +236,10 @@ class VoCo(nn.Module):
                            f"with at most {self.k_max}; use k between 1 and {self.k_max}")
 
     # -- compression
-    def compress(self, images: list, k: int) -> list[VoCoBlock]:
+    def compress(self, images: list, k: int, adapters: bool = True) -> list[VoCoBlock]:
         """Compress each image (token ids, embeddings or ``Image``) on its own into k VoCo
-        entries, in one batched, LoRA-adapted forward. Gradients flow when enabled."""
+        entries, in one batched, LoRA-adapted forward (``adapters=False``: the frozen LLM, as
+        ``single_pass`` computes it). Gradients flow when enabled."""
         self._check_k(k)
         spans = [self._span(im) for im in images]
         lengths = torch.tensor([s.shape[0] for s in spans])
@@ -253,8 +255,10 @@ class VoCo(nn.Module):
             pos[i, pad:] = torch.arange(s.shape[0] + k)
             valid[i, pad:] = True
         allowed = _causal_allowed(valid)
-        out = self.llm(inputs_embeds=torch.stack(rows), attention_mask=additive(allowed.to(dev), self.dtype),
-                       position_ids=pos.to(dev), use_cache=True, logits_to_keep=1)
+        with contextlib.nullcontext() if adapters else self.frozen():
+            out = self.llm(inputs_embeds=torch.stack(rows), position_ids=pos.to(dev),
+                           attention_mask=additive(allowed.to(dev), self.dtype), use_cache=True,
+                           logits_to_keep=1)
         cache = out.past_key_values
         back = -lengths.to(dev)                     # VoCo sat at positions len..len+k-1
         keys = torch.stack([rotate(layer.keys[:, :, -k:], back, self._inv_freq)
