@@ -161,6 +161,20 @@ def test_kv_bytes():
     assert block.nbytes == 3 * kv_bytes_per_token(voco.llm) == 3 * 2 * 2 * 2 * 16 * 4
 
 
+def test_distillation_positions_align_teacher_and_student():
+    """The KL is taken at prompt-text tokens after the first image whose next token is text;
+    the teacher's prompt-text tokens are found among its image words."""
+    from engine.voco import Slot, _teacher_text_mask, kl_positions, realize
+    segs = [[1, 2], Slot("a"), [3, 4], Slot("b"), [5, 6]]
+    words = {"a": [7, 8], "b": [9]}
+    assert kl_positions(segs) == [False, False, True, False, True, False]
+    teacher = realize(segs, "upper", words=words)
+    assert teacher == [[1, 2, 7, 8, 3, 4, 9, 5, 6]]
+    mask = _teacher_text_mask(segs, words)
+    assert torch.tensor(teacher[0])[mask].tolist() == [1, 2, 3, 4, 5, 6]
+    assert realize(segs, "none") == [[1, 2, 3, 4, 5, 6]]
+
+
 # ----------------------------------------------------------------------------- the scripts
 
 @pytest.fixture(scope="module")
