@@ -34,6 +34,8 @@ STEP1_ARGS="${STEP1_ARGS:-}"; STEP2_ARGS="${STEP2_ARGS:-}"; STEP3_ARGS="${STEP3_
 STEP4_ARGS="${STEP4_ARGS:-}"; EVAL_RECONSTRUCTION_ARGS="${EVAL_RECONSTRUCTION_ARGS:-}"
 EVAL_UNDERSTANDING_ARGS="${EVAL_UNDERSTANDING_ARGS:-}"; EVAL_DENOISING_ARGS="${EVAL_DENOISING_ARGS:-}"
 EVAL_CAPTIONING_ARGS="${EVAL_CAPTIONING_ARGS:-}"; EVAL_VQA_ARGS="${EVAL_VQA_ARGS:-}"
+VOCO="${VOCO:-false}"               # true: also train VoCo compression (step 5) and evaluate it
+STEP5_ARGS="${STEP5_ARGS:-}"; EVAL_COMPRESSION_ARGS="${EVAL_COMPRESSION_ARGS:-}"
 DEMO_ARGS="${DEMO_ARGS:-}"          # extra flags for demo/setup.py (e.g. "--clip_seconds 60")
 # ----------------------------------------------------------------------------
 
@@ -139,12 +141,16 @@ if [[ $MODE == demo ]]; then
       --k_shot 4 --global_k 10 --batch_size 8 --num_workers 0)
   EV=(--questions_file "" --data_dir "$DEMO/data" --split val --example_split train --max_images 60
       --k_shot 4 --global_k 10 --batch_size 8 --num_workers 0)
+  # VoCo on 2 CPU cores: a few steps show the stage working, not a trained compressor
+  VT=(--steps 12 --batch_size 2 --num_workers 0 --save_every 4)
+  VE=(--n_episodes 40 --eval_ks 1 8 --batch_size 10 --split val --num_workers 0)
 else
   S1=(); S2=(); S3=(); S4=(); ER=(); EU=(); ED=()
   EC=(--captions_file "$COCO/dataset_coco.json" --image_dir "$COCO")
   EV=(--questions_file "$VQA/v2_OpenEnded_mscoco_val2014_questions.json"
       --annotations_file "$VQA/v2_mscoco_val2014_annotations.json" --image_dir "$COCO/val2014"
       --labels_file "$COCO/annotations/captions_val2014.json")
+  VT=(); VE=()
 fi
 
 CLIP_ARGS=(--clip "$CLIP" --clip_allow_unsafe "$CLIP_ALLOW_UNSAFE")
@@ -191,6 +197,16 @@ if [[ $MODE == demo || ( -n "$VQA" && -n "$COCO" ) ]]; then
     --tokenizer_dir "${DIR[tokenizer]}" --llm "$LLM" --out_dir "${DIR[eval_vqa]}" "${EV[@]}" $EVAL_VQA_ARGS
 else
   echo "== ${STAGE_TITLE[eval_vqa]}: skipped (set VQA and COCO)"
+fi
+if [[ $VOCO == true ]]; then
+  run_stage voco yes \
+    --tokenizer_dir "${DIR[tokenizer]}" --llm "$LLM" --data_dir "$IMAGENET" --out_dir "${DIR[voco]}" \
+    "${VT[@]}" $STEP5_ARGS
+  run_stage eval_compression no \
+    --tokenizer_dir "${DIR[tokenizer]}" --llm "$LLM" --voco_dir "${DIR[voco]}" --data_dir "$IMAGENET" \
+    --out_dir "${DIR[eval_compression]}" "${VE[@]}" $EVAL_COMPRESSION_ARGS
+else
+  echo "== ${STAGE_TITLE[voco]}: skipped (VOCO=true runs VoCo compression)"
 fi
 }
 

@@ -104,3 +104,27 @@ def save_text_gallery(image_paths: list[str], texts: list[str], path, per_line: 
         warnings.simplefilter("ignore")                 # glyphs the font lacks
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def plot_curves(series: dict, path, xlabel: str, ylabel: str, title: str = "",
+                log_x: bool = False, log_y: bool = False, hline: float | None = None) -> None:
+    """Line plot of named series {name: (x, y)} or {name: (x, y, lower, upper)} (a shaded
+    band, e.g. a 95% interval); ``hline`` draws a dashed reference line."""
+    fig, ax = _pyplot().subplots(figsize=(6, 4))
+    for name, values in series.items():
+        x, y = values[0], values[1]
+        ax.plot(x, y, marker="o" if len(x) < 20 else None, label=name)
+        if len(values) == 4:
+            ax.fill_between(x, values[2], values[3], alpha=0.2)
+    if hline is not None:
+        ax.axhline(hline, color="grey", linestyle="--")
+    if log_x:
+        ax.set_xscale("log", base=2)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if len(series) > 1:
+        ax.legend()
+    _save(fig, path)

@@ -51,10 +51,14 @@ EVAL_CAPTIONING = Stage("eval_captioning", "eval_captioning.py", "eval_captionin
                         "eval: captioning", "captions by the frozen LLM, CIDEr-D and BLEU-4")
 EVAL_VQA = Stage("eval_vqa", "eval_vqa.py", "eval_vqa", "eval: vqa",
                  "visual question answering by the frozen LLM, VQAv2 accuracy")
+VOCO = Stage("voco", "step5_train_voco.py", "voco", "step 5: train VoCo",
+             "VoCo embeddings + LoRA that compress an image's words into k KV positions")
+EVAL_COMPRESSION = Stage("eval_compression", "eval_compression.py", "eval_compression",
+                         "eval: compression", "few-shot with compressed images, retention per k")
 
 # the pipeline, in run.sh's order
 PIPELINE = (VOCAB, CODEBOOK, GLOBAL, TOKENIZER, EVAL_RECONSTRUCTION, EVAL_UNDERSTANDING,
-            EVAL_DENOISING, EVAL_CAPTIONING, EVAL_VQA)
+            EVAL_DENOISING, EVAL_CAPTIONING, EVAL_VQA, VOCO, EVAL_COMPRESSION)
 
 # artifacts inside a stage's directory, and the demo's inputs (made by demo/setup.py)
 EVAL_UNDERSTANDING_SETTING = Stage("eval_understanding_setting", "eval_understanding.py",

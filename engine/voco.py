@@ -1,0 +1,276 @@
+"""VoCo procedures: few-shot prompts with compressed images, constrained decoding over them,
+the distillation objective, the class split and the artifact's compatibility checks.
+
+An episode prompt is built as segments: text (token ids) and image slots. A slot
+becomes, per condition:
+
+- ``upper``: the image's words as text (the full few-shot prompt of the V2L method);
+- ``none``: nothing (the prompt without images);
+- ``voco`` / ``lower``: the image's compressed VoCo block (trained / untrained weights).
+
+The prompt text is the authors' few-shot format (``engine.fewshot``'s induction line,
+``###\\nInput: < ... >\\nOutput: name``), each piece tokenised on its own.
+
+The objective (the paper's Eq. 1, which the authors' code replaces by answer
+cross-entropy): on a training episode with its answer, the frozen LLM reading the
+full image words is the teacher, the same LLM reading only the VoCo blocks the
+student; the loss is KL(teacher || student) of the next-token distributions at
+every text position after the first image whose next token is text (the support
+answers, the separators, the query's answer and its EOS).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from data.classes import WNID, class_name, mini_imagenet_test_wnids
+from engine.fewshot import IN_TEXT, OUT_TEXT, NameTrie, induction_line
+from models.llm import encode_segment
+from models.voco import VoCo, VoCoBlock
+from utils.errors import V2LError
+from utils.stages import TOKENIZER, VOCO
+
+CONDITIONS = ("upper", "lower", "none", "voco")
+
+
+# ----------------------------------------------------------------------------- classes
+
+def split_classes(folders: list[str], holdout_every: int) -> tuple[list[str], list[str]]:
+    """(training classes, evaluation classes). On ImageNet (wnid folders holding the 20
+    mini-ImageNet test classes) the evaluation classes are those 20; elsewhere every
+    ``holdout_every``-th class in sorted order is held out."""
+    folders = sorted(folders)
+    mini = mini_imagenet_test_wnids()
+    if folders and all(WNID.match(f) for f in folders) and set(mini) <= set(folders):
+        held = set(mini)
+    else:
+        if holdout_every < 2:
+            raise V2LError(f"--holdout_every {holdout_every}: need at least 2 (every n-th class "
+                           "is held out for evaluation)")
+        held = set(folders[::holdout_every])
+    return [f for f in folders if f not in held], [f for f in folders if f in held]
+
+
+# ----------------------------------------------------------------------------- prompts
+
+@dataclass(frozen=True)
+class Slot:
+    """Where an image goes in a prompt."""
+    path: str
+
+
+class VoCoPrompter:
+    """Builds episode prompts as segments (text ids and image ``Slot``s)."""
+
+    def __init__(self, text_tokenizer, induction: bool = True):
+        self.text_tokenizer, self.induction = text_tokenizer, induction
+        self.encode = lru_cache(maxsize=None)(self._encode)
+
+    def _encode(self, text: str) -> tuple[int, ...]:
+        return tuple(encode_segment(self.text_tokenizer, text))
+
+    def name_ids(self, name: str) -> list[int]:
+        ids = list(self.encode(name))
+        if not ids:
+            raise V2LError(f"class name '{name}' tokenises to nothing; rename its class folder")
+        return ids
+
+    def segments(self, episode, answer: bool = False) -> list:
+        """The episode's prompt; with ``answer``, followed by the query's name and EOS."""
+        bos = self.text_tokenizer.bos_token_id
+        text: list[int] = [bos] if bos is not None else []
+        if self.induction:
+            text += self.encode(induction_line(episode.names(spaces=True)))
+        out: list = []
+        for path, folder in list(episode.support) + [episode.query]:
+            text += self.encode(IN_TEXT)
+            out += [text, Slot(path)]
+            text = list(self.encode(OUT_TEXT))
+            if (path, folder) != episode.query:
+                text += self.name_ids(class_name(folder))
+        if answer:
+            text += self.name_ids(episode.target(spaces=True))
+            if self.text_tokenizer.eos_token_id is not None:
+                text.append(self.text_tokenizer.eos_token_id)
+        return out + [text]
+
+    def constraint(self, episode) -> NameTrie | None:
+        if not self.induction:
+            return None
+        return NameTrie([self.name_ids(n) for n in episode.names(spaces=True)], self.text_tokenizer.eos_token_id)
+
+
+def realize(segments: list, condition: str, words: dict[str, list[int]] | None = None,
+            blocks: dict[str, VoCoBlock] | None = None) -> list:
+    """Fill a prompt's image slots for one condition (see the module docstring); adjacent
+    text is merged."""
+    out: list = []
+    for seg in segments:
+        if isinstance(seg, Slot):
+            if condition == "upper":
+                seg = list(words[seg.path])
+            elif condition == "none":
+                continue
+            else:
+                seg = blocks[seg.path]
+        if isinstance(seg, VoCoBlock) or not out or isinstance(out[-1], VoCoBlock):
+            out.append(seg if isinstance(seg, VoCoBlock) else list(seg))
+        else:
+            out[-1] = out[-1] + list(seg)
+    return out
+
+
+def prompt_positions(prompt: list) -> int:
+    """Positions a realised prompt occupies (text tokens + VoCo entries)."""
+    return sum(seg.k if isinstance(seg, VoCoBlock) else len(seg) for seg in prompt)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+@torch.no_grad()
+def greedy(voco: VoCo, prompts: list[list], max_new_tokens: int, constraints: list | None,
+           eos_id: int | None) -> list[list[int]]:
+    """Greedy continuation of realised prompts through the frozen LLM, each row limited to its
+    ``NameTrie`` when given; stops at EOS or a finished name."""
+    logits, cache, valid, pos, _ = voco.prefill(prompts)
+    b = len(prompts)
+    out: list[list[int]] = [[] for _ in range(b)]
+    done = [False] * b
+    for step in range(max_new_tokens):
+        if constraints is not None:
+            allow = torch.zeros_like(logits, dtype=torch.bool)
+            for i, c in enumerate(constraints):
+                if c is None:
+                    allow[i] = True
+                else:
+                    allow[i, c.allowed(out[i]) or [0]] = True
+            logits = logits.masked_fill(~allow, float("-inf"))
+        nxt = logits.argmax(-1)
+        for i, t in enumerate(nxt.tolist()):
+            if done[i]:
+                continue
+            out[i].append(t)
+            c = constraints[i] if constraints is not None else None
+            if t == eos_id or (c is not None and c.finished(out[i])):
+                done[i] = True
+        if all(done) or step == max_new_tokens - 1:
+            break
+        logits, cache, valid, pos = voco.step(nxt, cache, valid, pos)
+    return [[t for t in row if t != eos_id] for row in out]
+
+
+# ----------------------------------------------------------------------------- objective
+
+def kl_positions(segments: list) -> list[bool]:
+    """For an answered prompt's segments: at which prompt-text tokens the KL is taken (after
+    the first image, where the next token is text)."""
+    use: list[bool] = []
+    seen_image = False
+    for j, seg in enumerate(segments):
+        if isinstance(seg, Slot):
+            seen_image = True
+            continue
+        followed_by_image = j + 1 < len(segments) and isinstance(segments[j + 1], Slot)
+        n = len(seg)
+        for t in range(n):
+            last = t == n - 1
+            use.append(seen_image and not (last and (followed_by_image or j == len(segments) - 1)))
+    return use
+
+
+def distill_loss(voco: VoCo, segment_rows: list[list], words: dict[str, list[int]], k: int
+                 ) -> tuple[torch.Tensor, int]:
+    """(sum of KL(teacher || student) over the KL positions, number of positions) for a batch
+    of answered episode prompts; the student's images are compressed here (with gradients)."""
+    paths = sorted({s.path for row in segment_rows for s in row if isinstance(s, Slot)})
+    compressed = voco.compress([torch.tensor(words[p]) for p in paths], k)
+    blocks = dict(zip(paths, compressed))
+    with torch.no_grad():
+        teacher_prompts = [realize(row, "upper", words=words) for row in segment_rows]
+        t_logits, _, _, _, t_index = voco.prefill(teacher_prompts, all_logits=True)
+    s_logits, _, _, _, s_index = voco.prefill([realize(row, "voco", blocks=blocks)
+                                               for row in segment_rows], all_logits=True)
+    total, count = s_logits.new_zeros(()), 0
+    for i, row in enumerate(segment_rows):
+        use = kl_positions(row)
+        teacher_text = _teacher_text_mask(row, words)
+        t = t_logits[i][t_index[i] >= 0][teacher_text]
+        s = s_logits[i][s_index[i] >= 0]
+        use_t = torch.tensor(use, device=s.device)
+        t_log = F.log_softmax(t[use_t].float(), -1)
+        s_log = F.log_softmax(s[use_t].float(), -1)
+        total = total + (t_log.exp() * (t_log - s_log)).sum()
+        count += int(use_t.sum())
+    return total, count
+
+
+def _teacher_text_mask(segments: list, words: dict[str, list[int]]) -> torch.Tensor:
+    """Over the teacher's text tokens (prompt text and image words): True at prompt text."""
+    mask = []
+    for seg in segments:
+        mask += [False] * len(words[seg.path]) if isinstance(seg, Slot) else [True] * len(seg)
+    return torch.tensor(mask)
+
+
+# ----------------------------------------------------------------------------- artifacts
+
+def llm_identity(llm) -> dict:
+    """What a VoCo artifact must match: the vocabulary fingerprint and the architecture
+    (the fingerprint alone does not tell two sizes of one LLM family apart)."""
+    c = llm.model.config
+    return {"fingerprint": llm.fingerprint, "hidden_size": c.hidden_size,
+            "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": getattr(c, "num_key_value_heads", c.num_attention_heads),
+            "intermediate_size": getattr(c, "intermediate_size", None)}
+
+
+def check_identity(recorded: dict, llm, where: str) -> None:
+    now = llm_identity(llm)
+    diff = [k for k in now if recorded.get(k) != now[k]]
+    if diff:
+        raise V2LError(f"{where}: VoCo weights made for another LLM ({', '.join(diff)} differ: "
+                       f"{[recorded.get(k) for k in diff]} vs {[now[k] for k in diff]}); pass the "
+                       "LLM they were trained with or retrain step 5 for this one")
+
+
+def set_attention(llm, attn: str) -> None:
+    """Select the attention implementation; the VoCo check refuses the ones it cannot use."""
+    if attn in ("sdpa", "eager"):
+        llm.model.set_attn_implementation(attn)
+    else:
+        llm.model.config._attn_implementation = attn   # refused by models.voco.check_llm
+
+
+
+def load_voco(voco_dir, llm, tokenizer_dir) -> tuple[VoCo, dict, dict]:
+    """(VoCo on ``llm`` with its untrained initial weights, the artifact's voco.json, the trained
+    weights to ``load_adapter_state``) from a step-5 artifact, checked to be made for this LLM
+    and (when the tokenizer has a manifest) from this tokenizer. The untrained state is the
+    paper's lower bound ("random compression"): initial VoCo embeddings, LoRA = identity."""
+    from pathlib import Path
+
+    from utils.artifacts import MANIFEST, load_json, load_tensors, read_manifest, require_input
+    manifest = read_manifest(voco_dir, VOCO)
+    info = load_json(Path(voco_dir) / "voco.json")
+    check_identity(info["llm_identity"], llm, str(voco_dir))
+    if (Path(tokenizer_dir) / MANIFEST).is_file():
+        require_input(manifest, "tokenizer", read_manifest(tokenizer_dir, TOKENIZER), f"{voco_dir} (VoCo weights)")
+    voco = VoCo(llm.model, info["k_max"], info["lora_rank"], info["lora_alpha"],
+                info["lora_targets"], bos_id=info["bos_id"], seed=info["seed"])
+    return voco, info, load_tensors(Path(voco_dir) / "voco.safetensors")
+
+
+def prefill_flops(model, n_new: float, n_past: float = 0.0) -> float:
+    """Approximate FLOPs of a prefill of ``n_new`` tokens after ``n_past`` cached ones: the
+    layers' matmuls (2 x parameters per token), attention scores and mixing (4 x layers x
+    heads*head_dim per query-key pair, causal), and one row of output logits."""
+    c = model.config
+    layer_params = sum(p.numel() for n, p in model.named_parameters()
+                       if ".layers." in n and "lora_" not in n)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    pairs = n_new * n_past + n_new * (n_new + 1) / 2
+    return (2 * layer_params * n_new + 4 * c.num_hidden_layers * c.num_attention_heads * head_dim * pairs
+            + 2 * c.hidden_size * c.vocab_size)

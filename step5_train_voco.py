@@ -1,0 +1,211 @@
+"""Step 5: train VoCo compression (VoCo embeddings + LoRA) inside the frozen LLM.
+
+Each image of a few-shot episode is compressed on its own into k VoCo
+positions' key/value cache (models/voco.py). The objective is the paper's
+Eq. 1, a distillation: the frozen LLM reading the full image words (teacher)
+vs the same frozen LLM reading only the VoCo caches (student), KL of the
+next-token distributions over the episode text after the first image (support
+answers, separators, the query's answer). Episodes are the few-shot format of
+eval_understanding.py, drawn from the training split's classes only: on
+ImageNet the 20 mini-ImageNet test classes are excluded, elsewhere every
+HOLDOUT_EVERY-th class is held out (the classes eval_compression.py uses).
+Image words are the tokenizer's global token strings, as the few-shot prompt
+uses them.
+
+One set of weights serves every k <= K_MAX: step s trains with k =
+TRAIN_KS[s % len(TRAIN_KS)] (TRAIN_KS = (8,) is the paper's Table 4 setting:
+trained at one k, run with fewer). Deviation: the authors fine-tune the whole
+LLM with answer cross-entropy; here LoRA adapters are active only while an
+image is compressed and the reading LLM is the unmodified frozen one.
+
+Writes OUT_DIR: voco.safetensors (VoCo embeddings + LoRA), voco.json (settings,
+the LLM's identity, the class split), log.jsonl, loss.png and manifest.json
+(chained to the tokenizer). checkpoint.pt is saved every SAVE_EVERY steps; a
+rerun of the same command resumes from it exactly.
+
+    python step5_train_voco.py --tokenizer_dir out/tokenizer --llm models/llama-2-7b --data_dir imagenet
+    torchrun --nproc_per_node 8 step5_train_voco.py ...
+"""
+import json
+import math
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from data.episodes import generate_episodes
+from data.images import scan_split
+from engine.fewshot import global_token_strings
+from engine.voco import VoCoPrompter, distill_loss, llm_identity, set_attention, split_classes
+from models.llm import encode_segment, llm_dtype, load_llm
+from models.tokenizer_io import load_tokenizer
+from models.voco import VoCo
+from utils import dist
+from utils.artifacts import (MANIFEST, atomic_path, finished_inputs, save_json,
+                             save_tensors, save_torch, write_manifest)
+from utils.cli import configure, run_main
+from utils.stages import VOCO
+from utils.errors import V2LError
+
+TOKENIZER_DIR = "out/tokenizer"   # the trained V2L tokenizer (directory or tokenizer.pt)
+LLM = "/models/llama-2-7b"        # the frozen LLM: Hugging Face dir, Meta LLaMA dir or .gguf
+LLM_DTYPE = "bf16"                # bf16 (VoCo training as its authors), fp16 or fp32 on GPU; the CPU runs fp32
+ATTN = "sdpa"                     # attention: sdpa or eager (flash-attention cannot take VoCo's mask)
+DATA_DIR = "/data/imagenet"       # class-folder images
+SPLIT = "train"                   # sub-folder of DATA_DIR to train on
+HOLDOUT_EVERY = 4                 # non-ImageNet data: every n-th class (sorted) is held out for evaluation
+GLOBAL_K = 21                     # global tokens per image (the image words of the few-shot prompt)
+N_WAY = 2                         # classes per training episode
+K_SHOT = 1                        # support images per class in a training episode
+K_MAX = 8                         # VoCo tokens the weights hold (the most eval can use)
+TRAIN_KS: tuple[int, ...] = (1, 2, 4, 8)  # k used at step s: TRAIN_KS[s % len]; (8,) = trained at one k only
+LORA_RANK = 8                     # LoRA rank (0: train the VoCo embeddings only)
+LORA_ALPHA = 16.0                 # LoRA scaling numerator
+LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # adapted linear layers (the last layer: k/v only)
+STEPS = 2000                      # optimiser steps
+BATCH_SIZE = 8                    # episodes per step (all ranks together)
+LR = 1e-3                         # peak learning rate (AdamW)
+WARMUP = 0.03                     # fraction of steps of linear warm-up, then cosine to 0
+WEIGHT_DECAY = 0.0                # AdamW weight decay
+GRAD_CLIP = 1.0                   # gradient-norm clip (0: none)
+SEED = 0                          # episode sampling and initialisation seed
+SAVE_EVERY = 50                   # steps between checkpoints
+STOP_AFTER = 0                    # stop (checkpointed) after this many steps in this run (0: run to the end)
+DEVICE = "auto"                   # auto, cpu or cuda
+NUM_WORKERS = 4                   # image loading workers (image words)
+OUT_DIR = "out/voco"              # where the VoCo artifact is written
+
+settings = configure(globals())
+
+
+
+def lr_at(step: int) -> float:
+    warm = max(1, round(WARMUP * STEPS))
+    if step < warm:
+        return LR * (step + 1) / warm
+    return LR * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, STEPS - warm)))
+
+
+def check_settings() -> None:
+    if not TRAIN_KS or any(not 1 <= k <= K_MAX for k in TRAIN_KS):
+        raise V2LError(f"--train_ks {list(TRAIN_KS)}: every k must be between 1 and --k_max {K_MAX}")
+    if STEPS < 1 or BATCH_SIZE < 1:
+        raise V2LError("--steps and --batch_size must be at least 1")
+
+
+def image_words(tokenizer, text_tokenizer, paths: list[str]) -> dict[str, list[int]]:
+    strings = global_token_strings(tokenizer, paths, GLOBAL_K, num_workers=NUM_WORKERS, progress=False)
+    return {p: encode_segment(text_tokenizer, "".join(s))
+            for p, s in zip(paths, strings)}
+
+
+def main():
+    check_settings()
+    out = Path(OUT_DIR)
+    if (out / MANIFEST).is_file():
+        print(f"{out}: VoCo weights already trained (delete the directory to retrain)")
+        return
+    ddp = dist.init(DEVICE)
+    torch.manual_seed(SEED)
+    llm = load_llm(LLM, dtype=llm_dtype(LLM_DTYPE, ddp.device), device=ddp.device)
+    set_attention(llm, ATTN)
+    voco = VoCo(llm.model, K_MAX, LORA_RANK, LORA_ALPHA, LORA_TARGETS,
+                bos_id=llm.text_tokenizer.bos_token_id, seed=SEED)
+    _, _, folders = scan_split(DATA_DIR, SPLIT)
+    train_classes, eval_classes = split_classes(folders, HOLDOUT_EVERY)
+    episodes = generate_episodes(DATA_DIR, N_WAY, K_SHOT, STEPS * BATCH_SIZE, SEED, SPLIT,
+                                 classes=train_classes)
+    mine = [ep for ep in episodes if (ep.index % BATCH_SIZE) % ddp.world == ddp.rank]
+    tokenizer = load_tokenizer(TOKENIZER_DIR, device=ddp.device)
+    paths = sorted({p for ep in mine for p, _ in ep.support + (ep.query,)})
+    words = image_words(tokenizer, llm.text_tokenizer, paths)
+    del tokenizer
+    prompter = VoCoPrompter(llm.text_tokenizer)
+    params = voco.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
+    key = json.loads(json.dumps({k: v for k, v in settings.items() if k not in (
+        "stop_after", "num_workers", "save_every", "device", "out_dir")}))
+    start, log = 0, []
+    ckpt = out / "checkpoint.pt"
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state["key"] != key:
+            raise V2LError(f"{ckpt}: a checkpoint of a run with other settings; rerun with those "
+                           "or delete the checkpoint")
+        voco.load_adapter_state(state["adapter"])
+        opt.load_state_dict(state["optimizer"])
+        start, log = state["step"], state["log"]
+        if ddp.is_main:
+            print(f"resuming at step {start}")
+    by_step: dict[int, list] = {}
+    for ep in mine:
+        by_step.setdefault(ep.index // BATCH_SIZE, []).append(ep)
+    end = STEPS if not STOP_AFTER else min(STEPS, start + STOP_AFTER)
+    bar = tqdm(range(start, end), desc="voco", disable=not ddp.is_main, initial=start, total=STEPS)
+    for step in bar:
+        k = TRAIN_KS[step % len(TRAIN_KS)]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        rows = [prompter.segments(ep, answer=True) for ep in by_step.get(step, [])]
+        total, count = distill_loss(voco, rows, words, k) if rows else (None, 0)
+        stats = dist.all_reduce_sum(torch.tensor([float(total.detach()) if rows else 0.0,
+                                                  float(count)], dtype=torch.float64,
+                                                 device=ddp.device), ddp).cpu()
+        n_global = max(1.0, float(stats[1]))
+        if rows:
+            (total / n_global).backward()
+        if ddp.active:    # the loss is a sum over ranks: their gradients add up
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                              for p in params])
+            dist.all_reduce_sum(flat, ddp)
+            for p, g in zip(params, flat.split([p.numel() for p in params])):
+                p.grad = g.view_as(p).clone()
+        if GRAD_CLIP:
+            torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = float(stats[0]) / n_global
+        log.append({"step": step, "k": k, "kl": loss, "lr": lr_at(step), "positions": int(n_global)})
+        bar.set_postfix(k=k, kl=f"{loss:.4f}")
+        done = step + 1
+        if ddp.is_main and (done % SAVE_EVERY == 0 or done == end) and done < STEPS:
+            save_torch(ckpt, {"step": done, "adapter": voco.adapter_state(),
+                              "optimizer": opt.state_dict(), "log": log, "key": key})
+    bar.close()
+    if end < STEPS:
+        if ddp.is_main:
+            print(f"stopped after step {end} of {STEPS} (--stop_after); rerun to continue")
+        dist.shutdown(ddp)
+        return
+    if ddp.is_main:
+        finish(voco, llm, log, train_classes, eval_classes)
+    dist.barrier(ddp)
+    dist.shutdown(ddp)
+
+
+def finish(voco: VoCo, llm, log: list[dict], train_classes: list[str], eval_classes: list[str]) -> None:
+    from utils.figures import plot_curves
+    out = Path(OUT_DIR)
+    save_tensors(out / "voco.safetensors", {k: v.float() for k, v in voco.adapter_state().items()})
+    info = {"k_max": K_MAX, "train_ks": list(TRAIN_KS), "lora_rank": LORA_RANK,
+            "lora_alpha": LORA_ALPHA, "lora_targets": list(LORA_TARGETS),
+            "bos_id": voco.bos_id, "seed": SEED, "global_k": GLOBAL_K, "n_way": N_WAY,
+            "k_shot": K_SHOT, "llm": llm.ident, "llm_identity": llm_identity(llm),
+            "tokenizer": str(TOKENIZER_DIR), "train_classes": train_classes,
+            "eval_classes": eval_classes, "final_kl": log[-1]["kl"] if log else None}
+    save_json(out / "voco.json", info)
+    with atomic_path(out / "log.jsonl") as tmp:
+        Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in log), encoding="utf-8")
+    by_k = {f"k={k}": ([r["step"] for r in log if r["k"] == k], [r["kl"] for r in log if r["k"] == k])
+            for k in sorted(set(TRAIN_KS))}
+    plot_curves(by_k, out / "loss.png", "step", "KL(teacher || student) per token",
+                "VoCo distillation loss", log_y=True)
+    write_manifest(out, VOCO, settings, ["voco.safetensors", "voco.json", "log.jsonl", "loss.png"],
+                   inputs=finished_inputs(tokenizer=TOKENIZER_DIR),
+                   info={k: info[k] for k in ("k_max", "train_ks", "llm", "llm_identity", "final_kl")})
+    (out / "checkpoint.pt").unlink(missing_ok=True)
+    print(f"VoCo weights -> {out} (final KL {info['final_kl']})")
+
+
+if __name__ == "__main__":
+    run_main(main)

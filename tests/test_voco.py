@@ -1,0 +1,296 @@
+"""VoCo compression: the cached two-pass path equals one masked pass, the controls differ,
+only VoCo weights learn, and bad settings are refused."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.voco import Image, VoCo, VoCoBlock, kv_bytes_per_token, text_logits
+from tiny_llm import tiny_llama_model
+from utils.errors import V2LError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+V = 300
+TOL = 1e-4   # fp32: measured ~5e-6 on this model; float64 gives ~1e-15 (the paths are exact)
+
+
+def make_voco(attn="sdpa", k_max=4, lora_rank=4, **kw):
+    model = tiny_llama_model(V)            # initializer_range 0.2: attention is far from uniform
+    model.config._attn_implementation = attn
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return VoCo(model, k_max, lora_rank=lora_rank, bos_id=1, **kw)
+
+
+def ids(g, n):
+    return torch.randint(3, V, (n,), generator=g).tolist()
+
+
+def case(voco, k, continuous=False):
+    """Two prompts of different lengths (padding), one image shared by both at different
+    offsets (re-rotation), and the cached version of the same prompts."""
+    g = torch.Generator().manual_seed(1)
+    hidden = voco.embeddings.shape[1]
+    imgs = [torch.tensor(ids(g, 7)), torch.tensor(ids(g, 11)),
+            torch.randn(5, hidden, generator=g) if continuous else torch.tensor(ids(g, 5))]
+    a, b, c, d, e = [1] + ids(g, 4), ids(g, 3), ids(g, 5), [1] + ids(g, 9), ids(g, 6)
+    single = [[a, Image(imgs[0]), b, Image(imgs[1]), c], [d, Image(imgs[2]), b, Image(imgs[0]), e]]
+    return imgs, single, lambda blocks: [[a, blocks[0], b, blocks[1], c], [d, blocks[2], b, blocks[0], e]]
+
+
+def max_diff(x, y):
+    assert [t.shape for t in x] == [t.shape for t in y]
+    return max((s - t).abs().max().item() for s, t in zip(x, y))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("continuous", [False, True])
+def test_cached_two_pass_equals_single_pass(attn, continuous):
+    voco = make_voco(attn)
+    k = 3
+    imgs, single, cached = case(voco, k, continuous)
+    with torch.no_grad():
+        ref_logits, ref_index = voco.single_pass(single, k)
+        blocks = voco.compress(imgs, k)      # LoRA starts as the identity (B = 0)
+        logits, _, _, _, index = voco.prefill(cached(blocks), all_logits=True)
+    ref, got = text_logits(ref_logits, ref_index), text_logits(logits, index)
+    assert all(torch.isfinite(t).all() for t in ref + got)           # padded rows: no NaN
+    assert ref[0].abs().max() > 1.0                                    # logits are not trivial
+    assert max_diff(ref, got) < TOL
+    assert all(b.k == k for b in blocks)
+
+
+def test_controls_differ():
+    """A plain causal mask, positions counted from the cache length and a boolean mask under
+    eager attention must all give other logits than the correct mask."""
+    k = 2
+    for attn in ("sdpa", "eager"):
+        voco = make_voco(attn)
+        imgs, single, cached = case(voco, k)
+        with torch.no_grad():
+            ref = text_logits(*voco.single_pass(single, k))
+            causal = text_logits(*voco.single_pass(single, k, mask="causal"))
+            blocks = voco.compress(imgs, k)
+            from_cache = voco.prefill(cached(blocks), all_logits=True, explicit_positions=False)
+            from_cache = text_logits(from_cache[0], from_cache[4])
+            assert max_diff(ref, causal) > 0.5
+            assert max_diff(ref, from_cache) > 0.5
+            boolean = text_logits(*voco.single_pass(single, k, mask="bool"))
+            if attn == "eager":
+                assert max_diff(ref, boolean) > 0.5    # added to the scores: silently wrong
+            else:
+                assert max_diff(ref, boolean) < TOL    # sdpa reads a boolean mask correctly
+
+
+def test_gradients_reach_only_voco_weights():
+    voco = make_voco()
+    k = 2
+    imgs, _, cached = case(voco, k)
+    with torch.no_grad():   # a non-zero LoRA B so that LoRA A gets a gradient too
+        for n, p in voco.llm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    blocks = voco.compress(imgs, k)
+    logits, *_ = voco.prefill(cached(blocks), all_logits=True)
+    logits.logsumexp(-1).mean().backward()
+    for name, p in voco.llm.named_parameters():
+        if "lora_" in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, f"frozen weight {name} got a gradient"
+    assert voco.embeddings.grad is not None and voco.embeddings.grad.abs().sum() > 0
+
+
+def test_reading_model_is_the_frozen_llm():
+    """LoRA changes the compression, never the model that reads a compressed prompt."""
+    voco = make_voco()
+    text = [[[1, 5, 9, 12, 40]]]   # one prompt of one text segment
+    with torch.no_grad():
+        before = voco.prefill(text)[0]
+        block_before = voco.compress([torch.tensor([7, 8, 9])], 2)[0]
+        for n, p in voco.llm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+        after = voco.prefill(text)[0]
+        block_after = voco.compress([torch.tensor([7, 8, 9])], 2)[0]
+        plain = voco.llm(input_ids=torch.tensor(text[0]))  # adapters on: differs
+    assert torch.equal(before, after)
+    assert (block_before.values - block_after.values).abs().max() > 1e-3
+    assert (plain.logits[:, -1] - after).abs().max() > 1e-3
+
+
+def test_greedy_steps_continue_the_cache():
+    """Decoding after a compressed prefill equals re-running the longer prompt."""
+    voco = make_voco()
+    k = 2
+    imgs, _, cached = case(voco, k)
+    with torch.no_grad():
+        blocks = voco.compress(imgs, k)
+        prompts = cached(blocks)
+        logits, cache, valid, pos, _ = voco.prefill(prompts)
+        nxt = logits.argmax(-1)
+        step_logits, *_ = voco.step(nxt, cache, valid, pos)
+        longer = [p[:-1] + [list(p[-1]) + [int(t)]] for p, t in zip(prompts, nxt)]
+        ref = voco.prefill(longer)[0]
+    assert (step_logits - ref).abs().max() < TOL
+
+
+def test_refusals():
+    model = tiny_llama_model(V)
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(V2LError, match="flash_attention_2.*attn_implementation='sdpa'"):
+        VoCo(model, 2)
+    model = tiny_llama_model(V)
+    model.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    with pytest.raises(V2LError, match="rotary type 'linear'.*plain RoPE"):
+        VoCo(model, 2)
+    voco = make_voco(k_max=2)
+    with pytest.raises(V2LError, match="k=4 .*at most 2"):
+        voco.compress([torch.tensor([5, 6])], 4)
+    with pytest.raises(V2LError, match="over the LLM context of 256"):
+        voco.prefill([[list(range(3, 263))]])
+    with pytest.raises(V2LError, match=r"expected \[n, 64\]"):
+        voco.compress([torch.randn(3, 10)], 1)
+
+
+def test_kv_bytes():
+    voco = make_voco()
+    block = voco.compress([torch.tensor([5, 6, 7])], 3)[0]
+    assert isinstance(block, VoCoBlock)
+    assert block.nbytes == 3 * kv_bytes_per_token(voco.llm) == 3 * 2 * 2 * 2 * 16 * 4
+
+
+def test_distillation_positions_align_teacher_and_student():
+    """The KL is taken at prompt-text tokens after the first image whose next token is text;
+    the teacher's prompt-text tokens are found among its image words."""
+    from engine.voco import Slot, _teacher_text_mask, kl_positions, realize
+    segs = [[1, 2], Slot("a"), [3, 4], Slot("b"), [5, 6]]
+    words = {"a": [7, 8], "b": [9]}
+    assert kl_positions(segs) == [False, False, True, False, True, False]
+    teacher = realize(segs, "upper", words=words)
+    assert teacher == [[1, 2, 7, 8, 3, 4, 9, 5, 6]]
+    mask = _teacher_text_mask(segs, words)
+    assert torch.tensor(teacher[0])[mask].tolist() == [1, 2, 3, 4, 5, 6]
+    assert realize(segs, "none") == [[1, 2, 3, 4, 5, 6]]
+
+
+# ----------------------------------------------------------------------------- the scripts
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny tokenizer (with manifest), a tiny LLM and five classes of images; step 5 held
+    out every 2nd class (bird, cat, tree) and trained on car and dog."""
+    from fixtures_artifacts import make_image_folder
+    from fixtures_tokenizer import make_tiny_tokenizer
+    from tiny_llm import make_tiny_llama
+    from models.tokenizer_io import save_tokenizer
+    from utils.artifacts import write_manifest
+    tmp = tmp_path_factory.mktemp("voco")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)     # module fixtures run before the per-test one_thread fixture
+    tokenizer, _, dirs = make_tiny_tokenizer(tmp)
+    save_tokenizer(tokenizer, tmp / "tokenizer")
+    write_manifest(tmp / "tokenizer", "tokenizer", {}, ["tokenizer.pt"],
+                   inputs={"codebook": dirs["codebook"], "global": dirs["global"]})
+    make_image_folder(tmp / "data", n_per_class=3, classes=("cat", "dog", "bird", "tree", "car"),
+                      odd=False)
+    make_tiny_llama(tmp / "llm", fmt="hf")
+    yield tmp
+    torch.set_num_threads(threads)
+
+
+def step5_flags(world, out, **extra):
+    return {"tokenizer_dir": world / "tokenizer", "llm": world / "llm", "data_dir": world / "data",
+            "holdout_every": 2, "global_k": 5, "k_max": 4, "train_ks": "2", "steps": 4,
+            "batch_size": 2, "save_every": 1, "device": "cpu", "num_workers": 0, "out_dir": out,
+            **extra}
+
+
+def eval_flags(world, voco_dir, out, **extra):
+    return {"tokenizer_dir": world / "tokenizer", "llm": world / "llm", "voco_dir": voco_dir,
+            "data_dir": world / "data", "eval_ks": "2", "n_episodes": 4, "batch_size": 4,
+            "device": "cpu", "num_workers": 0, "out_dir": out, **extra}
+
+
+@pytest.fixture(scope="module")
+def trained(world):
+    from fixtures_artifacts import run_script
+    out = world / "voco_full"
+    assert run_script("step5_train_voco.py", **step5_flags(world, out)) == 0
+    return out
+
+
+def test_step5_resume_equals_uninterrupted(world, trained):
+    from fixtures_artifacts import run_script
+    from utils.artifacts import load_json, load_tensors
+    out = world / "voco_resumed"
+    assert run_script("step5_train_voco.py", **step5_flags(world, out, stop_after=2)) == 0
+    assert (out / "checkpoint.pt").is_file() and not (out / "manifest.json").exists()
+    assert run_script("step5_train_voco.py", **step5_flags(world, out)) == 0
+    a, b = load_tensors(trained / "voco.safetensors"), load_tensors(out / "voco.safetensors")
+    assert a.keys() == b.keys() and any(k.startswith("lora.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    info = load_json(out / "voco.json")
+    assert info["eval_classes"] == ["bird", "cat", "tree"] and info["train_classes"] == ["car", "dog"]
+    assert (out / "loss.png").is_file() and not (out / "checkpoint.pt").exists()
+
+
+def test_eval_compression_runs(world, trained):
+    from fixtures_artifacts import run_script
+    from utils.artifacts import load_json
+    out = world / "eval"
+    assert run_script("eval_compression.py", **eval_flags(world, trained, out)) == 0
+    res = load_json(out / "results.json")
+    conditions = [(r["condition"], r["k"]) for r in res["rows"]]
+    assert conditions == [("upper", None), ("none", None), ("lower", 2), ("voco", 2)]
+    assert all(r["n"] == 4 for r in res["rows"])
+    assert res["cost"]["voco k=2"]["kv_bytes_per_image"] == 2 * res["cost"]["kv_bytes_per_token"]
+    assert (out / "retention.png").is_file() and (out / "manifest.json").is_file()
+
+
+def test_bad_inputs_one_line(world, trained, capsys):
+    import shutil
+    from fixtures_artifacts import run_script
+    from tiny_llm import make_tiny_llama
+    from utils.artifacts import write_manifest
+    other_llm = make_tiny_llama(world / "llm_other", fmt="hf", vocab_size=320)
+    other_tok = world / "tokenizer_other"
+    shutil.copytree(world / "tokenizer", other_tok)
+    write_manifest(other_tok, "tokenizer", {"other": True}, ["tokenizer.pt"])
+    cases = [
+        (eval_flags(world, trained, world / "e1", llm=other_llm), "made for another LLM"),
+        (eval_flags(world, trained, world / "e2", tokenizer_dir=other_tok),
+         "different tokenizer artifact"),
+        (eval_flags(world, trained, world / "e3", eval_ks="8"), "at most k_max=4"),
+        (eval_flags(world, trained, world / "e4", max_new_tokens=250), "over the LLM context of 256"),
+        (eval_flags(world, trained, world / "e5", attn="flash_attention_2"), "cannot take VoCo"),
+    ]
+    for flags, message in cases:
+        capsys.readouterr()
+        assert run_script("eval_compression.py", **flags) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and message in err[0], err
+        assert not (flags["out_dir"] / "manifest.json").exists()
+    assert run_script("step5_train_voco.py",
+                      **step5_flags(world, world / "v2", attn="flash_attention_2")) == 2
+    assert "attn_implementation='sdpa'" in capsys.readouterr().err
+    assert not (world / "v2").exists()
+
+
+@pytest.mark.slow
+def test_step5_two_process_gloo_equals_one(world, trained):
+    import os
+    import subprocess
+    import sys
+    from utils.artifacts import load_tensors
+    repo = Path(__file__).resolve().parent.parent
+    out = world / "voco_ddp"
+    flags = [f"--{k}={v}" for k, v in step5_flags(world, out).items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", "29533", str(repo / "step5_train_voco.py"), *flags],
+                   check=True, env=env, cwd=repo, capture_output=True)
+    a, b = load_tensors(trained / "voco.safetensors"), load_tensors(out / "voco.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5   # summation order only
