@@ -27,11 +27,10 @@ from pathlib import Path
 
 from data.captions import check_images, load_captions, spread
 from engine.captioning import SKIPPED, caption_scores, require_pycocoevalcap
-from engine.open_ended import (ExamplePicker, bootstrap_ci, check_variants, model_loaders,
-                               run_variants)
-from models.llm import llm_dtype
+from engine.open_ended import (ExamplePicker, answer_queries, bootstrap_ci, check_variants,
+                               finish)
 from utils import dist
-from utils.artifacts import atomic_path, finished_inputs, save_json, write_manifest
+from utils.artifacts import atomic_path, save_json
 from utils.cli import configure, run_main
 from utils.stages import EVAL_CAPTIONING
 from utils.figures import save_text_gallery
@@ -107,19 +106,13 @@ def main():
     key = {k: settings[k] for k in ("captions_file", "split", "example_split", "k_shot",
                                     "fixed_examples", "global_k", "local_tokens", "max_new_tokens",
                                     "seed", "tokenizer_dir", "llm")}
-    load_llm_fn, load_tokenizer_fn = model_loaders(LLM, llm_dtype(LLM_DTYPE, ddp.device), TOKENIZER_DIR, ddp.device)
-    rows = run_variants(queries, pool, picker, variants, OUT_DIR, key, ddp, load_llm_fn,
-                        load_tokenizer_fn, GLOBAL_K, LOCAL_TOKENS, BATCH_SIZE, MAX_NEW_TOKENS,
-                        PREFIX_CACHE, NUM_WORKERS)
+    rows = answer_queries(settings, queries, pool, picker, variants, key, ddp)
+    files = results = None
     if ddp.is_main:
         results = {v: score(rows[v], queries) for v in variants}
         files = write_results(results, rows, queries)
-        inputs = finished_inputs(tokenizer=TOKENIZER_DIR) if "image" in variants else {}
-        write_manifest(OUT_DIR, EVAL_CAPTIONING, settings, files, inputs=inputs,
-                       info={"format": fmt, "variants": results, "skipped": SKIPPED})
-    dist.barrier(ddp)
-    dist.shutdown(ddp)
-
+    finish(EVAL_CAPTIONING, settings, variants, files,
+           {"format": fmt, "variants": results, "skipped": SKIPPED}, ddp)
 
 if __name__ == "__main__":
     run_main(main)

@@ -29,12 +29,11 @@ from pathlib import Path
 
 from data.captions import check_images, demo_questions, load_vqav2, spread_images
 from engine.fewshot import wilson_interval
-from engine.open_ended import (ExamplePicker, bootstrap_ci, check_variants, model_loaders,
-                               run_variants)
+from engine.open_ended import (ExamplePicker, answer_queries, bootstrap_ci, check_variants,
+                               finish)
 from engine.vqa import vqa_accuracy
-from models.llm import llm_dtype
 from utils import dist
-from utils.artifacts import atomic_path, finished_inputs, save_json, write_manifest
+from utils.artifacts import atomic_path, save_json
 from utils.cli import configure, run_main
 from utils.stages import EVAL_VQA
 from utils.figures import save_text_gallery
@@ -134,19 +133,13 @@ def main():
                                     "example_split", "k_shot", "same_type", "fixed_examples",
                                     "global_k", "local_tokens", "max_new_tokens", "seed",
                                     "tokenizer_dir", "llm", "labels_file")}
-    load_llm_fn, load_tokenizer_fn = model_loaders(LLM, llm_dtype(LLM_DTYPE, ddp.device), TOKENIZER_DIR, ddp.device)
-    rows = run_variants(queries, pool, picker, variants, OUT_DIR, key, ddp, load_llm_fn,
-                        load_tokenizer_fn, GLOBAL_K, LOCAL_TOKENS, BATCH_SIZE, MAX_NEW_TOKENS,
-                        PREFIX_CACHE, NUM_WORKERS)
+    rows = answer_queries(settings, queries, pool, picker, variants, key, ddp)
+    files = results = None
     if ddp.is_main:
         results = {v: score(rows[v], queries) for v in variants}
         files = write_results(results, rows, queries, skipped)
-        inputs = finished_inputs(tokenizer=TOKENIZER_DIR) if "image" in variants else {}
-        write_manifest(OUT_DIR, EVAL_VQA, settings, files, inputs=inputs,
-                       info={"format": fmt, "variants": results, "skipped": skipped})
-    dist.barrier(ddp)
-    dist.shutdown(ddp)
-
+    finish(EVAL_VQA, settings, variants, files,
+           {"format": fmt, "variants": results, "skipped": skipped}, ddp)
 
 if __name__ == "__main__":
     run_main(main)

@@ -9,20 +9,15 @@ induction line, as in one setting of the benchmark).
 """
 import random
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from engine.fewshot import FewShotPrompter  # noqa: E402
 from engine.greedy import BatchedGreedy  # noqa: E402
-from models.meta_llama import sentencepiece_tokenizer  # noqa: E402
-from tiny_llm import make_sentencepiece_model  # noqa: E402
+from bench.common import VOCAB, llama_and_tokenizer, timed  # noqa: E402
 from utils.cli import configure, run_main  # noqa: E402
 
 PRESET = "tiny"          # tiny (CPU) or llama2-7b (GPU, fp16, random weights)
@@ -34,28 +29,6 @@ SEED = 0                 # prompt and weight seed
 
 settings = configure(globals())
 
-VOCAB = ("dog cat bird tree grass sky water red blue green small big old young wooden metal "
-         "glass shiny dark bright running sitting flying").split()
-
-
-def build(preset: str):
-    sp = make_sentencepiece_model(Path(tempfile.mkdtemp()) / "spm", 384, SEED)
-    text_tokenizer = sentencepiece_tokenizer(Path(sp))
-    torch.manual_seed(SEED)
-    if preset == "llama2-7b":
-        config = LlamaConfig(vocab_size=len(text_tokenizer), hidden_size=4096, intermediate_size=11008,
-                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                             max_position_embeddings=4096)
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(config).half().eval()
-    else:
-        config = LlamaConfig(vocab_size=len(text_tokenizer), hidden_size=128, intermediate_size=256,
-                             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                             max_position_embeddings=4096)
-        model = LlamaForCausalLM(config).eval()
-    return model, text_tokenizer
-
-
 def episodes(text_tokenizer, n: int) -> tuple[list[list[int]], list]:
     rng = random.Random(SEED)
     prompter = FewShotPrompter(text_tokenizer, induction=True)
@@ -66,18 +39,8 @@ def episodes(text_tokenizer, n: int) -> tuple[list[list[int]], list]:
     return prompts, [prompter.constraint(names)] * n
 
 
-def timed(fn) -> tuple[float, list]:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - t, out
-
-
 def main():
-    model, text_tokenizer = build(PRESET)
+    model, text_tokenizer = llama_and_tokenizer(PRESET, SEED)
     prompts, tries = episodes(text_tokenizer, N_EPISODES)
     eos = text_tokenizer.eos_token_id
 

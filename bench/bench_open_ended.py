@@ -12,20 +12,15 @@ initialised LLaMA-2-7B-shaped model in fp16 on the GPU (no weights needed).
 """
 import random
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from engine.greedy import BatchedGreedy  # noqa: E402
 from engine.open_ended import ImageWords, OpenEndedPrompter, Shot, generate  # noqa: E402
-from models.meta_llama import sentencepiece_tokenizer  # noqa: E402
-from tiny_llm import make_sentencepiece_model  # noqa: E402
+from bench.common import VOCAB, llama_and_tokenizer, timed  # noqa: E402
 from utils.cli import configure, run_main  # noqa: E402
 
 PRESET = "tiny"          # tiny (CPU) or llama2-7b (GPU, fp16, random weights)
@@ -37,25 +32,6 @@ MAX_NEW_TOKENS = 20      # caption length cap
 SEED = 0                 # prompt and weight seed
 
 settings = configure(globals())
-
-VOCAB = ("dog cat bird tree grass sky water red blue green small big old young wooden metal "
-         "glass shiny dark bright running sitting flying").split()
-
-
-def build(preset: str):
-    sp = make_sentencepiece_model(Path(tempfile.mkdtemp()) / "spm", 384, SEED)
-    text_tokenizer = sentencepiece_tokenizer(Path(sp))
-    torch.manual_seed(SEED)
-    shape = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=32) if preset == "llama2-7b" else \
-        dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=2)
-    config = LlamaConfig(vocab_size=len(text_tokenizer), max_position_embeddings=4096, **shape)
-    if preset == "llama2-7b":
-        with torch.device("cuda"):
-            return LlamaForCausalLM(config).half().eval(), text_tokenizer
-    return LlamaForCausalLM(config).eval(), text_tokenizer
-
 
 def prompts(prompter: OpenEndedPrompter, fixed: bool) -> list:
     rng = random.Random(SEED)
@@ -69,18 +45,8 @@ def prompts(prompter: OpenEndedPrompter, fixed: bool) -> list:
     return jobs
 
 
-def timed(fn) -> tuple[float, list]:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - t, out
-
-
 def main():
-    model, text_tokenizer = build(PRESET)
+    model, text_tokenizer = llama_and_tokenizer(PRESET, SEED)
     prompter = OpenEndedPrompter(text_tokenizer)
 
     def run(jobs, cache: bool, batch: int):

@@ -205,6 +205,32 @@ def check_variants(variants, have_labels: bool, what: str) -> tuple[list[str], d
     return list(variants), {}
 
 
+def answer_queries(settings: dict, queries, pool, picker, variants, key: dict, ddp) -> dict:
+    """Every variant's answers, run with a script's ``settings`` (its configure() result):
+    ``run_variants`` with the LLM and tokenizer loaded only when something is left to answer."""
+    from models.llm import llm_dtype
+    load_llm_fn, load_tokenizer_fn = model_loaders(
+        settings["llm"], llm_dtype(settings["llm_dtype"], ddp.device), settings["tokenizer_dir"],
+        ddp.device)
+    return run_variants(queries, pool, picker, variants, settings["out_dir"], key, ddp,
+                        load_llm_fn, load_tokenizer_fn, settings["global_k"],
+                        settings["local_tokens"], settings["batch_size"],
+                        settings["max_new_tokens"], settings["prefix_cache"],
+                        settings["num_workers"])
+
+
+def finish(stage, settings: dict, variants, files: list[str] | None, info: dict | None, ddp) -> None:
+    """Rank 0 writes the stage's manifest (chained to the tokenizer when the image variant ran);
+    then every rank leaves the process group."""
+    from utils import dist
+    from utils.artifacts import finished_inputs, write_manifest
+    if ddp.is_main:
+        inputs = finished_inputs(tokenizer=settings["tokenizer_dir"]) if "image" in variants else {}
+        write_manifest(settings["out_dir"], stage, settings, files, inputs=inputs, info=info)
+    dist.barrier(ddp)
+    dist.shutdown(ddp)
+
+
 def model_loaders(llm: str, llm_dtype: str, tokenizer_dir: str, device):
     """(load the LLM, load the tokenizer): called only when there is something to answer."""
     from models.llm import load_llm
