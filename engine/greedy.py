@@ -85,22 +85,7 @@ class BatchedGreedy:
             if vocab_mask is not None:
                 logits = logits.masked_fill(~vocab_mask[: logits.shape[-1]].to(logits.device),
                                             float("-inf"))
-            if constraints is not None:
-                allow = torch.zeros_like(logits, dtype=torch.bool)
-                for i, c in enumerate(constraints):
-                    if c is None:
-                        allow[i] = True
-                    else:  # a finished row has nothing left: any id, it is ignored
-                        allow[i, c.allowed(out[i]) or [self.pad_id]] = True
-                logits = logits.masked_fill(~allow, float("-inf"))
-            nxt = logits.argmax(-1)
-            for i, t in enumerate(nxt.tolist()):
-                if done[i]:
-                    continue
-                out[i].append(t)
-                c = constraints[i] if constraints is not None else None
-                if t == eos_id or (c is not None and c.finished(out[i])):
-                    done[i] = True
+            nxt = greedy_step(logits, constraints, out, done, eos_id, self.pad_id)
             if all(done) or step == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
@@ -108,6 +93,30 @@ class BatchedGreedy:
                              past_key_values=cache, use_cache=True)
             cache, pos, logits = res.past_key_values, pos + 1, res.logits[:, -1].float()
         return [[t for t in row if t != eos_id] for row in out]
+
+
+def greedy_step(logits: torch.Tensor, constraints, out: list[list[int]], done: list[bool],
+                eos_id, pad_id: int = 0) -> torch.Tensor:
+    """One greedy step for a batch: each row's argmax among the ids its constraint allows
+    (``c.allowed(tokens so far)``; None: any id), appended to ``out`` for rows not ``done``;
+    a row is done at EOS or when its constraint is finished. Returns the chosen ids [B]."""
+    if constraints is not None:
+        allow = torch.zeros_like(logits, dtype=torch.bool)
+        for i, c in enumerate(constraints):
+            if c is None:
+                allow[i] = True
+            else:  # a finished row has nothing left: any id, it is ignored
+                allow[i, c.allowed(out[i]) or [pad_id]] = True
+        logits = logits.masked_fill(~allow, float("-inf"))
+    nxt = logits.argmax(-1)
+    for i, t in enumerate(nxt.tolist()):
+        if done[i]:
+            continue
+        out[i].append(t)
+        c = constraints[i] if constraints is not None else None
+        if t == eos_id or (c is not None and c.finished(out[i])):
+            done[i] = True
+    return nxt
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from data.classes import WNID, class_name, mini_imagenet_test_wnids
 from engine.fewshot import IN_TEXT, OUT_TEXT, NameTrie, induction_line
+from engine.greedy import greedy_step
 from models.llm import encode_segment
 from models.voco import VoCo, VoCoBlock
 from utils.errors import V2LError
@@ -140,22 +141,7 @@ def greedy(voco: VoCo, prompts: list[list], max_new_tokens: int, constraints: li
     out: list[list[int]] = [[] for _ in range(b)]
     done = [False] * b
     for step in range(max_new_tokens):
-        if constraints is not None:
-            allow = torch.zeros_like(logits, dtype=torch.bool)
-            for i, c in enumerate(constraints):
-                if c is None:
-                    allow[i] = True
-                else:
-                    allow[i, c.allowed(out[i]) or [0]] = True
-            logits = logits.masked_fill(~allow, float("-inf"))
-        nxt = logits.argmax(-1)
-        for i, t in enumerate(nxt.tolist()):
-            if done[i]:
-                continue
-            out[i].append(t)
-            c = constraints[i] if constraints is not None else None
-            if t == eos_id or (c is not None and c.finished(out[i])):
-                done[i] = True
+        nxt = greedy_step(logits, constraints, out, done, eos_id)
         if all(done) or step == max_new_tokens - 1:
             break
         logits, cache, valid, pos = voco.step(nxt, cache, valid, pos)

@@ -167,16 +167,19 @@ def _ci(ci) -> str:
     return "-" if ci is None else f"{_f(ci[0])}-{_f(ci[1])}"
 
 
+def _with_gallery(folder: Path, text: str) -> str:
+    gallery = folder / "gallery.png"
+    return text + (f"\n  picture: {gallery}" if gallery.is_file() else "")
+
+
 def captioning_text(out: Path, rows: list[dict] | None) -> str:
     if rows is None:
         return "captioning: not run"
     body = [[r["variant"], r["n"], r["cider_d"], _ci(r["cider_d_ci95"]), r["bleu4"]] for r in rows]
-    text = ("captioning with the frozen LLM (image: the tokenizer's words; ceiling: each image's "
-            "own caption as its words; floor: no words):\n"
-            + _table(["variant", "n", "CIDEr-D", "95% CI", "BLEU-4"], body))
-    if (out / EVAL_CAPTIONING.out_dir / "gallery.png").is_file():
-        text += f"\n  picture: {out / EVAL_CAPTIONING.out_dir / 'gallery.png'}"
-    return text
+    return _with_gallery(out / EVAL_CAPTIONING.out_dir,
+                         "captioning with the frozen LLM (image: the tokenizer's words; ceiling: "
+                         "each image's own caption as its words; floor: no words):\n"
+                         + _table(["variant", "n", "CIDEr-D", "95% CI", "BLEU-4"], body))
 
 
 def vqa_text(out: Path, rows: list[dict] | None) -> str:
@@ -185,12 +188,10 @@ def vqa_text(out: Path, rows: list[dict] | None) -> str:
     body = [[r["variant"], r["answer_type"], r["n"], _pct(r["accuracy"]),
              "-" if r["ci95"] is None else f"{_pct(r['ci95'][0])}-{_pct(r['ci95'][1])}"]
             for r in rows]
-    text = ("visual question answering (VQAv2 accuracy %; image: the tokenizer's words; ceiling: "
-            "each image's own labels as its words; floor: no words):\n"
-            + _table(["variant", "answer type", "n", "acc", "95% CI"], body))
-    if (out / EVAL_VQA.out_dir / "gallery.png").is_file():
-        text += f"\n  picture: {out / EVAL_VQA.out_dir / 'gallery.png'}"
-    return text
+    return _with_gallery(out / EVAL_VQA.out_dir,
+                         "visual question answering (VQAv2 accuracy %; image: the tokenizer's words; "
+                         "ceiling: each image's own labels as its words; floor: no words):\n"
+                         + _table(["variant", "answer type", "n", "acc", "95% CI"], body))
 
 
 def summary(out, stage_seconds: dict[str, float | None] | None = None, write: bool = True) -> str:
