@@ -59,6 +59,9 @@ EVAL_COMPRESSION = Stage("eval_compression", "eval_compression.py", "eval_compre
 # the pipeline, in run.sh's order
 PIPELINE = (VOCAB, CODEBOOK, GLOBAL, TOKENIZER, EVAL_RECONSTRUCTION, EVAL_UNDERSTANDING,
             EVAL_DENOISING, EVAL_CAPTIONING, EVAL_VQA, VOCO, EVAL_COMPRESSION)
+# pipeline stages run.sh runs only when asked: captioning with COCO, VQA with VQA and COCO (always
+# in the demo), VoCo with VOCO=true
+OPTIONAL = (EVAL_CAPTIONING, EVAL_VQA, VOCO, EVAL_COMPRESSION)
 
 # artifacts inside a stage's directory, and the demo's inputs (made by demo/setup.py)
 EVAL_UNDERSTANDING_SETTING = Stage("eval_understanding_setting", "eval_understanding.py",
