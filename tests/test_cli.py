@@ -12,7 +12,7 @@ from utils.errors import V2LError
 from utils.stages import ALL, PIPELINE
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = sorted([p.name for p in REPO.glob("*.py")] + [f"bench/{p.name}" for p in (REPO / "bench").glob("*.py")]
+SCRIPTS = sorted([p.name for p in REPO.glob("*.py")] + [f"bench/{p.name}" for p in (REPO / "bench").glob("bench_*.py")]
                  + ["demo/setup.py"])
 CODE_PACKAGES = sorted(p.name for p in REPO.iterdir() if (p / "__init__.py").is_file()) + ["tests"]
 
