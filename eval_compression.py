@@ -28,10 +28,10 @@ from tqdm import tqdm
 
 from data.episodes import generate_episodes
 from data.images import scan_split
-from engine.fewshot import global_token_strings, wilson_interval
-from engine.voco import (VoCoPrompter, greedy, load_voco, prefill_flops, prompt_positions, realize,
-                         set_attention)
-from models.llm import encode_segment, llm_dtype, load_llm
+from engine.fewshot import wilson_interval
+from engine.voco import (VoCoPrompter, greedy, image_word_ids, load_voco, prefill_flops,
+                         prompt_positions, realize, set_attention)
+from models.llm import llm_dtype, load_llm
 from models.tokenizer_io import load_tokenizer
 from models.voco import VoCoBlock, kv_bytes_per_token
 from utils.artifacts import MANIFEST, atomic_path, finished_inputs, save_json, write_manifest
@@ -131,10 +131,8 @@ def main():
     # positions do not depend on the blocks' content: check every prompt before any work
     tokenizer = load_tokenizer(TOKENIZER_DIR, device=device)
     paths = sorted({p for ep in episodes for p, _ in ep.support + (ep.query,)})
-    strings = global_token_strings(tokenizer, paths, info["global_k"], num_workers=NUM_WORKERS)
+    words = image_word_ids(tokenizer, llm.text_tokenizer, paths, info["global_k"], NUM_WORKERS)
     del tokenizer
-    words = {p: encode_segment(llm.text_tokenizer, "".join(s))
-             for p, s in zip(paths, strings)}
     prompts = {c: [(ep.index, realize(s, c, words=words)) for ep, s in zip(episodes, segments)]
                for c in ("upper", "none")}
     for k in EVAL_KS:   # stand-in blocks of the right size for the length check

@@ -35,9 +35,9 @@ from tqdm import tqdm
 
 from data.episodes import generate_episodes
 from data.images import scan_split
-from engine.fewshot import global_token_strings
-from engine.voco import VoCoPrompter, distill_loss, llm_identity, set_attention, split_classes
-from models.llm import encode_segment, llm_dtype, load_llm
+from engine.voco import (VoCoPrompter, distill_loss, image_word_ids, llm_identity, set_attention,
+                         split_classes)
+from models.llm import llm_dtype, load_llm
 from models.tokenizer_io import load_tokenizer
 from models.voco import VoCo
 from utils import dist
@@ -93,12 +93,6 @@ def check_settings() -> None:
         raise V2LError("--steps and --batch_size must be at least 1")
 
 
-def image_words(tokenizer, text_tokenizer, paths: list[str]) -> dict[str, list[int]]:
-    strings = global_token_strings(tokenizer, paths, GLOBAL_K, num_workers=NUM_WORKERS, progress=False)
-    return {p: encode_segment(text_tokenizer, "".join(s))
-            for p, s in zip(paths, strings)}
-
-
 def main():
     check_settings()
     out = Path(OUT_DIR)
@@ -118,7 +112,8 @@ def main():
     mine = [ep for ep in episodes if (ep.index % BATCH_SIZE) % ddp.world == ddp.rank]
     tokenizer = load_tokenizer(TOKENIZER_DIR, device=ddp.device)
     paths = sorted({p for ep in mine for p, _ in ep.support + (ep.query,)})
-    words = image_words(tokenizer, llm.text_tokenizer, paths)
+    words = image_word_ids(tokenizer, llm.text_tokenizer, paths, GLOBAL_K, NUM_WORKERS,
+                           progress=False)
     del tokenizer
     prompter = VoCoPrompter(llm.text_tokenizer)
     params = voco.trainable_parameters()

@@ -18,7 +18,6 @@ fp32 on the same weights), plus the time and peak memory of a VoCo training step
 """
 import random
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
+from bench.common import timed  # noqa: E402
 from engine.fewshot import NameTrie  # noqa: E402
 from engine.greedy import BatchedGreedy  # noqa: E402
 from engine.voco import Slot, distill_loss, greedy, realize  # noqa: E402
@@ -93,19 +93,6 @@ def episodes(vocab: int):
         tries.append(NameTrie(names, EOS))
         answers.append(names[(len(picks) - 1) % N_WAY] + [EOS])
     return rows, tries, answers, images
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn):
-    sync()
-    t = time.perf_counter()
-    out = fn()
-    sync()
-    return time.perf_counter() - t, out
 
 
 def run_full(model, rows, tries, images):

@@ -231,6 +231,15 @@ def set_attention(llm, attn: str) -> None:
 
 
 
+def image_word_ids(tokenizer, text_tokenizer, paths: list[str], k: int, num_workers: int = 0,
+                   progress: bool = True) -> dict[str, list[int]]:
+    """Each image's first ``k`` global words, concatenated as the few-shot prompt reads them,
+    as the LLM's token ids (one prompt segment): what a VoCo block compresses."""
+    from engine.fewshot import global_token_strings
+    strings = global_token_strings(tokenizer, paths, k, num_workers=num_workers, progress=progress)
+    return {p: encode_segment(text_tokenizer, "".join(s)) for p, s in zip(paths, strings)}
+
+
 def load_voco(voco_dir, llm, tokenizer_dir) -> tuple[VoCo, dict, dict]:
     """(VoCo on ``llm`` with its untrained initial weights, the artifact's voco.json, the trained
     weights to ``load_adapter_state``) from a step-5 artifact, checked to be made for this LLM
