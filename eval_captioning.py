@@ -37,7 +37,7 @@ from utils.figures import save_text_gallery
 
 TOKENIZER_DIR = "out/tokenizer"   # the trained tokenizer (directory or tokenizer.pt)
 LLM = "/models/llama-2-7b"        # the frozen LLM: Hugging Face dir, Meta LLaMA dir or .gguf
-LLM_DTYPE = "fp16"                # fp16 or bf16 on GPU (as the other evaluations); on CPU always fp32
+LLM_DTYPE = "fp16"                # fp16 (the authors'), bf16 or fp32; a CPU runs bf16 if asked and native, else fp32
 CAPTIONS_FILE = "/data/coco/dataset_coco.json"  # Karpathy dataset_coco.json, COCO captions_*.json, or {image path: caption(s)}
 IMAGE_DIR = ""                    # image root (Karpathy: COCO root with val2014/; COCO: the val2014 folder; "": the captions file's folder)
 SPLIT = "test"                    # captioned split (Karpathy: test; a mapping: first folder of its paths, e.g. val)

@@ -41,7 +41,7 @@ from utils.errors import V2LError
 
 TOKENIZER_DIR = "out/tokenizer"   # the trained V2L tokenizer (directory or tokenizer.pt)
 LLM = "/models/llama-2-7b"        # the frozen LLM the VoCo weights were trained on
-LLM_DTYPE = "bf16"                # bf16 (VoCo training as its authors), fp16 or fp32 on GPU; the CPU runs fp32
+LLM_DTYPE = "bf16"                # bf16 (VoCo training as its authors), fp16 or fp32; a CPU: bf16 where native, else fp32
 ATTN = "sdpa"                     # attention: sdpa or eager (flash-attention cannot take VoCo's mask)
 VOCO_DIR = "out/voco"             # the step-5 artifact
 DATA_DIR = "/data/imagenet"       # class-folder images
@@ -131,7 +131,9 @@ def main():
     # positions do not depend on the blocks' content: check every prompt before any work
     tokenizer = load_tokenizer(TOKENIZER_DIR, device=device)
     paths = sorted({p for ep in episodes for p, _ in ep.support + (ep.query,)})
-    words = image_word_ids(tokenizer, llm.text_tokenizer, paths, info["global_k"], NUM_WORKERS)
+    words = image_word_ids(tokenizer, llm.text_tokenizer, paths, info["global_k"],
+                           info.get("word_separator", ""), info.get("global_dedup", False),
+                           info.get("sort_words", False), NUM_WORKERS)
     del tokenizer
     prompts = {c: [(ep.index, realize(s, c, words=words)) for ep, s in zip(episodes, segments)]
                for c in ("upper", "none")}

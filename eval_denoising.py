@@ -5,7 +5,7 @@ sequence as in-context examples and predicts the missing / clean local tokens
 two at a time (restricted to local codebook ids); the predicted grid is decoded
 with the image's global tokens (engine/denoise.py describes the protocol).
 
-Scores against the clean 128 px image (FID, LPIPS, PSNR, SSIM), per task, four
+Scores against the clean image (at the tokenizer's resolution, 128 px in the paper) (FID, LPIPS, PSNR, SSIM), per task, four
 rows: ``corrupted`` (the corrupted image itself), ``baseline`` (the corrupted
 image encoded and decoded by the same tokenizer: what the tokenizer gives
 without the LLM), ``restored`` (the LLM's restoration) and ``ceiling`` (the
@@ -41,7 +41,7 @@ from utils.stages import EVAL_DENOISING
 
 TOKENIZER_DIR = "out/tokenizer"   # the trained tokenizer (directory or tokenizer.pt)
 LLM = "/models/llama-2-7b"        # the frozen LLM: Hugging Face dir, Meta LLaMA dir or .gguf
-LLM_DTYPE = "fp16"                # fp16 (the authors'), bf16 or fp32 on GPU; the CPU runs fp32
+LLM_DTYPE = "fp16"                # fp16 (the authors'), bf16 or fp32; a CPU runs bf16 if asked and native, else fp32
 PROTOCOL = "authors"              # authors (their image views and noise count) or consistent (engine/denoise.py)
 DATA_DIR = "/data/imagenet"      # image root (ImageNet layout)
 SPLIT = "val"                     # sub-folder of DATA_DIR ("" for DATA_DIR itself)
@@ -160,7 +160,7 @@ def main():
     torch.manual_seed(SEED)
     tokenizer = load_tokenizer(TOKENIZER_DIR, device=ddp.device)
     llm = load_llm(LLM, dtype=dtype, device=ddp.device)
-    views = DenoiseViews(tokenizer.clip, protocol=PROTOCOL)
+    views = DenoiseViews(tokenizer.clip, tokenizer.config.resolution, protocol=PROTOCOL)
     ds = ImageFolderDataset(DATA_DIR, SPLIT or None, transform=views, max_images=MAX_IMAGES)
     pad = llm.text_tokenizer.pad_token_id if llm.text_tokenizer.pad_token_id is not None else 0
     greedy = BatchedGreedy(llm.model, pad)

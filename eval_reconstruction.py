@@ -202,6 +202,7 @@ def finish(tokenizer, data, acc: ReconstructionMetrics, store: ChunkStore, manif
         acc.merge(part)
     results = acc.compute()
     results["unreadable_images"] = unreadable
+    results["image_size"] = AUTHORS_SIZE if PROTOCOL == "authors" else tokenizer.config.resolution
     out = Path(OUT_DIR)
     save_json(out / "results.json", results)
     files = ["results.json"]

@@ -27,7 +27,7 @@ import torch
 
 from data.episodes import generate_episodes, read_episode_csv
 from engine.fewshot import (REFERENCES as REFERENCE_NAMES, FewShotPrompter, evaluate_episodes,
-                            global_token_strings, image_words, wilson_interval)
+                            fetch_count, global_token_strings, image_words, wilson_interval)
 from engine.greedy import BatchedGreedy
 from models.llm import llm_dtype, load_llm
 from models.tokenizer_io import load_tokenizer
@@ -39,11 +39,11 @@ from utils.stages import EVAL_UNDERSTANDING, EVAL_UNDERSTANDING_SETTING
 
 TOKENIZER_DIR = "out/tokenizer"   # the trained tokenizer (directory or tokenizer.pt)
 LLM = "/models/llama-2-7b"        # the frozen LLM: Hugging Face dir, Meta LLaMA dir or .gguf
-LLM_DTYPE = "fp16"                # fp16 (the authors'), bf16 or fp32 on GPU; on CPU always fp32
+LLM_DTYPE = "fp16"                # fp16 (the authors'), bf16 or fp32; a CPU runs bf16 if asked and native, else fp32
 DATA_DIR = "/data/imagenet"      # class-folder images; wnid folders -> the mini-ImageNet test classes
 SPLIT = "train"                   # sub-folder of DATA_DIR (mini-ImageNet images are ImageNet train images)
 EPISODES_CSV = ""                 # the authors' episode list (paths relative to DATA_DIR) instead of generated ones
-N_WAY = 2                         # classes per episode
+N_WAY: tuple[int, ...] = (2,)     # classes per episode (several values: one setting each, e.g. 2 5)
 K_SHOT = 1                        # support images per class
 GLOBAL_K = 21                     # global tokens per image (the paper uses 5 and 21)
 INDUCTION = True                  # task induction line + decoding constrained to the class names
@@ -52,6 +52,7 @@ CLASS_NAMES = "raw"               # raw (the authors': golden_retriever) or spac
 WORD_SEPARATOR = ""               # placed between an image's global words ("" = the authors' concatenation)
 STRIP_WORDS = False               # strip each global word's spaces first ("" separator: the authors' glued "dogpuppy")
 GLOBAL_DEDUP = False              # skip a global word repeating a higher-ranked one (case/spaces/punctuation ignored), fill from further down
+SORT_WORDS = False                # an image's chosen words in alphabetical order (the authors': nearest first)
 REFERENCES = True                 # also score the ceiling (class names as words) and floor (empty words) on the same episodes
 REPEAT = 0                        # extra repetitions of the support set in the prompt
 N_EPISODES = 1000                 # episodes per setting
@@ -67,14 +68,14 @@ OUT_DIR = "out/eval_understanding"  # where results are written
 settings = configure(globals())
 
 SWEEP_WAYS, SWEEP_SHOTS, SWEEP_KS = (2, 5), (1, 3, 5), (5, 21)
-DEDUP_POOL = 4                    # with GLOBAL_DEDUP, ranks fetched per image: DEDUP_POOL x k
 
 
 def setting_grid() -> list[dict]:
     if SWEEP:
         return [dict(n_way=n, k_shot=k, global_k=g, induction=True, repeat=REPEAT)
                 for n in SWEEP_WAYS for k in SWEEP_SHOTS for g in SWEEP_KS]
-    return [dict(n_way=N_WAY, k_shot=K_SHOT, global_k=GLOBAL_K, induction=INDUCTION, repeat=REPEAT)]
+    return [dict(n_way=n, k_shot=K_SHOT, global_k=GLOBAL_K, induction=INDUCTION, repeat=REPEAT)
+            for n in dict.fromkeys(N_WAY)]
 
 
 def setting_name(s: dict) -> str:
@@ -91,8 +92,9 @@ def check_options() -> None:
 
 def episodes_for(s: dict) -> list:
     if EPISODES_CSV:
-        if SWEEP:
-            raise V2LError("--episodes_csv holds one setting's episodes; run it without --sweep")
+        if SWEEP or len(set(N_WAY)) > 1:
+            raise V2LError("--episodes_csv holds one setting's episodes; run it without --sweep "
+                           "and with one --n_way")
         return read_episode_csv(EPISODES_CSV, DATA_DIR)[:N_EPISODES]
     return generate_episodes(DATA_DIR, s["n_way"], s["k_shot"], N_EPISODES, SEED, SPLIT)
 
@@ -146,7 +148,7 @@ def rounds(todo: list, ddp: dist.Dist) -> list[list]:
 
 
 def setting_words(strings: dict, k: int) -> dict[str, str]:
-    return {p: image_words(strings[p], k, WORD_SEPARATOR, GLOBAL_DEDUP, STRIP_WORDS)
+    return {p: image_words(strings[p], k, WORD_SEPARATOR, GLOBAL_DEDUP, STRIP_WORDS, SORT_WORDS)
             for p in strings}
 
 
@@ -240,7 +242,7 @@ def key_for(s: dict, llm) -> dict:
                 "data_dir": str(DATA_DIR), "split": SPLIT, "episodes_csv": EPISODES_CSV,
                 "seed": SEED, "max_new_tokens": MAX_NEW_TOKENS, "constraint": CONSTRAINT,
                 "class_names": CLASS_NAMES, "word_separator": WORD_SEPARATOR,
-                "strip_words": STRIP_WORDS, "global_dedup": GLOBAL_DEDUP}
+                "strip_words": STRIP_WORDS, "global_dedup": GLOBAL_DEDUP, "sort_words": SORT_WORDS}
 
 
 def main():
@@ -260,9 +262,8 @@ def main():
     paths = sorted({p for todo in todos for batch in rounds(todo, ddp) for ep in batch
                     for p, _ in ep.support + (ep.query,)})
     k_max = max(s["global_k"] for s, _ in plan)
-    k_fetch = min(DEDUP_POOL * k_max, tokenizer.tok_embeddings_global.weight.shape[0]) \
-        if GLOBAL_DEDUP else k_max
-    strings = dict(zip(paths, global_token_strings(tokenizer, paths, max(k_fetch, k_max),
+    k_fetch = fetch_count(k_max, GLOBAL_DEDUP, tokenizer.tok_embeddings_global.weight.shape[0])
+    strings = dict(zip(paths, global_token_strings(tokenizer, paths, k_fetch,
                                                    batch_size=64, num_workers=NUM_WORKERS,
                                                    progress=ddp.is_main))) if paths else {}
     pad = llm.text_tokenizer.pad_token_id if llm.text_tokenizer.pad_token_id is not None else 0

@@ -40,7 +40,7 @@ from utils.figures import save_text_gallery
 
 TOKENIZER_DIR = "out/tokenizer"   # the trained tokenizer (directory or tokenizer.pt)
 LLM = "/models/llama-2-7b"        # the frozen LLM: Hugging Face dir, Meta LLaMA dir or .gguf
-LLM_DTYPE = "fp16"                # fp16 or bf16 on GPU (as the other evaluations); on CPU always fp32
+LLM_DTYPE = "fp16"                # fp16 (the authors'), bf16 or fp32; a CPU runs bf16 if asked and native, else fp32
 QUESTIONS_FILE = "/data/vqa/v2_OpenEnded_mscoco_val2014_questions.json"  # VQAv2 questions ("": the demo world's generated questions)
 ANNOTATIONS_FILE = "/data/vqa/v2_mscoco_val2014_annotations.json"  # VQAv2 annotations (ten answers per question)
 IMAGE_DIR = "/data/coco/val2014"   # COCO images of the questions (COCO_val2014_<id>.jpg)

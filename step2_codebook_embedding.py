@@ -35,7 +35,7 @@ CLIP_ALLOW_UNSAFE = False  # allow pickled CLIP files (OpenAI's TorchScript ViT-
 BATCH_SIZE = 32  # strings per forward pass (each gives 80 template prompts)
 CHUNK_SIZE = 2048  # distinct strings per resumable chunk
 DEVICE = "auto"  # auto (CUDA when available), cuda or cpu
-PRECISION = "auto"  # auto (fp16 autocast on CUDA, fp32 on CPU), fp32, fp16 or bf16
+PRECISION = "auto"  # auto (fp16 autocast on CUDA, fp32 on CPU), fp32, fp16 or bf16 (also a CPU with native bf16)
 
 settings = configure(globals())
 

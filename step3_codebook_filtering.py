@@ -50,7 +50,7 @@ BATCH_SIZE = 256  # images per forward pass
 NUM_WORKERS = 8  # image-decoding worker processes per rank
 CHUNK_SIZE = 20000  # images per resumable chunk
 DEVICE = "auto"  # auto (CUDA when available), cuda or cpu
-PRECISION = "auto"  # auto (fp16 autocast on CUDA, fp32 on CPU), fp32, fp16 or bf16
+PRECISION = "auto"  # auto (fp16 autocast on CUDA, fp32 on CPU), fp32, fp16 or bf16 (also a CPU with native bf16)
 SHOW_TOP = 30  # most-hit candidates printed at the end
 
 settings = configure(globals())

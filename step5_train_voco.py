@@ -9,8 +9,9 @@ answers, separators, the query's answer). Episodes are the few-shot format of
 eval_understanding.py, drawn from the training split's classes only: on
 ImageNet the 20 mini-ImageNet test classes are excluded, elsewhere every
 HOLDOUT_EVERY-th class is held out (the classes eval_compression.py uses).
-Image words are the tokenizer's global token strings, as the few-shot prompt
-uses them.
+Image words are the tokenizer's global token strings, made as the few-shot
+prompt makes them (GLOBAL_K, WORD_SEPARATOR, GLOBAL_DEDUP, SORT_WORDS; eval_compression.py
+reads the same from voco.json).
 
 One set of weights serves every k <= K_MAX: step s trains with k =
 TRAIN_KS[s % len(TRAIN_KS)] (TRAIN_KS = (8,) is the paper's Table 4 setting:
@@ -49,12 +50,15 @@ from utils.errors import V2LError
 
 TOKENIZER_DIR = "out/tokenizer"   # the trained V2L tokenizer (directory or tokenizer.pt)
 LLM = "/models/llama-2-7b"        # the frozen LLM: Hugging Face dir, Meta LLaMA dir or .gguf
-LLM_DTYPE = "bf16"                # bf16 (VoCo training as its authors), fp16 or fp32 on GPU; the CPU runs fp32
+LLM_DTYPE = "bf16"                # bf16 (VoCo training as its authors), fp16 or fp32; a CPU: bf16 where native, else fp32
 ATTN = "sdpa"                     # attention: sdpa or eager (flash-attention cannot take VoCo's mask)
 DATA_DIR = "/data/imagenet"       # class-folder images
 SPLIT = "train"                   # sub-folder of DATA_DIR to train on
 HOLDOUT_EVERY = 4                 # non-ImageNet data: every n-th class (sorted) is held out for evaluation
 GLOBAL_K = 21                     # global tokens per image (the image words of the few-shot prompt)
+WORD_SEPARATOR = ""               # between an image's global words, as eval_understanding.py's ("": the authors')
+GLOBAL_DEDUP = False              # skip a global word repeating a higher-ranked one, as eval_understanding.py's
+SORT_WORDS = False                # an image's words in alphabetical order, as eval_understanding.py's
 N_WAY = 2                         # classes per training episode
 K_SHOT = 1                        # support images per class in a training episode
 K_MAX = 8                         # VoCo tokens the weights hold (the most eval can use)
@@ -112,8 +116,8 @@ def main():
     mine = [ep for ep in episodes if (ep.index % BATCH_SIZE) % ddp.world == ddp.rank]
     tokenizer = load_tokenizer(TOKENIZER_DIR, device=ddp.device)
     paths = sorted({p for ep in mine for p, _ in ep.support + (ep.query,)})
-    words = image_word_ids(tokenizer, llm.text_tokenizer, paths, GLOBAL_K, NUM_WORKERS,
-                           progress=False)
+    words = image_word_ids(tokenizer, llm.text_tokenizer, paths, GLOBAL_K, WORD_SEPARATOR,
+                           GLOBAL_DEDUP, SORT_WORDS, NUM_WORKERS, progress=False)
     del tokenizer
     prompter = VoCoPrompter(llm.text_tokenizer)
     params = voco.trainable_parameters()
@@ -184,7 +188,8 @@ def finish(voco: VoCo, llm, log: list[dict], train_classes: list[str], eval_clas
     save_tensors(out / "voco.safetensors", {k: v.float() for k, v in voco.adapter_state().items()})
     info = {"k_max": K_MAX, "train_ks": list(TRAIN_KS), "lora_rank": LORA_RANK,
             "lora_alpha": LORA_ALPHA, "lora_targets": list(LORA_TARGETS),
-            "bos_id": voco.bos_id, "seed": SEED, "global_k": GLOBAL_K, "n_way": N_WAY,
+            "bos_id": voco.bos_id, "seed": SEED, "global_k": GLOBAL_K, "word_separator": WORD_SEPARATOR,
+            "global_dedup": GLOBAL_DEDUP, "sort_words": SORT_WORDS, "n_way": N_WAY,
             "k_shot": K_SHOT, "llm": llm.ident, "llm_identity": llm_identity(llm),
             "tokenizer": str(TOKENIZER_DIR), "train_classes": train_classes,
             "eval_classes": eval_classes, "final_kl": log[-1]["kl"] if log else None}

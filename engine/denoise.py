@@ -126,9 +126,9 @@ def corrupt_image(task: str, x: torch.Tensor, shifted: torch.Tensor, rng: random
 
 
 def corrupt_batch(task: str, x: torch.Tensor, shifted: torch.Tensor, indices: list[int],
-                  seed: int) -> torch.Tensor:
+                  seed: int, grid: int = 16) -> torch.Tensor:
     """``corrupt_image`` over a batch; image i's randomness depends only on (seed, index)."""
-    return torch.stack([corrupt_image(task, xi, si, random.Random(f"{seed}-{i}"))
+    return torch.stack([corrupt_image(task, xi, si, random.Random(f"{seed}-{i}"), grid)
                         for xi, si, i in zip(x, shifted, indices)])
 
 
@@ -149,7 +149,8 @@ def encode_task(tokenizer, task: str, x: torch.Tensor, x_clip: torch.Tensor, shi
     through the same tokenizer's encoder: the baseline, and what the LLM reads for
     deblurring, rotation and shift)."""
     global_idx, clean = tokenizer.encode(x, x_clip)
-    corrupt = tokenizer.local_tokens(corrupt_batch(task, x, shifted, indices, seed))
+    corrupt = tokenizer.local_tokens(corrupt_batch(task, x, shifted, indices, seed,
+                                                   tokenizer.config.grid))
     return {"global_idx": global_idx, "clean": clean.flatten(1), "corrupt": corrupt.flatten(1)}
 
 
@@ -167,7 +168,7 @@ def variant_images(tokenizer, task: str, x: torch.Tensor, shifted: torch.Tensor,
     g = tokenizer.config.grid
     global_idx = tokens["global_idx"].to(x.device)
     decode = lambda ids: tokenizer.decode(ids.reshape(-1, g, g).to(x.device), global_idx)  # noqa: E731
-    return {"corrupted": corrupt_batch(task, x, shifted, indices, seed),
+    return {"corrupted": corrupt_batch(task, x, shifted, indices, seed, g),
             "baseline": decode(tokens["corrupt"]), "restored": decode(tokens["pred"]),
             "ceiling": decode(tokens["clean"])}
 
@@ -182,10 +183,11 @@ def token_hits(task: str, tokens: dict, grid: int = 16) -> dict[str, int]:
 
 
 class DenoiseViews:
-    """PIL -> (128 px clean view, CLIP view, 128 px shifted view).
+    """PIL -> (clean view, CLIP view, shifted view); the clean and shifted views at the
+    tokenizer's resolution ``out_size`` (128 px in the paper).
 
     The CLIP view is always CLIP's own preprocessing (the global tokens'). The
-    128 px views follow ``protocol`` (module docstring): the shifted one is the
+    clean and shifted views follow ``protocol`` (module docstring): the shifted one is the
     bottom-right square of the same resized picture instead of its centre (a
     square picture has no shift)."""
 

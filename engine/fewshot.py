@@ -70,15 +70,25 @@ def normalised(word: str) -> str:
     return re.sub(r"[\W_]+", "", word.lower())
 
 
+DEDUP_POOL = 4   # with dedup, ranked strings fetched per image: DEDUP_POOL x k (repeats are refilled)
+
+
+def fetch_count(k: int, dedup: bool, n_global: int) -> int:
+    """How many ranked global strings to fetch per image to make its ``k`` words."""
+    return max(k, min(DEDUP_POOL * k, n_global)) if dedup else k
+
+
 def image_words(strings: list[str], k: int, separator: str = "", dedup: bool = False,
-                strip: bool = False) -> str:
+                strip: bool = False, sort: bool = False) -> str:
     """An image's words: its first ``k`` global strings (nearest first) joined by ``separator``.
 
     The authors join with "" (the default). ``strip``: each string's spaces are removed first
     (with separator "" this gives the authors' glued "dogpuppy"; our strings keep the leading
     space of word-initial tokens, " dog puppy"). ``dedup``: a string whose normalised text
     repeats a higher-ranked one is skipped and the next one down the ranking taken instead, so
-    ``strings`` should run past ``k`` (fewer than k words when it runs out).
+    ``strings`` should run past ``k`` (fewer than k words when it runs out). ``sort``: the
+    chosen words in alphabetical order of their normalised text instead of nearest first, so
+    two images with the same words read the same string.
     """
     chosen, seen = [], set()
     for s in strings:
@@ -90,6 +100,8 @@ def image_words(strings: list[str], k: int, separator: str = "", dedup: bool = F
                 continue
             seen.add(key)
         chosen.append(s.strip() if strip else s)
+    if sort:
+        chosen.sort(key=lambda w: (normalised(w), w))
     return separator.join(chosen)
 
 

@@ -16,8 +16,8 @@ The learning rate of both optimisers follows ``lr_at``: linear warm-up, then a h
 cosine to ``min_lr``, set every iteration from the fractional epoch.
 
 ``TrainConfig``'s defaults are the authors' run: Adam eps 1e-7; fp16 autocast with a
-GradScaler and CLIP's weights in fp16 (bf16 autocast is the option; on CPU everything runs
-in float32); the discriminator step on a fresh forward of the just-updated tokenizer
+GradScaler and CLIP's weights in fp16 (bf16 autocast is the option; a CPU runs float32, or
+bf16 autocast for ``amp="bf16"`` where it computes bf16 natively); the discriminator step on a fresh forward of the just-updated tokenizer
 (taming and LlamaGen reuse the generator step's reconstructions: ``disc_fresh_forward``
 False). The global batch and its learning rate: ``batch_and_lr``.
 """
@@ -126,11 +126,14 @@ def batch_and_lr(global_batch: int, world: int, lr: float, scaling: str = "none"
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``--amp`` on this device (None: float32; CPU always runs float32)."""
+    """The autocast dtype for ``--amp`` on this device (None: float32). A CPU runs float32, or
+    bf16 autocast for ``--amp bf16`` where it computes bf16 natively (``native_bf16``)."""
     if amp not in ("bf16", "fp16", "none"):
         raise V2LError(f"--amp {amp}: expected bf16, fp16 or none")
-    if device.type != "cuda" or amp == "none":
+    if amp == "none":
         return None
+    if device.type != "cuda":
+        return torch.bfloat16 if amp == "bf16" and dist.native_bf16(device) else None
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 

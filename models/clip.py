@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from data.classes import imagenet_templates
 from data.transforms import ClipView, ImageViews
+from utils.dist import native_bf16
 from utils.errors import V2LError
 
 
@@ -215,9 +216,12 @@ def save_open_clip_dir(model: torch.nn.Module, model_cfg: dict, out_dir, preproc
 
 def autocast_context(device: torch.device, precision: str = "auto"):
     """Mixed precision for inference: "auto" = fp16 autocast on CUDA, fp32 elsewhere;
-    "fp32", "fp16", "bf16" force it (fp16/bf16 only apply on CUDA)."""
+    "fp32", "fp16", "bf16" force it (fp16 only on CUDA; bf16 on CUDA, and on a CPU that computes
+    it natively, ``utils.dist.native_bf16``)."""
     if precision not in ("auto", "fp32", "fp16", "bf16"):
         raise V2LError(f"precision '{precision}': expected auto, fp32, fp16 or bf16")
+    if device.type == "cpu" and precision == "bf16" and native_bf16(device):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     if device.type != "cuda" or precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16

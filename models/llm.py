@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from utils.dist import native_bf16
 from utils.errors import V2LError
 
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
@@ -57,15 +58,18 @@ class LLM:
 
 # ----------------------------------------------------------------------------- loading
 
-LLM_DTYPES = ("fp16", "bf16", "fp32")   # an evaluation's LLM precision on a GPU; fp16 is the authors'
+LLM_DTYPES = ("fp16", "bf16", "fp32")   # an evaluation's LLM precision; fp16 is the authors'
 
 
 def llm_dtype(name: str, device) -> str:
-    """The LLM precision an evaluation runs at: ``name`` (fp16, the authors', or bf16) on a GPU;
-    fp32 on the CPU, where half-precision matmuls are slow or unsupported."""
+    """The LLM precision an evaluation runs at. On a GPU: ``name`` (fp16, the authors', bf16 or
+    fp32). On a CPU: bf16 where the CPU computes it natively (``utils.dist.native_bf16``: the
+    demo's choice, several times faster there), otherwise fp32 (fp16 matmuls are slow on CPUs)."""
     if name not in LLM_DTYPES:
         raise V2LError(f"--llm_dtype {name!r} unknown; use {', '.join(LLM_DTYPES)} (fp16: the paper)")
-    return "fp32" if torch.device(device).type == "cpu" else name
+    if torch.device(device).type != "cpu":
+        return name
+    return "bf16" if name == "bf16" and native_bf16(device) else "fp32"
 
 
 def resolve_dtype(dtype, device) -> torch.dtype:

@@ -54,6 +54,7 @@ class TokenizerConfig:
     #                                   "random": frozen random vectors; "trained": CLIP-initialised, trained
     projector: bool = True            # the trainable Linear(D, D) on the local codebook (False: none)
     cross_attention: bool = True      # the decoder attends to the global tokens (False: it does not)
+    cross_residual: bool = False      # the attention's output is added to the features (the authors': replaces them)
     clip_spec: str = "ViT-L-14"       # CLIP to rebuild on load (models.clip.load_clip spec)
     clip_pretrained: str | None = None  # its weights file, if the spec is an architecture name
 
@@ -131,7 +132,8 @@ class V2LTokenizer(nn.Module):
         self.decoder = Decoder(config.ch, config.ch_mult, config.num_res_blocks, config.z_channels,
                                context_dim=dim, cross_heads=config.cross_heads,
                                cross_head_dim=config.cross_head_dim,
-                               cross_attention=config.cross_attention)
+                               cross_attention=config.cross_attention,
+                               cross_residual=config.cross_residual)
         self.quant_conv = nn.Conv2d(config.z_channels, dim, 1)
         self.post_quant_conv = nn.Conv2d(dim, config.z_channels, 1)
         self.tok_embeddings = _frozen_embedding(local_codebook)
@@ -147,6 +149,21 @@ class V2LTokenizer(nn.Module):
         self._codes, self._codes_key = None, None     # projected_codebook() cache (inference)
         self.clip = None
         self.attach_clip(clip)
+
+    @torch.no_grad()
+    def centre_projection(self) -> None:
+        """Initialise the projector's bias to -W mean(codebook), so that the projected local codes
+        start centred on the origin (an initialisation only: same model, same checkpoint).
+
+        A frozen codebook of CLIP text embeddings shares one large direction (the demo CLIP's:
+        mean pairwise cosine 0.81); through a random W the codes then sit in a narrow cone, and
+        the few at its rim win every nearest-code search from the first step (codebook collapse).
+        """
+        if not isinstance(self.codebook_projection, nn.Linear):
+            raise V2LError("centring the projector needs it (--projector true)")
+        mean = self.tok_embeddings.weight.float().mean(0)
+        self.codebook_projection.bias.copy_(-(self.codebook_projection.weight.float() @ mean))
+        self._codes, self._codes_key = None, None
 
     # ----- CLIP ---------------------------------------------------------------------------
     def attach_clip(self, clip: ClipBundle | None) -> None:

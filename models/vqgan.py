@@ -16,7 +16,9 @@ Self-attention is only in the middle blocks: the authors' configuration asks
 for attention at resolution 16 but declares resolution 256 while training at
 128, so no level attention was ever built, and their checkpoint has none.
 The cross-attention's output replaces the features (no residual), as in the
-authors' decoder; ``cross_attention=False`` builds the decoder without it (the
+authors' decoder (``cross_residual=True`` adds it to them instead, the usual
+transformer-block form: every spatial feature then reaches the upper levels,
+not only its attention weights over the k global tokens); ``cross_attention=False`` builds the decoder without it (the
 authors' ablation: the global tokens then do not reach the decoder).
 """
 from __future__ import annotations
@@ -137,8 +139,10 @@ class Decoder(nn.Module):
 
     def __init__(self, ch: int = 128, ch_mult=(1, 2, 2, 4), num_res_blocks: int = 2,
                  z_channels: int = 256, context_dim: int = 768, cross_heads: int = 8,
-                 cross_head_dim: int = 512, out_channels: int = 3, cross_attention: bool = True):
+                 cross_head_dim: int = 512, out_channels: int = 3, cross_attention: bool = True,
+                 cross_residual: bool = False):
         super().__init__()
+        self.cross_residual = cross_residual
         c = ch * ch_mult[-1]
         self.conv_in = conv3x3(z_channels, c)
         self.mid = nn.Module()
@@ -165,8 +169,9 @@ class Decoder(nn.Module):
         h = self.mid.attn_1(self.mid.block_1(self.conv_in(z)))
         if hasattr(self.mid, "cross_attn_1"):
             b, c, height, width = h.shape
-            h = self.mid.cross_attn_1(h.flatten(2).transpose(1, 2), context)   # replaces h
-            h = h.transpose(1, 2).reshape(b, c, height, width)
+            a = self.mid.cross_attn_1(h.flatten(2).transpose(1, 2), context)
+            a = a.transpose(1, 2).reshape(b, c, height, width)
+            h = h + a if self.cross_residual else a          # the authors': a replaces h
         h = self.mid.block_2(h)
         for stage in reversed(self.up):
             for block in stage.block:

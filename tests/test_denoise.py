@@ -111,14 +111,18 @@ def test_unknown_protocol_and_dtype_are_refused(clip):
         llm_dtype("half", "cpu")
 
 
-def test_llm_precision_is_fp16_on_gpu_by_default_and_fp32_on_cpu():
+def test_llm_precision_is_fp16_on_gpu_by_default_and_fp32_on_cpu(monkeypatch):
     import ast
     source = (Path(__file__).parents[1] / "eval_denoising.py").read_text()
     constants = {t.id: n.value.value for n in ast.parse(source).body if isinstance(n, ast.Assign)
                  for t in n.targets if isinstance(t, ast.Name) and isinstance(n.value, ast.Constant)}
     assert constants["LLM_DTYPE"] == "fp16" and constants["PROTOCOL"] == "authors"
     assert llm_dtype("fp16", "cuda") == "fp16" and llm_dtype("bf16", "cuda:1") == "bf16"
-    assert llm_dtype("fp16", "cpu") == llm_dtype("bf16", torch.device("cpu")) == "fp32"
+    import models.llm
+    for native in (False, True):   # bf16 on a CPU only where it runs natively; fp16 never
+        monkeypatch.setattr(models.llm, "native_bf16", lambda device, native=native: native)
+        assert llm_dtype("fp16", "cpu") == llm_dtype("fp32", "cpu") == "fp32"
+        assert llm_dtype("bf16", torch.device("cpu")) == ("bf16" if native else "fp32")
 
 
 def test_noisy_copies_share_positions_and_ids():

@@ -20,7 +20,7 @@ from tiny_llm import make_tiny_llama
 from utils.artifacts import is_complete, read_manifest
 from utils.stages import CODEBOOK, OPTIONAL, PIPELINE, VOCAB
 
-CORE = [s for s in PIPELINE if s not in OPTIONAL]   # what run.sh runs without COCO, VQA, VOCO
+CORE = [s for s in PIPELINE if s not in OPTIONAL]   # what run.sh runs without COCO, VQA, VOCO=false
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,7 +35,7 @@ def tiny_env(tmp_path: Path) -> dict:
     clip = make_tiny_clip(tmp_path / "clip")
     return os.environ | {
         "IMAGENET": str(data), "LLM": str(llm), "CLIP": clip, "OUT": str(tmp_path / "out"),
-        "OMP_NUM_THREADS": "1", "PYTHON": "python",
+        "OMP_NUM_THREADS": "1", "PYTHON": "python", "VOCO": "false",
         "STEP1_ARGS": "--batch_size 64 --chunk_size 128",
         "STEP2_ARGS": "--batch_size 16 --chunk_size 48",
         "STEP3_ARGS": "--threshold 0 --num_workers 0 --batch_size 8",
@@ -79,7 +79,7 @@ def test_run_sh_interrupted_mid_stage_then_completes(tmp_path):
     assert (out / "eval_reconstruction" / "reconstructions.png").is_file()
     assert list((out / "eval_denoising").glob("*/strips/*.png"))
     summary = log[log.index("== summary"):]
-    for heading in ("reconstruction (128 px)", "few-shot understanding", "denoising with the frozen LLM"):
+    for heading in ("reconstruction (256 px)", "few-shot understanding", "denoising with the frozen LLM"):
         assert heading in summary
     assert "captioning: not run" in summary                        # no COCO given
     for heading in ("reconstruction", "few-shot understanding", "denoising"):

@@ -114,8 +114,13 @@ def test_discriminator_sees_the_updated_generator(tmp_path, fresh):
     assert not torch.allclose(seen[0], other)
 
 
-def test_precision_settings(tmp_path):
+def test_precision_settings(tmp_path, monkeypatch):
+    from utils import dist
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    for native in (False, True):   # bf16 autocast on a CPU only where it runs natively
+        monkeypatch.setattr(dist, "native_bf16", lambda device, native=native: native)
+        assert amp_dtype("bf16", cpu) == (torch.bfloat16 if native else None)
+    monkeypatch.undo()
     assert amp_dtype("fp16", cuda) == torch.float16 and amp_dtype("bf16", cuda) == torch.bfloat16
     assert amp_dtype("none", cuda) is None and amp_dtype("fp16", cpu) is None
     with pytest.raises(V2LError, match="--amp fp32"):

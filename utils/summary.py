@@ -129,7 +129,8 @@ def reconstruction_text(out: Path, r: dict | None) -> str:
     if r is None:
         return "reconstruction: not run"
     d = out / EVAL_RECONSTRUCTION.out_dir
-    text = "reconstruction (128 px):\n" + _table(RECONSTRUCTION_KEYS, [[r[k] for k in RECONSTRUCTION_KEYS]])
+    text = (f"reconstruction ({r.get('image_size', 128)} px):\n"
+            + _table(RECONSTRUCTION_KEYS, [[r[k] for k in RECONSTRUCTION_KEYS]]))
     for name, reason in r["skipped"].items():
         text += f"\n  skipped {name}: {reason}"
     for png in ("reconstructions.png", "token_usage.png"):
