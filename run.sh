@@ -124,14 +124,14 @@ if [[ $MODE == demo ]]; then
   TIMES+=("demo_setup|demo setup: images, LLM|$(seconds_since "$t0")")
   IMAGENET="$DEMO/data"; LLM="$DEMO/llm"; CLIP="$DEMO/clip"; CLIP_PRETRAINED=""
   S1=(--vocab_ids "$DEMO/vocab_ids/ids.json" --batch_size 64 --chunk_size 512)
-  S2=(--batch_size 64 --chunk_size 4096)
+  S2=(--batch_size 64 --chunk_size 4096 --precision bf16)   # bf16 where native: cosine 0.99999 to fp32
   S3=(--threshold_rate 0.004 --num_workers 2 --batch_size 64)
   # a small tokenizer (0.1 of the paper's width) at 64 px, the demo CLIP's own resolution (an
   # 8x8 grid: the 128 px view would only upsample the 64 px crop), no LPIPS (its VGG weights
   # are not on PyPI), no GAN, and the decoder's cross-attention added to its features
   # (--cross_residual: the authors' replacement lets the decoder draw from the 21 global words
   # alone and the local codes collapse to one: 18.6 vs 23.8 dB after 300 steps); README
-  S4=(--epochs 4 --warmup_epochs 0 --lr 1e-3 --batch_size 8 --resolution 64 --ch 32
+  S4=(--epochs 3 --warmup_epochs 0 --lr 1e-3 --batch_size 8 --resolution 64 --ch 32
       --num_res_blocks 1 --z_channels 64 --cross_heads 8 --cross_head_dim 64 --global_topk 21
       --cross_residual true --perceptual_weight 0 --disc_weight 0 --channels_last true
       --num_workers 2 --log_every 10 --save_every_epoch 0)

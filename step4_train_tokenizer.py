@@ -78,7 +78,6 @@ BETA = 0.33  # weight of the codebook term inside the VQ loss
 # the authors' ablations (defaults: the paper's model)
 LOCAL_CODEBOOK = "clip"  # local codebook: clip (frozen CLIP text embeddings), random (frozen random), trained
 PROJECTOR = True  # the trainable Linear(D, D) on the local codebook (false: codes are the codebook itself)
-CENTRE_PROJECTOR = False  # start the projected codes centred on the origin (bias = -W mean(codebook)); the authors: false
 CROSS_RESIDUAL = False  # add the decoder's cross-attention output to its features (the authors': it replaces them)
 CROSS_ATTENTION = True  # the decoder attends to the global tokens (false: decoder without cross-attention)
 AMP = "fp16"  # mixed precision: fp16 (GPU; a GradScaler, CLIP in fp16: the authors'), bf16 (also a CPU with native bf16) or none
@@ -138,8 +137,6 @@ def main():
         local_codebook=LOCAL_CODEBOOK, projector=PROJECTOR, cross_attention=CROSS_ATTENTION,
         cross_residual=CROSS_RESIDUAL,
         clip_spec=CLIP, clip_pretrained=CLIP_PRETRAINED)
-    if CENTRE_PROJECTOR:     # an initialisation: a resumed run loads its trained weights over it
-        tokenizer.centre_projection()
     weights = LossWeights(codebook_weight=CODEBOOK_WEIGHT, perceptual_weight=PERCEPTUAL_WEIGHT,
                           disc_weight=DISC_WEIGHT, disc_start=DISC_START)
     perceptual = load_lpips(ddp.device, VGG_PATH) if PERCEPTUAL_WEIGHT > 0 else None

@@ -150,21 +150,6 @@ class V2LTokenizer(nn.Module):
         self.clip = None
         self.attach_clip(clip)
 
-    @torch.no_grad()
-    def centre_projection(self) -> None:
-        """Initialise the projector's bias to -W mean(codebook), so that the projected local codes
-        start centred on the origin (an initialisation only: same model, same checkpoint).
-
-        A frozen codebook of CLIP text embeddings shares one large direction (the demo CLIP's:
-        mean pairwise cosine 0.81); through a random W the codes then sit in a narrow cone, and
-        the few at its rim win every nearest-code search from the first step (codebook collapse).
-        """
-        if not isinstance(self.codebook_projection, nn.Linear):
-            raise V2LError("centring the projector needs it (--projector true)")
-        mean = self.tok_embeddings.weight.float().mean(0)
-        self.codebook_projection.bias.copy_(-(self.codebook_projection.weight.float() @ mean))
-        self._codes, self._codes_key = None, None
-
     # ----- CLIP ---------------------------------------------------------------------------
     def attach_clip(self, clip: ClipBundle | None) -> None:
         """Use ``clip`` for the global tokens (its embedding dim must be the codebooks' D)."""

@@ -323,3 +323,30 @@ def test_no_projector_and_no_cross_attention(tiny, tmp_path):
     paper_ids = paper.encode(x128, x_clip)
     assert not torch.equal(paper.decode(paper_ids[1], paper_ids[0]),
                            paper.decode(paper_ids[1], (paper_ids[0] + 1) % 16))
+
+
+def test_residual_cross_attention_adds_to_the_features(tiny, tmp_path):
+    """--cross_residual: features + attention (with a zero attention output: exactly the decoder
+    without cross-attention); the authors' decoder replaces the features (then a constant)."""
+    _, clip, dirs = tiny
+    build = lambda **kw: tokenizer_from_artifacts(dirs["codebook"], dirs["global"], clip,  # noqa: E731
+                                                  **TINY_TOKENIZER, **kw).eval()
+    torch.manual_seed(1)
+    residual = build(cross_residual=True)
+    plain = build(cross_attention=False)
+    plain.load_state_dict({k: v for k, v in residual.state_dict().items() if "cross_attn" not in k})
+    x128, x_clip = tiny_images(clip, batch=2)
+    global_idx, local_ids = residual.encode(x128, x_clip)
+    assert not torch.allclose(residual.decode(local_ids, global_idx), plain.decode(local_ids))
+    with torch.no_grad():
+        residual.decoder.mid.cross_attn_1.to_out[0].weight.zero_()
+        residual.decoder.mid.cross_attn_1.to_out[0].bias.zero_()
+    torch.testing.assert_close(residual.decode(local_ids, global_idx), plain.decode(local_ids))
+    authors = build()
+    authors.load_state_dict(residual.state_dict())      # same parameters, same checkpoint layout
+    # zero attention output: the local tokens no longer reach the pixels
+    torch.testing.assert_close(authors.decode(local_ids, global_idx),
+                               authors.decode(local_ids.roll(1, dims=-1), global_idx))
+    loaded = load_tokenizer(save_tokenizer(residual, tmp_path / "r.pt"), clip=clip)
+    assert loaded.config.cross_residual and not authors.config.cross_residual
+

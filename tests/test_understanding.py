@@ -30,6 +30,11 @@ def test_image_words_separator_strip_and_dedup():
     assert image_words(strings, 3, dedup=True) == " dog puppy grass"
     assert image_words(strings, 5, dedup=True) == " dog puppy grass"   # ran out: fewer than k
     assert image_words(strings, 2, separator=" ", dedup=True, strip=True) == "dog puppy"
+    # sort: the chosen words alphabetically, so two rankings of the same words read the same
+    assert image_words([" star", " yellow"], 2, " ", sort=True) == \
+        image_words([" yellow", " star", " cross"], 2, " ", sort=True) == " star  yellow"
+    assert image_words([" yellow", "Yellow", " star"], 2, " ", dedup=True, sort=True) == " star  yellow"
+    assert image_words([" yellow", " star"], 2, " ") == " yellow  star"      # default: nearest first
 
 
 def test_union_constraint_mixes_names_trie_does_not():
@@ -169,3 +174,20 @@ def test_script_options_reach_the_prompts(tmp_path, llm_dir, monkeypatch, capsys
     assert len((setting / "episodes.jsonl").read_text().splitlines()) == 8
     (row,) = json.loads((out / "manifest.json").read_text())["info"]["settings"]
     assert row["n"] == 4 and 0 <= row["ceiling"] <= 1 and len(row["floor_ci95"]) == 2
+
+
+def test_several_ways_run_one_setting_each(tmp_path, llm_dir, monkeypatch):  # noqa: F811
+    from test_fewshot import run_script
+    out = tmp_path / "out"
+    args = _setup(tmp_path, llm_dir) + ["--out_dir", str(out), "--n_episodes", "2", "--n_way", "2",
+                                        "3", "--word_separator", "|", "--sort_words", "true",
+                                        "--references", "false"]
+    run_script("eval_understanding.py", args, monkeypatch)
+    rows = json.loads((out / "manifest.json").read_text())["info"]["settings"]
+    assert [(r["n_way"], r["n"], r["chance"]) for r in rows] == [(2, 2, 1 / 2), (3, 2, 1 / 3)]
+    for setting in ("2way_1shot_k3_ind1_rep0", "3way_1shot_k3_ind1_rep0"):
+        for line in (out / setting / "episodes.jsonl").read_text().splitlines():
+            prompt = json.loads(line)["prompt"]
+            for image in (seg.split(" >")[0] for seg in prompt.split("Input: < ")[1:]):
+                words = image.split("|")
+                assert len(words) == 3 and words == sorted(words, key=lambda w: (normalised(w), w))

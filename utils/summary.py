@@ -57,7 +57,8 @@ def reconstruction_results(out: Path) -> dict | None:
     if not is_complete(d, EVAL_RECONSTRUCTION):
         return None
     r = load_json(d / "results.json")
-    return _clean({k: r.get(k) for k in RECONSTRUCTION_KEYS} | {"skipped": r.get("skipped", {})})
+    return _clean({k: r.get(k) for k in RECONSTRUCTION_KEYS}
+                  | {"skipped": r.get("skipped", {}), "image_size": r.get("image_size")})
 
 
 def understanding_rows(out: Path) -> list[dict] | None:
