@@ -204,13 +204,13 @@ def step5_flags(world, out, **extra):
     return {"tokenizer_dir": world / "tokenizer", "llm": world / "llm", "data_dir": world / "data",
             "holdout_every": 2, "global_k": 5, "k_max": 4, "train_ks": "2", "steps": 4,
             "batch_size": 2, "save_every": 1, "device": "cpu", "num_workers": 0, "out_dir": out,
-            **extra}
+            "llm_dtype": "fp32", **extra}   # fp32 on any CPU: the equality checks are fp32's
 
 
 def eval_flags(world, voco_dir, out, **extra):
     return {"tokenizer_dir": world / "tokenizer", "llm": world / "llm", "voco_dir": voco_dir,
             "data_dir": world / "data", "eval_ks": "2", "n_episodes": 4, "batch_size": 4,
-            "device": "cpu", "num_workers": 0, "out_dir": out, **extra}
+            "device": "cpu", "num_workers": 0, "out_dir": out, "llm_dtype": "fp32", **extra}
 
 
 @pytest.fixture(scope="module")
