@@ -5,12 +5,13 @@ sequence as in-context examples and predicts the missing / clean local tokens
 two at a time (restricted to local codebook ids); the predicted grid is decoded
 with the image's global tokens (engine/denoise.py describes the protocol).
 
-Scores against the clean image (at the tokenizer's resolution, 128 px in the paper) (FID, LPIPS, PSNR, SSIM), per task, four
-rows: ``corrupted`` (the corrupted image itself), ``baseline`` (the corrupted
-image encoded and decoded by the same tokenizer: what the tokenizer gives
-without the LLM), ``restored`` (the LLM's restoration) and ``ceiling`` (the
-clean image through the tokenizer). ``token_acc`` (baseline, restored): the
-share of the cells to predict whose local token equals the clean image's.
+Scores (FID, LPIPS, PSNR, SSIM) against the clean image at the tokenizer's
+resolution (128 px in the paper), per task, four rows: ``corrupted`` (the
+corrupted image itself), ``baseline`` (the corrupted image encoded and decoded
+by the same tokenizer: what the tokenizer gives without the LLM), ``restored``
+(the LLM's restoration) and ``ceiling`` (the clean image through the
+tokenizer). ``token_acc`` (baseline, restored): the share of the cells to
+predict whose local token equals the clean image's.
 Writes ``results.json`` ({task: {variant: {metric: value}}}), ``results.csv``,
 ``results.md``, PNG strips (clean | corrupted | baseline | restored | ceiling)
 for the first images, each task's first prompt as text, and a manifest. Long runs

@@ -10,8 +10,8 @@ eval_understanding.py, drawn from the training split's classes only: on
 ImageNet the 20 mini-ImageNet test classes are excluded, elsewhere every
 HOLDOUT_EVERY-th class is held out (the classes eval_compression.py uses).
 Image words are the tokenizer's global token strings, made as the few-shot
-prompt makes them (GLOBAL_K, WORD_SEPARATOR, GLOBAL_DEDUP, SORT_WORDS; eval_compression.py
-reads the same from voco.json).
+prompt makes them (GLOBAL_K, WORD_SEPARATOR, GLOBAL_DEDUP, SORT_WORDS;
+eval_compression.py reads the same from voco.json).
 
 One set of weights serves every k <= K_MAX: step s trains with k =
 TRAIN_KS[s % len(TRAIN_KS)] (TRAIN_KS = (8,) is the paper's Table 4 setting:

@@ -17,9 +17,9 @@ cosine to ``min_lr``, set every iteration from the fractional epoch.
 
 ``TrainConfig``'s defaults are the authors' run: Adam eps 1e-7; fp16 autocast with a
 GradScaler and CLIP's weights in fp16 (bf16 autocast is the option; a CPU runs float32, or
-bf16 autocast for ``amp="bf16"`` where it computes bf16 natively); the discriminator step on a fresh forward of the just-updated tokenizer
-(taming and LlamaGen reuse the generator step's reconstructions: ``disc_fresh_forward``
-False). The global batch and its learning rate: ``batch_and_lr``.
+bf16 autocast for ``amp="bf16"`` where it computes bf16 natively); the discriminator step
+on a fresh forward of the just-updated tokenizer (taming and LlamaGen reuse the generator
+step's reconstructions: ``disc_fresh_forward`` False). The global batch and its learning rate: ``batch_and_lr``.
 """
 from __future__ import annotations
 

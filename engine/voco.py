@@ -234,9 +234,10 @@ def set_attention(llm, attn: str) -> None:
 def image_word_ids(tokenizer, text_tokenizer, paths: list[str], k: int, separator: str = "",
                    dedup: bool = False, sort: bool = False, num_workers: int = 0,
                    progress: bool = True) -> dict[str, list[int]]:
-    """Each image's words exactly as the few-shot prompt reads them (``engine.fewshot.image_words``:
-    its first ``k`` global words, optionally without repeats or sorted, joined by ``separator``), as the
-    LLM's token ids (one prompt segment): what a VoCo block compresses."""
+    """Each image's words exactly as the few-shot prompt reads them
+    (``engine.fewshot.image_words``: its first ``k`` global words, optionally without repeats
+    or sorted, joined by ``separator``), as the LLM's token ids (one prompt segment): what a
+    VoCo block compresses."""
     from engine.fewshot import fetch_count, global_token_strings, image_words
     n = fetch_count(k, dedup, tokenizer.tok_embeddings_global.weight.shape[0])
     strings = global_token_strings(tokenizer, paths, n, num_workers=num_workers, progress=progress)

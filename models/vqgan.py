@@ -18,8 +18,9 @@ for attention at resolution 16 but declares resolution 256 while training at
 The cross-attention's output replaces the features (no residual), as in the
 authors' decoder (``cross_residual=True`` adds it to them instead, the usual
 transformer-block form: every spatial feature then reaches the upper levels,
-not only its attention weights over the k global tokens); ``cross_attention=False`` builds the decoder without it (the
-authors' ablation: the global tokens then do not reach the decoder).
+not only its attention weights over the k global tokens); ``cross_attention=False``
+builds the decoder without it (the authors' ablation: the global tokens then do
+not reach the decoder).
 """
 from __future__ import annotations
 
