@@ -133,7 +133,8 @@ def main():
     paths = sorted({p for ep in episodes for p, _ in ep.support + (ep.query,)})
     words = image_word_ids(tokenizer, llm.text_tokenizer, paths, info["global_k"],
                            info.get("word_separator", ""), info.get("global_dedup", False),
-                           info.get("sort_words", False), NUM_WORKERS)
+                           info.get("sort_words", False), NUM_WORKERS,
+                           local=info.get("local_tokens", False))
     del tokenizer
     prompts = {c: [(ep.index, realize(s, c, words=words)) for ep, s in zip(episodes, segments)]
                for c in ("upper", "none")}
@@ -164,11 +165,14 @@ def main():
             lower = next(x for x in rows if x["condition"] == "lower" and x["k"] == r["k"])
             gap = upper["accuracy"] - lower["accuracy"]
             r["retention"] = (r["accuracy"] - lower["accuracy"]) / gap if gap > 0 else None
-    cost = costs(llm, words, episodes, rows, compress_s)
+    cost = costs(llm, words, episodes, rows, compress_s, len(voco.context_ids))
     write_results(rows, cost, info)
 
 
-def costs(llm, words: dict, episodes: list, rows: list[dict], compress_s: dict) -> dict:
+def costs(llm, words: dict, episodes: list, rows: list[dict], compress_s: dict,
+          context: int = 0) -> dict:
+    """Per image and per episode: tokens and KV bytes kept, prefill FLOPs, episodes/s;
+    ``context``: the context tokens an image is compressed after."""
     model = llm.model
     per_token = kv_bytes_per_token(model)
     n_images = K_SHOT * N_WAY + 1
@@ -179,7 +183,7 @@ def costs(llm, words: dict, episodes: list, rows: list[dict], compress_s: dict) 
            "full": {"tokens_per_image": full_tokens, "kv_bytes_per_image": full_tokens * per_token,
                     "prefill_flops_per_episode": prefill_flops(model, upper["mean_positions"]),
                     "episodes_per_s": upper["episodes_per_s"]}}
-    span = full_tokens + (1 if llm.text_tokenizer.bos_token_id is not None else 0)
+    span = full_tokens + context + (1 if llm.text_tokenizer.bos_token_id is not None else 0)
     for r in rows:
         if r["condition"] != "voco":
             continue

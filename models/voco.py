@@ -13,8 +13,11 @@ be dropped and only the k VoCo entries kept. Here:
   model that reads a compressed cache is the unmodified frozen LLM (the authors
   fine-tune the whole LLM instead, which would change the LLM every other stage
   shares).
-- **Isolated compression.** An image is compressed on its own: [BOS] + its tokens
+- **Isolated compression.** An image is compressed on its own: [BOS] + a fixed
+  context text (``context_ids``: the prompt text every image follows) + its tokens
   + k VoCo tokens at positions 0.. (the VoCo tokens see only their own image).
+  The context matters: an LLM reads the keys and values of words that followed
+  BOS directly as it reads no word in a prompt (engine/voco.py: what was measured).
   Its VoCo keys are stored rotated back to positions 0..k-1, so the same block is
   placed into any prompt at any position by re-rotating the keys (exact for plain
   RoPE: R(a)R(b) = R(a+b)); each image is compressed once per run. Deviation: in
@@ -156,10 +159,12 @@ class VoCo(nn.Module):
     """
 
     def __init__(self, model, k_max: int, lora_rank: int = 8, lora_alpha: float = 16.0,
-                 lora_targets=LORA_TARGETS, bos_id: int | None = None, seed: int = 0):
+                 lora_targets=LORA_TARGETS, bos_id: int | None = None, seed: int = 0,
+                 context_ids: list[int] | None = None):
         super().__init__()
         check_llm(model)
         self.llm, self.k_max, self.bos_id = model, int(k_max), bos_id
+        self.context_ids = list(context_ids or [])
         self.lora = dict(rank=int(lora_rank), alpha=float(lora_alpha), targets=list(lora_targets))
         weight = model.get_input_embeddings().weight
         g = torch.Generator().manual_seed(seed)
@@ -223,12 +228,12 @@ class VoCo(nn.Module):
         return tokens.to(self.device, self.dtype)
 
     def _span(self, image: Image | torch.Tensor) -> torch.Tensor:
-        """An image's compression input: [BOS] + its token embeddings, [n, hidden]."""
+        """An image's compression input: [BOS] + the context text + its token embeddings,
+        [n, hidden]."""
         tokens = image.tokens if isinstance(image, Image) else image
-        parts = [self._embed(tokens)]
-        if self.bos_id is not None:
-            parts.insert(0, self._embed(torch.tensor([self.bos_id])))
-        return torch.cat(parts)
+        ids = ([self.bos_id] if self.bos_id is not None else []) + self.context_ids
+        parts = [self._embed(torch.tensor(ids, dtype=torch.long))] if ids else []
+        return torch.cat(parts + [self._embed(tokens)])
 
     def _check_k(self, k: int) -> None:
         if not 1 <= k <= self.k_max:

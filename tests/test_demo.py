@@ -74,6 +74,23 @@ def test_smooth_style_draws_plain_or_gradient_backgrounds_with_little_noise():
         demo_world.render(demo_world._rng(0), "red", "circle", 32, "glossy")
 
 
+def test_wide_split_is_wider_and_leaves_the_square_world_unchanged(tmp_path):
+    """val_wide/ holds wider-than-high images (a real denoising shift); adding it changes no
+    other image (each image is a function of its own key)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    kw = dict(seed=3, train_per_class=1, val_per_class=1, size=32, colours=COLOURS, shapes=SHAPES,
+              photos=False)
+    files_a, _ = demo_world.write_world(a, **kw)
+    files_b, info = demo_world.write_world(b, **kw, wide_per_class=2, wide_aspect=1.5)
+    digests_b = _digests(b)
+    assert {f: d for f, d in digests_b.items() if f in files_a and f != "captions.json"} == \
+        {f: d for f, d in _digests(a).items() if f != "captions.json"}
+    paths, _, classes = scan_split(b, "val_wide")
+    assert len(paths) == 8 and len(classes) == 4 and info["wide_per_class"] == 2
+    img = load_rgb(paths[0])
+    assert img.size == (48, 32)
+
+
 def test_photos_are_added_as_a_flat_folder(tmp_path):
     files, info = demo_world.write_world(tmp_path, train_per_class=1, val_per_class=1, size=32,
                                          colours=["red"], shapes=["circle"], photo_size=48)

@@ -45,9 +45,9 @@ def max_diff(x, y):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("continuous", [False, True])
-def test_cached_two_pass_equals_single_pass(attn, continuous):
-    voco = make_voco(attn)
+@pytest.mark.parametrize("continuous,context", [(False, False), (True, False), (False, True)])
+def test_cached_two_pass_equals_single_pass(attn, continuous, context):
+    voco = make_voco(attn, context_ids=[7, 8, 9] if context else None)
     k = 3
     imgs, single, cached = case(voco, k, continuous)
     with torch.no_grad():
@@ -59,6 +59,20 @@ def test_cached_two_pass_equals_single_pass(attn, continuous):
     assert ref[0].abs().max() > 1.0                                    # logits are not trivial
     assert max_diff(ref, got) < TOL
     assert all(b.k == k for b in blocks)
+
+
+def test_context_is_compressed_before_the_image():
+    """An image compressed after a context is the context + image compressed without one; the
+    context changes the block (the isolated block is what an LLM reads poorly)."""
+    plain, ctx = make_voco(), make_voco(context_ids=[7, 8, 9])
+    ctx.load_adapter_state(plain.adapter_state())
+    image = torch.tensor([11, 12, 13, 14])
+    with torch.no_grad():
+        got = ctx.compress([image], 2)[0]
+        same = plain.compress([torch.tensor([7, 8, 9, 11, 12, 13, 14])], 2)[0]
+        isolated = plain.compress([image], 2)[0]
+    assert torch.equal(got.keys, same.keys) and torch.equal(got.values, same.values)
+    assert (got.values - isolated.values).abs().max() > 1e-3
 
 
 def test_controls_differ():
@@ -247,6 +261,36 @@ def test_eval_compression_runs(world, trained):
     assert all(r["n"] == 4 for r in res["rows"])
     assert res["cost"]["voco k=2"]["kv_bytes_per_image"] == 2 * res["cost"]["kv_bytes_per_token"]
     assert (out / "retention.png").is_file() and (out / "manifest.json").is_file()
+
+
+def test_local_tokens_and_context_reach_eval(world, trained):
+    """--local_tokens: an image is its local tokens then its words, in step 5 and in
+    eval_compression (read from voco.json), and images are compressed after the prompt text."""
+    from fixtures_artifacts import run_script
+    from engine.fewshot import IN_TEXT
+    from models.llm import encode_segment, load_llm
+    from utils.artifacts import load_json
+    import json
+    import shutil
+    llm = world / "llm_long"            # 3 images of 256 local tokens need a longer context
+    if not llm.exists():
+        shutil.copytree(world / "llm", llm)
+        config = json.loads((llm / "config.json").read_text())
+        (llm / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 2048}))
+    out = world / "voco_local"
+    assert run_script("step5_train_voco.py",
+                      **step5_flags(world, out, steps=2, local_tokens=True, llm=llm)) == 0
+    info = load_json(out / "voco.json")
+    text_tokenizer = load_llm(str(world / "llm"), dtype=torch.float32).text_tokenizer
+    assert info["local_tokens"] is True
+    assert info["context_ids"] == encode_segment(text_tokenizer, IN_TEXT) != []
+    ev = world / "eval_local"
+    assert run_script("eval_compression.py", **eval_flags(world, out, ev, llm=llm)) == 0
+    if not (world / "eval" / "manifest.json").is_file():     # test_eval_compression_runs' run
+        assert run_script("eval_compression.py", **eval_flags(world, trained, world / "eval")) == 0
+    plain = load_json(world / "eval" / "results.json")["cost"]["full"]["tokens_per_image"]
+    with_local = load_json(ev / "results.json")["cost"]["full"]["tokens_per_image"]
+    assert with_local == plain + 16 ** 2           # the tiny tokenizer's 16 x 16 local grid
 
 
 def test_bad_inputs_one_line(world, trained, capsys):
