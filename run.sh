@@ -140,7 +140,7 @@ if [[ $MODE == demo ]]; then
   # order (the 135M LLM copies a label when the query's words read exactly as a support's);
   # the LLM in bf16 where the CPU computes it natively (about 3x faster than fp32)
   EU=(--n_episodes 500 --n_way 2 5 --k_shot 1 --global_k 2 --global_dedup true --word_separator " "
-      --sort_words true --batch_size 8 --split val --num_workers 0 --class_names spaces
+      --sort_words true --batch_size 16 --split val --num_workers 0 --class_names spaces
       --llm_dtype bf16)
   # denoising on val_wide/ (one wider-than-high image per class): in a square image the
   # authors' shift (bottom-right vs centre square) moves nothing
@@ -155,7 +155,7 @@ if [[ $MODE == demo ]]; then
   # then the few-shot stage's sorted words (66 LLM tokens), compressed into k = 1, 2, 8
   VT=(--steps 40 --lr 3e-3 --batch_size 4 --num_workers 0 --save_every 10 --local_tokens true
       --global_k 2 --global_dedup true --word_separator " " --sort_words true)
-  VE=(--n_episodes 100 --eval_ks 1 2 8 --batch_size 10 --split val --num_workers 0)
+  VE=(--n_episodes 100 --eval_ks 1 2 8 --batch_size 20 --split val --num_workers 0)
 else
   S1=(); S2=(); S3=(); S4=(); ER=(); EU=(); ED=()
   EC=(--captions_file "$COCO/dataset_coco.json" --image_dir "$COCO")
