@@ -152,10 +152,10 @@ if [[ $MODE == demo ]]; then
   EV=(--questions_file "" --data_dir "$DEMO/data" --split val --example_split train --max_images 40
       --k_shot 4 --global_k 10 --batch_size 8 --num_workers 0 --llm_dtype bf16)
   # VoCo on 2 CPU cores: 40 steps at a higher learning rate; an image is its 64 local tokens
-  # then the few-shot stage's sorted words (66 LLM tokens), compressed into k = 1, 2, 8
+  # then the few-shot stage's sorted words (66 LLM tokens), compressed into k = 1 and 2
   VT=(--steps 40 --lr 3e-3 --batch_size 4 --num_workers 0 --save_every 10 --local_tokens true
       --global_k 2 --global_dedup true --word_separator " " --sort_words true)
-  VE=(--n_episodes 100 --eval_ks 1 2 8 --batch_size 20 --split val --num_workers 0)
+  VE=(--n_episodes 100 --eval_ks 1 2 --batch_size 20 --split val --num_workers 0)
 else
   S1=(); S2=(); S3=(); S4=(); ER=(); EU=(); ED=()
   EC=(--captions_file "$COCO/dataset_coco.json" --image_dir "$COCO")

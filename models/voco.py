@@ -16,8 +16,9 @@ be dropped and only the k VoCo entries kept. Here:
 - **Isolated compression.** An image is compressed on its own: [BOS] + a fixed
   context text (``context_ids``: the prompt text every image follows) + its tokens
   + k VoCo tokens at positions 0.. (the VoCo tokens see only their own image).
-  The context matters: an LLM reads the keys and values of words that followed
-  BOS directly as it reads no word in a prompt (engine/voco.py: what was measured).
+  The context matters: keys and values made right after BOS are unlike those of
+  any word inside a prompt, and the frozen LLM cannot use them
+  (step5_train_voco.py gives the measurement).
   Its VoCo keys are stored rotated back to positions 0..k-1, so the same block is
   placed into any prompt at any position by re-rotating the keys (exact for plain
   RoPE: R(a)R(b) = R(a+b)); each image is compressed once per run. Deviation: in

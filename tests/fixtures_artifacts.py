@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from utils.artifacts import save_json, save_tensors, write_manifest
-from utils.stages import (EVAL_CAPTIONING, EVAL_DENOISING, EVAL_RECONSTRUCTION, EVAL_UNDERSTANDING,
+from utils.stages import (EVAL_CAPTIONING, EVAL_COMPRESSION, EVAL_DENOISING, EVAL_RECONSTRUCTION, EVAL_UNDERSTANDING,
                           EVAL_VQA)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,8 +70,16 @@ def make_eval_artifacts(out, ceiling: bool = True) -> dict:
                         for v, acc in [("image", 0.6), ("ceiling", 1.0), ("floor", 0.2)]}}
     save_json(out / EVAL_VQA.out_dir / "results.json", vqa)
     write_manifest(out / EVAL_VQA.out_dir, EVAL_VQA, {}, ["results.json"])
+    row = lambda c, k, acc, tokens=None, ret=None: {  # noqa: E731  (eval_compression's rows)
+        "condition": c, "k": k, "n": 50, "accuracy": acc, "ci95": [acc - 0.1, acc + 0.1],
+        "retention": ret, "tokens_per_image": tokens, "kv_bytes_per_image": None,
+        "episodes_per_s": 4.0}
+    comp = {"summary": [row("upper", None, 0.9, 40.0), row("none", None, 0.5),
+                        row("lower", 2, 0.5), row("voco", 2, 0.8, 2, 0.75)]}
+    save_json(out / EVAL_COMPRESSION.out_dir / "results.json", comp)
+    write_manifest(out / EVAL_COMPRESSION.out_dir, EVAL_COMPRESSION, {}, ["results.json"])
     return {"reconstruction": rec, "understanding": settings, "denoising": den,
-            "captioning": cap, "vqa": vqa}
+            "captioning": cap, "vqa": vqa, "compression": comp}
 
 
 def make_image_folder(root, n_per_class: int = 4, classes=("cls_a", "cls_b"),

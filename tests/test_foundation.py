@@ -123,6 +123,12 @@ def test_summary_json_holds_every_number(tmp_path, capsys):
     vqa = {(r["variant"], r["answer_type"]): r for r in data["vqa"]}
     assert len(vqa) == 6 and vqa[("floor", "shape")]["accuracy"] == 0.1
     assert vqa[("image", "colour")]["ci95"] == made["vqa"]["variants"]["image"]["colour"]["ci95"]
+    comp = {(r["condition"], r["k"]): r for r in data["compression"]}
+    assert list(comp) == [("upper", None), ("none", None), ("lower", 2), ("voco", 2)]
+    assert comp[("voco", 2)]["retention"] == 0.75 and comp[("voco", 2)]["accuracy"] == 0.8
+    assert comp[("voco", 2)]["kv_reduction"] == pytest.approx(1 - 2 / 40)
+    assert comp[("upper", None)]["kv_reduction"] is None
+    assert "retention = (voco - lower) / (upper - lower)" in text
     # the table shows the reference points beside the accuracy
     lines = text[text.index("few-shot understanding"):].splitlines()
     assert re.search(r"\bacc +95% CI +chance +floor +ceiling$", lines[1]), lines[1]
@@ -133,11 +139,13 @@ def test_summary_json_holds_every_number(tmp_path, capsys):
 def test_summary_of_an_old_or_partial_run(tmp_path):
     make_eval_artifacts(tmp_path, ceiling=False)
     (tmp_path / "eval_denoising" / "manifest.json").unlink()   # unfinished
+    (tmp_path / "eval_compression" / "manifest.json").unlink()
     text = summary(tmp_path)
     data = json.loads((tmp_path / "summary.json").read_text())
     assert data["stage_seconds"] == {} and data["denoising"] is None
     assert all(r["ceiling"] is None and r["floor"] is None for r in data["understanding"])
-    assert "denoising: not run" in text
+    assert "denoising: not run" in text and "VoCo compression: not run" in text
+    assert data["compression"] is None
     with pytest.raises(V2LError, match="STAGE_ID=SECONDS"):
         parse_seconds(["vocab=fast"])
 

@@ -14,7 +14,10 @@ scripts and CI read::
      "denoising": [{"task", "variant", "n_images", "psnr", "ssim", "lpips", "fid", "token_acc"},
                    ...],                                     # one per task and variant
      "captioning": [{"variant", "n", "cider_d", "cider_d_ci95", "bleu4"}, ...],  # image/ceiling/floor
-     "vqa": [{"variant", "answer_type", "n", "accuracy", "ci95"}, ...]}  # per variant and answer type
+     "vqa": [{"variant", "answer_type", "n", "accuracy", "ci95"}, ...],  # per variant and answer type
+     "compression": [{"condition", "k", "n", "accuracy", "ci95", "retention", "tokens_per_image",
+                      "kv_bytes_per_image", "kv_reduction", "episodes_per_s"}, ...]}
+                                                 # upper, none, then lower and voco per k
 
 An evaluation that has not run (or not finished) is null; a value
 an artifact does not hold (an older run without ``ceiling``, a metric not
@@ -28,8 +31,8 @@ from pathlib import Path
 
 from utils.artifacts import is_complete, load_json, read_manifest, save_json
 from utils.errors import V2LError
-from utils.stages import (EVAL_CAPTIONING, EVAL_DENOISING, EVAL_RECONSTRUCTION, EVAL_UNDERSTANDING,
-                          EVAL_VQA)
+from utils.stages import (EVAL_CAPTIONING, EVAL_COMPRESSION, EVAL_DENOISING, EVAL_RECONSTRUCTION,
+                          EVAL_UNDERSTANDING, EVAL_VQA)
 
 SUMMARY_JSON = "summary.json"
 RECONSTRUCTION_KEYS = ["n_images", "psnr", "ssim", "lpips", "fid", "is", "codebook_used",
@@ -39,6 +42,8 @@ UNDERSTANDING_KEYS = ["n_way", "k_shot", "global_k", "induction", "repeat", "n",
 DENOISING_KEYS = ["task", "variant", "n_images", "psnr", "ssim", "lpips", "fid", "token_acc"]
 CAPTIONING_KEYS = ["variant", "n", "cider_d", "cider_d_ci95", "bleu4"]
 VQA_KEYS = ["variant", "answer_type", "n", "accuracy", "ci95"]
+COMPRESSION_KEYS = ["condition", "k", "n", "accuracy", "ci95", "retention", "tokens_per_image",
+                    "kv_bytes_per_image", "kv_reduction", "episodes_per_s"]
 
 
 def _clean(x):
@@ -100,13 +105,27 @@ def vqa_rows(out: Path) -> list[dict] | None:
             for v, per in r["variants"].items() for t, x in per.items()]
 
 
+def compression_rows(out: Path) -> list[dict] | None:
+    r = _results(out, EVAL_COMPRESSION)
+    if r is None:
+        return None
+    rows = r.get("summary", [])
+    full = next((x.get("tokens_per_image") for x in rows if x.get("condition") == "upper"), None)
+    for x in rows:
+        kept = x.get("tokens_per_image")
+        x["kv_reduction"] = (1 - kept / full if x.get("condition") == "voco" and kept and full
+                             else None)
+    return [_clean({k: x.get(k) for k in COMPRESSION_KEYS}) for x in rows]
+
+
 def collect(out, stage_seconds: dict[str, float | None] | None = None) -> dict:
     """Everything summary.json holds (see the module docstring)."""
     out = Path(out)
     return {"out": str(out), "stage_seconds": dict(stage_seconds or {}),
             "reconstruction": reconstruction_results(out),
             "understanding": understanding_rows(out), "denoising": denoising_rows(out),
-            "captioning": captioning_rows(out), "vqa": vqa_rows(out)}
+            "captioning": captioning_rows(out), "vqa": vqa_rows(out),
+            "compression": compression_rows(out)}
 
 
 def _f(x, digits=3) -> str:
@@ -196,13 +215,30 @@ def vqa_text(out: Path, rows: list[dict] | None) -> str:
                          + _table(["variant", "answer type", "n", "acc", "95% CI"], body))
 
 
+def compression_text(out: Path, rows: list[dict] | None) -> str:
+    if rows is None:
+        return "VoCo compression: not run"
+    body = [[r["condition"], "-" if r["k"] is None else r["k"], r["n"], _pct(r["accuracy"]),
+             "-" if r["ci95"] is None else f"{_pct(r['ci95'][0])}-{_pct(r['ci95'][1])}",
+             _pct(r["retention"]), _f(r["tokens_per_image"], 1), _pct(r["kv_reduction"]),
+             _f(r["episodes_per_s"], 1)] for r in rows]
+    text = ("VoCo compression, few-shot accuracy % (ceiling: upper, the full image tokens; floors: "
+            "lower, untrained VoCo,\n  and none, no image; retention = (voco - lower) / "
+            "(upper - lower) at the same k):\n"
+            + _table(["condition", "k", "n", "acc", "95% CI", "retention %", "tokens/image",
+                      "KV saved %", "episodes/s"], body))
+    plot = out / EVAL_COMPRESSION.out_dir / "retention.png"
+    return text + (f"\n  picture: {plot}" if plot.is_file() else "")
+
+
 def summary(out, stage_seconds: dict[str, float | None] | None = None, write: bool = True) -> str:
     """The summary tables; with ``write``, also OUT/summary.json."""
     out = Path(out)
     data = collect(out, stage_seconds)
     parts = ["== summary", reconstruction_text(out, data["reconstruction"]),
              understanding_text(data["understanding"]), denoising_text(out, data["denoising"]),
-             captioning_text(out, data["captioning"]), vqa_text(out, data["vqa"])]
+             captioning_text(out, data["captioning"]), vqa_text(out, data["vqa"]),
+             compression_text(out, data["compression"])]
     if write:
         save_json(out / SUMMARY_JSON, data)
         parts.append(f"numbers: {out / SUMMARY_JSON}")
