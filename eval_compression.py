@@ -30,7 +30,7 @@ from data.episodes import generate_episodes
 from data.images import scan_split
 from engine.fewshot import wilson_interval
 from engine.voco import (VoCoPrompter, greedy, image_word_ids, load_voco, prefill_flops,
-                         prompt_positions, realize, set_attention)
+                         prompt_positions, realize, retention_interval, set_attention)
 from models.llm import llm_dtype, load_llm
 from models.tokenizer_io import load_tokenizer
 from models.voco import VoCoBlock, kv_bytes_per_token
@@ -144,9 +144,10 @@ def main():
                                   for ep, s in zip(episodes, segments)]
     context_check(prompts, getattr(llm.model.config, "max_position_embeddings", None))
 
-    rows, compress_s = [], {}
+    rows, compress_s, flags = [], {}, {}
     for name in ("upper", "none"):
         correct, seconds = decode(voco, prompter, episodes, prompts[name], name)
+        flags[(name, None)] = correct
         rows.append(row(name, None, correct, seconds, [prompt_positions(p) for _, p in prompts[name]]))
     for phase in ("lower", "voco"):
         if phase == "voco":
@@ -156,6 +157,7 @@ def main():
             compress_s[(phase, k)] = seconds_c
             vprompts = [(ep.index, realize(s, "voco", blocks=blocks)) for ep, s in zip(episodes, segments)]
             correct, seconds = decode(voco, prompter, episodes, vprompts, f"{phase} k={k}")
+            flags[(phase, k)] = correct
             rows.append(row(phase, k, correct, seconds, [prompt_positions(p) for _, p in vprompts]))
             print(f"{phase} k={k}: accuracy {100 * rows[-1]['accuracy']:.1f}%")
 
@@ -165,6 +167,8 @@ def main():
             lower = next(x for x in rows if x["condition"] == "lower" and x["k"] == r["k"])
             gap = upper["accuracy"] - lower["accuracy"]
             r["retention"] = (r["accuracy"] - lower["accuracy"]) / gap if gap > 0 else None
+            r["retention_ci95"] = retention_interval(flags[("upper", None)], flags[("lower", r["k"])],
+                                                     flags[("voco", r["k"])], seed=SEED)
     cost = costs(llm, words, episodes, rows, compress_s, len(voco.context_ids))
     write_results(rows, cost, info)
 
@@ -209,14 +213,14 @@ def write_results(rows: list[dict], cost: dict, info: dict) -> None:
             cost["full"] if r["condition"] == "upper" else {})
         summary.append({"condition": r["condition"], "k": r["k"], "n": r["n"],
                         "accuracy": r["accuracy"], "ci95": r["ci95"],
-                        "retention": r.get("retention"),
+                        "retention": r.get("retention"), "retention_ci95": r.get("retention_ci95"),
                         "tokens_per_image": c.get("tokens_per_image"),
                         "kv_bytes_per_image": c.get("kv_bytes_per_image"),
                         "episodes_per_s": r["episodes_per_s"]})
     save_json(out / "results.json", {"rows": rows, "cost": cost, "summary": summary,
                                      "trained": {k: info[k] for k in ("k_max", "train_ks", "llm")}})
-    cols = ["condition", "k", "n", "accuracy", "ci95", "retention", "tokens_per_image",
-            "kv_bytes_per_image", "episodes_per_s"]
+    cols = ["condition", "k", "n", "accuracy", "ci95", "retention", "retention_ci95",
+            "tokens_per_image", "kv_bytes_per_image", "episodes_per_s"]
 
     def fmt(s: dict, c: str) -> str:
         v = s[c]
@@ -224,7 +228,7 @@ def write_results(rows: list[dict], cost: dict, info: dict) -> None:
             return "-"
         if c in ("accuracy", "retention"):
             return f"{100 * v:.1f}"
-        if c == "ci95":
+        if c in ("ci95", "retention_ci95"):
             return f"{100 * v[0]:.1f}-{100 * v[1]:.1f}"
         return f"{v:.1f}" if isinstance(v, float) else str(v)
     md = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]

@@ -135,6 +135,25 @@ def prompt_positions(prompt: list) -> int:
     return sum(seg.k if isinstance(seg, VoCoBlock) else len(seg) for seg in prompt)
 
 
+def retention_interval(upper: list[bool], lower: list[bool], voco: list[bool], n_boot: int = 2000,
+                       seed: int = 0, level: float = 0.95) -> list[float] | None:
+    """Paired percentile-bootstrap interval of retention = (voco - lower) / (upper - lower)
+    over episodes: one resample of the episode indices serves all three conditions (they
+    answered the same episodes). None when fewer than half the resamples have upper > lower."""
+    u, lo, v = (torch.tensor(x, dtype=torch.float64) for x in (upper, lower, voco))
+    if not len(u) == len(lo) == len(v) or not len(u):
+        raise V2LError("retention_interval: the three conditions need the same, non-empty episodes")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(u), (n_boot, len(u)), generator=g)
+    gap = u[idx].mean(1) - lo[idx].mean(1)
+    ok = gap > 0
+    if int(ok.sum()) < n_boot / 2:
+        return None
+    ret = (v[idx].mean(1) - lo[idx].mean(1))[ok] / gap[ok]
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    return [float(x) for x in torch.quantile(ret, q)]
+
+
 # ----------------------------------------------------------------------------- decoding
 
 @torch.no_grad()

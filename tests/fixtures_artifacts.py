@@ -72,7 +72,8 @@ def make_eval_artifacts(out, ceiling: bool = True) -> dict:
     write_manifest(out / EVAL_VQA.out_dir, EVAL_VQA, {}, ["results.json"])
     row = lambda c, k, acc, tokens=None, ret=None: {  # noqa: E731  (eval_compression's rows)
         "condition": c, "k": k, "n": 50, "accuracy": acc, "ci95": [acc - 0.1, acc + 0.1],
-        "retention": ret, "tokens_per_image": tokens, "kv_bytes_per_image": None,
+        "retention": ret, "retention_ci95": None if ret is None else [ret - 0.2, ret + 0.1],
+        "tokens_per_image": tokens, "kv_bytes_per_image": None,
         "episodes_per_s": 4.0}
     comp = {"summary": [row("upper", None, 0.9, 40.0), row("none", None, 0.5),
                         row("lower", 2, 0.5), row("voco", 2, 0.8, 2, 0.75)]}

@@ -126,6 +126,8 @@ def test_summary_json_holds_every_number(tmp_path, capsys):
     comp = {(r["condition"], r["k"]): r for r in data["compression"]}
     assert list(comp) == [("upper", None), ("none", None), ("lower", 2), ("voco", 2)]
     assert comp[("voco", 2)]["retention"] == 0.75 and comp[("voco", 2)]["accuracy"] == 0.8
+    assert comp[("voco", 2)]["retention_ci95"] == [0.55, 0.85]
+    assert comp[("lower", 2)]["retention_ci95"] is None
     assert comp[("voco", 2)]["kv_reduction"] == pytest.approx(1 - 2 / 40)
     assert comp[("upper", None)]["kv_reduction"] is None
     assert "retention = (voco - lower) / (upper - lower)" in text

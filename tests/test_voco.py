@@ -75,6 +75,24 @@ def test_context_is_compressed_before_the_image():
     assert (got.values - isolated.values).abs().max() > 1e-3
 
 
+def test_retention_interval_is_paired_over_episodes():
+    from engine.voco import retention_interval
+    g = torch.Generator().manual_seed(0)
+    upper = (torch.rand(60, generator=g) < 0.9).tolist()
+    lower = (torch.rand(60, generator=g) < 0.5).tolist()
+    assert retention_interval(upper, lower, upper) == [1.0, 1.0]    # voco answers as upper
+    assert retention_interval(upper, lower, lower) == [0.0, 0.0]    # voco answers as lower
+    voco = [u if i % 3 else lo for i, (u, lo) in enumerate(zip(upper, lower))]
+    lo_, hi_ = retention_interval(upper, lower, voco)
+    point = (sum(voco) - sum(lower)) / (sum(upper) - sum(lower))
+    assert lo_ < point < hi_ < 1.5
+    lo4, hi4 = retention_interval(upper * 4, lower * 4, voco * 4)   # 4x the episodes: narrower
+    assert hi4 - lo4 < 0.7 * (hi_ - lo_)
+    assert retention_interval(upper, upper, upper) is None          # no gap to retain
+    with pytest.raises(V2LError, match="same, non-empty episodes"):
+        retention_interval(upper, lower[:-1], voco)
+
+
 def test_controls_differ():
     """A plain causal mask, positions counted from the cache length and a boolean mask under
     eager attention must all give other logits than the correct mask."""
@@ -260,6 +278,7 @@ def test_eval_compression_runs(world, trained):
     assert conditions == [("upper", None), ("none", None), ("lower", 2), ("voco", 2)]
     assert all(r["n"] == 4 for r in res["rows"])
     assert res["cost"]["voco k=2"]["kv_bytes_per_image"] == 2 * res["cost"]["kv_bytes_per_token"]
+    assert "retention_ci95" in res["summary"][-1] and "retention_ci95" in res["rows"][-1]
     assert (out / "retention.png").is_file() and (out / "manifest.json").is_file()
 
 

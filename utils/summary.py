@@ -15,8 +15,9 @@ scripts and CI read::
                    ...],                                     # one per task and variant
      "captioning": [{"variant", "n", "cider_d", "cider_d_ci95", "bleu4"}, ...],  # image/ceiling/floor
      "vqa": [{"variant", "answer_type", "n", "accuracy", "ci95"}, ...],  # per variant and answer type
-     "compression": [{"condition", "k", "n", "accuracy", "ci95", "retention", "tokens_per_image",
-                      "kv_bytes_per_image", "kv_reduction", "episodes_per_s"}, ...]}
+     "compression": [{"condition", "k", "n", "accuracy", "ci95", "retention", "retention_ci95",
+                      "tokens_per_image", "kv_bytes_per_image", "kv_reduction", "episodes_per_s"},
+                     ...]}
                                                  # upper, none, then lower and voco per k
 
 An evaluation that has not run (or not finished) is null; a value
@@ -42,8 +43,8 @@ UNDERSTANDING_KEYS = ["n_way", "k_shot", "global_k", "induction", "repeat", "n",
 DENOISING_KEYS = ["task", "variant", "n_images", "psnr", "ssim", "lpips", "fid", "token_acc"]
 CAPTIONING_KEYS = ["variant", "n", "cider_d", "cider_d_ci95", "bleu4"]
 VQA_KEYS = ["variant", "answer_type", "n", "accuracy", "ci95"]
-COMPRESSION_KEYS = ["condition", "k", "n", "accuracy", "ci95", "retention", "tokens_per_image",
-                    "kv_bytes_per_image", "kv_reduction", "episodes_per_s"]
+COMPRESSION_KEYS = ["condition", "k", "n", "accuracy", "ci95", "retention", "retention_ci95",
+                    "tokens_per_image", "kv_bytes_per_image", "kv_reduction", "episodes_per_s"]
 
 
 def _clean(x):
@@ -220,13 +221,15 @@ def compression_text(out: Path, rows: list[dict] | None) -> str:
         return "VoCo compression: not run"
     body = [[r["condition"], "-" if r["k"] is None else r["k"], r["n"], _pct(r["accuracy"]),
              "-" if r["ci95"] is None else f"{_pct(r['ci95'][0])}-{_pct(r['ci95'][1])}",
-             _pct(r["retention"]), _f(r["tokens_per_image"], 1), _pct(r["kv_reduction"]),
-             _f(r["episodes_per_s"], 1)] for r in rows]
+             _pct(r["retention"]), "-" if r["retention_ci95"] is None else
+             f"{_pct(r['retention_ci95'][0])}-{_pct(r['retention_ci95'][1])}",
+             _f(r["tokens_per_image"], 1), _pct(r["kv_reduction"]), _f(r["episodes_per_s"], 1)]
+            for r in rows]
     text = ("VoCo compression, few-shot accuracy % (ceiling: upper, the full image tokens; floors: "
             "lower, untrained VoCo,\n  and none, no image; retention = (voco - lower) / "
             "(upper - lower) at the same k):\n"
-            + _table(["condition", "k", "n", "acc", "95% CI", "retention %", "tokens/image",
-                      "KV saved %", "episodes/s"], body))
+            + _table(["condition", "k", "n", "acc", "95% CI", "retention %", "95% CI",
+                      "tokens/image", "KV saved %", "episodes/s"], body))
     plot = out / EVAL_COMPRESSION.out_dir / "retention.png"
     return text + (f"\n  picture: {plot}" if plot.is_file() else "")
 
