@@ -167,8 +167,8 @@ def main():
             lower = next(x for x in rows if x["condition"] == "lower" and x["k"] == r["k"])
             gap = upper["accuracy"] - lower["accuracy"]
             r["retention"] = (r["accuracy"] - lower["accuracy"]) / gap if gap > 0 else None
-            r["retention_ci95"] = retention_interval(flags[("upper", None)], flags[("lower", r["k"])],
-                                                     flags[("voco", r["k"])], seed=SEED)
+            r["retention_ci95"] = retention_interval(
+                flags[("upper", None)], flags[("lower", r["k"])], flags[("voco", r["k"])], seed=SEED)
     cost = costs(llm, words, episodes, rows, compress_s, len(voco.context_ids))
     write_results(rows, cost, info)
 
@@ -216,6 +216,7 @@ def write_results(rows: list[dict], cost: dict, info: dict) -> None:
                         "retention": r.get("retention"), "retention_ci95": r.get("retention_ci95"),
                         "tokens_per_image": c.get("tokens_per_image"),
                         "kv_bytes_per_image": c.get("kv_bytes_per_image"),
+                        "kv_reduction": c.get("kv_reduction"),
                         "episodes_per_s": r["episodes_per_s"]})
     save_json(out / "results.json", {"rows": rows, "cost": cost, "summary": summary,
                                      "trained": {k: info[k] for k in ("k_max", "train_ks", "llm")}})

@@ -127,7 +127,8 @@ def main():
     tokenizer = load_tokenizer(TOKENIZER_DIR, device=ddp.device)
     paths = sorted({p for ep in mine for p, _ in ep.support + (ep.query,)})
     words = image_word_ids(tokenizer, llm.text_tokenizer, paths, GLOBAL_K, WORD_SEPARATOR,
-                           GLOBAL_DEDUP, SORT_WORDS, NUM_WORKERS, progress=False, local=LOCAL_TOKENS)
+                           GLOBAL_DEDUP, SORT_WORDS, NUM_WORKERS, progress=False,
+                           local=LOCAL_TOKENS)
     del tokenizer
     prompter = VoCoPrompter(llm.text_tokenizer)
     params = voco.trainable_parameters()
@@ -198,8 +199,9 @@ def finish(voco: VoCo, llm, log: list[dict], train_classes: list[str], eval_clas
     save_tensors(out / "voco.safetensors", {k: v.float() for k, v in voco.adapter_state().items()})
     info = {"k_max": K_MAX, "train_ks": list(TRAIN_KS), "lora_rank": LORA_RANK,
             "lora_alpha": LORA_ALPHA, "lora_targets": list(LORA_TARGETS),
-            "bos_id": voco.bos_id, "context_ids": voco.context_ids, "seed": SEED, "global_k": GLOBAL_K, "word_separator": WORD_SEPARATOR,
-            "global_dedup": GLOBAL_DEDUP, "sort_words": SORT_WORDS, "local_tokens": LOCAL_TOKENS, "n_way": N_WAY,
+            "bos_id": voco.bos_id, "context_ids": voco.context_ids, "seed": SEED,
+            "global_k": GLOBAL_K, "word_separator": WORD_SEPARATOR, "global_dedup": GLOBAL_DEDUP,
+            "sort_words": SORT_WORDS, "local_tokens": LOCAL_TOKENS, "n_way": N_WAY,
             "k_shot": K_SHOT, "llm": llm.ident, "llm_identity": llm_identity(llm),
             "tokenizer": str(TOKENIZER_DIR), "train_classes": train_classes,
             "eval_classes": eval_classes, "final_kl": log[-1]["kl"] if log else None}

@@ -116,7 +116,8 @@ def background(rng: np.random.Generator, kind: str, n: int, noise: float = 12.0,
     else:
         raise ValueError(f"unknown background kind {kind!r}")
     img = a + t[..., None] * (b - a)
-    return img + rng.normal(0, rng.uniform(min(2.0, noise), noise), (n, width, 1)).astype(np.float32)
+    sigma = rng.uniform(min(2.0, noise), noise)
+    return img + rng.normal(0, sigma, (n, width, 1)).astype(np.float32)
 
 
 def shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple]:
@@ -150,7 +151,8 @@ def render(rng: np.random.Generator, colour: str, shape: str, size: int,
     """One image of a ``colour`` ``shape`` (RGB, size high, ``width`` wide: default square)
     and its background kind."""
     kinds, noise = check_style(style)
-    n, w = size * SUPERSAMPLE, (width or size) * SUPERSAMPLE
+    width = width or size
+    n, w = size * SUPERSAMPLE, width * SUPERSAMPLE
     kind = kinds[int(rng.integers(len(kinds)))]
     canvas = Image.fromarray(np.clip(background(rng, kind, n, noise, w), 0, 255).astype(np.uint8))
     r = rng.uniform(0.17, 0.36) * n
@@ -159,7 +161,7 @@ def render(rng: np.random.Generator, colour: str, shape: str, size: int,
                    + rng.integers(-18, 19, 3), 0, 255).astype(int)
     ImageDraw.Draw(canvas).polygon(shape_polygon(shape, cx, cy, r, rng.uniform(0, 2 * np.pi)),
                                    fill=tuple(fill.tolist()))
-    return canvas.resize((width or size, size), Image.Resampling.BOX), kind
+    return canvas.resize((width, size), Image.Resampling.BOX), kind
 
 
 def caption(colour: str, shape: str, kind: str) -> str:
@@ -220,8 +222,8 @@ def write_world(out_dir, seed: int = 0, train_per_class: int = 40, val_per_class
     out = Path(out_dir)
     files, captions = [], {}
     widths = {"train": size, "val": size, "val_wide": round(size * wide_aspect)}
-    jobs = [(split, c, s, i) for split, count in (("train", train_per_class), ("val", val_per_class),
-                                                  ("val_wide", wide_per_class))
+    counts = (("train", train_per_class), ("val", val_per_class), ("val_wide", wide_per_class))
+    jobs = [(split, c, s, i) for split, count in counts
             for c, s in classes(colours, shapes) for i in range(count)]
     for split, colour, shape, i in tqdm(jobs, desc="demo world", mininterval=2):
         folder = out / split / folder_name(colour, shape)

@@ -19,7 +19,8 @@ cosine to ``min_lr``, set every iteration from the fractional epoch.
 GradScaler and CLIP's weights in fp16 (bf16 autocast is the option; a CPU runs float32, or
 bf16 autocast for ``amp="bf16"`` where it computes bf16 natively); the discriminator step
 on a fresh forward of the just-updated tokenizer (taming and LlamaGen reuse the generator
-step's reconstructions: ``disc_fresh_forward`` False). The global batch and its learning rate: ``batch_and_lr``.
+step's reconstructions: ``disc_fresh_forward`` False). The global batch and its learning
+rate: ``batch_and_lr``.
 """
 from __future__ import annotations
 

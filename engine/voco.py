@@ -269,7 +269,8 @@ def image_word_ids(tokenizer, text_tokenizer, paths: list[str], k: int, separato
     n = fetch_count(k, dedup, tokenizer.tok_embeddings_global.weight.shape[0])
     strings = global_token_strings(tokenizer, paths, n, num_workers=num_workers, progress=progress)
     locals_ = local_token_ids(tokenizer, paths) if local else [()] * len(paths)
-    return {p: list(loc) + encode_segment(text_tokenizer, image_words(s, k, separator, dedup, sort=sort))
+    return {p: list(loc) + encode_segment(text_tokenizer,
+                                          image_words(s, k, separator, dedup, sort=sort))
             for p, s, loc in zip(paths, strings, locals_)}
 
 

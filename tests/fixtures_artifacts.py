@@ -9,8 +9,8 @@ import numpy as np
 from PIL import Image
 
 from utils.artifacts import save_json, save_tensors, write_manifest
-from utils.stages import (EVAL_CAPTIONING, EVAL_COMPRESSION, EVAL_DENOISING, EVAL_RECONSTRUCTION, EVAL_UNDERSTANDING,
-                          EVAL_VQA)
+from utils.stages import (EVAL_CAPTIONING, EVAL_COMPRESSION, EVAL_DENOISING, EVAL_RECONSTRUCTION,
+                          EVAL_UNDERSTANDING, EVAL_VQA)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -74,7 +74,7 @@ def make_eval_artifacts(out, ceiling: bool = True) -> dict:
         "condition": c, "k": k, "n": 50, "accuracy": acc, "ci95": [acc - 0.1, acc + 0.1],
         "retention": ret, "retention_ci95": None if ret is None else [ret - 0.2, ret + 0.1],
         "tokens_per_image": tokens, "kv_bytes_per_image": None,
-        "episodes_per_s": 4.0}
+        "kv_reduction": 1 - tokens / 40.0 if c == "voco" else None, "episodes_per_s": 4.0}
     comp = {"summary": [row("upper", None, 0.9, 40.0), row("none", None, 0.5),
                         row("lower", 2, 0.5), row("voco", 2, 0.8, 2, 0.75)]}
     save_json(out / EVAL_COMPRESSION.out_dir / "results.json", comp)

@@ -14,7 +14,7 @@ scripts and CI read::
      "denoising": [{"task", "variant", "n_images", "psnr", "ssim", "lpips", "fid", "token_acc"},
                    ...],                                     # one per task and variant
      "captioning": [{"variant", "n", "cider_d", "cider_d_ci95", "bleu4"}, ...],  # image/ceiling/floor
-     "vqa": [{"variant", "answer_type", "n", "accuracy", "ci95"}, ...],  # per variant and answer type
+     "vqa": [{"variant", "answer_type", "n", "accuracy", "ci95"}, ...],  # per variant, answer type
      "compression": [{"condition", "k", "n", "accuracy", "ci95", "retention", "retention_ci95",
                       "tokens_per_image", "kv_bytes_per_image", "kv_reduction", "episodes_per_s"},
                      ...]}
@@ -110,13 +110,7 @@ def compression_rows(out: Path) -> list[dict] | None:
     r = _results(out, EVAL_COMPRESSION)
     if r is None:
         return None
-    rows = r.get("summary", [])
-    full = next((x.get("tokens_per_image") for x in rows if x.get("condition") == "upper"), None)
-    for x in rows:
-        kept = x.get("tokens_per_image")
-        x["kv_reduction"] = (1 - kept / full if x.get("condition") == "voco" and kept and full
-                             else None)
-    return [_clean({k: x.get(k) for k in COMPRESSION_KEYS}) for x in rows]
+    return [_clean({k: x.get(k) for k in COMPRESSION_KEYS}) for x in r.get("summary", [])]
 
 
 def collect(out, stage_seconds: dict[str, float | None] | None = None) -> dict:
@@ -189,6 +183,10 @@ def _ci(ci) -> str:
     return "-" if ci is None else f"{_f(ci[0])}-{_f(ci[1])}"
 
 
+def _pct_ci(ci) -> str:
+    return "-" if ci is None else f"{_pct(ci[0])}-{_pct(ci[1])}"
+
+
 def _with_gallery(folder: Path, text: str) -> str:
     gallery = folder / "gallery.png"
     return text + (f"\n  picture: {gallery}" if gallery.is_file() else "")
@@ -207,8 +205,7 @@ def captioning_text(out: Path, rows: list[dict] | None) -> str:
 def vqa_text(out: Path, rows: list[dict] | None) -> str:
     if rows is None:
         return "visual question answering: not run"
-    body = [[r["variant"], r["answer_type"], r["n"], _pct(r["accuracy"]),
-             "-" if r["ci95"] is None else f"{_pct(r['ci95'][0])}-{_pct(r['ci95'][1])}"]
+    body = [[r["variant"], r["answer_type"], r["n"], _pct(r["accuracy"]), _pct_ci(r["ci95"])]
             for r in rows]
     return _with_gallery(out / EVAL_VQA.out_dir,
                          "visual question answering (VQAv2 accuracy %; image: the tokenizer's words; "
@@ -220,9 +217,7 @@ def compression_text(out: Path, rows: list[dict] | None) -> str:
     if rows is None:
         return "VoCo compression: not run"
     body = [[r["condition"], "-" if r["k"] is None else r["k"], r["n"], _pct(r["accuracy"]),
-             "-" if r["ci95"] is None else f"{_pct(r['ci95'][0])}-{_pct(r['ci95'][1])}",
-             _pct(r["retention"]), "-" if r["retention_ci95"] is None else
-             f"{_pct(r['retention_ci95'][0])}-{_pct(r['retention_ci95'][1])}",
+             _pct_ci(r["ci95"]), _pct(r["retention"]), _pct_ci(r["retention_ci95"]),
              _f(r["tokens_per_image"], 1), _pct(r["kv_reduction"]), _f(r["episodes_per_s"], 1)]
             for r in rows]
     text = ("VoCo compression, few-shot accuracy % (ceiling: upper, the full image tokens; floors: "
