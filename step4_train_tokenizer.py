@@ -75,10 +75,13 @@ Z_CHANNELS = 256  # encoder output channels
 CROSS_HEADS = 8  # decoder cross-attention heads
 CROSS_HEAD_DIM = 512  # decoder cross-attention head dimension
 BETA = 0.33  # weight of the codebook term inside the VQ loss
+ENTROPY_WEIGHT = 0.0  # code-usage entropy penalty on the local quantiser against codebook collapse (0: the authors')
+ENTROPY_TEMPERATURE = 0.01  # its soft-assignment temperature (in squared-distance units)
 # the authors' ablations (defaults: the paper's model)
 LOCAL_CODEBOOK = "clip"  # local codebook: clip (frozen CLIP text embeddings), random (frozen random), trained
 PROJECTOR = True  # the trainable Linear(D, D) on the local codebook (false: codes are the codebook itself)
 CROSS_RESIDUAL = False  # add the decoder's cross-attention output to its features (the authors': it replaces them)
+CROSS_NULL = False  # a learned null key (zero value) in the decoder's cross-attention: a position may ignore the global words (false: the authors')
 CROSS_ATTENTION = True  # the decoder attends to the global tokens (false: decoder without cross-attention)
 AMP = "fp16"  # mixed precision: fp16 (GPU; a GradScaler, CLIP in fp16: the authors'), bf16 (also a CPU with native bf16) or none
 CHANNELS_LAST = False  # NHWC memory layout for the convolutions (often faster on GPUs)
@@ -134,8 +137,9 @@ def main():
         CODEBOOK_DIR, GLOBAL_DIR, clip, resolution=RESOLUTION, ch=CH, ch_mult=tuple(CH_MULT),
         num_res_blocks=NUM_RES_BLOCKS, z_channels=Z_CHANNELS, global_topk=GLOBAL_TOPK,
         cross_heads=CROSS_HEADS, cross_head_dim=CROSS_HEAD_DIM, beta=BETA,
+        entropy_weight=ENTROPY_WEIGHT, entropy_temperature=ENTROPY_TEMPERATURE,
         local_codebook=LOCAL_CODEBOOK, projector=PROJECTOR, cross_attention=CROSS_ATTENTION,
-        cross_residual=CROSS_RESIDUAL,
+        cross_residual=CROSS_RESIDUAL, cross_null=CROSS_NULL,
         clip_spec=CLIP, clip_pretrained=CLIP_PRETRAINED)
     weights = LossWeights(codebook_weight=CODEBOOK_WEIGHT, perceptual_weight=PERCEPTUAL_WEIGHT,
                           disc_weight=DISC_WEIGHT, disc_start=DISC_START)

@@ -70,6 +70,22 @@ def vector_quantize(z: torch.Tensor, codes: torch.Tensor, beta: float = 0.33,
     return zq.reshape(b, h, w, dim).permute(0, 3, 1, 2), loss, rows.reshape(b, h, w)
 
 
+def code_entropy_loss(z: torch.Tensor, codes: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Soft-assignment entropy penalty against codebook collapse (not in the authors' method).
+
+    z [N, D] (with grad), codes [V, D] (fixed). p_i = softmax(-||z_i - c||^2 / temperature):
+    returns mean_i H(p_i) - H(mean_i p_i), low when each vector picks one code firmly and the
+    batch spreads over many codes. [N, V] memory: meant for training batches.
+    """
+    z, codes = z.float(), codes.float().detach()
+    logits = (2 * z @ codes.t() - codes.pow(2).sum(1)) / temperature   # -distance + ||z||^2
+    log_p = F.log_softmax(logits, dim=1)
+    p = log_p.exp()
+    per_vector = -(p * log_p).sum(1).mean()
+    mean_p = p.mean(0)
+    return per_vector + (mean_p * torch.log(mean_p.clamp_min(1e-12))).sum()
+
+
 @torch.no_grad()
 def topk_nearest(query: torch.Tensor, codes: torch.Tensor, k: int, metric: str = "l2") -> torch.Tensor:
     """Indices of the k nearest codes per query, nearest first: query [B, D], codes [M, D] -> [B, k].

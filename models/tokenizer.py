@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.clip import ClipBundle
-from models.quantizers import topk_nearest, vector_quantize
+from models.quantizers import code_entropy_loss, topk_nearest, vector_quantize
 from models.vqgan import Decoder, Encoder
 from utils.errors import V2LError
 
@@ -48,6 +48,8 @@ class TokenizerConfig:
     cross_heads: int = 8              # decoder cross-attention heads
     cross_head_dim: int = 512         # decoder cross-attention head dimension
     beta: float = 0.33                # weight of the codebook term of the VQ loss
+    entropy_weight: float = 0.0       # code-usage entropy penalty added to the VQ loss (0: the authors')
+    entropy_temperature: float = 0.01  # its soft-assignment temperature (squared-distance units)
     global_metric: str = "l2"         # global-token rule: "l2" (the authors') or "cosine"
     # the authors' ablations (defaults: the paper's model)
     local_codebook: str = "clip"      # "clip": frozen CLIP text embeddings of the LLM's subwords;
@@ -55,6 +57,7 @@ class TokenizerConfig:
     projector: bool = True            # the trainable Linear(D, D) on the local codebook (False: none)
     cross_attention: bool = True      # the decoder attends to the global tokens (False: it does not)
     cross_residual: bool = False      # the attention's output is added to the features (the authors': replaces them)
+    cross_null: bool = False          # a learned null key (zero value) in that attention (not the authors')
     clip_spec: str = "ViT-L-14"       # CLIP to rebuild on load (models.clip.load_clip spec)
     clip_pretrained: str | None = None  # its weights file, if the spec is an architecture name
 
@@ -133,7 +136,8 @@ class V2LTokenizer(nn.Module):
                                context_dim=dim, cross_heads=config.cross_heads,
                                cross_head_dim=config.cross_head_dim,
                                cross_attention=config.cross_attention,
-                               cross_residual=config.cross_residual)
+                               cross_residual=config.cross_residual,
+                               cross_null=config.cross_null)
         self.quant_conv = nn.Conv2d(config.z_channels, dim, 1)
         self.post_quant_conv = nn.Conv2d(dim, config.z_channels, 1)
         self.tok_embeddings = _frozen_embedding(local_codebook)
@@ -211,7 +215,12 @@ class V2LTokenizer(nn.Module):
         """Normalised features [B, D, g, g] -> (z_q straight-through, vq_loss, rows [B, g, g])."""
         with torch.no_grad():
             codes = self.projected_codebook()
-        return vector_quantize(z, codes, self.config.beta, lookup=self.project_rows)
+        z_q, loss, rows = vector_quantize(z, codes, self.config.beta, lookup=self.project_rows)
+        if self.config.entropy_weight and torch.is_grad_enabled():
+            flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+            loss = loss + self.config.entropy_weight * code_entropy_loss(
+                flat, codes, self.config.entropy_temperature)
+        return z_q, loss, rows
 
     def encode_features(self, x128: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, R, R] in [-1, 1] -> L2-normalised features [B, D, grid, grid]."""

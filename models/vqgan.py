@@ -80,12 +80,16 @@ class CrossAttention(nn.Module):
 
     Bias-free q/k/v projections to heads x head_dim; ``to_out.0`` maps back to
     query_dim with a bias (the index 0 keeps the authors' parameter name).
+    ``null_key`` (not in the authors' model): one more, learned key whose value is zero, so
+    that a position can take (almost) nothing from a short context instead of a mix of it.
     """
 
-    def __init__(self, query_dim: int, context_dim: int, heads: int, head_dim: int):
+    def __init__(self, query_dim: int, context_dim: int, heads: int, head_dim: int,
+                 null_key: bool = False):
         super().__init__()
         inner = heads * head_dim
         self.heads = heads
+        self.null_k = nn.Parameter(torch.zeros(inner)) if null_key else None
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
@@ -95,7 +99,11 @@ class CrossAttention(nn.Module):
         """x [B, N, query_dim], context [B, K, context_dim] -> [B, N, query_dim]."""
         def heads(t):
             return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)   # [B, H, L, head_dim]
-        q, k, v = heads(self.to_q(x)), heads(self.to_k(context)), heads(self.to_v(context))
+        k, v = self.to_k(context), self.to_v(context)
+        if self.null_k is not None:
+            k = torch.cat([k, self.null_k.to(k.dtype).expand(k.shape[0], 1, -1)], 1)
+            v = torch.cat([v, v.new_zeros(v.shape[0], 1, v.shape[2])], 1)
+        q, k, v = heads(self.to_q(x)), heads(k), heads(v)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).flatten(2))
 
@@ -141,7 +149,7 @@ class Decoder(nn.Module):
     def __init__(self, ch: int = 128, ch_mult=(1, 2, 2, 4), num_res_blocks: int = 2,
                  z_channels: int = 256, context_dim: int = 768, cross_heads: int = 8,
                  cross_head_dim: int = 512, out_channels: int = 3, cross_attention: bool = True,
-                 cross_residual: bool = False):
+                 cross_residual: bool = False, cross_null: bool = False):
         super().__init__()
         self.cross_residual = cross_residual
         c = ch * ch_mult[-1]
@@ -149,7 +157,8 @@ class Decoder(nn.Module):
         self.mid = nn.Module()
         self.mid.block_1, self.mid.attn_1 = ResnetBlock(c, c), AttnBlock(c)
         if cross_attention:
-            self.mid.cross_attn_1 = CrossAttention(c, context_dim, cross_heads, cross_head_dim)
+            self.mid.cross_attn_1 = CrossAttention(c, context_dim, cross_heads, cross_head_dim,
+                                                 null_key=cross_null)
         self.mid.block_2 = ResnetBlock(c, c)
         stages = []
         for level in reversed(range(len(ch_mult))):       # built deepest first, stored by level

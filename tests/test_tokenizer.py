@@ -350,3 +350,74 @@ def test_residual_cross_attention_adds_to_the_features(tiny, tmp_path):
     loaded = load_tokenizer(save_tokenizer(residual, tmp_path / "r.pt"), clip=clip)
     assert loaded.config.cross_residual and not authors.config.cross_residual
 
+
+
+def test_null_key_lets_a_position_take_nothing(tiny, tmp_path):
+    """--cross_null: one more key with a zero value. At its initial (zero) key it is one more
+    softmax slot; a dominating null key makes the attention output the projection's bias."""
+    from models.vqgan import CrossAttention
+    torch.manual_seed(0)
+    plain, null = CrossAttention(16, 8, 2, 4), CrossAttention(16, 8, 2, 4, null_key=True)
+    null.load_state_dict(plain.state_dict() | {"null_k": null.null_k.detach()})
+    x, context = torch.randn(3, 5, 16), torch.randn(3, 2, 8)
+    # by hand: scores against the context keys plus a 0 score, values plus a zero vector
+    q = null.to_q(x).unflatten(-1, (2, 4)).transpose(1, 2)
+    k = null.to_k(context).unflatten(-1, (2, 4)).transpose(1, 2)
+    v = null.to_v(context).unflatten(-1, (2, 4)).transpose(1, 2)
+    scores = torch.cat([q @ k.transpose(-1, -2) / 2, q.new_zeros(3, 2, 5, 1)], -1)
+    by_hand = (scores.softmax(-1)[..., :2] @ v).transpose(1, 2).flatten(2)
+    torch.testing.assert_close(null(x, context), null.to_out(by_hand))
+    assert not torch.allclose(null(x, context), plain(x, context))
+    with torch.no_grad():        # a null key that every query prefers: (almost) nothing is read
+        null.null_k.copy_(torch.ones(8) * 1e4)
+        null.to_q.weight.copy_(null.to_q.weight.abs() + 1)
+    x = x.abs() + 1
+    torch.testing.assert_close(null(x, context), null.to_out[0].bias.expand(3, 5, 16))
+    # the option is recorded and reloads; the authors' layout has no such parameter
+    _, clip, dirs = tiny
+    tokenizer = tokenizer_from_artifacts(dirs["codebook"], dirs["global"], clip, **TINY_TOKENIZER,
+                                         cross_residual=True, cross_null=True).eval()
+    assert "decoder.mid.cross_attn_1.null_k" in tokenizer.state_dict()
+    assert not any(k.endswith("null_k") for k in tiny[0].state_dict())
+    loaded = load_tokenizer(save_tokenizer(tokenizer, tmp_path / "n.pt"), clip=clip)
+    assert loaded.config.cross_null
+    x128, x_clip = tiny_images(clip, batch=1)
+    global_idx, local_ids = tokenizer.encode(x128, x_clip)
+    torch.testing.assert_close(loaded.decode(local_ids, global_idx),
+                               tokenizer.decode(local_ids, global_idx))
+
+
+def test_code_entropy_loss():
+    """Per-vector entropy minus the batch's entropy: lowest for firm, spread assignments;
+    the gradient reaches the features only; off by default and in inference."""
+    from models.quantizers import code_entropy_loss
+    codes = torch.eye(4)
+    spread = torch.eye(4) * 3            # each vector far closer to its own code
+    same = torch.eye(4)[[0, 0, 0, 0]] * 3
+    low, high = code_entropy_loss(spread, codes, 0.1), code_entropy_loss(same, codes, 0.1)
+    assert low.item() == pytest.approx(-math.log(4), abs=1e-4)   # H(p_i) ~ 0, H(mean) = log 4
+    assert high.item() == pytest.approx(0.0, abs=1e-4)           # everything on one code
+    z = torch.randn(6, 4, requires_grad=True)
+    c = torch.randn(4, 4, requires_grad=True)
+    code_entropy_loss(z, c, 0.5).backward()
+    assert z.grad.abs().sum() > 0 and c.grad is None
+    p = F.softmax(-torch.cdist(z, c).pow(2) / 0.5, 1)
+    by_hand = -(p * p.log()).sum(1).mean() + (p.mean(0) * p.mean(0).log()).sum()
+    torch.testing.assert_close(code_entropy_loss(z, c, 0.5), by_hand)
+
+
+def test_entropy_weight_enters_the_vq_loss_in_training_only(tiny):
+    _, clip, dirs = tiny
+    build = lambda **kw: tokenizer_from_artifacts(dirs["codebook"], dirs["global"], clip,  # noqa: E731
+                                                  **TINY_TOKENIZER, **kw)
+    torch.manual_seed(2)
+    plain = build()
+    ent = build(entropy_weight=0.5)
+    ent.load_state_dict(plain.state_dict())
+    x128, x_clip = tiny_images(clip, batch=2)
+    a, b = plain(x128, x_clip), ent(x128, x_clip)
+    assert torch.equal(a["local_ids"], b["local_ids"])
+    assert b["vq_loss"].item() < a["vq_loss"].item()     # the entropy term is negative here
+    with torch.no_grad():
+        assert torch.equal(plain.quantize(plain.encode_features(x128))[1],
+                           ent.quantize(ent.encode_features(x128))[1])
