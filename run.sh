@@ -155,7 +155,7 @@ if [[ $MODE == demo ]]; then
   # then the few-shot stage's sorted words (66 LLM tokens), compressed into k = 1 and 2
   VT=(--steps 40 --lr 3e-3 --batch_size 4 --num_workers 0 --save_every 10 --local_tokens true
       --global_k 2 --global_dedup true --word_separator " " --sort_words true)
-  VE=(--n_episodes 100 --eval_ks 1 2 --batch_size 20 --split val --num_workers 0)
+  VE=(--n_episodes 300 --eval_ks 1 2 --batch_size 20 --split val --num_workers 0)
 else
   S1=(); S2=(); S3=(); S4=(); ER=(); EU=(); ED=()
   EC=(--captions_file "$COCO/dataset_coco.json" --image_dir "$COCO")
