@@ -70,6 +70,12 @@ def vector_quantize(z: torch.Tensor, codes: torch.Tensor, beta: float = 0.33,
     return zq.reshape(b, h, w, dim).permute(0, 3, 1, 2), loss, rows.reshape(b, h, w)
 
 
+def l2_score(query: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """[N, D] x [V, D] -> [N, V]: minus the squared distance plus ||query||^2 (the same for
+    every code of a row, so the ranking and any softmax over codes are the distance's)."""
+    return 2 * query @ codes.t() - codes.pow(2).sum(1)
+
+
 def code_entropy_loss(z: torch.Tensor, codes: torch.Tensor, temperature: float) -> torch.Tensor:
     """Soft-assignment entropy penalty against codebook collapse (not in the authors' method).
 
@@ -77,8 +83,7 @@ def code_entropy_loss(z: torch.Tensor, codes: torch.Tensor, temperature: float) 
     returns mean_i H(p_i) - H(mean_i p_i), low when each vector picks one code firmly and the
     batch spreads over many codes. [N, V] memory: meant for training batches.
     """
-    z, codes = z.float(), codes.float().detach()
-    logits = (2 * z @ codes.t() - codes.pow(2).sum(1)) / temperature   # -distance + ||z||^2
+    logits = l2_score(z.float(), codes.float().detach()) / temperature
     log_p = F.log_softmax(logits, dim=1)
     p = log_p.exp()
     per_vector = -(p * log_p).sum(1).mean()
@@ -96,7 +101,7 @@ def topk_nearest(query: torch.Tensor, codes: torch.Tensor, k: int, metric: str =
     """
     query, codes = query.float(), codes.float()
     if metric == "l2":
-        score = 2 * query @ codes.t() - codes.pow(2).sum(1)      # = -(distance) + ||q||^2
+        score = l2_score(query, codes)
     elif metric == "cosine":
         score = F.normalize(query, dim=-1) @ F.normalize(codes, dim=-1).t()
     else:

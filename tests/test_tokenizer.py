@@ -351,7 +351,6 @@ def test_residual_cross_attention_adds_to_the_features(tiny, tmp_path):
     assert loaded.config.cross_residual and not authors.config.cross_residual
 
 
-
 def test_null_key_lets_a_position_take_nothing(tiny, tmp_path):
     """--cross_null: one more key with a zero value. At its initial (zero) key it is one more
     softmax slot; a dominating null key makes the attention output the projection's bias."""
