@@ -5,7 +5,8 @@ positions' key/value cache (models/voco.py). The objective is the paper's
 Eq. 1, a distillation: the frozen LLM reading the full image words (teacher)
 vs the same frozen LLM reading only the VoCo caches (student), KL of the
 next-token distributions over the episode text after the first image (support
-answers, separators, the query's answer). Episodes are the few-shot format of
+answers, separators, the query's answer; KL_ON = "names": only where the next token
+is a class name's, the positions that depend on the images). Episodes are the few-shot format of
 eval_understanding.py, drawn from the training split's classes only: on
 ImageNet the 20 mini-ImageNet test classes are excluded, elsewhere every
 HOLDOUT_EVERY-th class is held out (the classes eval_compression.py uses).
@@ -71,6 +72,7 @@ IMAGE_CONTEXT = True              # compress an image after the prompt text it f
 N_WAY = 2                         # classes per training episode
 K_SHOT = 1                        # support images per class in a training episode
 K_MAX = 8                         # VoCo tokens the weights hold (the most eval can use)
+KL_ON = "text"                    # KL positions: "text" (every text token after the first image: Eq. 1) or "names" (class-name tokens only)
 TRAIN_KS: tuple[int, ...] = (1, 2, 4, 8)  # k used at step s: TRAIN_KS[s % len]; (8,) = trained at one k only
 LORA_RANK = 8                     # LoRA rank (0: train the VoCo embeddings only)
 LORA_ALPHA = 16.0                 # LoRA scaling numerator
@@ -102,6 +104,8 @@ def lr_at(step: int) -> float:
 def check_settings() -> None:
     if not TRAIN_KS or any(not 1 <= k <= K_MAX for k in TRAIN_KS):
         raise V2LError(f"--train_ks {list(TRAIN_KS)}: every k must be between 1 and --k_max {K_MAX}")
+    if KL_ON not in ("text", "names"):
+        raise V2LError(f"--kl_on {KL_ON!r}: use text or names")
     if STEPS < 1 or BATCH_SIZE < 1:
         raise V2LError("--steps and --batch_size must be at least 1")
 
@@ -156,8 +160,10 @@ def main():
         k = TRAIN_KS[step % len(TRAIN_KS)]
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        rows = [prompter.segments(ep, answer=True) for ep in by_step.get(step, [])]
-        total, count = distill_loss(voco, rows, words, k) if rows else (None, 0)
+        built = [prompter.segments(ep, answer=True, names=True) for ep in by_step.get(step, [])]
+        rows = [segs for segs, _ in built]
+        names = [flags for _, flags in built] if KL_ON == "names" else None
+        total, count = distill_loss(voco, rows, words, k, names) if rows else (None, 0)
         stats = dist.all_reduce_sum(torch.tensor([float(total.detach()) if rows else 0.0,
                                                   float(count)], dtype=torch.float64,
                                                  device=ddp.device), ddp).cpu()

@@ -79,24 +79,34 @@ class VoCoPrompter:
             raise V2LError(f"class name '{name}' tokenises to nothing; rename its class folder")
         return ids
 
-    def segments(self, episode, answer: bool = False) -> list:
-        """The episode's prompt; with ``answer``, followed by the query's name and EOS."""
+    def segments(self, episode, answer: bool = False, names: bool = False):
+        """The episode's prompt; with ``answer``, followed by the query's name and EOS. With
+        ``names``, also a list of booleans over the prompt's text tokens (all text segments
+        joined): True at the class-name tokens after each image (and the answer's EOS)."""
         bos = self.text_tokenizer.bos_token_id
         text: list[int] = [bos] if bos is not None else []
         if self.induction:
             text += self.encode(induction_line(episode.names(spaces=True)))
+        flags = [False] * len(text)
         out: list = []
+
+        def add(ids, is_name: bool = False) -> None:
+            text.extend(ids)
+            flags.extend([is_name] * len(ids))
+
         for path, folder in list(episode.support) + [episode.query]:
-            text += self.encode(IN_TEXT)
+            add(self.encode(IN_TEXT))
             out += [text, Slot(path)]
-            text = list(self.encode(OUT_TEXT))
+            text = []
+            add(self.encode(OUT_TEXT))
             if (path, folder) != episode.query:
-                text += self.name_ids(class_name(folder))
+                add(self.name_ids(class_name(folder)), True)
         if answer:
-            text += self.name_ids(episode.target(spaces=True))
+            add(self.name_ids(episode.target(spaces=True)), True)
             if self.text_tokenizer.eos_token_id is not None:
-                text.append(self.text_tokenizer.eos_token_id)
-        return out + [text]
+                add([self.text_tokenizer.eos_token_id], True)
+        out.append(text)
+        return (out, flags) if names else out
 
     def constraint(self, episode) -> NameTrie | None:
         if not self.induction:
@@ -192,10 +202,12 @@ def kl_positions(segments: list) -> list[bool]:
     return use
 
 
-def distill_loss(voco: VoCo, segment_rows: list[list], words: dict[str, list[int]], k: int
-                 ) -> tuple[torch.Tensor, int]:
+def distill_loss(voco: VoCo, segment_rows: list[list], words: dict[str, list[int]], k: int,
+                 name_rows: list[list[bool]] | None = None) -> tuple[torch.Tensor, int]:
     """(sum of KL(teacher || student) over the KL positions, number of positions) for a batch
-    of answered episode prompts; the student's images are compressed here (with gradients)."""
+    of answered episode prompts; the student's images are compressed here (with gradients).
+    ``name_rows`` (``VoCoPrompter.segments(..., names=True)``'s flags): the KL is taken only
+    where the next token is a class name's (or the answer's EOS)."""
     paths = sorted({s.path for row in segment_rows for s in row if isinstance(s, Slot)})
     compressed = voco.compress([torch.tensor(words[p]) for p in paths], k)
     blocks = dict(zip(paths, compressed))
@@ -207,6 +219,8 @@ def distill_loss(voco: VoCo, segment_rows: list[list], words: dict[str, list[int
     total, count = s_logits.new_zeros(()), 0
     for i, row in enumerate(segment_rows):
         use = kl_positions(row)
+        if name_rows is not None:
+            use = [u and nxt for u, nxt in zip(use, name_rows[i][1:] + [False])]
         teacher_text = _teacher_text_mask(row, words)
         t = t_logits[i][t_index[i] >= 0][teacher_text]
         s = s_logits[i][s_index[i] >= 0]

@@ -268,6 +268,35 @@ def test_step5_resume_equals_uninterrupted(world, trained):
     assert (out / "loss.png").is_file() and not (out / "checkpoint.pt").exists()
 
 
+def test_name_flags_restrict_the_kl_to_class_names(world):
+    """segments(names=True) flags exactly the class-name tokens after each image (and the
+    answer's EOS); distill_loss with them takes the KL where those tokens are next."""
+    from data.classes import class_name
+    from data.episodes import generate_episodes
+    from engine.voco import Slot, VoCoPrompter, distill_loss, kl_positions
+    from models.llm import load_llm
+    llm = load_llm(world / "llm", dtype=torch.float32)
+    tok = llm.text_tokenizer
+    ep = generate_episodes(world / "data", 2, 1, 1, 0, "train")[0]
+    prompter = VoCoPrompter(tok)
+    segs, flags = prompter.segments(ep, answer=True, names=True)
+    assert segs == prompter.segments(ep, answer=True)
+    text = [t for seg in segs if not isinstance(seg, Slot) for t in seg]
+    assert len(flags) == len(text)
+    supports = [prompter.name_ids(class_name(folder)) for _, folder in ep.support]
+    flagged = [t for t, f in zip(text, flags) if f]
+    answer = prompter.name_ids(ep.target(spaces=True))
+    assert flagged == supports[0] + supports[1] + answer + [tok.eos_token_id]
+    use = kl_positions(segs)
+    nxt = [u and f for u, f in zip(use, flags[1:] + [False])]
+    assert 0 < sum(nxt) == len(flagged) < sum(use)
+    voco = VoCo(llm.model, 2, lora_rank=2, bos_id=tok.bos_token_id)
+    words = {p: [5, 6, 7] for p, _ in ep.support + (ep.query,)}
+    _, n_all = distill_loss(voco, [segs], words, 1)
+    total, n_names = distill_loss(voco, [segs], words, 1, [flags])
+    assert (n_all, n_names) == (sum(use), sum(nxt)) and torch.isfinite(total)
+
+
 def test_eval_compression_runs(world, trained):
     from fixtures_artifacts import run_script
     from utils.artifacts import load_json
