@@ -96,8 +96,8 @@ class VoCoPrompter:
 
         for path, folder in list(episode.support) + [episode.query]:
             add(self.encode(IN_TEXT))
-            out += [text, Slot(path)]
-            text = []
+            out += [list(text), Slot(path)]
+            text.clear()                  # (add() extends this same list)
             add(self.encode(OUT_TEXT))
             if (path, folder) != episode.query:
                 add(self.name_ids(class_name(folder)), True)
