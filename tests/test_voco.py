@@ -368,6 +368,10 @@ def test_bad_inputs_one_line(world, trained, capsys):
                       **step5_flags(world, world / "v2", attn="flash_attention_2")) == 2
     assert "attn_implementation='sdpa'" in capsys.readouterr().err
     assert not (world / "v2").exists()
+    assert run_script("step5_train_voco.py", **step5_flags(world, world / "v3", kl_on="answers")) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "--kl_on 'answers': use text or names" in err[0], err
+    assert not (world / "v3").exists()
 
 
 @pytest.mark.slow
