@@ -44,8 +44,8 @@ from tqdm import tqdm
 
 from data.episodes import generate_episodes
 from data.images import scan_split
-from engine.voco import (VoCoPrompter, distill_loss, image_context, image_word_ids, llm_identity,
-                         set_attention, split_classes)
+from engine.voco import (VoCoPrompter, distill_loss, image_context, image_followup, image_word_ids,
+                         llm_identity, set_attention, split_classes)
 from models.llm import llm_dtype, load_llm
 from models.tokenizer_io import load_tokenizer
 from models.voco import VoCo
@@ -71,6 +71,7 @@ LOCAL_TOKENS = False              # an image is its local tokens (raster order) 
 IMAGE_CONTEXT = True              # compress an image after the prompt text it follows ("###\nInput: < "); False: after BOS alone
 N_WAY = 2                         # classes per training episode
 K_SHOT = 1                        # support images per class in a training episode
+VOCO_INIT = "random"              # initial VoCo embeddings: "random" (a new token's, as the authors') or "text" (copies of the embeddings of the text that follows an image, OUT_TEXT's tokens)
 K_MAX = 8                         # VoCo tokens the weights hold (the most eval can use)
 KL_ON = "text"                    # KL positions: "text" (every text token after the first image: Eq. 1) or "names" (class-name tokens only)
 TRAIN_KS: tuple[int, ...] = (1, 2, 4, 8)  # k used at step s: TRAIN_KS[s % len]; (8,) = trained at one k only
@@ -104,6 +105,8 @@ def lr_at(step: int) -> float:
 def check_settings() -> None:
     if not TRAIN_KS or any(not 1 <= k <= K_MAX for k in TRAIN_KS):
         raise V2LError(f"--train_ks {list(TRAIN_KS)}: every k must be between 1 and --k_max {K_MAX}")
+    if VOCO_INIT not in ("random", "text"):
+        raise V2LError(f"--voco_init {VOCO_INIT!r}: use random or text")
     if KL_ON not in ("text", "names"):
         raise V2LError(f"--kl_on {KL_ON!r}: use text or names")
     if STEPS < 1 or BATCH_SIZE < 1:
@@ -122,7 +125,8 @@ def main():
     set_attention(llm, ATTN)
     voco = VoCo(llm.model, K_MAX, LORA_RANK, LORA_ALPHA, LORA_TARGETS,
                 bos_id=llm.text_tokenizer.bos_token_id, seed=SEED,
-                context_ids=image_context(llm.text_tokenizer) if IMAGE_CONTEXT else None)
+                context_ids=image_context(llm.text_tokenizer) if IMAGE_CONTEXT else None,
+                init_ids=image_followup(llm.text_tokenizer) if VOCO_INIT == "text" else None)
     _, _, folders = scan_split(DATA_DIR, SPLIT)
     train_classes, eval_classes = split_classes(folders, HOLDOUT_EVERY)
     episodes = generate_episodes(DATA_DIR, N_WAY, K_SHOT, STEPS * BATCH_SIZE, SEED, SPLIT,
@@ -205,7 +209,7 @@ def finish(voco: VoCo, llm, log: list[dict], train_classes: list[str], eval_clas
     save_tensors(out / "voco.safetensors", {k: v.float() for k, v in voco.adapter_state().items()})
     info = {"k_max": K_MAX, "train_ks": list(TRAIN_KS), "lora_rank": LORA_RANK,
             "lora_alpha": LORA_ALPHA, "lora_targets": list(LORA_TARGETS),
-            "bos_id": voco.bos_id, "context_ids": voco.context_ids, "seed": SEED,
+            "bos_id": voco.bos_id, "context_ids": voco.context_ids, "init_ids": voco.init_ids, "seed": SEED,
             "global_k": GLOBAL_K, "word_separator": WORD_SEPARATOR, "global_dedup": GLOBAL_DEDUP,
             "sort_words": SORT_WORDS, "local_tokens": LOCAL_TOKENS, "n_way": N_WAY,
             "k_shot": K_SHOT, "llm": llm.ident, "llm_identity": llm_identity(llm),

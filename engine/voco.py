@@ -120,6 +120,12 @@ def image_context(text_tokenizer) -> list[int]:
     return list(encode_segment(text_tokenizer, IN_TEXT))
 
 
+def image_followup(text_tokenizer) -> list[int]:
+    """The text that follows every image of a prompt (``OUT_TEXT``): the tokens whose embeddings
+    start the VoCo embeddings with ``VoCo(init_ids=...)``."""
+    return list(encode_segment(text_tokenizer, OUT_TEXT))
+
+
 def realize(segments: list, condition: str, words: dict[str, list[int]] | None = None,
             blocks: dict[str, VoCoBlock] | None = None) -> list:
     """Fill a prompt's image slots for one condition (see the module docstring); adjacent
@@ -213,23 +219,21 @@ def distill_loss(voco: VoCo, segment_rows: list[list], words: dict[str, list[int
     blocks = dict(zip(paths, compressed))
     with torch.no_grad():
         teacher_prompts = [realize(row, "upper", words=words) for row in segment_rows]
-        t_logits, _, _, _, t_index = voco.prefill(teacher_prompts, all_logits=True)
-    s_logits, _, _, _, s_index = voco.prefill([realize(row, "voco", blocks=blocks)
-                                               for row in segment_rows], all_logits=True)
-    total, count = s_logits.new_zeros(()), 0
+        t_hidden, _, _, _, t_index = voco.prefill(teacher_prompts, hidden=True)
+    s_hidden, _, _, _, s_index = voco.prefill([realize(row, "voco", blocks=blocks)
+                                               for row in segment_rows], hidden=True)
+    t_rows, s_rows = [], []      # the hidden states at the KL positions, then their logits only
     for i, row in enumerate(segment_rows):
         use = kl_positions(row)
         if name_rows is not None:
             use = [u and nxt for u, nxt in zip(use, name_rows[i][1:] + [False])]
-        teacher_text = _teacher_text_mask(row, words)
-        t = t_logits[i][t_index[i] >= 0][teacher_text]
-        s = s_logits[i][s_index[i] >= 0]
-        use_t = torch.tensor(use, device=s.device)
-        t_log = F.log_softmax(t[use_t].float(), -1)
-        s_log = F.log_softmax(s[use_t].float(), -1)
-        total = total + (t_log.exp() * (t_log - s_log)).sum()
-        count += int(use_t.sum())
-    return total, count
+        use_t = torch.tensor(use, device=s_hidden.device)
+        t_rows.append(t_hidden[i][t_index[i] >= 0][_teacher_text_mask(row, words)][use_t])
+        s_rows.append(s_hidden[i][s_index[i] >= 0][use_t])
+    with torch.no_grad():
+        t_log = F.log_softmax(voco.logits_of(torch.cat(t_rows)), -1)
+    s_log = F.log_softmax(voco.logits_of(torch.cat(s_rows)), -1)
+    return (t_log.exp() * (t_log - s_log)).sum(), int(sum(len(r) for r in s_rows))
 
 
 def _teacher_text_mask(segments: list, words: dict[str, list[int]]) -> torch.Tensor:
@@ -303,7 +307,7 @@ def load_voco(voco_dir, llm, tokenizer_dir) -> tuple[VoCo, dict, dict]:
         require_input(manifest, "tokenizer", read_manifest(tokenizer_dir, TOKENIZER), f"{voco_dir} (VoCo weights)")
     voco = VoCo(llm.model, info["k_max"], info["lora_rank"], info["lora_alpha"],
                 info["lora_targets"], bos_id=info["bos_id"], seed=info["seed"],
-                context_ids=info.get("context_ids", []))
+                context_ids=info.get("context_ids", []), init_ids=info.get("init_ids", []))
     return voco, info, load_tensors(Path(voco_dir) / "voco.safetensors")
 
 

@@ -161,7 +161,7 @@ class VoCo(nn.Module):
 
     def __init__(self, model, k_max: int, lora_rank: int = 8, lora_alpha: float = 16.0,
                  lora_targets=LORA_TARGETS, bos_id: int | None = None, seed: int = 0,
-                 context_ids: list[int] | None = None):
+                 context_ids: list[int] | None = None, init_ids: list[int] | None = None):
         super().__init__()
         check_llm(model)
         self.llm, self.k_max, self.bos_id = model, int(k_max), bos_id
@@ -173,6 +173,10 @@ class VoCo(nn.Module):
         # (the authors' new <voco> token also starts as a random embedding row)
         init = weight.detach().float().mean(0) + weight.detach().float().std() * torch.randn(
             self.k_max, weight.shape[1], generator=g)
+        self.init_ids = list(init_ids or [])
+        if self.init_ids:   # or copies of these tokens' embeddings, cycled over the k_max rows
+            rows = torch.tensor([self.init_ids[i % len(self.init_ids)] for i in range(self.k_max)])
+            init = weight.detach().float()[rows.to(weight.device)].cpu()
         # kept in fp32 (cast to the LLM's dtype where used) so bf16 training updates them well
         self.embeddings = nn.Parameter(init.to(weight.device))
         self.peft = None
@@ -273,14 +277,17 @@ class VoCo(nn.Module):
         return [VoCoBlock(keys[i], values[i]) for i in range(b)]
 
     # -- reading compressed prompts
-    def prefill(self, prompts: list[list], all_logits: bool = False, explicit_positions: bool = True):
+    def prefill(self, prompts: list[list], all_logits: bool = False, explicit_positions: bool = True,
+                hidden: bool = False):
         """Run prompts of text segments (lists of ids) and ``VoCoBlock``s through the frozen LLM.
 
         Returns (logits, cache, key_valid [B, N], next_position [B], text_index): logits are
         [B, V] for each prompt's last token, or with ``all_logits`` [B, T, V] for every text
         token (``text_index`` [B, T] gives the index of that token among the row's text tokens,
-        -1 on padding). The last segment of a prompt must be text. ``explicit_positions=False``
-        is a control only: transformers then counts positions from the cache length (wrong).
+        -1 on padding); with ``hidden``, the final hidden states [B, T, hidden] of every text
+        token instead of logits (``logits_of`` turns the few needed into logits). The last
+        segment of a prompt must be text. ``explicit_positions=False`` is a control only:
+        transformers then counts positions from the cache length (wrong).
         """
         dev, dtype = self.device, self.dtype
         rows = []
@@ -342,13 +349,21 @@ class VoCo(nn.Module):
         allowed = (key_pos[:, None, :] <= q_pos[:, :, None]) & key_valid[:, None, :]
         allowed &= q_valid[:, :, None]
         allowed[:, :, n_max:] |= torch.eye(t_max, dtype=torch.bool)[None] & ~q_valid[:, :, None]
-        with self.frozen():
-            out = self.llm(input_ids=ids.to(dev), attention_mask=additive(allowed.to(dev), dtype),
-                           position_ids=q_pos.to(dev) if explicit_positions else None,
-                           past_key_values=cache, use_cache=True, logits_to_keep=0 if all_logits else 1)
+        inputs = dict(input_ids=ids.to(dev), attention_mask=additive(allowed.to(dev), dtype),
+                      position_ids=q_pos.to(dev) if explicit_positions else None,
+                      past_key_values=cache, use_cache=True)
         nxt = torch.tensor([r[4] for r in rows], device=dev)
+        with self.frozen():
+            if hidden:    # the decoder stack alone: no [B, T, vocab] logits
+                out = _decoder(self.llm)(**inputs)
+                return out.last_hidden_state, out.past_key_values, key_valid.to(dev), nxt, text_index
+            out = self.llm(**inputs, logits_to_keep=0 if all_logits else 1)
         logits = out.logits.float() if all_logits else out.logits[:, -1].float()
         return logits, out.past_key_values, key_valid.to(dev), nxt, text_index
+
+    def logits_of(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float logits of final hidden states [..., hidden] (``prefill(hidden=True)``'s)."""
+        return self.llm.get_output_embeddings()(hidden).float()
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, cache, key_valid: torch.Tensor, positions: torch.Tensor):

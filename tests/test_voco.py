@@ -207,6 +207,42 @@ def test_distillation_positions_align_teacher_and_student():
     assert realize(segs, "none") == [[1, 2, 3, 4, 5, 6]]
 
 
+def test_distill_loss_is_the_kl_of_the_full_logits():
+    """distill_loss (batched and padded, logits only at the KL positions) equals the KL of each
+    prompt's full logits, teacher vs student, computed one prompt at a time."""
+    import torch.nn.functional as F
+    from engine.voco import Slot, _teacher_text_mask, distill_loss, kl_positions, realize
+    voco = make_voco(k_max=2, lora_rank=2)
+    with torch.no_grad():        # LoRA away from its zero start, so the adapters count
+        for n, p in voco.llm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(3)
+    words = {"a": ids(g, 6), "b": ids(g, 4), "c": ids(g, 9)}
+    rows = [[[1] + ids(g, 3), Slot("a"), ids(g, 2), Slot("b"), ids(g, 4)],
+            [[1] + ids(g, 6), Slot("c"), ids(g, 5), Slot("a"), ids(g, 2)]]
+    flags = [[bool(x) for x in torch.randint(0, 2, (sum(len(s) for s in r if not isinstance(s, Slot)),),
+                                              generator=g)] for r in rows]
+    for name_rows in (None, flags):
+        torch.manual_seed(0)
+        total, count = distill_loss(voco, rows, words, 2, name_rows)
+        blocks = dict(zip(sorted(words), voco.compress([torch.tensor(words[p]) for p in sorted(words)], 2)))
+        by_hand, n = 0.0, 0
+        for i, row in enumerate(rows):
+            t = voco.prefill([realize(row, "upper", words=words)], all_logits=True)[0][0]
+            s = voco.prefill([realize(row, "voco", blocks=blocks)], all_logits=True)[0][0]
+            use = kl_positions(row)
+            if name_rows is not None:
+                use = [u and f for u, f in zip(use, name_rows[i][1:] + [False])]
+            use = torch.tensor(use)
+            t_log = F.log_softmax(t[_teacher_text_mask(row, words)][use], -1)
+            s_log = F.log_softmax(s[use], -1)
+            by_hand += (t_log.exp() * (t_log - s_log)).sum()
+            n += int(use.sum())
+        assert count == n > 0
+        torch.testing.assert_close(total, by_hand, rtol=1e-4, atol=TOL)
+
+
 # ----------------------------------------------------------------------------- the scripts
 
 @pytest.fixture(scope="module")
@@ -315,7 +351,8 @@ def test_local_tokens_and_context_reach_eval(world, trained):
     """--local_tokens: an image is its local tokens then its words, in step 5 and in
     eval_compression (read from voco.json), and images are compressed after the prompt text."""
     from fixtures_artifacts import run_script
-    from engine.fewshot import IN_TEXT
+    from engine.fewshot import IN_TEXT, OUT_TEXT
+    from engine.voco import load_voco
     from models.llm import encode_segment, load_llm
     from utils.artifacts import load_json
     import json
@@ -326,12 +363,20 @@ def test_local_tokens_and_context_reach_eval(world, trained):
         config = json.loads((llm / "config.json").read_text())
         (llm / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 2048}))
     out = world / "voco_local"
-    assert run_script("step5_train_voco.py",
-                      **step5_flags(world, out, steps=2, local_tokens=True, llm=llm)) == 0
+    assert run_script("step5_train_voco.py", **step5_flags(world, out, steps=2, local_tokens=True,
+                                                           llm=llm, voco_init="text")) == 0
     info = load_json(out / "voco.json")
-    text_tokenizer = load_llm(str(world / "llm"), dtype=torch.float32).text_tokenizer
+    reader = load_llm(str(world / "llm"), dtype=torch.float32)
+    text_tokenizer = reader.text_tokenizer
     assert info["local_tokens"] is True
     assert info["context_ids"] == encode_segment(text_tokenizer, IN_TEXT) != []
+    # --voco_init text: the VoCo rows start as the embeddings of the text after an image, and
+    # eval_compression's lower bound starts from the same rows
+    followup = encode_segment(text_tokenizer, OUT_TEXT)
+    assert info["init_ids"] == followup != []
+    start = load_voco(out, reader, world / "tokenizer")[0].embeddings.detach()
+    rows = [followup[i % len(followup)] for i in range(info["k_max"])]
+    torch.testing.assert_close(start, reader.model.get_input_embeddings().weight[rows].float())
     ev = world / "eval_local"
     assert run_script("eval_compression.py", **eval_flags(world, out, ev, llm=llm)) == 0
     if not (world / "eval" / "manifest.json").is_file():     # test_eval_compression_runs' run
