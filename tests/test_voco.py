@@ -417,6 +417,10 @@ def test_bad_inputs_one_line(world, trained, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "--kl_on 'answers': use text or names" in err[0], err
     assert not (world / "v3").exists()
+    assert run_script("step5_train_voco.py", **step5_flags(world, world / "v4", voco_init="words")) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "--voco_init 'words': use random or text" in err[0], err
+    assert not (world / "v4").exists()
 
 
 @pytest.mark.slow
