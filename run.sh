@@ -155,11 +155,12 @@ if [[ $MODE == demo ]]; then
       --k_shot 4 --global_k 10 --batch_size 8 --num_workers 0 --llm_dtype bf16)
   # VoCo on 2 CPU cores: 80 steps at a higher learning rate, 8 of them warm-up, the KL taken
   # at the class-name positions only, the VoCo rows started from the embeddings of the text
-  # that follows an image; an image is its 64 local tokens then the few-shot stage's sorted
-  # words (66 LLM tokens), compressed into k = 1 and 2
-  VT=(--steps 80 --lr 3e-3 --warmup 0.1 --kl_on names --voco_init text --batch_size 4
-      --num_workers 0 --save_every 20 --local_tokens true --global_k 2 --global_dedup true
-      --word_separator " " --sort_words true)
+  # that follows an image, episodes in pairs over the same images (6 compressions a step,
+  # not 12); an image is its 64 local tokens then the few-shot stage's sorted words (66 LLM
+  # tokens), compressed into k = 1 and 2
+  VT=(--steps 80 --lr 3e-3 --warmup 0.1 --kl_on names --voco_init text --image_reuse true
+      --batch_size 4 --num_workers 0 --save_every 20 --local_tokens true --global_k 2
+      --global_dedup true --word_separator " " --sort_words true)
   VE=(--n_episodes 200 --eval_ks 1 2 --batch_size 20 --split val --num_workers 0)
 else
   S1=(); S2=(); S3=(); S4=(); ER=(); EU=(); ED=()

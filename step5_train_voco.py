@@ -37,12 +37,13 @@ rerun of the same command resumes from it exactly.
 """
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from data.episodes import generate_episodes
+from data.episodes import generate_episodes, swapped
 from data.images import scan_split
 from engine.voco import (VoCoPrompter, distill_loss, image_context, image_followup, image_word_ids,
                          llm_identity, set_attention, split_classes)
@@ -73,6 +74,7 @@ N_WAY = 2                         # classes per training episode
 K_SHOT = 1                        # support images per class in a training episode
 VOCO_INIT = "random"              # initial VoCo embeddings: "random" (a new token's, as the authors') or "text" (copies of the embeddings of the text that follows an image, OUT_TEXT's tokens)
 K_MAX = 8                         # VoCo tokens the weights hold (the most eval can use)
+IMAGE_REUSE = False                # episodes in pairs over the same images (the second swaps the query and its class's support): half the compressions per step
 KL_ON = "text"                    # KL positions: "text" (every text token after the first image: Eq. 1) or "names" (class-name tokens only)
 TRAIN_KS: tuple[int, ...] = (1, 2, 4, 8)  # k used at step s: TRAIN_KS[s % len]; (8,) = trained at one k only
 LORA_RANK = 8                     # LoRA rank (0: train the VoCo embeddings only)
@@ -109,6 +111,8 @@ def check_settings() -> None:
         raise V2LError(f"--voco_init {VOCO_INIT!r}: use random or text")
     if KL_ON not in ("text", "names"):
         raise V2LError(f"--kl_on {KL_ON!r}: use text or names")
+    if IMAGE_REUSE and K_SHOT < 1:
+        raise V2LError("--image_reuse true needs --k_shot 1 or more (a support image to swap with the query)")
     if STEPS < 1 or BATCH_SIZE < 1:
         raise V2LError("--steps and --batch_size must be at least 1")
 
@@ -129,8 +133,14 @@ def main():
                 init_ids=image_followup(llm.text_tokenizer) if VOCO_INIT == "text" else None)
     _, _, folders = scan_split(DATA_DIR, SPLIT)
     train_classes, eval_classes = split_classes(folders, HOLDOUT_EVERY)
-    episodes = generate_episodes(DATA_DIR, N_WAY, K_SHOT, STEPS * BATCH_SIZE, SEED, SPLIT,
-                                 classes=train_classes)
+    if IMAGE_REUSE:   # each drawn episode twice, the second with query and support swapped
+        drawn = generate_episodes(DATA_DIR, N_WAY, K_SHOT, (STEPS * BATCH_SIZE + 1) // 2, SEED,
+                                  SPLIT, classes=train_classes)
+        episodes = [e for ep in drawn for e in (replace(ep, index=2 * ep.index),
+                                                 swapped(ep, 2 * ep.index + 1))]
+    else:
+        episodes = generate_episodes(DATA_DIR, N_WAY, K_SHOT, STEPS * BATCH_SIZE, SEED, SPLIT,
+                                     classes=train_classes)
     mine = [ep for ep in episodes if (ep.index % BATCH_SIZE) % ddp.world == ddp.rank]
     tokenizer = load_tokenizer(TOKENIZER_DIR, device=ddp.device)
     paths = sorted({p for ep in mine for p, _ in ep.support + (ep.query,)})

@@ -100,6 +100,14 @@ def generate_episodes(root, n_way: int, k_shot: int, n_episodes: int, seed: int,
     return episodes
 
 
+def swapped(episode: Episode, index: int) -> Episode:
+    """The episode over the same images with its query and its class's first support image
+    swapped (the same classes and order; another image to name)."""
+    j = next(j for j, (_, c) in enumerate(episode.support) if c == episode.query[1])
+    support = episode.support[:j] + (episode.query,) + episode.support[j + 1:]
+    return Episode(index, support, episode.support[j])
+
+
 def read_episode_csv(csv_path, data_root) -> list[Episode]:
     """Episodes from the authors' CSV lists (paths relative to ``data_root``; last = query)."""
     csv_path, data_root = Path(csv_path), Path(data_root)

@@ -333,6 +333,23 @@ def test_name_flags_restrict_the_kl_to_class_names(world):
     assert (n_all, n_names) == (sum(use), sum(nxt)) and torch.isfinite(total)
 
 
+def test_image_reuse_pairs_episodes_over_the_same_images(world):
+    """--image_reuse: episode 2i+1 is episode 2i over the same images with the query and its
+    class's support swapped, so a step of 4 episodes compresses 6 images instead of 12."""
+    from data.episodes import generate_episodes, swapped
+    from fixtures_artifacts import run_script
+    from utils.artifacts import load_json
+    for ep in generate_episodes(world / "data", 2, 1, 6, 0, "train"):
+        other = swapped(ep, 7)
+        assert other.index == 7 and other.names() == ep.names() and other.target() == ep.target()
+        assert other.query != ep.query and other.query in ep.support and ep.query in other.support
+        assert sorted(other.support + (other.query,)) == sorted(ep.support + (ep.query,))
+        assert [c for _, c in other.support] == [c for _, c in ep.support]
+    out = world / "voco_reuse"
+    assert run_script("step5_train_voco.py", **step5_flags(world, out, steps=2, image_reuse=True)) == 0
+    assert load_json(out / "manifest.json")["config"]["image_reuse"] is True
+
+
 def test_eval_compression_runs(world, trained):
     from fixtures_artifacts import run_script
     from utils.artifacts import load_json
