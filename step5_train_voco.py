@@ -26,6 +26,11 @@ TRAIN_KS[s % len(TRAIN_KS)] (TRAIN_KS = (8,) is the paper's Table 4 setting:
 trained at one k, run with fewer). Deviation: the authors fine-tune the whole
 LLM with answer cross-entropy; here LoRA adapters are active only while an
 image is compressed and the reading LLM is the unmodified frozen one.
+Options that are not the authors' (defaults off): VOCO_INIT = "text" starts the
+VoCo rows from the embeddings of the text after an image (the lower bound in
+eval_compression.py starts from the same rows); IMAGE_REUSE pairs each drawn
+episode with its query/support swap over the same images, so a step
+compresses half as many images (the compress pass is about half of a step).
 
 Writes OUT_DIR: voco.safetensors (VoCo embeddings + LoRA), voco.json (settings,
 the LLM's identity, the class split), log.jsonl, loss.png and manifest.json
@@ -74,7 +79,7 @@ N_WAY = 2                         # classes per training episode
 K_SHOT = 1                        # support images per class in a training episode
 VOCO_INIT = "random"              # initial VoCo embeddings: "random" (a new token's, as the authors') or "text" (copies of the embeddings of the text that follows an image, OUT_TEXT's tokens)
 K_MAX = 8                         # VoCo tokens the weights hold (the most eval can use)
-IMAGE_REUSE = False                # episodes in pairs over the same images (the second swaps the query and its class's support): half the compressions per step
+IMAGE_REUSE = False               # episodes in pairs over the same images (the second swaps the query and its class's support): half the compressions per step
 KL_ON = "text"                    # KL positions: "text" (every text token after the first image: Eq. 1) or "names" (class-name tokens only)
 TRAIN_KS: tuple[int, ...] = (1, 2, 4, 8)  # k used at step s: TRAIN_KS[s % len]; (8,) = trained at one k only
 LORA_RANK = 8                     # LoRA rank (0: train the VoCo embeddings only)
