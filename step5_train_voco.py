@@ -138,14 +138,11 @@ def main():
                 init_ids=image_followup(llm.text_tokenizer) if VOCO_INIT == "text" else None)
     _, _, folders = scan_split(DATA_DIR, SPLIT)
     train_classes, eval_classes = split_classes(folders, HOLDOUT_EVERY)
+    n_drawn = (STEPS * BATCH_SIZE + 1) // 2 if IMAGE_REUSE else STEPS * BATCH_SIZE
+    episodes = generate_episodes(DATA_DIR, N_WAY, K_SHOT, n_drawn, SEED, SPLIT, classes=train_classes)
     if IMAGE_REUSE:   # each drawn episode twice, the second with query and support swapped
-        drawn = generate_episodes(DATA_DIR, N_WAY, K_SHOT, (STEPS * BATCH_SIZE + 1) // 2, SEED,
-                                  SPLIT, classes=train_classes)
-        episodes = [e for ep in drawn for e in (replace(ep, index=2 * ep.index),
-                                                 swapped(ep, 2 * ep.index + 1))]
-    else:
-        episodes = generate_episodes(DATA_DIR, N_WAY, K_SHOT, STEPS * BATCH_SIZE, SEED, SPLIT,
-                                     classes=train_classes)
+        episodes = [e for ep in episodes for e in (replace(ep, index=2 * ep.index),
+                                                    swapped(ep, 2 * ep.index + 1))]
     mine = [ep for ep in episodes if (ep.index % BATCH_SIZE) % ddp.world == ddp.rank]
     tokenizer = load_tokenizer(TOKENIZER_DIR, device=ddp.device)
     paths = sorted({p for ep in mine for p, _ in ep.support + (ep.query,)})

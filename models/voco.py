@@ -168,15 +168,14 @@ class VoCo(nn.Module):
         self.context_ids = list(context_ids or [])
         self.lora = dict(rank=int(lora_rank), alpha=float(lora_alpha), targets=list(lora_targets))
         weight = model.get_input_embeddings().weight
-        g = torch.Generator().manual_seed(seed)
-        # initial VoCo embeddings: random rows with the vocabulary embeddings' mean and spread
-        # (the authors' new <voco> token also starts as a random embedding row)
-        init = weight.detach().float().mean(0) + weight.detach().float().std() * torch.randn(
-            self.k_max, weight.shape[1], generator=g)
+        vocab = weight.detach().float().cpu()
         self.init_ids = list(init_ids or [])
-        if self.init_ids:   # or copies of these tokens' embeddings, cycled over the k_max rows
-            rows = torch.tensor([self.init_ids[i % len(self.init_ids)] for i in range(self.k_max)])
-            init = weight.detach().float()[rows.to(weight.device)].cpu()
+        if self.init_ids:   # copies of these tokens' embeddings, cycled over the k_max rows
+            init = vocab[[self.init_ids[i % len(self.init_ids)] for i in range(self.k_max)]]
+        else:   # random rows with the vocabulary embeddings' mean and spread (the authors' new
+            #     <voco> token also starts as a random embedding row)
+            g = torch.Generator().manual_seed(seed)
+            init = vocab.mean(0) + vocab.std() * torch.randn(self.k_max, vocab.shape[1], generator=g)
         # kept in fp32 (cast to the LLM's dtype where used) so bf16 training updates them well
         self.embeddings = nn.Parameter(init.to(weight.device))
         self.peft = None
