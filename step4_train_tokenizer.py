@@ -58,6 +58,7 @@ MIN_LR = 0.0  # learning rate at the end of the cosine
 BETAS = (0.5, 0.9)  # Adam betas
 ADAM_EPS = 1e-7  # Adam epsilon (the authors'; PyTorch's default is 1e-8)
 CODEBOOK_WEIGHT = 1.0  # weight of the VQ loss
+L2_WEIGHT = 0.0  # weight of a squared-error term added to L1 (0: the authors'; not used by the demo, see README)
 PERCEPTUAL_WEIGHT = 0.1  # weight of LPIPS (0: train without it, no VGG16 weights needed)
 LPIPS_DROPOUT = True  # LPIPS dropout active while training, as in the authors' code (false: the metric as calibrated)
 VGG_PATH = None  # vgg16-397923af.pth for LPIPS (none: the torch hub cache, <TORCH_HOME>/hub/checkpoints)
@@ -141,7 +142,8 @@ def main():
         local_codebook=LOCAL_CODEBOOK, projector=PROJECTOR, cross_attention=CROSS_ATTENTION,
         cross_residual=CROSS_RESIDUAL, cross_null=CROSS_NULL,
         clip_spec=CLIP, clip_pretrained=CLIP_PRETRAINED)
-    weights = LossWeights(codebook_weight=CODEBOOK_WEIGHT, perceptual_weight=PERCEPTUAL_WEIGHT,
+    weights = LossWeights(codebook_weight=CODEBOOK_WEIGHT, l2_weight=L2_WEIGHT,
+                          perceptual_weight=PERCEPTUAL_WEIGHT,
                           disc_weight=DISC_WEIGHT, disc_start=DISC_START)
     perceptual = load_lpips(ddp.device, VGG_PATH) if PERCEPTUAL_WEIGHT > 0 else None
     state = build_training(

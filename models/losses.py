@@ -4,6 +4,8 @@ Generator loss (spec step 4, taming-transformers' VQGAN recipe)::
 
     L1(x, x_rec) + codebook_weight * VQ + perceptual_weight * LPIPS(x, x_rec) + w * g_loss
 
+(plus ``l2_weight * MSE(x, x_rec)`` when that weight is set: not the authors' loss, see
+``LossWeights``)
 with ``g_loss = -mean(D(x_rec))`` and the adaptive weight
 ``w = ||grad_last(L1 + perceptual_weight * LPIPS)|| / (||grad_last(g_loss)|| + 1e-4)``,
 clamped to [0, 1e4] and multiplied by ``disc_weight``; ``grad_last`` is the
@@ -179,6 +181,10 @@ def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: to
 @dataclass
 class LossWeights:
     codebook_weight: float = 1.0      # VQ loss
+    # squared error added to L1 (0: the authors'). Without LPIPS, L1 alone weighs a pixel's
+    # error by its sign only, so a small shape's colour counts for its few pixels and a short
+    # training paints every shape in one average colour; the square weighs large errors more.
+    l2_weight: float = 0.0
     perceptual_weight: float = 0.1    # LPIPS
     disc_weight: float = 0.75         # multiplies the adaptive GAN weight
     disc_start: int = 10000           # iteration at which the GAN term and D training start
@@ -215,9 +221,14 @@ class GeneratorLoss:
                  discriminator: nn.Module | None = None, last_layer: torch.Tensor | None = None,
                  grad_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total generator loss and its detached terms. ``x`` and ``rec`` are in [-1, 1]."""
-        l1 = (x.float() - rec.float()).abs().mean()
+        diff = x.float() - rec.float()
+        l1 = diff.abs().mean()
         rec_loss = l1
         logs = {"l1": l1.detach(), "vq": vq_loss.detach()}
+        if self.w.l2_weight:
+            mse = diff.square().mean()
+            rec_loss = rec_loss + self.w.l2_weight * mse
+            logs["mse"] = mse.detach()
         if self.perceptual is not None:
             p = self.perceptual(x.float(), rec.float()).mean()
             rec_loss = rec_loss + self.w.perceptual_weight * p

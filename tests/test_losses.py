@@ -85,6 +85,18 @@ def test_generator_loss_terms_and_gan_switch():
     assert torch.allclose(total, l1 + vq + 0.1 * p + w * g, atol=1e-6)
 
 
+def test_l2_weight_adds_the_squared_error_and_is_off_by_default():
+    torch.manual_seed(0)
+    x, rec = torch.rand(2, 3, 8, 8) * 2 - 1, torch.rand(2, 3, 8, 8) * 2 - 1
+    vq = torch.tensor(0.5)
+    l1, mse = (x - rec).abs().mean(), ((x - rec) ** 2).mean()
+    total, logs = GeneratorLoss(LossWeights(perceptual_weight=0.0))(x, rec, vq, step=0)
+    assert torch.allclose(total, l1 + vq) and "mse" not in logs
+    total, logs = GeneratorLoss(LossWeights(perceptual_weight=0.0, l2_weight=4.0))(x, rec, vq, step=0)
+    assert torch.allclose(total, l1 + 4.0 * mse + vq)
+    assert torch.allclose(logs["mse"], mse)
+
+
 def test_perceptual_weight_needs_a_net():
     with pytest.raises(V2LError, match="perceptual_weight 0"):
         GeneratorLoss(LossWeights(perceptual_weight=0.1), perceptual=None)
