@@ -18,6 +18,8 @@ bundled with scikit-image in ``val_photos/`` as extra reconstruction images.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
+import os
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -168,17 +170,39 @@ def caption(colour: str, shape: str, kind: str) -> str:
     return f"a {colour} {shape} on a {kind} background."
 
 
+def parallel_imap(fn, items: list, desc: str, workers: int | None = None, progress: bool = True):
+    """``fn`` over ``items`` in order, on up to ``workers`` processes (default: the CPU count,
+    at most 4); each item's result depends on the item alone, so the output does not depend
+    on the number of processes. One process runs in-line."""
+    workers = min(workers or os.cpu_count() or 1, 4, len(items))
+    bar = dict(total=len(items), desc=desc, mininterval=2, disable=not progress)
+    if workers <= 1:
+        yield from tqdm(map(fn, items), **bar)
+        return
+    methods = multiprocessing.get_all_start_methods()    # fork: no re-import in the workers
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+    with ctx.Pool(workers) as pool:
+        yield from tqdm(pool.imap(fn, items, chunksize=max(1, len(items) // (8 * workers))), **bar)
+
+
+def _render_chunk(job: tuple) -> np.ndarray:
+    """Images [n, 3, size, size] uint8 of pool indices [start, stop) (``render_pool``)."""
+    seed, start, stop, pick, size, style = job
+    return np.stack([np.asarray(render(_rng(seed, "pool", i), *pick[i - start], size, style)[0])
+                     for i in range(start, stop)]).transpose(0, 3, 1, 2)
+
+
 def render_pool(seed: int, n: int, size: int, colours=None, shapes=None, progress: bool = True,
                 style: str = "textured") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """n random images (uint8 [n, 3, size, size]) with colour and shape indices [n]."""
     cls = classes(colours, shapes)
     words_c, words_s = list(colours or COLOURS), list(shapes or SHAPES)
     pick = _rng(seed, "pool-classes").integers(len(cls), size=n)
-    images = torch.empty(n, 3, size, size, dtype=torch.uint8)
-    for i in tqdm(range(n), desc="demo images", disable=not progress, mininterval=2):
-        colour, shape = cls[int(pick[i])]
-        img, _ = render(_rng(seed, "pool", i), colour, shape, size, style)
-        images[i] = torch.from_numpy(np.array(img)).permute(2, 0, 1)
+    step = 250
+    jobs = [(seed, a, min(a + step, n), [cls[int(k)] for k in pick[a:a + step]], size, style)
+            for a in range(0, n, step)]
+    images = torch.from_numpy(np.concatenate(list(
+        parallel_imap(_render_chunk, jobs, f"demo images (x{step})", progress=progress))))
     c_idx = torch.tensor([words_c.index(cls[int(k)][0]) for k in pick])
     s_idx = torch.tensor([words_s.index(cls[int(k)][1]) for k in pick])
     return images, c_idx, s_idx
@@ -205,6 +229,15 @@ def _save_photos(out: Path, size: int) -> list[str]:
     return written
 
 
+def _write_image(job: tuple) -> tuple[str, str]:
+    """Render and save one image of the world (``write_world``): (relative path, caption)."""
+    out, seed, split, colour, shape, i, size, style, width = job
+    img, kind = render(_rng(seed, split, colour, shape, i), colour, shape, size, style, width)
+    rel = f"{split}/{folder_name(colour, shape)}/{i:05d}.png"
+    img.save(out / rel, compress_level=1)          # fast; the pixels are the same at any level
+    return rel, caption(colour, shape, kind)
+
+
 def write_world(out_dir, seed: int = 0, train_per_class: int = 40, val_per_class: int = 10,
                 size: int = 128, colours=None, shapes=None, photos: bool = True,
                 photo_size: int = 256, style: str = "textured", wide_per_class: int = 0,
@@ -223,17 +256,13 @@ def write_world(out_dir, seed: int = 0, train_per_class: int = 40, val_per_class
     files, captions = [], {}
     widths = {"train": size, "val": size, "val_wide": round(size * wide_aspect)}
     counts = (("train", train_per_class), ("val", val_per_class), ("val_wide", wide_per_class))
-    jobs = [(split, c, s, i) for split, count in counts
+    jobs = [(out, seed, split, c, s, i, size, style, widths[split]) for split, count in counts
             for c, s in classes(colours, shapes) for i in range(count)]
-    for split, colour, shape, i in tqdm(jobs, desc="demo world", mininterval=2):
-        folder = out / split / folder_name(colour, shape)
-        folder.mkdir(parents=True, exist_ok=True)
-        img, kind = render(_rng(seed, split, colour, shape, i), colour, shape, size, style,
-                           widths[split])
-        rel = f"{split}/{folder_name(colour, shape)}/{i:05d}.png"
-        img.save(out / rel)
+    for split, c, s in {(j[2], j[3], j[4]) for j in jobs}:
+        (out / split / folder_name(c, s)).mkdir(parents=True, exist_ok=True)
+    for rel, text in parallel_imap(_write_image, jobs, "demo world"):
         files.append(rel)
-        captions[rel] = caption(colour, shape, kind)
+        captions[rel] = text
     if photos:
         (out / "val_photos").mkdir(parents=True, exist_ok=True)
         files += _save_photos(out, photo_size)

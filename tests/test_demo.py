@@ -2,6 +2,7 @@
 import hashlib
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -106,6 +107,18 @@ def test_render_pool_labels_match_classes():
     assert set(c.tolist()) <= {0, 1} and set(s.tolist()) <= {0, 1}
     x2, c2, _ = demo_world.render_pool(0, 12, 32, COLOURS, SHAPES, progress=False)
     assert torch.equal(x, x2) and torch.equal(c, c2)
+
+
+def test_render_pool_on_several_processes_is_the_one_process_loop():
+    # 600 images: three chunks of 250, rendered by two worker processes
+    x, c, s = demo_world.render_pool(3, 600, 16, COLOURS, SHAPES, progress=False)
+    cls = demo_world.classes(COLOURS, SHAPES)
+    for i in (0, 249, 250, 599):
+        colour, shape = cls[2 * c[i].item() + s[i].item()]
+        img, _ = demo_world.render(demo_world._rng(3, "pool", i), colour, shape, 16, "textured")
+        assert torch.equal(x[i], torch.as_tensor(np.asarray(img)).permute(2, 0, 1))
+    assert list(demo_world.parallel_imap(abs, list(range(-9, 9)), "t", workers=2,
+                                         progress=False)) == [abs(i) for i in range(-9, 9)]
 
 
 def test_multi_positive_infonce_is_clip_loss_for_one_positive_each():
