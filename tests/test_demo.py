@@ -116,7 +116,7 @@ def test_render_pool_on_several_processes_is_the_one_process_loop():
     for i in (0, 249, 250, 599):
         colour, shape = cls[2 * c[i].item() + s[i].item()]
         img, _ = demo_world.render(demo_world._rng(3, "pool", i), colour, shape, 16, "textured")
-        assert torch.equal(x[i], torch.as_tensor(np.asarray(img)).permute(2, 0, 1))
+        assert torch.equal(x[i], torch.from_numpy(np.array(img)).permute(2, 0, 1))
     assert list(demo_world.parallel_imap(abs, list(range(-9, 9)), "t", workers=2,
                                          progress=False)) == [abs(i) for i in range(-9, 9)]
 
