@@ -86,6 +86,8 @@ class BatchedGreedy:
                 logits = logits.masked_fill(~vocab_mask[: logits.shape[-1]].to(logits.device),
                                             float("-inf"))
             nxt = greedy_step(logits, constraints, out, done, eos_id, self.pad_id)
+            if vocab_mask is None:
+                finish_forced(constraints, out, done, eos_id, max_new_tokens)
             if all(done) or step == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
@@ -117,6 +119,32 @@ def greedy_step(logits: torch.Tensor, constraints, out: list[list[int]], done: l
         if t == eos_id or (c is not None and c.finished(out[i])):
             done[i] = True
     return nxt
+
+
+def finish_forced(constraints, out: list[list[int]], done: list[bool], eos_id,
+                  max_new_tokens: int) -> None:
+    """Complete the rows whose constraint leaves one token at every remaining step (the rest
+    of a class name once its first tokens single it out): greedy decoding would append
+    exactly those tokens, so they are appended and the row is done without more forward
+    passes. A row that still has a choice ahead is left as it is (its cache must see every
+    token)."""
+    if constraints is None:
+        return
+    for i, c in enumerate(constraints):
+        if done[i] or c is None:
+            continue
+        path, finished = list(out[i]), False
+        while len(path) < max_new_tokens:
+            allowed = c.allowed(path)
+            if len(allowed) != 1:
+                break
+            path.append(allowed[0])
+            if allowed[0] == eos_id or c.finished(path):
+                finished = True
+                break
+        if finished or (len(path) == max_new_tokens and len(path) > len(out[i])):
+            out[i][:] = path
+            done[i] = True
 
 
 @torch.no_grad()

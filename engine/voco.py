@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from data.classes import WNID, class_name, mini_imagenet_test_wnids
 from engine.fewshot import IN_TEXT, OUT_TEXT, NameTrie, induction_line
-from engine.greedy import greedy_step
+from engine.greedy import finish_forced, greedy_step
 from models.llm import encode_segment
 from models.voco import VoCo, VoCoBlock
 from utils.errors import V2LError
@@ -183,6 +183,7 @@ def greedy(voco: VoCo, prompts: list[list], max_new_tokens: int, constraints: li
     done = [False] * b
     for step in range(max_new_tokens):
         nxt = greedy_step(logits, constraints, out, done, eos_id)
+        finish_forced(constraints, out, done, eos_id, max_new_tokens)
         if all(done) or step == max_new_tokens - 1:
             break
         logits, cache, valid, pos = voco.step(nxt, cache, valid, pos)

@@ -142,6 +142,34 @@ def test_batched_generation_matches_one_at_a_time():
         assert BatchedGreedy(model, 0, prefix_cache=cache).generate(prompts, 4) == want
 
 
+def test_forced_name_tails_skip_forward_passes_and_change_nothing(monkeypatch):
+    import engine.greedy as greedy_module
+    torch.manual_seed(0)
+    model = tiny_llama_model(300)
+    prompts = [[1, 5, 6, 7, 8], [1, 5, 6, 9], [1, 5, 6, 7, 10, 11, 12], [1, 3]]
+    # names: one whose tail is forced after its first token, two sharing a first token
+    names = [[20, 21, 22], [30, 31], [30, 32]]
+    tries = [NameTrie(names, eos_id=2), NameTrie(names, eos_id=2),
+             NameTrie([[40], [41, 42, 43, 44]], eos_id=2), None]
+    calls = []
+    real_forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(1) or real_forward(*a, **k))
+
+    def run(rows, shortcut):
+        calls.clear()
+        with monkeypatch.context() as m:
+            if not shortcut:
+                m.setattr(greedy_module, "finish_forced", lambda *a, **k: None)
+            out = BatchedGreedy(model, 0).generate(prompts[:rows], 6, tries[:rows], eos_id=2)
+        return out, len(calls)
+
+    (want, slow), (got, fast) = run(3, False), run(3, True)
+    assert got == want and fast < slow
+    # a row without a constraint keeps every step going; the others' tokens are the same
+    (want4, slow4), (got4, fast4) = run(4, False), run(4, True)
+    assert got4 == want4 and got4[:3] == want and fast4 == slow4
+
+
 def test_constrained_decoding_only_emits_names(llm):
     text_tokenizer = llm.text_tokenizer
     p = FewShotPrompter(text_tokenizer, induction=True)
