@@ -152,4 +152,5 @@ def main():
     print("demo ready: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
 
 
-run_main(main)
+if __name__ == "__main__":
+    run_main(main)
