@@ -73,10 +73,12 @@ class BatchedGreedy:
     def generate(self, prompts: list[list[int]], max_new_tokens: int,
                  constraints: list | None = None,
                  vocab_mask: torch.Tensor | None = None,
-                 eos_id: int | None = None) -> list[list[int]]:
+                 eos_id: int | None = None, skip_forced: bool = True) -> list[list[int]]:
         """Greedy continuation of each prompt: at most ``max_new_tokens`` tokens, stopping at
         EOS or when the row's constraint is complete. ``vocab_mask`` (bool [V]) limits every
-        step to the ids it marks; ``constraints[i]`` limits row i to its trie."""
+        step to the ids it marks; ``constraints[i]`` limits row i to its trie. ``skip_forced``:
+        a row whose constraint leaves one token at every remaining step gets them without
+        forward passes (``finish_forced``; the same tokens)."""
         logits, cache, mask, pos = self.prefill(prompts)
         b = len(prompts)
         out: list[list[int]] = [[] for _ in range(b)]
@@ -86,7 +88,7 @@ class BatchedGreedy:
                 logits = logits.masked_fill(~vocab_mask[: logits.shape[-1]].to(logits.device),
                                             float("-inf"))
             nxt = greedy_step(logits, constraints, out, done, eos_id, self.pad_id)
-            if vocab_mask is None:
+            if skip_forced and vocab_mask is None:
                 finish_forced(constraints, out, done, eos_id, max_new_tokens)
             if all(done) or step == max_new_tokens - 1:
                 break
@@ -135,8 +137,8 @@ def finish_forced(constraints, out: list[list[int]], done: list[bool], eos_id,
             continue
         path, finished = list(out[i]), False
         while len(path) < max_new_tokens:
-            allowed = c.allowed(path)
-            if len(allowed) != 1:
+            allowed = c.allowed(path)      # (a constraint may allow every id: slice(None))
+            if not isinstance(allowed, (list, tuple)) or len(allowed) != 1:
                 break
             path.append(allowed[0])
             if allowed[0] == eos_id or c.finished(path):
