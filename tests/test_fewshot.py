@@ -12,7 +12,7 @@ from data.episodes import generate_episodes, read_episode_csv
 from engine.greedy import BatchedGreedy
 from models.llm import encode_segment
 from models.tokenizer_io import save_tokenizer
-from engine.fewshot import (FewShotPrompter, NameTrie, induction_line,
+from engine.fewshot import (FewShotPrompter, NameTrie, PositionUnion, induction_line,
                             wilson_interval)
 from tiny_llm import make_tiny_llama, tiny_llama_model
 from utils.errors import V2LError
@@ -165,6 +165,10 @@ def test_forced_name_tails_skip_forward_passes_and_change_nothing(monkeypatch):
     # a row without a constraint keeps every step going; the others' tokens are the same
     (want4, slow4), (got4, fast4) = run(4, False), run(4, True)
     assert got4 == want4 and got4[:3] == want and fast4 == slow4
+    # the authors' per-position union (no EOS): forced where a column holds one token
+    tries[:3] = [PositionUnion([[20, 21, 22], [30, 21, 22]])] * 3
+    (want, slow), (got, fast) = run(3, False), run(3, True)
+    assert got == want and fast < slow and all(row[1:] == [21, 22] for row in got)
 
 
 def test_constrained_decoding_only_emits_names(llm):
