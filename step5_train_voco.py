@@ -142,7 +142,7 @@ def main():
     episodes = generate_episodes(DATA_DIR, N_WAY, K_SHOT, n_drawn, SEED, SPLIT, classes=train_classes)
     if IMAGE_REUSE:   # each drawn episode twice, the second with query and support swapped
         episodes = [e for ep in episodes for e in (replace(ep, index=2 * ep.index),
-                                                    swapped(ep, 2 * ep.index + 1))]
+                                                    swapped(ep, 2 * ep.index + 1))][:STEPS * BATCH_SIZE]
     mine = [ep for ep in episodes if (ep.index % BATCH_SIZE) % ddp.world == ddp.rank]
     tokenizer = load_tokenizer(TOKENIZER_DIR, device=ddp.device)
     paths = sorted({p for ep in mine for p, _ in ep.support + (ep.query,)})

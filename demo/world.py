@@ -258,8 +258,9 @@ def write_world(out_dir, seed: int = 0, train_per_class: int = 40, val_per_class
     counts = (("train", train_per_class), ("val", val_per_class), ("val_wide", wide_per_class))
     jobs = [(out, seed, split, c, s, i, size, style, widths[split]) for split, count in counts
             for c, s in classes(colours, shapes) for i in range(count)]
-    for split, c, s in {(j[2], j[3], j[4]) for j in jobs}:
-        (out / split / folder_name(c, s)).mkdir(parents=True, exist_ok=True)
+    for split, count in counts:
+        for c, s in classes(colours, shapes) if count else ():
+            (out / split / folder_name(c, s)).mkdir(parents=True, exist_ok=True)
     for rel, text in parallel_imap(_write_image, jobs, "demo world"):
         files.append(rel)
         captions[rel] = text

@@ -144,7 +144,7 @@ def finish_forced(constraints, out: list[list[int]], done: list[bool], eos_id,
             if allowed[0] == eos_id or c.finished(path):
                 finished = True
                 break
-        if finished or (len(path) == max_new_tokens and len(path) > len(out[i])):
+        if finished or len(path) == max_new_tokens:     # (greedy stops there too)
             out[i][:] = path
             done[i] = True
 
