@@ -212,19 +212,24 @@ class V2LTokenizer(nn.Module):
         return self.codebook_projection(self.tok_embeddings(rows))
 
     def quantize(self, z: torch.Tensor):
-        """Normalised features [B, D, g, g] -> (z_q straight-through, vq_loss, rows [B, g, g])."""
-        with torch.no_grad():
-            codes = self.projected_codebook()
-        z_q, loss, rows = vector_quantize(z, codes, self.config.beta, lookup=self.project_rows)
-        if self.config.entropy_weight and torch.is_grad_enabled():
-            flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-            loss = loss + self.config.entropy_weight * code_entropy_loss(
-                flat, codes, self.config.entropy_temperature)
+        """Normalised features [B, D, g, g] -> (z_q straight-through, vq_loss, rows [B, g, g]).
+
+        In float32 also under autocast: in bf16 (8 bits of mantissa) or fp16 the projected
+        codes and the features lose the differences that decide the nearest code."""
+        with torch.autocast(z.device.type, enabled=False):
+            z = z.float()
+            with torch.no_grad():
+                codes = self.projected_codebook()
+            z_q, loss, rows = vector_quantize(z, codes, self.config.beta, lookup=self.project_rows)
+            if self.config.entropy_weight and torch.is_grad_enabled():
+                flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+                loss = loss + self.config.entropy_weight * code_entropy_loss(
+                    flat, codes, self.config.entropy_temperature)
         return z_q, loss, rows
 
     def encode_features(self, x128: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, R, R] in [-1, 1] -> L2-normalised features [B, D, grid, grid]."""
-        return F.normalize(self.quant_conv(self.encoder(x128)), dim=1)
+        return F.normalize(self.quant_conv(self.encoder(x128)).float(), dim=1)
 
     def global_tokens(self, x_clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP-normalised images -> (global_idx [B, k] long, global_emb [B, k, D])."""

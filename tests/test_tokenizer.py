@@ -169,6 +169,57 @@ def test_row_lookup_gradients_and_codebook_cache(tmp_path):
         assert tokenizer.projected_codebook() is not changed
 
 
+@pytest.mark.parametrize("shape", [(2, 64, 8, 8), (3, 32, 5, 7)])
+def test_group_norm_is_torch_group_norm_in_either_layout_and_float32_under_autocast(shape):
+    """The CPU path runs torch's float32 NCHW kernel on a contiguous copy: the very numbers of
+    nn.GroupNorm on that copy (gradients too), in the input's layout; bf16 inputs under
+    autocast give float32 outputs."""
+    from models.vqgan import GroupNorm
+    torch.manual_seed(0)
+    ours, ref = GroupNorm(32, shape[1], eps=1e-6), torch.nn.GroupNorm(32, shape[1], eps=1e-6)
+    with torch.no_grad():
+        ours.weight.normal_(), ours.bias.normal_()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(shape) * 3 + 1
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl = x.clone(memory_format=layout).requires_grad_()
+        xr = x.clone().requires_grad_()
+        y, y_ref = ours(xl), ref(xr)
+        assert torch.equal(y, y_ref) and y.is_contiguous(memory_format=layout)
+        g = torch.randn(shape)
+        y.backward(g.contiguous(memory_format=layout)), y_ref.backward(g)
+        assert torch.equal(xl.grad, xr.grad)
+        for name in ("weight", "bias"):
+            assert torch.equal(getattr(ours, name).grad, getattr(ref, name).grad)
+            getattr(ours, name).grad = getattr(ref, name).grad = None
+    # torch's own channels-last kernel agrees up to float32 summation order (O(1) outputs)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours(x_cl), ref(x_cl), rtol=0, atol=1e-5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        xb = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        yb = ours(xb)
+    assert yb.dtype == torch.float32 and yb.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(yb, ref(xb.float().contiguous()).detach())
+
+
+def test_quantiser_runs_in_float32_under_autocast(tiny):
+    """Under bf16 autocast the nearest codes, z_q and the VQ loss are those of float32."""
+    tokenizer, clip, _ = tiny
+    x128, _ = tiny_images(clip, batch=2, seed=3)
+    tokenizer.train()
+    try:
+        with torch.no_grad():
+            z = tokenizer.encode_features(x128)
+            zq, loss, rows = tokenizer.quantize(z)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                z_amp = tokenizer.encode_features(x128)
+                zq_amp, loss_amp, rows_amp = tokenizer.quantize(z)
+    finally:
+        tokenizer.eval()
+    assert z_amp.dtype == torch.float32 and zq_amp.dtype == torch.float32
+    assert torch.equal(rows_amp, rows) and torch.equal(zq_amp, zq) and torch.equal(loss_amp, loss)
+
+
 # ----- the tiny tokenizer end to end ------------------------------------------------------
 def test_forward_shapes_ids_and_gradients(tiny):
     tokenizer, clip, _ = tiny
