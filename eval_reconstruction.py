@@ -66,7 +66,7 @@ METRICS = ["psnr", "ssim", "lpips", "fid", "is", "codebook"]  # metrics to compu
 INCEPTION_WEIGHTS = None  # TF-Inception weights file (None = look in torch hub's checkpoints/)
 LPIPS_VGG = None  # torchvision VGG16 weights for LPIPS (None = look in torch hub's checkpoints/)
 IS_SPLITS = 10  # Inception Score splits (image i goes to split i % IS_SPLITS)
-GRID_IMAGES = 16  # first N images shown in the originals-vs-reconstructions grid (0 = none)
+GRID_IMAGES = 16  # images shown in the originals-vs-reconstructions grid, evenly spaced over the evaluated (sorted) set, so classes differ (0 = none)
 DUMP_PNG = False  # also write every source and reconstruction to OUT_DIR/png/{source,reconstruction}/
 CLIP_ALLOW_UNSAFE = False  # allow the tokenizer's CLIP to be a pickled OpenAI file; only if trusted
 DEVICE = "auto"  # auto (CUDA when available), cuda or cpu
@@ -212,7 +212,9 @@ def finish(tokenizer, data, acc: ReconstructionMetrics, store: ChunkStore, manif
         plot_code_histogram(counts, codebook_usage(counts), out / "token_usage.png")
         files += ["token_counts.safetensors", "token_usage.png"]
     if GRID_IMAGES:
-        batch = collate_skip_bad([data[i] for i in range(min(GRID_IMAGES, len(data)))])
+        shown_n = min(GRID_IMAGES, len(data))
+        picks = [i * (len(data) - 1) // max(1, shown_n - 1) for i in range(shown_n)]
+        batch = collate_skip_bad([data[i] for i in picks])
         if "image" in batch:
             x_in, rec, _ = reconstruct(tokenizer, batch, acc.device)
             save_comparison_grid([x_in, rec], out / "reconstructions.png")

@@ -115,6 +115,14 @@ def test_results_match_direct_computation(setup, full_run):
     counts = load_tensors(out / "token_counts.safetensors")["counts"]
     assert counts.sum() == N_IMAGES * 16 * 16
     assert Image.open(out / "reconstructions.png").size[1] > 2 * 128
+    # the grid's originals are spread over the set: with 2 shown, the first and the last image
+    grid = np.asarray(Image.open(out / "reconstructions.png").convert("RGB")).astype(int)
+    shown = [data[i] for i in (0, len(data) - 1)]
+    assert all(item is not None for item in shown)
+    for col, item in enumerate(shown):
+        expected = ((item["image"][0].permute(1, 2, 0) * 0.5 + 0.5) * 255 + 0.5).floor().clamp(0, 255)
+        tile = grid[2:130, 2 + 130 * col:130 + 130 * col]
+        assert np.abs(tile - expected.numpy()).max() <= 1, col
     rows = list(csv.DictReader(open(setup / "full.csv")))
     assert len(rows) == 1 and int(rows[0]["n_images"]) == N_IMAGES
     assert abs(float(rows[0]["psnr"]) - res["psnr"]) < 1e-9
