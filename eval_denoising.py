@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data.images import ImageFolderDataset, collate_skip_bad
-from engine.denoise import (NOISE_RATES, VARIANTS, DenoisePrompter, DenoiseViews, check_protocol,
-                            check_tasks, codebook_vocab_mask, encode_task, noisy_batch,
+from engine.denoise import (NOISE_RATES, VARIANTS, DenoisePrompter, DenoiseViews, check_blur_kernels,
+                            check_protocol, check_tasks, codebook_vocab_mask, encode_task, noisy_batch,
                             prediction_mask, query_tokens, restore, token_hits, variant_images)
 from engine.greedy import BatchedGreedy
 from models.llm import llm_dtype, load_llm
@@ -51,6 +51,7 @@ MAX_IMAGES = 5000                 # first images of the split (the paper: ~5,000
 STEP = 2                          # local tokens predicted per LLM call
 WINDOW = 16                       # preceding tokens shown per example (in/outpainting)
 SEED = 0                          # noise and blur seed (per image, independent of batching)
+BLUR_KERNELS = [5, 7, 9, 11]      # deblurring: Gaussian kernel sizes, one drawn per image, sigma from the size as OpenCV's (the authors' 5-11)
 BATCH_SIZE = 64                   # prompts per LLM forward pass
 CHUNK_IMAGES = 64                 # images per resumable chunk; in/outpainting batch them in each sequential LLM call
 METRICS = ["psnr", "ssim", "lpips", "fid"]  # scores to compute (FID needs the TF-Inception weights)
@@ -90,7 +91,7 @@ def tokenize_and_restore(task, ds, store, tokenizer, greedy, prompter, vocab_mas
         x, x_clip, x_shift = (t.to(ddp.device) for t in batch["image"])
         idx = batch["index"].tolist()
         tokens = {key: t.cpu() for key, t in encode_task(tokenizer, task, x, x_clip, x_shift,
-                                                          idx, SEED).items()}
+                                                          idx, SEED, BLUR_KERNELS).items()}
         query = query_tokens(task, tokens["clean"], tokens["corrupt"])
         noisy_clean, noisy_query = noisy_batch(tokens["clean"], query, tokenizer.llm_ids.cpu(),
                                                idx, SEED, n_global=k, protocol=PROTOCOL)
@@ -122,7 +123,7 @@ def score(task, ds, store, tokenizer, device) -> dict:
         idx = batch["index"].tolist()
         rows = torch.tensor([row_of[i] for i in idx])
         part = {key: tokens[key][rows] for key in ("global_idx",) + SAVED}
-        out = variant_images(tokenizer, task, x, x_shift, idx, SEED, part)
+        out = variant_images(tokenizer, task, x, x_shift, idx, SEED, part, BLUR_KERNELS)
         for v in VARIANTS:
             meters[v].update(x, out[v])
         for v, h in token_hits(task, part, tokenizer.config.grid).items():
@@ -155,6 +156,7 @@ def write_results(results: dict) -> list[str]:
 def main():
     tasks = check_tasks(TASKS)
     check_protocol(PROTOCOL)
+    check_blur_kernels(BLUR_KERNELS)
     ddp = dist.init(DEVICE)
     dtype = llm_dtype(LLM_DTYPE, ddp.device)
     random.seed(SEED)
@@ -172,7 +174,7 @@ def main():
         key = {"task": task, "saved": SAVED, "protocol": PROTOCOL, "llm_dtype": dtype, "step": STEP,
                "window": WINDOW, "seed": SEED, "rates": NOISE_RATES,
                "tokenizer": str(TOKENIZER_DIR), "llm": llm.ident, "data": [str(DATA_DIR), SPLIT],
-               "n_images": len(ds)}
+               "n_images": len(ds)} | ({"blur_kernels": BLUR_KERNELS} if task == "deblurring" else {})
         store = ChunkStore(Path(OUT_DIR) / task, len(ds), CHUNK_IMAGES, key)
         tokenize_and_restore(task, ds, store, tokenizer, greedy, prompter, vocab_mask, ddp)
         dist.barrier(ddp)

@@ -108,13 +108,22 @@ def blur_sigma(kernel: int) -> float:
     return 0.3 * ((kernel - 1) * 0.5 - 1) + 0.8
 
 
+def check_blur_kernels(kernels) -> tuple[int, ...]:
+    kernels = tuple(int(k) for k in kernels)
+    if not kernels or any(k < 3 or k % 2 == 0 for k in kernels):
+        raise V2LError(f"blur kernels {list(kernels)}: each must be an odd size of at least 3 "
+                       f"(the authors': {' '.join(map(str, BLUR_KERNELS))})")
+    return kernels
+
+
 def corrupt_image(task: str, x: torch.Tensor, shifted: torch.Tensor, rng: random.Random,
-                  grid: int = 16) -> torch.Tensor:
+                  grid: int = 16, blur_kernels=BLUR_KERNELS) -> torch.Tensor:
     """The corrupted view of one image x [3, H, W] in [-1, 1] (the "corrupted" row; the
     "baseline" row is its encoding decoded). ``shifted``: the bottom-right crop of the same picture (the shift task).
-    In/outpainting grey out the cells to predict."""
+    In/outpainting grey out the cells to predict; deblurring blurs with a Gaussian of a size
+    drawn from ``blur_kernels``."""
     if task == "deblurring":
-        k = rng.choice(BLUR_KERNELS)
+        k = rng.choice(check_blur_kernels(blur_kernels))
         return TF.gaussian_blur(x, [k, k], [blur_sigma(k)] * 2)
     if task == "rotation":
         return torch.rot90(x, 1, dims=(-2, -1))      # 90 degrees counter-clockwise
@@ -126,9 +135,9 @@ def corrupt_image(task: str, x: torch.Tensor, shifted: torch.Tensor, rng: random
 
 
 def corrupt_batch(task: str, x: torch.Tensor, shifted: torch.Tensor, indices: list[int],
-                  seed: int, grid: int = 16) -> torch.Tensor:
+                  seed: int, grid: int = 16, blur_kernels=BLUR_KERNELS) -> torch.Tensor:
     """``corrupt_image`` over a batch; image i's randomness depends only on (seed, index)."""
-    return torch.stack([corrupt_image(task, xi, si, random.Random(f"{seed}-{i}"), grid)
+    return torch.stack([corrupt_image(task, xi, si, random.Random(f"{seed}-{i}"), grid, blur_kernels)
                         for xi, si, i in zip(x, shifted, indices)])
 
 
@@ -143,14 +152,14 @@ VARIANTS = ("corrupted",   # the corrupted image itself (pixel metrics only)
 
 @torch.no_grad()
 def encode_task(tokenizer, task: str, x: torch.Tensor, x_clip: torch.Tensor, shifted: torch.Tensor,
-                indices: list[int], seed: int) -> dict[str, torch.Tensor]:
+                indices: list[int], seed: int, blur_kernels=BLUR_KERNELS) -> dict[str, torch.Tensor]:
     """The tokens of a batch for one task: ``global_idx`` [B, k] (the clean CLIP view's, as
     the authors), ``clean`` [B, N] (the target) and ``corrupt`` [B, N] (the corrupted image
     through the same tokenizer's encoder: the baseline, and what the LLM reads for
     deblurring, rotation and shift)."""
     global_idx, clean = tokenizer.encode(x, x_clip)
     corrupt = tokenizer.local_tokens(corrupt_batch(task, x, shifted, indices, seed,
-                                                   tokenizer.config.grid))
+                                                   tokenizer.config.grid, blur_kernels))
     return {"global_idx": global_idx, "clean": clean.flatten(1), "corrupt": corrupt.flatten(1)}
 
 
@@ -162,13 +171,14 @@ def query_tokens(task: str, clean: torch.Tensor, corrupt: torch.Tensor) -> torch
 
 @torch.no_grad()
 def variant_images(tokenizer, task: str, x: torch.Tensor, shifted: torch.Tensor,
-                   indices: list[int], seed: int, tokens: dict) -> dict[str, torch.Tensor]:
+                   indices: list[int], seed: int, tokens: dict,
+                   blur_kernels=BLUR_KERNELS) -> dict[str, torch.Tensor]:
     """Each variant's images [B, 3, R, R] in [-1, 1]; ``tokens``: global_idx, clean, corrupt,
     pred ([B, N] local ids) of the batch."""
     g = tokenizer.config.grid
     global_idx = tokens["global_idx"].to(x.device)
     decode = lambda ids: tokenizer.decode(ids.reshape(-1, g, g).to(x.device), global_idx)  # noqa: E731
-    return {"corrupted": corrupt_batch(task, x, shifted, indices, seed, g),
+    return {"corrupted": corrupt_batch(task, x, shifted, indices, seed, g, blur_kernels),
             "baseline": decode(tokens["corrupt"]), "restored": decode(tokens["pred"]),
             "ceiling": decode(tokens["clean"])}
 

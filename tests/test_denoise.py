@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import functional as TF
 from PIL import Image
 
 from engine.denoise import (NOISE_RATES, TASKS, VARIANTS, DenoisePrompter, DenoiseViews,
                             blur_sigma, check_tasks, chunk_starts, codebook_vocab_mask,
-                            corrupt_batch, corrupt_image, encode_task, noise_count,
+                            check_blur_kernels, corrupt_batch, corrupt_image, encode_task, noise_count,
                             noisy_copies, prediction_mask, query_tokens, restore, token_hits, variant_images)
 from engine.greedy import BatchedGreedy
 from models.llm import encode_segment, llm_dtype
@@ -66,6 +67,20 @@ def test_corruptions():
     assert (inp[:, 32:96, 32:96] == 0).all() and torch.equal(inp[:, :32], x[:, :32])
     outp = corrupt_image("outpainting", x, x, random.Random(0))
     assert (outp[:, 64:] == 0).all() and torch.equal(outp[:, :64], x[:, :64])
+
+
+def test_blur_kernels_set_the_blur_and_bad_sizes_are_refused():
+    x = torch.rand(3, 64, 64) * 2 - 1
+    one = lambda k: corrupt_image("deblurring", x, x, random.Random(0), blur_kernels=(k,))  # noqa: E731
+    assert torch.equal(one(7), TF.gaussian_blur(x, [7, 7], [blur_sigma(7)] * 2))
+    assert (one(21) - x).abs().mean() > (one(5) - x).abs().mean()      # a wider kernel blurs more
+    xs = x[None].repeat(8, 1, 1, 1)
+    batch = corrupt_batch("deblurring", xs, xs, list(range(8)), 3, blur_kernels=(21, 25))
+    drawn = [[k for k in (21, 25) if torch.equal(b, one(k))] for b in batch]
+    assert all(len(d) == 1 for d in drawn) and {d[0] for d in drawn} == {21, 25}
+    for bad in ((), (4,), (1,), (5, 8)):
+        with pytest.raises(V2LError, match="odd size of at least 3"):
+            check_blur_kernels(bad)
 
 
 @pytest.fixture(scope="module")
