@@ -134,7 +134,7 @@ if [[ $MODE == demo ]]; then
   # (x4) beside L1 and a code-usage entropy penalty, so that the shapes keep their colour; bf16
   # autocast where the CPU computes bf16 natively (the quantiser in fp32): 4 epochs in about
   # the time 3 took in fp32 (207 vs 184 s); a learning rate near the authors' 4.5e-4 (1e-3
-  # left most shapes in the wrong colour); README
+  # drew red and yellow shapes orange, green and purple ones teal and blue); README
   S4=(--epochs 4 --warmup_epochs 0 --lr 5e-4 --batch_size 8 --resolution 64 --ch 32
       --num_res_blocks 1 --z_channels 64 --cross_heads 8 --cross_head_dim 64 --global_topk 21
       --cross_residual true --perceptual_weight 0 --disc_weight 0 --channels_last true
