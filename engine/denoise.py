@@ -109,6 +109,8 @@ def blur_sigma(kernel: int) -> float:
 
 
 def check_blur_kernels(kernels) -> tuple[int, ...]:
+    """The deblurring kernel sizes as ints, refused unless each is odd and at least 3 (checked
+    once by the script, not per image)."""
     kernels = tuple(int(k) for k in kernels)
     if not kernels or any(k < 3 or k % 2 == 0 for k in kernels):
         raise V2LError(f"blur kernels {list(kernels)}: each must be an odd size of at least 3 "
@@ -123,7 +125,7 @@ def corrupt_image(task: str, x: torch.Tensor, shifted: torch.Tensor, rng: random
     In/outpainting grey out the cells to predict; deblurring blurs with a Gaussian of a size
     drawn from ``blur_kernels``."""
     if task == "deblurring":
-        k = rng.choice(check_blur_kernels(blur_kernels))
+        k = rng.choice(blur_kernels)
         return TF.gaussian_blur(x, [k, k], [blur_sigma(k)] * 2)
     if task == "rotation":
         return torch.rot90(x, 1, dims=(-2, -1))      # 90 degrees counter-clockwise
