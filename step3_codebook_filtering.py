@@ -34,7 +34,7 @@ from utils.errors import V2LError
 from utils.stages import CODEBOOK, GLOBAL, VOCAB
 
 DATA_DIR = "/data/imagenet"  # image root in ImageNet layout (<data_dir>/<split>/<class>/<images>)
-SPLIT = "train"  # sub-folder of DATA_DIR to count (none: DATA_DIR itself)
+SPLIT: str | None = "train"  # sub-folder of DATA_DIR to count (none: DATA_DIR itself)
 VOCAB_DIR = "out/vocab"  # step-1 artifact
 CODEBOOK_DIR = "out/codebook"  # step-2 artifact (global candidates)
 OUT_DIR = "out/global"  # where the filtered global codebook is written

@@ -42,7 +42,7 @@ from utils.errors import V2LError
 from utils.stages import CODEBOOK, GLOBAL, TOKENIZER
 
 DATA_DIR = "/data/imagenet"  # training images in ImageNet layout (<data_dir>/<split>/<class>/<images>)
-SPLIT = "train"  # sub-folder of DATA_DIR to train on (none: DATA_DIR itself)
+SPLIT: str | None = "train"  # sub-folder of DATA_DIR to train on (none: DATA_DIR itself)
 CODEBOOK_DIR = "out/codebook"  # step-2 artifact (local codebook)
 GLOBAL_DIR = "out/global"  # step-3 artifact (filtered global codebook)
 OUT_DIR = "out/tokenizer"  # where the tokenizer artifact is written (and resumed from)
@@ -53,7 +53,7 @@ EPOCHS = 100  # training epochs
 WARMUP_EPOCHS = 5  # linear learning-rate warm-up epochs (then half-cycle cosine to MIN_LR)
 BATCH_SIZE = 8  # GLOBAL batch: images per iteration over all processes, split evenly (the authors: 1 GPU x 8)
 LR = 4.5e-4  # peak learning rate of the tokenizer and the discriminator (the authors' at batch 8)
-LR_SCALING = "none"  # none: LR whatever BATCH_SIZE; linear / sqrt: LR x (BATCH_SIZE / 8), or its square root
+LR_SCALING = "none"  # "none" keeps LR whatever BATCH_SIZE; "linear" / "sqrt": LR x (BATCH_SIZE / 8), or its square root
 MIN_LR = 0.0  # learning rate at the end of the cosine
 BETAS = (0.5, 0.9)  # Adam betas
 ADAM_EPS = 1e-7  # Adam epsilon (the authors'; PyTorch's default is 1e-8)

@@ -95,7 +95,7 @@ def test_tuples_take_exactly_their_count_lists_any(tmp_path, capsys):
 
 def test_help_shows_type_and_default():
     help_text = " ".join(build_parser(SCRIPT, "A toy stage.")[0].format_help().split())
-    for shown in ["how many rows per chunk rows per chunk (int; default: 64)",
+    for shown in ["how many rows per chunk: --chunk INT rows per chunk (int; default: 64)",
                   "a name (str; default: 'abc')", "a flag (bool; default: False)",
                   "an optional path (str or none; default: None)",
                   "an optional count (int or none; default: None)",
@@ -105,6 +105,38 @@ def test_help_shows_type_and_default():
                   "a float, 100% of it (float; default: 1.5)", "A toy stage."]:
         assert shown in help_text, shown
     assert "--after" not in help_text
+
+
+def test_a_comment_line_is_a_section_title_not_help():
+    """A comment on its own line titles the settings below it in --help; it never leaks into
+    the next flag's help (it did: a section header ended up in one flag's help)."""
+    source = ("import os\nA = 1  # first\n# -- the ablations\nB = 2  # second\n"
+              "C = 3  # third\n\n# -- logging\n# (rank 0 only)\nD = 4  # fourth\ncfg = configure(globals())\n")
+    found = {s.name: s for s in settings_of(source)}
+    assert [found[n].help for n in "ABCD"] == ["first", "second", "third", "fourth"]
+    assert [found[n].section for n in "ABCD"] == ["", "-- the ablations", "-- the ablations",
+                                                   "-- logging (rank 0 only)"]
+    help_text = build_parser(source, None)[0].format_help().split("options:")[1]
+    assert "-- the ablations:" in help_text and "-- logging (rank 0 only):" in help_text
+    assert help_text.index("-- the ablations:") < help_text.index("--b INT") < help_text.index("--d INT")
+
+
+def test_a_documented_none_must_work():
+    """A help that offers none as a value belongs to an optional flag (--split none used to
+    give the string "none" and a folder DATA_DIR/none)."""
+    assert "documents none" in settings_error('SPLIT = "train"  # sub-folder (none: the root)\n')
+    assert "documents none" in settings_error('N = 0  # none: no limit\n')
+    ok = 'import os\nSPLIT: str | None = "train"  # sub-folder (none: the root)\n' \
+         'AMP = "bf16"  # "none" turns it off, or bf16\ncfg = configure(globals())\n'
+    assert [s.optional for s in settings_of(ok)] == [True, False]
+
+
+def test_an_imported_script_keeps_its_defaults(tmp_path, monkeypatch):
+    """configure() reads sys.argv only for __main__: a script's functions can be imported."""
+    g = toy(tmp_path) | {"__name__": "toy"}
+    monkeypatch.setattr(sys, "argv", ["pytest", "--chunk", "7", "--unknown"])
+    assert configure(g)["chunk"] == 64 and g["CHUNK"] == 64
+    assert configure(g, ["--chunk", "7"])["chunk"] == 7 and g["CHUNK"] == 7
 
 
 def test_a_computed_constant_is_an_error():

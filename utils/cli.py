@@ -15,7 +15,9 @@ Rules (tests/test_cli.py holds one test per rule):
 
 * The settings are the statements between the script's last top-level import
   and one top-level ``settings = configure(globals())`` (or a bare
-  ``configure(globals())``). Only UPPER_CASE assignments may stand there; each
+  ``configure(globals())``). A comment on a line of its own there is a section
+  title: ``--help`` lists the settings below it under that title (it is never
+  part of a flag's help). Only UPPER_CASE assignments may stand there; each
   becomes ``--lower_case_name``. Anything else there, an UPPER_CASE literal
   above the imports (it would silently not be a flag), no top-level call, or
   a call inside a function or an ``if`` is an error naming the line.
@@ -29,7 +31,10 @@ Rules (tests/test_cli.py holds one test per rule):
   another type (``X: int | None = None``, also float, str, bool). The words
   ``none``/``null`` give None only for such optional flags (a default of None
   or an annotation with ``| None``); for a str flag ``none`` is the string
-  "none" (``--amp none``), for an int flag it is an error.
+  "none" (``--amp none``), for an int flag it is an error. A help text that
+  documents none as a value (``(none: all)``, ``none: ...``) must belong to an
+  optional flag, so that a documented value always works; a string choice
+  named none is written quoted (``"none" keeps the rate``).
 * A list default takes any number of values, zero included (``--tasks a b``);
   a tuple default takes exactly as many values as it has (``--betas 0.5`` is an
   error for ``BETAS = (0.5, 0.9)``), or one or more with an annotation
@@ -38,13 +43,18 @@ Rules (tests/test_cli.py holds one test per rule):
 * ``--help`` shows each flag's help, type and default, and the module docstring.
 
 ``configure`` updates the script's globals in place and returns the settings
-(lower-case names) for the manifest.
+(lower-case names) for the manifest. It reads the command line only when the
+script runs as ``__main__``: an imported script keeps its defaults, so its
+functions can be imported and called (``configure(vars(module), argv)`` sets
+other values). ``parse_settings`` gives the same settings for a script file
+and an argument list without running it (run.sh's freshness check).
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import io
+import re
 import sys
 import tokenize
 from dataclasses import dataclass
@@ -54,6 +64,8 @@ from utils.errors import V2LError
 
 
 NOT_GIVEN = object()   # argparse default marking a flag absent from the command line
+# "(none: all)", "none: ...", "; none: ...": the help says that none is a value of the flag
+DOCUMENTS_NONE = re.compile(r"(?:^|[(;,]\s*)none\s*:")
 SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
 
 
@@ -66,6 +78,7 @@ class Setting:
     optional: bool = False    # accepts none/null (a None default or "T | None")
     container: type | None = None   # list or tuple
     count: int | None = None  # a tuple's exact number of values (None: any)
+    section: str = ""         # the title of the comment line above its block ("" before any)
 
     @property
     def flag(self) -> str:
@@ -181,7 +194,8 @@ def settings_of(source: str, filename: str = "<script>") -> list[Setting]:
             raise V2LError(f"{filename}:{node.lineno}: {names[0]} is set above the imports and "
                            "so would not be a flag; move it below the last import (a setting) "
                            "or below configure() (not a setting)")
-    found = []
+    found, section = [], ""
+    previous_end = (body[start - 1].end_lineno or body[start - 1].lineno) + 1 if start else 1
     for node in body[start:call]:
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
             continue  # a string standing alone documents the block
@@ -197,14 +211,19 @@ def settings_of(source: str, filename: str = "<script>") -> list[Setting]:
             raise V2LError(f"{where}: {name} = {ast.unparse(node.value)} is not a literal, so it "
                            "cannot be a flag; write its value (e.g. 8e-4, not 1e-4 * 8), or "
                            "compute it below configure()")
-        help_text = "" if node.lineno in alone else comments.get(node.lineno, "")
-        line, above = node.lineno - 1, []
-        while line in alone:  # a comment block directly above the constant also counts
-            above.insert(0, comments[line])
-            line -= 1
-        help_text = " ".join(filter(None, above + [help_text]))
+        titles = [comments[n] for n in range(previous_end, node.lineno) if n in alone]
+        if titles:
+            section = " ".join(titles)
+        previous_end = (node.end_lineno or node.lineno) + 1
+        help_text = comments.get(node.lineno, "") if node.lineno not in alone else ""
         annotation = node.annotation if isinstance(node, ast.AnnAssign) else None
-        found.append(_setting(name, default, help_text, annotation, where))
+        setting = _setting(name, default, help_text, annotation, where)
+        if DOCUMENTS_NONE.search(help_text) and not setting.optional:
+            raise V2LError(f"{where}: {name}'s help documents none as a value, but "
+                           f"--{name.lower()} none would be the string 'none'; annotate it "
+                           f"'{setting.kind.__name__} | None' (or quote a string choice: \"none\")")
+        setting.section = section
+        found.append(setting)
     return found
 
 
@@ -258,44 +277,58 @@ def build_parser(source: str, description: str | None,
     settings = settings_of(source, filename)
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = {}
     for s in settings:
+        if s.section not in groups:
+            groups[s.section] = parser.add_argument_group(s.section) if s.section else parser
+        group = groups[s.section]
         shown = (f"{s.help} ({s.type_text()}; default: {s.default!r})").strip()
         shown = shown.replace("%", "%%")  # argparse formats help strings
         metavar = s.kind.__name__.upper() + ("|none" if s.optional else "")
         kwargs = dict(dest=s.name, type=_parser_for(s), default=NOT_GIVEN, help=shown,
                       metavar=metavar)
         if s.container is list:
-            parser.add_argument(s.flag, nargs="*", **kwargs)
+            group.add_argument(s.flag, nargs="*", **kwargs)
         elif s.container is tuple:
-            parser.add_argument(s.flag, nargs=s.count if s.count is not None else "+", **kwargs)
+            group.add_argument(s.flag, nargs=s.count if s.count is not None else "+", **kwargs)
         elif s.kind is bool and not s.optional:
-            parser.add_argument(s.flag, nargs="?", const=True, **kwargs)
+            group.add_argument(s.flag, nargs="?", const=True, **kwargs)
         else:
-            parser.add_argument(s.flag, **kwargs)
+            group.add_argument(s.flag, **kwargs)
     return parser, settings
 
 
-def configure(script_globals: dict, argv: list[str] | None = None) -> dict:
-    """Override the calling script's constants from the command line; return them all."""
-    path = script_globals["__file__"]
+def parse_settings(path, argv: list[str], description: str | None = None) -> dict[str, Any]:
+    """A script's settings (UPPER_CASE names) for a command line, without running the script.
+    A mistake in the script's settings block is one line on stderr and exit status 2; a bad
+    command line is argparse's usage error."""
     with open(path, encoding="utf-8") as f:
         source = f.read()
     try:
-        parser, settings = build_parser(source, script_globals.get("__doc__"), str(path))
-    except V2LError as e:   # a mistake in the script's settings block: one line, not a traceback
+        parser, settings = build_parser(source, description, str(path))
+    except V2LError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    config = {}
+    args = parser.parse_args(argv)
+    values = {}
     for s in settings:
         value = getattr(args, s.name)
         if value is NOT_GIVEN:      # (a typed "none" is a real None, not "use the default")
             value = s.default
         elif s.container is not None:
             value = s.container(value)
-        script_globals[s.name] = value
-        config[s.name.lower()] = value
-    return config
+        values[s.name] = value
+    return values
+
+
+def configure(script_globals: dict, argv: list[str] | None = None) -> dict:
+    """Override the calling script's constants from the command line (only when the script
+    runs as __main__, or from ``argv`` when given); return them all, lower-case named."""
+    if argv is None:
+        argv = sys.argv[1:] if script_globals.get("__name__", "__main__") == "__main__" else []
+    values = parse_settings(script_globals["__file__"], argv, script_globals.get("__doc__"))
+    script_globals.update(values)
+    return {name.lower(): value for name, value in values.items()}
 
 
 def run_main(main: Callable[[], Any]) -> None:
