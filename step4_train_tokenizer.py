@@ -34,7 +34,8 @@ from engine.train import (AUTHORS_BATCH, RunLog, TrainConfig, batch_and_lr, buil
                           seed_everything, train_one_epoch)
 from models.clip import load_clip
 from models.losses import DiscriminatorLoss, GeneratorLoss, LossWeights, load_lpips
-from models.tokenizer_io import save_tokenizer, tokenizer_from_artifacts
+from engine.tokenizer_build import tokenizer_from_artifacts
+from models.tokenizer_io import save_tokenizer
 from utils import dist
 from utils.artifacts import MANIFEST, read_manifest, require_input, write_manifest
 from utils.cli import configure, run_main

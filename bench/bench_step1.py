@@ -5,7 +5,7 @@ subword and bigram prompts), same run. The batched way sorts prompts by
 length, left-pads, and reuses the shared prefix's KV cache; the loop runs each
 prompt alone. Reports prompts/s of each and whether the greedy tokens agree.
 
-    python bench/bench_step1.py                                  # tiny Llama on CPU (< 1 min)
+    python bench/bench_step1.py                                  # tiny Llama on CPU
     python bench/bench_step1.py --preset llama2-7b --device cuda # LLaMA-2-7B shape, random weights
 """
 import sys

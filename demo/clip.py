@@ -128,7 +128,7 @@ def train_demo_clip(words: list[str], seconds: float = 240.0, max_steps: int | N
     pool, pool_c, pool_s = render_pool(seed, pool_size, size, colours, shapes, progress, style)
     model = open_clip.CLIP(**model_cfg)
     model.train()
-    # NHWC convolutions: the ResNet tower's steps take 35% less time on a CPU (same maths)
+    # NHWC convolutions: the ResNet tower's steps run faster on a CPU (same maths)
     model.visual.to(memory_format=torch.channels_last)
     tokenize = SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
     decay = [p for p in model.parameters() if p.ndim >= 2]

@@ -17,7 +17,8 @@ Nothing assumes sentencepiece or a 32k vocabulary: byte-level BPE models
 Also here: ``token_strings`` (the faithful text of single token ids),
 ``printable_mask`` (which ids are real text), ``encode_segment`` (the ids of one
 prompt segment exactly as Meta's ``Tokenizer.encode``) and ``encode_prompts``. Meta's
-layout is converted in ``models/meta_llama.py``; decoding is ``engine/greedy.py``.
+layout is converted in ``models/meta_llama.py``, which also attaches a sentencepiece
+``tokenizer.model`` to a text tokenizer; decoding is ``engine/greedy.py``.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from models.meta_llama import SENTENCEPIECE_ATTR, attach_sentencepiece, load_meta
 from utils.dist import native_bf16
 from utils.errors import V2LError
 
@@ -122,7 +124,6 @@ def load_llm(path, dtype=None, device=None, device_map=None) -> LLM:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = resolve_dtype(dtype, device)
     if fmt == "meta":
-        from models.meta_llama import load_meta
         model, tokenizer = load_meta(path, torch_dtype)
         check_vocab(model, tokenizer, path)
         model = _dispatch(model, device_map, torch_dtype) if device_map else model.to(device)
@@ -231,28 +232,7 @@ def printable_mask(tokenizer, ids, strings: list[str] | None = None) -> list[boo
 # transformers' LLaMA tokenizers (Metaspace, prepend_scheme "first") skip that prefix
 # when the text already starts with a space: " >" becomes ["▁>"], one id short.
 
-SENTENCEPIECE_ATTR = "sentencepiece"  # a tokenizer's attached SentencePieceProcessor, when known
 _SWALLOWS_SPACE: dict[int, tuple[object, bool]] = {}
-
-
-def attach_sentencepiece(text_tokenizer, model_file) -> bool:
-    """Attach the sentencepiece processor of ``model_file`` to a LLaMA-style text tokenizer so
-    :func:`encode_segment` calls sentencepiece itself; only when the file exists and its pieces
-    are the tokenizer's own (checked on every id). Returns whether it was attached."""
-    model_file = Path(model_file)
-    if not model_file.is_file():
-        return False
-    try:
-        import sentencepiece as spm
-        sp = spm.SentencePieceProcessor(model_file=str(model_file))
-    except Exception:  # sentencepiece missing, or not a sentencepiece file: keep transformers'
-        return False
-    n = sp.get_piece_size()
-    if n > len(text_tokenizer) or \
-            text_tokenizer.convert_ids_to_tokens(list(range(n))) != [sp.id_to_piece(i) for i in range(n)]:
-        return False
-    setattr(text_tokenizer, SENTENCEPIECE_ATTR, sp)
-    return True
 
 
 def _swallows_leading_space(text_tokenizer) -> bool:

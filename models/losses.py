@@ -1,6 +1,7 @@
 """Tokenizer training losses: LPIPS, PatchGAN discriminator, hinge loss, adaptive GAN weight.
 
-Generator loss (spec step 4, taming-transformers' VQGAN recipe)::
+Generator loss (the paper's tokenizer training, step 4 here; taming-transformers' VQGAN
+recipe, its ``VQLPIPSWithDiscriminator``)::
 
     L1(x, x_rec) + codebook_weight * VQ + perceptual_weight * LPIPS(x, x_rec) + w * g_loss
 

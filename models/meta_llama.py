@@ -1,4 +1,9 @@
-"""Meta's original LLaMA layout -> transformers' LlamaForCausalLM."""
+"""Meta's original LLaMA layout -> transformers' LlamaForCausalLM, and its sentencepiece tokenizer.
+
+``attach_sentencepiece`` gives a text tokenizer the sentencepiece processor of a
+``tokenizer.model`` (Meta directories; Hugging Face directories that ship one), so
+``models.llm.encode_segment`` encodes prompt segments as Meta's ``Tokenizer.encode``.
+"""
 from __future__ import annotations
 
 import json
@@ -7,6 +12,8 @@ from pathlib import Path
 import torch
 
 from utils.errors import V2LError
+
+SENTENCEPIECE_ATTR = "sentencepiece"  # a tokenizer's attached SentencePieceProcessor, when known
 
 # Meta name -> transformers name, per decoder layer.
 _LAYER_KEYS = {
@@ -170,8 +177,25 @@ def sentencepiece_tokenizer(tok_file):
             raise V2LError(f"{tok_file}: not a sentencepiece tokenizer model ({type(e).__name__}); "
                            "LLaMA-3 style tiktoken files are not supported, convert to Hugging Face "
                            "format instead") from e
-    from models.llm import attach_sentencepiece
     attach_sentencepiece(tokenizer, tok_file)  # prompt segments encode as Meta's Tokenizer
     return tokenizer
 
 
+def attach_sentencepiece(text_tokenizer, model_file) -> bool:
+    """Attach the sentencepiece processor of ``model_file`` to a LLaMA-style text tokenizer so
+    ``models.llm.encode_segment`` calls sentencepiece itself; only when the file exists and its
+    pieces are the tokenizer's own (checked on every id). Returns whether it was attached."""
+    model_file = Path(model_file)
+    if not model_file.is_file():
+        return False
+    try:
+        import sentencepiece as spm
+        sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    except Exception:  # sentencepiece missing, or not a sentencepiece file: keep transformers'
+        return False
+    n = sp.get_piece_size()
+    if n > len(text_tokenizer) or \
+            text_tokenizer.convert_ids_to_tokens(list(range(n))) != [sp.id_to_piece(i) for i in range(n)]:
+        return False
+    setattr(text_tokenizer, SENTENCEPIECE_ATTR, sp)
+    return True

@@ -12,9 +12,9 @@
 - Decoder: ``post_quant_conv`` D -> z, then the VQGAN decoder with
   cross-attention to the k global embeddings.
 
-Parameter names are those of the authors' checkpoint. Building from the step-2/3
-artifacts, saving, loading and reading the authors' checkpoint live in
-``models.tokenizer_io``.
+Parameter names are those of the authors' checkpoint. Saving, loading and reading
+the authors' checkpoint live in ``models.tokenizer_io``; building from the step-2/3
+artifacts in ``engine.tokenizer_build``.
 """
 from __future__ import annotations
 

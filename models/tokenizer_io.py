@@ -1,23 +1,22 @@
-"""Building, saving and loading a V2L tokenizer, and reading the authors' released checkpoint.
+"""Saving and loading a V2L tokenizer, and reading the authors' released checkpoint.
 
-- ``tokenizer_from_artifacts``: a fresh tokenizer on the codebooks of step 2 and step 3.
 - ``save_tokenizer`` / ``load_tokenizer``: our self-contained ``tokenizer.pt``
   (config, weights, codebooks, global strings).
 - ``load_authors_checkpoint``: the authors' weights into a tokenizer of the paper
   architecture (their layout is checked name by name and shape by shape first).
+
+A fresh tokenizer on the step-2/3 artifacts is built by ``engine.tokenizer_build``.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
 from models.clip import ClipBundle, load_clip
 from models.tokenizer import TokenizerConfig, V2LTokenizer
-from utils.artifacts import load_json, load_tensors, read_manifest, require_input, save_torch
-from utils.stages import CODEBOOK, GLOBAL
+from utils.artifacts import save_torch
 from utils.errors import V2LError
 
 FORMAT = "v2l-tokenizer/1"
@@ -25,38 +24,6 @@ FILE_NAME = "tokenizer.pt"
 # parts of the authors' checkpoint that are not the tokenizer itself
 AUTHORS_DROPPED_PREFIXES = ("global_encoder.", "perceptual_loss.")
 AUTHORS_DISCRIMINATOR_PREFIX = "discriminator."
-
-
-def tokenizer_from_artifacts(codebook_dir, global_dir, clip: ClipBundle | None,
-                             **config_overrides) -> V2LTokenizer:
-    """A fresh tokenizer on the codebooks of step 2 (``codebook/``) and step 3 (``global/``)."""
-    codebook_manifest = read_manifest(codebook_dir, CODEBOOK)
-    global_manifest = read_manifest(global_dir, GLOBAL)
-    require_input(global_manifest, "codebook", codebook_manifest, f"global codebook {global_dir}")
-    local = _read_tensors(Path(codebook_dir) / "local_codebook.safetensors", ("embeddings", "llm_ids"))
-    glob = _read_tensors(Path(global_dir) / "global_codebook.safetensors", ("embeddings",))
-    strings = load_json(Path(global_dir) / "global_strings.json").get("strings")
-    if strings is None:
-        raise V2LError(f"{global_dir}/global_strings.json has no 'strings' list; "
-                       "rerun step3_codebook_filtering.py")
-    made_with = codebook_manifest.get("config", {})
-    config_overrides.setdefault("clip_spec", made_with.get("clip", TokenizerConfig.clip_spec))
-    config_overrides.setdefault("clip_pretrained", made_with.get("clip_pretrained"))
-    embedded_with = codebook_manifest.get("info", {}).get("clip")
-    if clip is not None and embedded_with not in (None, clip.ident):
-        print(f"warning: the codebook was embedded with CLIP {embedded_with}, the global tokens "
-              f"will use {clip.ident}", file=sys.stderr)
-    config = TokenizerConfig.from_dict(config_overrides)
-    local_codebook = local["embeddings"]
-    if config.local_codebook == "random":     # the authors' ablation: no language in the codes
-        local_codebook = random_like_rows(local_codebook)
-    return V2LTokenizer(config, local_codebook, local["llm_ids"], glob["embeddings"], strings, clip)
-
-
-def random_like_rows(codebook: torch.Tensor) -> torch.Tensor:
-    """Random directions (torch's global RNG) with the norms of ``codebook``'s rows."""
-    directions = torch.nn.functional.normalize(torch.randn(codebook.shape), dim=-1)
-    return directions * codebook.float().norm(dim=-1, keepdim=True)
 
 
 def save_tokenizer(tokenizer: V2LTokenizer, path) -> Path:
@@ -179,17 +146,6 @@ def split_authors_checkpoint(src) -> tuple[dict[str, torch.Tensor], dict[str, to
         else:
             model_state[name] = value
     return model_state, disc_state
-
-
-def _read_tensors(path: Path, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    try:
-        tensors = load_tensors(path)
-    except Exception as e:  # noqa: BLE001 - a missing or corrupt file gets the same advice
-        raise V2LError(f"{path}: unreadable ({str(e).splitlines()[0]}); rerun the stage that made it")
-    missing = [k for k in keys if k not in tensors]
-    if missing:
-        raise V2LError(f"{path}: missing tensor(s) {missing}; rerun the stage that made it")
-    return tensors
 
 
 def _describe(src) -> str:

@@ -34,7 +34,7 @@ class GroupNorm(nn.GroupNorm):
 
     On a CPU, PyTorch's GroupNorm kernels for channels-last tensors and for bf16 inputs (under
     autocast) are several times slower than its float32 NCHW kernel, backward included: with
-    them, bf16 autocast made step 4 no faster although its convolutions ran 2-4x faster. The
+    them, bf16 autocast made step 4 no faster although its convolutions ran faster. The
     output is float32 (what autocast gives a GPU's GroupNorm) in the input's memory layout.
     Parameters and results are those of ``nn.GroupNorm``; on a GPU it is ``nn.GroupNorm``.
     """

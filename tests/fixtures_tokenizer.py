@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from data.transforms import clip_normalize
+from engine.tokenizer_build import tokenizer_from_artifacts
 from models.clip import load_clip
-from models.tokenizer_io import tokenizer_from_artifacts
 from tiny_clip import make_tiny_clip
 from utils.artifacts import save_json, save_tensors, write_manifest
 

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from fixtures_tokenizer import (TINY_TOKENIZER, make_codebook_artifacts, make_tiny_tokenizer,
                                 tiny_images)
 
+from engine.tokenizer_build import tokenizer_from_artifacts
 from models.losses import PatchDiscriminator
 from models.quantizers import nearest_code, topk_nearest, vector_quantize
 from models.tokenizer import TokenizerConfig, V2LTokenizer
 from models.tokenizer_io import (load_authors_checkpoint, load_tokenizer, save_tokenizer,
-                                 split_authors_checkpoint, tokenizer_from_artifacts)
+                                 split_authors_checkpoint)
 from utils.artifacts import save_tensors, write_manifest
 from utils.errors import V2LError
 
