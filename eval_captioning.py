@@ -115,4 +115,4 @@ def main():
            {"format": fmt, "variants": results, "skipped": SKIPPED}, ddp)
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, EVAL_CAPTIONING, settings)

@@ -259,4 +259,4 @@ def write_results(rows: list[dict], cost: dict, info: dict) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, EVAL_COMPRESSION, settings)

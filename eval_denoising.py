@@ -189,4 +189,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, EVAL_DENOISING, settings)

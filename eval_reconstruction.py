@@ -235,4 +235,4 @@ def finish(tokenizer, data, acc: ReconstructionMetrics, store: ChunkStore, manif
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, EVAL_RECONSTRUCTION, settings)

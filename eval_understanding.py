@@ -279,4 +279,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, EVAL_UNDERSTANDING, settings)

@@ -142,4 +142,4 @@ def main():
            {"format": fmt, "variants": results, "skipped": skipped}, ddp)
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, EVAL_VQA, settings)

@@ -5,10 +5,11 @@
 #                          # otherwise the offline demo (stand-in LLM, CLIP and images)
 #   bash run.sh --help
 #
-# Each stage is skipped when its artifact is complete and chains to its inputs
-# (manifest.json), so a rerun continues where the last run stopped; a stage
-# interrupted mid-way resumes from its saved chunks/checkpoints. The run stops
-# at the first failing stage with that stage's error.
+# A stage is skipped only when its finished artifact (manifest.json) was made
+# with the settings this run passes and from the current upstream artifacts;
+# otherwise it reruns, and so does everything downstream (edit STEP4_ARGS and
+# step 4 and every evaluation rerun). A stage interrupted mid-way resumes from
+# its saved chunks/checkpoints. The run stops at the first failing stage.
 set -euo pipefail
 
 # ---------------------------------------------------------------- settings --
@@ -60,7 +61,7 @@ stages run with small settings on the CPU (about 20 minutes on 2 cores).
 
 Stages and artifacts (OUT/...):
 EOF
-  (cd "$(dirname "$0")" && "$PYTHON" -m utils.stages table)
+  (cd "$(dirname "$0")" && "$PYTHON" -m utils.pipeline table)
   exit 0
 fi
 
@@ -81,7 +82,7 @@ if (( BASH_VERSINFO[0] < 4 )); then
   exit 2
 fi
 # stage ids, scripts, directories and titles come from the registry, utils/stages.py
-STAGES_SH=$("$PYTHON" -m utils.stages shell)
+STAGES_SH=$("$PYTHON" -m utils.pipeline shell)
 eval "$STAGES_SH"
 declare -A DIR=()
 for id in "${STAGE_IDS[@]}"; do DIR[$id]="$OUT/${STAGE_DIR[$id]}"; done
@@ -92,13 +93,20 @@ seconds_since() { local us=$(( $(now_us) - $1 )); printf '%d.%03d' $((us / 10000
 declare -a TIMES=()   # "id|title|seconds" (or "skipped"), for the stage table and summary.json
 run_stage() {  # run_stage STAGE_ID DISTRIBUTED(yes/no) ARGS...   (the script comes from the registry)
   local id=$1 dist=$2; shift 2
-  local title=${STAGE_TITLE[$id]} dir=${DIR[$id]}
-  if "$PYTHON" -m utils.stages complete "$OUT" "$id"; then
-    echo "== $title: complete in $dir, skipped"
+  local title=${STAGE_TITLE[$id]} dir=${DIR[$id]} why rc=0
+  # the same decision the script makes itself (utils/artifacts.py stale_reason), without
+  # loading a model: same settings and the same upstream artifacts -> nothing to do
+  why=$("$PYTHON" -m utils.pipeline check "$id" "$@") || rc=$?
+  if (( rc == 0 )); then
+    echo "== $title: up to date in $dir, skipped"
     TIMES+=("$id|$title|skipped")
     return 0
+  elif (( rc != 1 )); then
+    echo "run.sh: stage '$title': bad arguments (see above)" >&2
+    exit 1
   fi
   echo "== $title -> $dir"
+  [[ -f "$dir/manifest.json" ]] && echo "   rerun: $why"
   local t0; t0=$(now_us)
   local launcher=("$PYTHON")
   if [[ "$dist" == yes && ( "$NPROC" -gt 1 || "$NNODES" -gt 1 ) ]]; then
@@ -124,35 +132,27 @@ if [[ $MODE == demo ]]; then
   TIMES+=("demo_setup|demo setup: images, LLM|$(seconds_since "$t0")")
   IMAGENET="$DEMO/data"; LLM="$DEMO/llm"; CLIP="$DEMO/clip"; CLIP_PRETRAINED=""
   S1=(--vocab_ids "$DEMO/vocab_ids/ids.json" --batch_size 64 --chunk_size 512)
-  S2=(--batch_size 64 --chunk_size 4096 --precision bf16)   # bf16 where native: cosine 0.99999 to fp32
+  S2=(--batch_size 64 --chunk_size 4096 --precision bf16)   # bf16 where native (docs/demo.md)
   S3=(--threshold_rate 0.004 --num_workers 2 --batch_size 64)
-  # a small tokenizer (0.1 of the paper's width) at 64 px, the demo CLIP's own resolution (an
-  # 8x8 grid: the 128 px view would only upsample the 64 px crop), no LPIPS (its VGG weights
-  # are not on PyPI), no GAN, and the decoder's cross-attention added to its features
-  # (--cross_residual: the authors' replacement lets the decoder draw from the 21 global words
-  # alone and the local codes collapse to one: 18.6 vs 23.8 dB after 300 steps); squared error
-  # (x4) beside L1 and a code-usage entropy penalty, so that the shapes keep their colour; bf16
-  # autocast where the CPU computes bf16 natively (the quantiser in fp32): 4 epochs in about
-  # the time 3 took in fp32 (207 vs 184 s); a learning rate near the authors' 4.5e-4 (1e-3
-  # drew red and yellow shapes orange, green and purple ones teal and blue); README
+  # a small tokenizer (0.1 of the paper's width) at 64 px, the demo CLIP's own resolution, no
+  # LPIPS (its VGG weights are not on PyPI), no GAN, the decoder's cross-attention added to its
+  # features, squared error and a code-usage penalty beside L1, bf16 autocast where native, and
+  # a learning rate near the authors': why each, and what the alternatives gave: docs/demo.md
   S4=(--epochs 4 --warmup_epochs 0 --lr 5e-4 --batch_size 8 --resolution 64 --ch 32
       --num_res_blocks 1 --z_channels 64 --cross_heads 8 --cross_head_dim 64 --global_topk 21
       --cross_residual true --perceptual_weight 0 --disc_weight 0 --channels_last true
       --l2_weight 4 --entropy_weight 0.01 --amp bf16
       --num_workers 2 --log_every 10 --save_every_epoch 0)
   ER=(--max_images 300 --batch_size 32 --num_workers 2 --chunk_size 100 --protocol standard)
-  # demo options (README): each image's 2 nearest distinct words, space-separated, in alphabetical
-  # order (the 135M LLM copies a label when the query's words read exactly as a support's);
-  # the LLM in bf16 where the CPU computes it natively (about 3x faster than fp32)
+  # each image's 2 nearest distinct words, space-separated, in alphabetical order, and the LLM
+  # in bf16 where native (docs/demo.md)
   EU=(--n_episodes 500 --n_way 2 5 --k_shot 1 --global_k 2 --global_dedup true --word_separator " "
       --sort_words true --batch_size 16 --split val --num_workers 0 --class_names spaces
       --llm_dtype bf16)
-  # denoising on val_wide/ (one wider-than-high image per class): in a square image the
-  # authors' shift (bottom-right vs centre square) moves nothing; noise counted over the 64
-  # local cells (--protocol consistent): the authors' count adds the 21 global tokens, which
-  # on this 8x8 grid replaces 66% of the cells at rate 0.5 (54% on their 16x16 grid); a blur
-  # of 21-31 px kernels (sigma 3.5-5): the authors' 5-11 changes these smooth images less than
-  # the tokenizer's own error, so the blurred image tokenizes as well as the clean one (README)
+  # denoising on val_wide/ (one wider-than-high image per class: in a square image the authors'
+  # shift moves nothing), noise counted over the local cells only, and wider blur kernels than
+  # the authors' (theirs change these smooth images less than the tokenizer's own error):
+  # docs/demo.md
   ED=(--split val_wide --max_images 8 --batch_size 64 --chunk_images 8 --num_workers 0
       --save_strips 8 --llm_dtype bf16 --protocol consistent --blur_kernels 21 23 25 27 29 31)
   # 10 words and 4 examples: among 21 words the 135M stand-in loses the colour word

@@ -130,4 +130,4 @@ def write_vocab(llm, ids: list[int], subwords: list[str], tokens: dict) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, VOCAB, settings)

@@ -95,4 +95,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, CODEBOOK, settings)

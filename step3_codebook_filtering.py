@@ -142,4 +142,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, GLOBAL, settings)

@@ -15,7 +15,7 @@ Their ablations are flags: --local_codebook random|trained, --projector false,
 --cross_attention false.
 
 Writes OUT_DIR: checkpoints/last.pt every epoch (a rerun of the same command
-resumes from it exactly), samples/epoch_NNNN.png (originals over
+resumes from it exactly; a rerun with other settings stops with one line naming them), samples/epoch_NNNN.png (originals over
 reconstructions), log.jsonl and tb/ (every loss term), and at the end
 tokenizer.pt (self-contained, models.tokenizer_io.load_tokenizer) and manifest.json.
 
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from data.images import ImageFolderDataset
-from engine.train import (AUTHORS_BATCH, RunLog, TrainConfig, batch_and_lr, build_training,
+from engine.train import (AUTHORS_BATCH, AUTHORS_LR, RunLog, TrainConfig, batch_and_lr, build_training,
                           make_loader, reconstruct_samples, resume, save_checkpoint,
                           seed_everything, train_one_epoch)
 from models.clip import load_clip
@@ -37,7 +37,7 @@ from models.losses import DiscriminatorLoss, GeneratorLoss, LossWeights, load_lp
 from engine.tokenizer_build import tokenizer_from_artifacts
 from models.tokenizer_io import save_tokenizer
 from utils import dist
-from utils.artifacts import MANIFEST, read_manifest, require_input, write_manifest
+from utils.artifacts import read_manifest, require_input, run_key, write_manifest
 from utils.cli import configure, run_main
 from utils.errors import V2LError
 from utils.stages import CODEBOOK, GLOBAL, TOKENIZER
@@ -156,26 +156,18 @@ def main():
                     max_steps_per_epoch=MAX_STEPS_PER_EPOCH,
                     find_unused_parameters=FIND_UNUSED_PARAMETERS, channels_last=CHANNELS_LAST),
         ddp)
-    model_config = {k: v for k, v in tokenizer.config.to_dict().items()
-                    if k not in ("clip_spec", "clip_pretrained")}  # CLIP is checked via the codebook
-    # what a checkpoint must match to be resumed
-    expected = {"config": model_config,
-                "inputs": {"codebook": codebook_manifest["id"], "global": global_manifest["id"]}}
-    resume(state, ckpt_dir, ddp, expected, log_path=out / "log.jsonl")
-    if state.epoch >= EPOCHS and (out / MANIFEST).is_file():
-        if ddp.is_main:
-            print(f"{out}: already trained for {state.epoch} epochs; raise --epochs to continue")
-        return
+    # a checkpoint resumes only the run of these settings on these input artifacts
+    key = run_key(settings, codebook=CODEBOOK_DIR, **{"global": GLOBAL_DIR})
+    resume(state, ckpt_dir, ddp, key, log_path=out / "log.jsonl")
     if ddp.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / MANIFEST).unlink(missing_ok=True)  # the artifact is unfinished while training
         print(f"training on {len(dataset)} images, {ddp.world} process(es), "
               f"{sum(p.numel() for p in tokenizer.trainable_parameters()) / 1e6:.1f}M trainable "
               f"parameters, codebooks V={tokenizer.config.n_local} M={tokenizer.config.n_global}",
               file=sys.stderr)
         print(f"global batch {BATCH_SIZE} ({ddp.world} process(es) x {batch_per_process}), "
               f"learning rate {lr:.3g} (--lr {LR:.3g}, --lr_scaling {LR_SCALING}; the authors: "
-              f"batch {AUTHORS_BATCH}, 4.5e-4)", file=sys.stderr)
+              f"batch {AUTHORS_BATCH}, {AUTHORS_LR:g})", file=sys.stderr)
     loader = make_loader(dataset, batch_per_process, NUM_WORKERS, SEED, ddp)
     samples = sample_batch(dataset, N_SAMPLES) if ddp.is_main else None
     run_log = RunLog(out, ddp)
@@ -190,7 +182,7 @@ def main():
                   f"usage {summary['codebook_used']}/{summary['codebook_size']}", file=sys.stderr)
             for i, image_words in enumerate(words[:4]):
                 print(f"  image {i} global words: {' | '.join(image_words)}", file=sys.stderr)
-        save_checkpoint(state, ckpt_dir, ddp, expected, keep_every=SAVE_EVERY_EPOCH)
+        save_checkpoint(state, ckpt_dir, ddp, key, keep_every=SAVE_EVERY_EPOCH)
     run_log.close()
     if ddp.is_main:
         save_tokenizer(tokenizer, out / "tokenizer.pt")
@@ -204,4 +196,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, TOKENIZER, settings)

@@ -17,9 +17,9 @@ image's local tokens come first (the tokenizer's whole output). An image is
 compressed after the prompt text it follows in every episode (IMAGE_CONTEXT):
 a fixed text, so a block is still made once and reused anywhere, and the
 frozen LLM reads the block as it reads words in a prompt. Without it (after
-BOS alone) even the words' own uncompressed keys and values, made after BOS and
-placed in the prompt, leave the demo's 2-way episodes at chance (54% vs 79%
-for the same words as prompt text; 70% when made after the prompt text).
+BOS alone) even the words' own uncompressed keys and values, made after BOS
+and placed in the prompt, leave the demo's 2-way episodes near chance
+(docs/voco.md has the measurement).
 
 One set of weights serves every k <= K_MAX: step s trains with k =
 TRAIN_KS[s % len(TRAIN_KS)] (TRAIN_KS = (8,) is the paper's Table 4 setting:
@@ -56,8 +56,8 @@ from models.llm import llm_dtype, load_llm
 from models.tokenizer_io import load_tokenizer
 from models.voco import VoCo
 from utils import dist
-from utils.artifacts import (MANIFEST, atomic_path, finished_inputs, save_json,
-                             save_tensors, save_torch, write_manifest)
+from utils.artifacts import (atomic_path, finished_inputs, read_checkpoint, run_key, save_json,
+                             save_tensors, write_checkpoint, write_manifest)
 from utils.cli import configure, run_main
 from utils.stages import VOCO
 from utils.errors import V2LError
@@ -125,9 +125,6 @@ def check_settings() -> None:
 def main():
     check_settings()
     out = Path(OUT_DIR)
-    if (out / MANIFEST).is_file():
-        print(f"{out}: VoCo weights already trained (delete the directory to retrain)")
-        return
     ddp = dist.init(DEVICE)
     torch.manual_seed(SEED)
     llm = load_llm(LLM, dtype=llm_dtype(LLM_DTYPE, ddp.device), device=ddp.device)
@@ -153,15 +150,11 @@ def main():
     prompter = VoCoPrompter(llm.text_tokenizer)
     params = voco.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
-    key = json.loads(json.dumps({k: v for k, v in settings.items() if k not in (
-        "stop_after", "num_workers", "save_every", "device", "out_dir")}))
+    key = run_key(settings, tokenizer=TOKENIZER_DIR)   # what a checkpoint must have been made with
     start, log = 0, []
     ckpt = out / "checkpoint.pt"
-    if ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state["key"] != key:
-            raise V2LError(f"{ckpt}: a checkpoint of a run with other settings; rerun with those "
-                           "or delete the checkpoint")
+    state = read_checkpoint(ckpt, key)
+    if state is not None:
         voco.load_adapter_state(state["adapter"])
         opt.load_state_dict(state["optimizer"])
         start, log = state["step"], state["log"]
@@ -186,12 +179,7 @@ def main():
         n_global = max(1.0, float(stats[1]))
         if rows:
             (total / n_global).backward()
-        if ddp.active:    # the loss is a sum over ranks: their gradients add up
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
-                              for p in params])
-            dist.all_reduce_sum(flat, ddp)
-            for p, g in zip(params, flat.split([p.numel() for p in params])):
-                p.grad = g.view_as(p).clone()
+        dist.all_reduce_grads(params, ddp)   # the loss is a sum over ranks: gradients add up
         if GRAD_CLIP:
             torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
         opt.step()
@@ -201,8 +189,8 @@ def main():
         bar.set_postfix(k=k, kl=f"{loss:.4f}")
         done = step + 1
         if ddp.is_main and (done % SAVE_EVERY == 0 or done == end) and done < STEPS:
-            save_torch(ckpt, {"step": done, "adapter": voco.adapter_state(),
-                              "optimizer": opt.state_dict(), "log": log, "key": key})
+            write_checkpoint(ckpt, key, {"step": done, "adapter": voco.adapter_state(),
+                                         "optimizer": opt.state_dict(), "log": log})
     bar.close()
     if end < STEPS:
         if ddp.is_main:
@@ -242,4 +230,4 @@ def finish(voco: VoCo, llm, log: list[dict], train_classes: list[str], eval_clas
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, VOCO, settings)

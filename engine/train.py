@@ -6,8 +6,8 @@
 - ``train_step``: one generator update, then one discriminator update (from ``disc_start`` on).
 - ``train_one_epoch``: the loader loop around ``train_step``, with logging and codebook usage.
 - ``reconstruct_samples``: the epoch's reconstruction grid.
-- ``save_checkpoint`` / ``resume``: everything an exact resume needs, written and read here
-  only: the tokenizer's own weights (not the frozen CLIP, which is reloaded), the
+- ``save_checkpoint`` / ``resume``: everything an exact resume needs, in the one checkpoint
+  format of utils/artifacts.py (``write_checkpoint``, keyed by the run's settings and inputs): the tokenizer's own weights (not the frozen CLIP, which is reloaded), the
   discriminator, both optimisers, the GradScaler, the epoch and iteration counters and every
   rank's RNG states (torch, CUDA, numpy, python). Resuming from the checkpoint written after
   epoch e reproduces epoch e + 1 of an uninterrupted run.
@@ -44,12 +44,12 @@ from data.images import collate_skip_bad
 from models.losses import DiscriminatorLoss, GeneratorLoss
 from models.tokenizer import V2LTokenizer
 from utils import dist
-from utils.artifacts import atomic_path, save_torch
+from utils.artifacts import atomic_path, read_checkpoint, write_checkpoint
 from utils.errors import V2LError
 from utils.figures import save_image_grid
 
-CHECKPOINT_FORMAT = "v2l-tokenizer-train-v1"
-AUTHORS_BATCH = 8          # the authors' run: one GPU x 8 images per iteration, at lr 4.5e-4
+AUTHORS_BATCH = 8          # the authors' run: one GPU x 8 images per iteration,
+AUTHORS_LR = 4.5e-4        # at this learning rate
 LR_SCALINGS = ("none", "linear", "sqrt")
 
 
@@ -58,7 +58,7 @@ class TrainConfig:
     """Defaults: the authors' run."""
     epochs: int = 100
     warmup_epochs: int = 5
-    lr: float = 4.5e-4
+    lr: float = AUTHORS_LR
     min_lr: float = 0.0
     betas: tuple = (0.5, 0.9)
     eps: float = 1e-7                      # Adam epsilon (the authors'; PyTorch's default is 1e-8)
@@ -338,63 +338,39 @@ class RunLog:
 
 
 # ---- checkpoints: written and read here only ----------------------------------------------
-def save_checkpoint(state: TrainState, ckpt_dir: Path, ddp: dist.Dist, extra: dict,
+def save_checkpoint(state: TrainState, ckpt_dir: Path, ddp: dist.Dist, key: dict,
                     keep_every: int = 0) -> None:
-    """Write ``ckpt_dir/last.pt`` atomically (a collective: every rank contributes its RNG
-    states; rank 0 writes), and a copy ``epoch_NNNN.pt`` every ``keep_every`` epochs."""
+    """Write ``ckpt_dir/last.pt`` under the run's ``key`` (a collective: every rank contributes
+    its RNG states; rank 0 writes), and a copy ``epoch_NNNN.pt`` every ``keep_every`` epochs."""
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
            "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state() if state.device.type == "cuda" else None}
     all_rng = dist.all_gather_objects(rng, ddp)
     if ddp.is_main:
-        save_torch(ckpt_dir / "last.pt", {
-            "format": CHECKPOINT_FORMAT, "train_config": asdict(state.train_config),
-            "loss_weights": asdict(state.gen_loss.w),
+        write_checkpoint(ckpt_dir / "last.pt", key, {
+            "train_config": asdict(state.train_config), "loss_weights": asdict(state.gen_loss.w),
             "model": state.tokenizer.state_dict(),   # CLIP is not part of it
             "discriminator": state.discriminator.state_dict(),
             "opt_g": state.opt_g.state_dict(), "opt_d": state.opt_d.state_dict(),
             "scaler": state.scaler.state_dict(), "epoch": state.epoch, "step": state.step,
-            "world": ddp.world, "rng": all_rng, **extra})
+            "world": ddp.world, "rng": all_rng})
         if keep_every and state.epoch % keep_every == 0:
             with atomic_path(ckpt_dir / f"epoch_{state.epoch:04d}.pt") as tmp:
                 shutil.copyfile(ckpt_dir / "last.pt", tmp)
     dist.barrier(ddp)
 
 
-def resume(state: TrainState, ckpt_dir: Path, ddp: dist.Dist, expected: dict,
+def resume(state: TrainState, ckpt_dir: Path, ddp: dist.Dist, key: dict,
            log_path: Path | None = None) -> bool:
-    """Continue from ``ckpt_dir/last.pt`` when there is one (False: a fresh run).
-
-    ``expected``: entries the checkpoint must hold with these values (the tokenizer
-    architecture under ``config``, the input artifacts under ``inputs``); a checkpoint of
-    another architecture or other inputs is refused. Log records past the checkpoint (left
-    by a run killed after it) are dropped from ``log_path``.
-    """
+    """Continue from ``ckpt_dir/last.pt`` when there is one (False: a fresh run). A checkpoint
+    of a run with another ``key`` (settings, input artifacts) is refused with one line
+    (utils/artifacts.py ``read_checkpoint``). Log records past the checkpoint (left by a run
+    killed after it) are dropped from ``log_path``."""
     path = ckpt_dir / "last.pt"
-    if not path.is_file():
+    ckpt = read_checkpoint(path, key)
+    if ckpt is None:
         return False
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or foreign files raise zip/pickle errors of many kinds
-        raise V2LError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0]}); delete it to "
-                       "start over, or restore a copy")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise V2LError(f"{path}: not a tokenizer training checkpoint; move it away or "
-                       "choose another --out_dir")
-    if ckpt.get("inputs", expected["inputs"]) != expected["inputs"]:
-        raise V2LError(f"{path}: trained on other codebook/global artifacts than "
-                       f"{expected['inputs']}; pass those, or another --out_dir to start anew")
-    config, saved = expected["config"], ckpt["config"]
-    diff = sorted(k for k in set(config) | set(saved) if config.get(k) != saved.get(k))
-    if diff:
-        shown = ", ".join(f"{k}: {saved.get(k)!r} there vs {config.get(k)!r} now" for k in diff[:4])
-        raise V2LError(f"{path}: checkpoint of another tokenizer architecture ({shown}); "
-                       "use the same settings to resume, or another --out_dir to start anew")
-    try:
-        state.tokenizer.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as e:
-        raise V2LError(f"{path}: checkpoint weights do not fit this tokenizer "
-                       f"({str(e).splitlines()[1].strip()}); use another --out_dir")
+    state.tokenizer.load_state_dict(ckpt["model"], strict=True)
     state.discriminator.load_state_dict(ckpt["discriminator"])
     state.opt_g.load_state_dict(ckpt["opt_g"])
     state.opt_d.load_state_dict(ckpt["opt_d"])

@@ -3,6 +3,7 @@ the run summary, robust images. Flags from constants: tests/test_cli.py."""
 import json
 import os
 import re
+import shutil
 import stat
 from pathlib import Path
 
@@ -14,11 +15,15 @@ from PIL import Image
 from data.images import ImageFolderDataset, collate_skip_bad, load_rgb, scan_split
 from data.transforms import ImageViews, clip_crop
 from fixtures_artifacts import make_eval_artifacts
-from utils import stages
-from utils.artifacts import (ChunkStore, atomic_dir, atomic_path, is_complete, read_manifest,
-                             require_input, save_json, save_tensors, save_torch, write_manifest)
+from utils import pipeline, stages
+from utils.artifacts import (ChunkStore, atomic_dir, atomic_path, is_complete, read_checkpoint,
+                             read_manifest, require_input, run_key, save_json, save_tensors,
+                             save_torch, stale_reason, write_checkpoint, write_manifest)
+from utils.cli import parse_settings
 from utils.summary import parse_seconds, summary
 from utils.errors import V2LError
+
+REPO = Path(__file__).resolve().parent.parent
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "a.json"
@@ -67,13 +72,99 @@ def test_registry_names_each_stage_once_and_its_producer(tmp_path):
         read_manifest(tmp_path / "nothing", stages.CODEBOOK)
     with pytest.raises(V2LError, match="expected 'codebook'; run step2_codebook_embedding.py"):
         read_manifest(a, stages.CODEBOOK)
-    # run.sh's check: OUT/<the stage's dir> holds a finished artifact of that stage
-    assert stages.main(["complete", str(tmp_path), "vocab"]) == 0
-    assert stages.main(["complete", str(tmp_path), "codebook"]) == 1
-    assert stages.main(["complete", str(tmp_path), "no_such_stage"]) == 2
-    shell = stages.shell()
+    assert pipeline.main(["check", "no_such_stage"]) == 2
+    shell = pipeline.shell()
     assert "STAGE_IDS=(vocab codebook global tokenizer eval_reconstruction" in shell
     assert "[global]=step3_codebook_filtering.py" in shell
+
+
+def _stage(directory, stage, config, inputs=None):
+    save_json(Path(directory) / "data.json", [str(config)])
+    return write_manifest(directory, stage, config, ["data.json"], inputs=inputs)
+
+
+def test_a_stage_is_current_only_for_its_settings_and_current_inputs(tmp_path):
+    """The make/DVC rule: same settings (less the run-only ones) and the same upstream
+    artifacts, by id, all the way up; anything else reruns."""
+    vocab, codebook, tok = tmp_path / "vocab", tmp_path / "codebook", tmp_path / "tokenizer"
+    _stage(vocab, stages.VOCAB, {"prompt": "a"})
+    code_cfg = {"vocab_dir": str(vocab), "batch_size": 4, "num_workers": 2, "out_dir": str(codebook)}
+    _stage(codebook, stages.CODEBOOK, code_cfg, inputs={"vocab": vocab})
+    _stage(tok, stages.TOKENIZER, {"codebook_dir": str(codebook), "lr": 1e-3},
+           inputs={"codebook": codebook})
+    assert stale_reason(codebook, stages.CODEBOOK, code_cfg) is None
+    # run-only settings never rerun a stage; a result setting does, and is named
+    assert stale_reason(codebook, stages.CODEBOOK, code_cfg | {"num_workers": 8, "device": "cpu"}) is None
+    assert "--batch_size 4 there, 8 now" in stale_reason(codebook, stages.CODEBOOK,
+                                                          code_cfg | {"batch_size": 8})
+    assert "directory not found" in stale_reason(tmp_path / "none", stages.CODEBOOK, code_cfg)
+    # the same inputs under another path are the same artifact; another artifact is not
+    moved = tmp_path / "vocab_copy"
+    shutil.copytree(vocab, moved)
+    assert stale_reason(codebook, stages.CODEBOOK, code_cfg | {"vocab_dir": str(moved)}) is None
+    _stage(moved, stages.VOCAB, {"prompt": "b"})
+    assert "holds another artifact" in stale_reason(codebook, stages.CODEBOOK,
+                                                    code_cfg | {"vocab_dir": str(moved)})
+    # rebuilding an upstream artifact makes everything downstream stale, two levels down too
+    _stage(vocab, stages.VOCAB, {"prompt": "c"})
+    assert "holds another artifact" in stale_reason(codebook, stages.CODEBOOK, code_cfg)
+    why = stale_reason(tok, stages.TOKENIZER, {"codebook_dir": str(codebook), "lr": 1e-3})
+    assert "input 'codebook' is out of date: its input 'vocab'" in why and "was rebuilt" in why
+
+
+def test_run_key_names_inputs_by_id_not_path(tmp_path):
+    tok = tmp_path / "tokenizer"
+    _stage(tok, stages.TOKENIZER, {"lr": 1})
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(tok, copy)
+    settings = {"tokenizer_dir": str(tok), "k": 5, "num_workers": 0}
+    key = run_key(settings, tokenizer=tok)
+    assert key == run_key(settings | {"tokenizer_dir": str(copy), "num_workers": 3}, tokenizer=copy)
+    assert key["settings"] == {"k": 5}
+    _stage(tok, stages.TOKENIZER, {"lr": 2})   # retrained into the same directory
+    assert run_key(settings, tokenizer=tok) != key
+    # a bare file (no manifest beside it) is named by its content
+    (tmp_path / "w.pt").write_bytes(b"1")
+    assert run_key({}, w=tmp_path / "w.pt")["inputs"]["w"].startswith("sha256:")
+
+
+def test_pipeline_check_parses_the_script_without_running_it(tmp_path, capsys):
+    """run.sh's question, answered from the script's own settings block and the manifests."""
+    vocab = tmp_path / "vocab"
+    args = ["--llm", "some/llm", "--out_dir", str(vocab), "--batch_size", "16"]
+    assert pipeline.main(["check", "vocab", *args]) == 1
+    assert "directory not found" in capsys.readouterr().out
+    settings = {n.lower(): v for n, v in parse_settings(REPO / "step1_expand_vocabulary.py", args).items()}
+    _stage(vocab, stages.VOCAB, settings)
+    assert pipeline.main(["check", "vocab", *args]) == 0
+    with pytest.raises(SystemExit):                  # step 1 has no such flag: argparse's error
+        pipeline.main(["check", "vocab", *args, "--no_such_flag", "3"])
+    capsys.readouterr()
+    assert pipeline.main(["check", "vocab", *args[:-1], "32"]) == 1
+    assert "--batch_size 16 there, 32 now" in capsys.readouterr().out
+
+
+def test_a_training_checkpoint_of_other_settings_is_refused_with_one_line(tmp_path):
+    key = {"settings": {"lr": 1e-3, "epochs": 4}, "inputs": {"codebook": "abc"}}
+    write_checkpoint(tmp_path / "last.pt", key, {"step": 3})
+    assert read_checkpoint(tmp_path / "last.pt", key) == {"step": 3}
+    assert read_checkpoint(tmp_path / "none.pt", key) is None
+    with pytest.raises(V2LError, match=r"other settings \(--lr 0.001 there, 0.002 now\); rerun "
+                                       r"with those to resume it, or delete"):
+        read_checkpoint(tmp_path / "last.pt", key | {"settings": {"lr": 2e-3, "epochs": 4}})
+    with pytest.raises(V2LError, match=r"other input artifacts \(codebook\)"):
+        read_checkpoint(tmp_path / "last.pt", key | {"inputs": {"codebook": "def"}})
+
+
+def test_row_chunks_resume_a_longer_list(tmp_path):
+    store = ChunkStore(tmp_path, total=5, chunk_size=2, key={"a": 1}, rows=True)
+    for i in store.todo():
+        lo, hi = store.bounds(i)
+        store.save(i, [{"index": j} for j in range(lo, hi)])
+    assert [r["index"] for r in store.gather()] == [0, 1, 2, 3, 4]
+    longer = ChunkStore(tmp_path, total=7, chunk_size=2, key={"a": 1}, rows=True)
+    assert longer.todo() == [2, 3]          # the full chunks are kept, the short last one is not
+    assert ChunkStore(tmp_path, total=5, chunk_size=2, key={"a": 2}, rows=True).todo() == [0, 1, 2]
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
@@ -89,7 +180,7 @@ def test_artifacts_respect_the_umask(tmp_path, umask):
         store.save(0, {"x": torch.zeros(1)})
     finally:
         os.umask(old)
-    for p in ["a.safetensors", "b.json", "c.pt", "d/e.json", f"f/{store.dir.name}/chunk000000.safetensors"]:
+    for p in ["a.safetensors", "b.json", "c.pt", "d/e.json", store._path(0).relative_to(tmp_path)]:
         assert stat.S_IMODE((tmp_path / p).stat().st_mode) == 0o666 & ~umask, p
     for p in ["d", "f", f"f/{store.dir.name}"]:
         assert stat.S_IMODE((tmp_path / p).stat().st_mode) == 0o777 & ~umask, p

@@ -21,7 +21,7 @@ from models.clip import load_clip
 from models.losses import DiscriminatorLoss, GeneratorLoss, LossWeights
 from models.tokenizer_io import load_tokenizer
 from engine import train as engine_train
-from engine.train import (TrainConfig, amp_dtype, batch_and_lr, build_training, half_clip,
+from engine.train import (AUTHORS_BATCH, AUTHORS_LR, TrainConfig, amp_dtype, batch_and_lr, build_training, half_clip,
                           train_step)
 from test_losses import L2Perceptual
 from tiny_clip import make_tiny_clip
@@ -80,7 +80,8 @@ def test_defaults_are_the_authors_recipe():
     defaults = _script_defaults()
     assert defaults["ADAM_EPS"] == 1e-7 and defaults["AMP"] == "fp16"
     assert defaults["LPIPS_DROPOUT"] is True and defaults["DISC_FRESH_FORWARD"] is True
-    assert defaults["BATCH_SIZE"] == 8 and defaults["LR"] == 4.5e-4 and defaults["LR_SCALING"] == "none"
+    assert defaults["BATCH_SIZE"] == AUTHORS_BATCH and defaults["LR"] == AUTHORS_LR
+    assert defaults["LR_SCALING"] == "none"
     assert (defaults["LOCAL_CODEBOOK"], defaults["PROJECTOR"], defaults["CROSS_ATTENTION"]) == \
         ("clip", True, True)
     config = TrainConfig()
@@ -247,11 +248,14 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(world, tmp_path, monke
     assert [s for s, _, _ in resumed] == [s for s, _, _ in full]
     np.testing.assert_allclose([l for _, l, _ in resumed], [l for _, l, _ in full], rtol=0, atol=1e-6)
     np.testing.assert_allclose([d for _, _, d in resumed[1:]], [d for _, _, d in full[1:]], atol=1e-6)
-    # a finished run is not retrained; another architecture is refused
+    # a finished run is not retrained; its checkpoint does not resume a run of other settings
     assert _step4(_args(world, tmp_path / "resumed"), monkeypatch) == 0
-    assert "already trained" in capsys.readouterr().out
+    assert "up to date" in capsys.readouterr().out
     assert _step4(_args(world, tmp_path / "resumed", epochs=4, z_channels=64), monkeypatch) == 2
-    assert "another tokenizer architecture" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "rebuilding: settings changed (--epochs 3 there, 4 now; --z_channels 32 there, 64 now)" in err
+    assert "a checkpoint of a run with other settings (--epochs 3 there, 4 now" in err
+    assert not (tmp_path / "resumed" / "manifest.json").exists()
 
 
 @pytest.mark.parametrize("change, message", [
@@ -306,5 +310,5 @@ def test_ablation_flags_train_and_are_recorded(world, tmp_path, monkeypatch, cap
     clip_codebook = load_tensors(world["codebook"] / "local_codebook.safetensors")["embeddings"]
     assert not torch.allclose(tokenizer.tok_embeddings.weight, clip_codebook)
     # a checkpoint of the paper model is not resumed as an ablation, nor the other way round
-    assert _step4(_args(world, out, epochs=2), monkeypatch) == 2
-    assert "another tokenizer architecture" in capsys.readouterr().err
+    assert _step4(_args(world, out, epochs=1), monkeypatch) == 2
+    assert "--cross_attention False there, True now" in capsys.readouterr().err

@@ -12,7 +12,13 @@ number of processes that made it. The next stage records that id and refuses an
 input whose id differs (a codebook made from another vocabulary, say).
 
 The manifest is written last, so a directory without one is an unfinished
-stage. Long stages save fixed-size chunks as they go (``ChunkStore``); a killed
+stage. A finished one is *current* (``stale_reason`` is None) while its
+settings equal the ones a run passes now (less ``RUN_ONLY``, which change how a
+stage runs, never what it makes) and every input it was made from still holds
+the artifact of the recorded id, all the way up the chain; a stage reruns
+otherwise (``run_main`` in utils/cli.py, run.sh). Resume state (chunks,
+training checkpoints) is keyed by ``run_key``: the same settings and the inputs
+by artifact id, never by path. Long stages save fixed-size chunks as they go (``ChunkStore``); a killed
 run resumes from the chunks on disk, and the chunk boundaries do not depend on
 the number of ranks, so a 2-process run writes exactly what a 1-process run does.
 """
@@ -37,6 +43,9 @@ if TYPE_CHECKING:
 
 MANIFEST = "manifest.json"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# settings that change how a stage runs, never what it makes: changing one reruns nothing
+RUN_ONLY = frozenset({"out_dir", "device", "num_workers", "max_chunks", "stop_after", "log_every",
+                      "save_every", "save_every_epoch", "show_top", "results_csv"})
 
 
 def current_umask() -> int:
@@ -219,6 +228,90 @@ def finished_inputs(**dirs) -> dict:
     return {name: d for name, d in dirs.items() if (Path(d) / MANIFEST).is_file()}
 
 
+def artifact_id(path) -> str:
+    """The identity of an input: the manifest id of the finished artifact at ``path`` (a stage
+    directory, or a file directly inside one); for a bare file, its content hash."""
+    path = Path(path)
+    if path.is_file():
+        if (path.parent / MANIFEST).is_file():
+            return read_manifest(path.parent)["id"]
+        return "sha256:" + file_sha256(path)
+    return read_manifest(path)["id"]
+
+
+def _input_path(config: dict, name: str, recorded: str) -> str:
+    """Where a run with ``config`` reads input ``name``: its ``<name>_dir`` (or ``<name>``)
+    setting, else the directory the manifest recorded."""
+    return str(config.get(f"{name}_dir", config.get(name, recorded)))
+
+
+def result_settings(config: dict, input_names) -> dict:
+    """The settings that decide what a stage makes: all but the run-only ones and the input
+    paths (inputs are compared by artifact id instead)."""
+    drop = RUN_ONLY | set(input_names) | {f"{n}_dir" for n in input_names}
+    return _jsonable({k: v for k, v in config.items() if k not in drop})
+
+
+def run_key(config: dict, **inputs) -> dict:
+    """A resume key (chunk folders, training checkpoints, answer logs): the result settings of
+    ``config`` and each input (name=path) by artifact id. Same key, same results."""
+    return {"settings": result_settings(config, inputs),
+            "inputs": {name: artifact_id(path) for name, path in sorted(inputs.items())}}
+
+
+def changed_settings(old: dict, new: dict, limit: int = 4) -> str:
+    """'lr: 0.0005 there, 0.001 now; ...' for the keys whose values differ."""
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    shown = "; ".join(f"--{k} {old.get(k)!r} there, {new.get(k)!r} now" for k in keys[:limit])
+    return shown + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def broken_chain(manifest: dict, seen: set | None = None) -> str | None:
+    """None when every input a manifest records (and theirs, up the chain) still holds the
+    artifact of the recorded id; else which one does not."""
+    seen = set() if seen is None else seen
+    for name, entry in manifest.get("inputs", {}).items():
+        if entry["dir"] in seen:
+            continue
+        seen.add(entry["dir"])
+        try:
+            now = read_manifest(entry["dir"])
+        except V2LError:
+            return f"its input '{name}' ({entry['dir']}) is gone or unfinished"
+        if now["id"] != entry["id"]:
+            return (f"its input '{name}' ({entry['dir']}) was rebuilt (id {entry['id'][:12]} -> "
+                    f"{now['id'][:12]})")
+        upstream = broken_chain(now, seen)
+        if upstream:
+            return f"its input '{name}' is out of date: {upstream}"
+    return None
+
+
+def stale_reason(out_dir, stage: Stage | str, config: dict) -> str | None:
+    """None when ``out_dir`` holds a current artifact of ``stage`` for the settings ``config``
+    (the rules in the module docstring); otherwise why it must be (re)made."""
+    try:
+        manifest = read_manifest(out_dir, stage)
+    except V2LError as e:
+        return str(e)
+    inputs = manifest.get("inputs", {})
+    old_settings = result_settings(manifest.get("config", {}), inputs)
+    new_settings = result_settings(config, inputs)
+    if old_settings != new_settings:
+        return f"settings changed ({changed_settings(old_settings, new_settings)})"
+    for name, entry in inputs.items():
+        path = _input_path(config, name, entry["dir"])
+        try:
+            if artifact_id(path) != entry["id"]:
+                return f"input '{name}' ({path}) holds another artifact than it was made from"
+        except V2LError:
+            return f"input '{name}' ({path}) is gone or unfinished"
+        upstream = broken_chain(read_manifest(Path(path) if Path(path).is_dir() else Path(path).parent))
+        if upstream:
+            return f"input '{name}' is out of date: {upstream}"
+    return None
+
+
 def is_complete(out_dir, stage: Stage | str) -> bool:
     """True when out_dir holds a finished artifact of this stage (for skipping reruns)."""
     try:
@@ -228,23 +321,70 @@ def is_complete(out_dir, stage: Stage | str) -> bool:
         return False
 
 
-class ChunkStore:
-    """Fixed-size chunks of a long job, saved as they finish, so a killed run resumes.
+CHECKPOINT_FORMAT = "v2l-training-checkpoint-v2"
 
-    Items [0, total) are cut into chunks of ``chunk_size``; chunk i belongs to
-    rank i % world. ``key`` (the settings that change the result) names the
-    chunk folder, so a run with other settings never picks up stale chunks.
+
+def write_checkpoint(path, key: dict, state: dict) -> None:
+    """A training stage's resume point (every training stage writes this one format): its
+    ``state`` (weights, optimisers, counters, random streams...) under the run's ``key``
+    (``run_key``), written atomically."""
+    save_torch(path, {"format": CHECKPOINT_FORMAT, "key": key, "state": state})
+
+
+def read_checkpoint(path, key: dict) -> dict | None:
+    """The state saved at ``path`` (None when there is none), refusing one written under
+    another key with one line that names what differs and how to proceed."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    import torch
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or foreign files raise zip/pickle errors of many kinds
+        raise V2LError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0]}); delete it to "
+                       "start over, or restore a copy")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise V2LError(f"{path}: not a training checkpoint of this code; move it away or choose "
+                       "another --out_dir")
+    saved = ckpt["key"]
+    if saved != key:
+        if saved["settings"] != key["settings"]:
+            why = f"other settings ({changed_settings(saved['settings'], key['settings'])})"
+        else:
+            names = sorted(n for n in set(saved["inputs"]) | set(key["inputs"])
+                           if saved["inputs"].get(n) != key["inputs"].get(n))
+            why = f"other input artifacts ({', '.join(names)})"
+        raise V2LError(f"{path}: a checkpoint of a run with {why}; rerun with those to resume "
+                       f"it, or delete {path} to train anew")
+    return ckpt["state"]
+
+
+class ChunkStore:
+    """Fixed-size chunks of a long job, saved as they finish, so a killed run resumes: the one
+    resume mechanism of every stage that works through a list (vocabulary ids, images,
+    episodes, questions); training stages use ``write_checkpoint``.
+
+    Items [0, total) are cut into chunks of ``chunk_size``; chunk i belongs to rank
+    i % world, so any number of ranks makes the same chunks. A chunk holds tensors
+    (``save(i, {name: tensor})``, gathered by concatenation) or, with ``rows=True``, JSON
+    rows (``save(i, [dict, ...])``, gathered as one list). ``key`` (``run_key``: the
+    settings that change the result and the inputs by artifact id) names the chunk folder,
+    so a run with other settings or other inputs never picks up stale chunks; a chunk's file
+    names its item range, so a longer run of the same key reuses the finished chunks.
     """
 
-    def __init__(self, out_dir, total: int, chunk_size: int, key: dict):
-        self.total, self.chunk_size = total, chunk_size
+    def __init__(self, out_dir, total: int, chunk_size: int, key: dict, rows: bool = False):
+        if chunk_size < 1:
+            raise V2LError(f"chunk size {chunk_size}: must be at least 1")
+        self.total, self.chunk_size, self.rows = total, chunk_size, rows
         digest = hashlib.sha256(json.dumps(_jsonable(key), sort_keys=True).encode()).hexdigest()[:16]
         self.dir = Path(out_dir) / f".chunks-{digest}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.n_chunks = (total + chunk_size - 1) // chunk_size
 
     def _path(self, i: int) -> Path:
-        return self.dir / f"chunk{i:06d}.safetensors"
+        lo, hi = self.bounds(i)
+        return self.dir / f"chunk{lo:09d}-{hi:09d}.{'jsonl' if self.rows else 'safetensors'}"
 
     def bounds(self, i: int) -> tuple[int, int]:
         return i * self.chunk_size, min(self.total, (i + 1) * self.chunk_size)
@@ -258,18 +398,27 @@ class ChunkStore:
     def n_done(self) -> int:
         return sum(self.done(i) for i in range(self.n_chunks))
 
-    def save(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
-        save_tensors(self._path(i), tensors)
+    def save(self, i: int, data) -> None:
+        if not self.rows:
+            save_tensors(self._path(i), data)
+            return
+        with atomic_path(self._path(i)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in data)
 
-    def load(self, i: int) -> dict[str, torch.Tensor]:
-        return load_tensors(self._path(i))
+    def load(self, i: int):
+        if not self.rows:
+            return load_tensors(self._path(i))
+        with open(self._path(i), encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
 
-    def gather(self) -> dict[str, torch.Tensor]:
+    def gather(self):
         missing = [i for i in range(self.n_chunks) if not self.done(i)]
         if missing:
             raise V2LError(f"{self.dir}: {len(missing)} of {self.n_chunks} chunks missing; "
                            "rerun the same command to finish them")
         parts = [self.load(i) for i in range(self.n_chunks)]
+        if self.rows:
+            return [row for part in parts for row in part]
         import torch
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
@@ -277,4 +426,3 @@ class ChunkStore:
         for p in self.dir.glob("*"):
             p.unlink()
         self.dir.rmdir()
-

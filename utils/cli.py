@@ -331,9 +331,16 @@ def configure(script_globals: dict, argv: list[str] | None = None) -> dict:
     return {name.lower(): value for name, value in values.items()}
 
 
-def run_main(main: Callable[[], Any]) -> None:
-    """Run a script's main: a V2LError becomes one clear line on stderr and exit status 2."""
+def run_main(main: Callable[[], Any], stage=None, settings: dict | None = None) -> None:
+    """Run a script's main: a V2LError becomes one clear line on stderr and exit status 2.
+
+    With ``stage`` (a utils.stages entry) and the script's ``settings``, the stage is skipped
+    when ``settings["out_dir"]`` already holds a current artifact (utils/artifacts.py
+    ``stale_reason``: same settings, inputs unchanged up the chain); a stale one loses its
+    manifest first, so that it reads as unfinished until it is rebuilt."""
     try:
+        if stage is not None and not needs_run(stage, settings):
+            return
         main()
     except V2LError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -342,3 +349,23 @@ def run_main(main: Callable[[], Any]) -> None:
         print("interrupted: completed chunks are kept; rerun the same command to resume",
               file=sys.stderr)
         sys.exit(130)
+
+
+def needs_run(stage, settings: dict) -> bool:
+    """False (and one line) when the stage's artifact is current; else True, after rank 0 has
+    removed a stale artifact's manifest."""
+    import os
+    from pathlib import Path
+
+    from utils.artifacts import MANIFEST, stale_reason
+    out = Path(settings["out_dir"])
+    why = stale_reason(out, stage, settings)
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if why is None:
+        if main_rank:
+            print(f"{out}: up to date (same settings, same inputs); nothing to do")
+        return False
+    if (out / MANIFEST).is_file() and main_rank:
+        print(f"{out}: rebuilding: {why}", file=sys.stderr)
+        (out / MANIFEST).unlink()
+    return True

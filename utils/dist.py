@@ -66,6 +66,18 @@ def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
+def all_reduce_grads(params: list[torch.Tensor], d: Dist) -> None:
+    """Sum the parameters' gradients over the ranks, in one flat all-reduce (a missing gradient
+    counts as zeros). For a model DDP cannot wrap (adapters inside a frozen LLM)."""
+    if not d.active:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                      for p in params])
+    all_reduce_sum(flat, d)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p).clone()
+
+
 def all_gather_objects(obj, d: Dist) -> list:
     if not d.active:
         return [obj]

@@ -2,23 +2,17 @@
 
 A stage id is what a manifest's ``"stage"`` says, what a consumer checks with
 ``read_manifest(dir, VOCAB)`` (which also names ``VOCAB.script`` in its error),
-what ``run.sh`` skips on (``python -m utils.stages complete OUT vocab``) and
-where ``utils/summary.py`` looks. A new stage is one ``Stage(...)`` line here
+what ``run.sh`` asks about (``python -m utils.pipeline check vocab ARGS``) and
+where ``utils/summary.py`` looks. This module is data only: it imports nothing
+of the project. A new stage is one ``Stage(...)`` line here
 (plus, for a pipeline stage, its entry in ``PIPELINE`` and its command in run.sh).
 
 ``out_dir`` is the directory under run.sh's ``OUT``; a script's own default is
 ``out/<out_dir>`` (tests/test_cli.py checks that the two agree).
-
-    python -m utils.stages shell              # bash declarations for run.sh
-    python -m utils.stages table              # the pipeline's stages and directories
-    python -m utils.stages complete OUT ID    # exit 0 when OUT/<dir of ID> holds a finished ID
 """
 from __future__ import annotations
 
-import shlex
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -85,39 +79,3 @@ def producer(stage: Stage | str) -> str | None:
     """The command that makes a stage's artifact, or None for an unregistered id."""
     s = BY_ID.get(stage_id(stage))
     return s.script if s else None
-
-
-def shell() -> str:
-    """bash declarations for run.sh: STAGE_IDS (pipeline order) and, by id, STAGE_SCRIPT,
-    STAGE_DIR (under OUT) and STAGE_TITLE."""
-    q = shlex.quote
-    lines = ["STAGE_IDS=(" + " ".join(q(s.id) for s in PIPELINE) + ")"]
-    for name, field in (("STAGE_SCRIPT", "script"), ("STAGE_DIR", "out_dir"), ("STAGE_TITLE", "title")):
-        pairs = " ".join(f"[{q(s.id)}]={q(getattr(s, field))}" for s in PIPELINE)
-        lines.append(f"declare -A {name}=({pairs})")
-    return "\n".join(lines)
-
-
-def table() -> str:
-    """The pipeline as run.sh --help lists it."""
-    width = max(len(s.script) for s in PIPELINE)
-    return "\n".join(f"  {s.script:<{width}}  {s.out_dir + '/':<21} {s.what}" for s in PIPELINE)
-
-
-def main(argv: list[str]) -> int:
-    if argv == ["shell"]:
-        print(shell())
-        return 0
-    if argv == ["table"]:
-        print(table())
-        return 0
-    if len(argv) == 3 and argv[0] == "complete" and argv[2] in BY_ID:
-        from utils.artifacts import is_complete
-        return 0 if is_complete(Path(argv[1]) / BY_ID[argv[2]].out_dir, argv[2]) else 1
-    print("usage: python -m utils.stages shell | table | complete OUT STAGE_ID\n"
-          f"stage ids: {', '.join(s.id for s in PIPELINE)}", file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
