@@ -35,10 +35,11 @@ from models.llm import llm_dtype, load_llm
 from engine.metrics import ReconstructionMetrics
 from models.tokenizer_io import load_tokenizer
 from utils import dist
-from utils.artifacts import ChunkStore, atomic_path, save_json, write_manifest, finished_inputs
+from utils.artifacts import ChunkStore, finished_inputs, run_key, save_json, save_text, write_manifest
 from utils.figures import save_image_grid
 from utils.cli import configure, run_main
 from utils.stages import EVAL_DENOISING
+from utils.tables import write_table
 
 TOKENIZER_DIR = "out/tokenizer"   # the trained tokenizer (directory or tokenizer.pt)
 LLM = "/models/llama-2-7b"        # the frozen LLM: Hugging Face dir, Meta LLaMA dir or .gguf
@@ -63,11 +64,6 @@ OUT_DIR = "out/eval_denoising"    # where results are written
 
 settings = configure(globals())
 SAVED = ("clean", "corrupt", "pred")   # local tokens [N] saved per image (with index, global_idx)
-
-
-def save_text(path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
 
 
 def chunk_batches(ds, store: ChunkStore, chunks: list[int], desc: str):
@@ -143,14 +139,8 @@ def write_results(results: dict) -> list[str]:
     fmt = lambda x: "" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))  # noqa: E731
     rows = [[task, v] + [fmt(results[task][v].get(c)) for c in cols[2:]]
             for task in results for v in VARIANTS]
-    out = Path(OUT_DIR)
-    save_json(out / "results.json", results)
-    save_text(out / "results.csv", "\n".join(",".join(r) for r in [cols] + rows) + "\n")
-    md = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
-    md += ["| " + " | ".join(r) + " |" for r in rows]
-    save_text(out / "results.md", "\n".join(md) + "\n")
-    print("\n".join(md))
-    return ["results.json", "results.csv", "results.md"]
+    save_json(Path(OUT_DIR) / "results.json", results)
+    return ["results.json"] + write_table(OUT_DIR, cols, rows, csv=True)
 
 
 def main():
@@ -171,10 +161,13 @@ def main():
     vocab_mask = codebook_vocab_mask(tokenizer.llm_ids, llm.model.config.vocab_size)
     results = {}
     for task in tasks:
-        key = {"task": task, "saved": SAVED, "protocol": PROTOCOL, "llm_dtype": dtype, "step": STEP,
-               "window": WINDOW, "seed": SEED, "rates": NOISE_RATES,
-               "tokenizer": str(TOKENIZER_DIR), "llm": llm.ident, "data": [str(DATA_DIR), SPLIT],
-               "n_images": len(ds)} | ({"blur_kernels": BLUR_KERNELS} if task == "deblurring" else {})
+        # the chunks hold tokens: scoring settings aside, they depend on these (the tokenizer
+        # by artifact id, the LLM as it runs: its dtype after the CPU fallback)
+        task_settings = {k: v for k, v in settings.items()
+                         if k not in ("tasks", "metrics", "save_strips")
+                         and (k != "blur_kernels" or task == "deblurring")} | {"task": task}
+        key = run_key(task_settings, tokenizer=TOKENIZER_DIR) | {
+            "llm": llm.ident, "llm_dtype": str(llm.model.dtype), "saved": SAVED, "n_images": len(ds)}
         store = ChunkStore(Path(OUT_DIR) / task, len(ds), CHUNK_IMAGES, key)
         tokenize_and_restore(task, ds, store, tokenizer, greedy, prompter, vocab_mask, ddp)
         dist.barrier(ddp)

@@ -11,11 +11,14 @@ Beside the accuracy, two reference rows scored on the very same episodes
 name) and the floor (the image words left empty).
 
 Writes, per setting, ``<out_dir>/<setting>/episodes.jsonl`` (prompt as the LLM
-reads it, prediction, target, correct, the references; a rerun skips the
-episodes already there), ``summary.json`` (accuracy, 95% Wilson interval,
-ceiling, floor) and a manifest; plus ``results.md`` / ``results.csv``, one row
-per setting. ``torchrun --nproc_per_node N`` splits the episodes over N
-processes (same results as one process); only rank 0 writes.
+reads it, prediction, target, correct, the references), ``summary.json``
+(accuracy, 95% Wilson interval, ceiling, floor) and a manifest; plus
+``results.md`` / ``results.csv``, one row per setting. Episodes are answered in
+chunks of CHUNK_EPISODES (utils/artifacts.py ``ChunkStore``), saved as they
+finish: a killed run resumes, a longer run (--n_episodes) reuses the finished
+chunks, other settings or another tokenizer never do. ``torchrun
+--nproc_per_node N`` shares the chunks between N processes, each decoding its
+chunks in the batches a single process would (same results); rank 0 writes.
 
     python eval_understanding.py --tokenizer_dir out/tokenizer --llm llama-2-7b-hf --data_dir imagenet
     python eval_understanding.py --sweep true      # 2/5-way x 1/3/5-shot x k in {5, 21}
@@ -32,9 +35,11 @@ from engine.greedy import BatchedGreedy
 from models.llm import llm_dtype, load_llm
 from models.tokenizer_io import load_tokenizer
 from utils import dist
-from utils.artifacts import atomic_path, load_json, save_json, write_manifest, finished_inputs
+from utils.artifacts import (ChunkStore, finished_inputs, run_key, save_json, save_text,
+                             write_manifest)
 from utils.cli import configure, run_main
 from utils.errors import V2LError
+from utils.tables import write_table
 from utils.stages import EVAL_UNDERSTANDING, EVAL_UNDERSTANDING_SETTING
 
 TOKENIZER_DIR = "out/tokenizer"   # the trained tokenizer (directory or tokenizer.pt)
@@ -58,6 +63,7 @@ REPEAT = 0                        # extra repetitions of the support set in the 
 N_EPISODES = 1000                 # episodes per setting
 SEED = 0                          # episode sampling seed
 BATCH_SIZE = 8                    # episodes decoded together
+CHUNK_EPISODES = 64               # episodes per saved chunk (the resume granularity), a multiple of BATCH_SIZE
 MAX_NEW_TOKENS = 16               # longest answer
 PREFIX_CACHE = True               # run the batch's shared prompt prefix once (same results, faster)
 SWEEP = False                     # run the paper's grid: 2/5-way x 1/3/5-shot x k in {5, 21} (induction on)
@@ -88,6 +94,9 @@ def check_options() -> None:
         raise V2LError(f"--class_names {CLASS_NAMES!r} unknown; use raw or spaces")
     if BATCH_SIZE < 1 or N_EPISODES < 1:
         raise V2LError("--batch_size and --n_episodes must be at least 1")
+    if CHUNK_EPISODES < BATCH_SIZE or CHUNK_EPISODES % BATCH_SIZE:
+        raise V2LError(f"--chunk_episodes {CHUNK_EPISODES}: use a multiple of --batch_size "
+                       f"{BATCH_SIZE}, so that a chunk's batches are those of an unchunked run")
 
 
 def episodes_for(s: dict) -> list:
@@ -99,52 +108,14 @@ def episodes_for(s: dict) -> list:
     return generate_episodes(DATA_DIR, s["n_way"], s["k_shot"], N_EPISODES, SEED, SPLIT)
 
 
-def load_done(path: Path, key: dict) -> dict[int, dict]:
-    """The results already in the JSONL log by episode index (a later line wins; a torn last
-    line is dropped), after checking that they were made with the same settings."""
-    key_file = path.parent / "key.json"
-    if key_file.is_file() and load_json(key_file) != key:
-        raise V2LError(f"{path.parent}: holds results made with other settings "
-                       f"({load_json(key_file)}); pass another --out_dir or delete it")
-    save_json(key_file, key)
-    if not path.is_file():
-        return {}
-    rows, lines = [], path.read_text(encoding="utf-8").splitlines()
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    if len(rows) < len(lines):
-        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    return {r["index"]: r for r in rows}
-
-
-def on_main(fn, ddp: dist.Dist):
-    """fn() run on rank 0 only, its result (or its V2LError) handed to every rank."""
-    result = None
-    if ddp.is_main:
-        try:
-            result = ("ok", fn())
-        except V2LError as e:
-            result = ("error", str(e))
-    status, value = dist.all_gather_objects(result, ddp)[0]
-    if status == "error":
-        raise V2LError(value)
-    return value
-
-
-def is_done(row: dict | None) -> bool:
-    return row is not None and (not REFERENCES or all(v in row for v in REFERENCE_NAMES))
-
-
-def rounds(todo: list, ddp: dist.Dist) -> list[list]:
-    """This rank's batches: each round hands consecutive batches of BATCH_SIZE episodes to
-    ranks 0, 1, ..., so every batch is the one a single process would decode."""
-    step = BATCH_SIZE * ddp.world
-    return [todo[i + ddp.rank * BATCH_SIZE:i + (ddp.rank + 1) * BATCH_SIZE]
-            for i in range(0, len(todo), step)]
+def store_for(s: dict, n_episodes: int, llm) -> ChunkStore:
+    """The setting's chunks of answered episodes, keyed by what the answers depend on: the
+    settings (the episode count aside: a longer run reuses the finished chunks), the tokenizer
+    by artifact id and the LLM as it runs (its dtype after the CPU fallback)."""
+    config = {k: v for k, v in settings.items() if k != "n_episodes"} | s
+    key = run_key(config, tokenizer=TOKENIZER_DIR) | {"llm": llm.ident,
+                                                      "llm_dtype": str(llm.model.dtype)}
+    return ChunkStore(Path(OUT_DIR) / setting_name(s), n_episodes, CHUNK_EPISODES, key, rows=True)
 
 
 def setting_words(strings: dict, k: int) -> dict[str, str]:
@@ -152,41 +123,31 @@ def setting_words(strings: dict, k: int) -> dict[str, str]:
             for p in strings}
 
 
-def run_setting(s: dict, episodes: list, todo: list, strings: dict, greedy: BatchedGreedy, llm,
-                ddp: dist.Dist) -> dict | None:
-    """Decode this rank's share of ``todo``; rank 0 logs every rank's rows and returns the
-    setting's summary (other ranks: None)."""
-    out = Path(OUT_DIR) / setting_name(s)
-    log = out / "episodes.jsonl"
+def answer_chunks(s: dict, episodes: list, store: ChunkStore, strings: dict,
+                  greedy: BatchedGreedy, llm, ddp: dist.Dist) -> None:
+    """Answer and save this rank's unfinished chunks of the setting's episodes."""
     words = setting_words(strings, s["global_k"])
     prompter = FewShotPrompter(llm.text_tokenizer, induction=s["induction"], repeat=s["repeat"],
                                constraint=CONSTRAINT)
-    for batch in rounds(todo, ddp):
-        rows, error = [], None
-        try:
-            for r in evaluate_episodes(greedy, prompter, batch, words, MAX_NEW_TOKENS, BATCH_SIZE,
-                                       spaces=CLASS_NAMES == "spaces", references=REFERENCES):
-                rows.append({"index": r.index, "prediction": r.prediction, "target": r.target,
-                             "correct": r.correct, "prompt_tokens": r.prompt_tokens,
-                             "prompt": r.prompt} | r.references)
-        except V2LError as e:     # every rank stops, not only the one that met the problem
-            error = str(e)
-        gathered = dist.all_gather_objects((rows, error), ddp)
-        errors = [e for _, e in gathered if e]
-        if errors:
-            raise V2LError(errors[0])
-        if ddp.is_main:
-            with open(log, "a", encoding="utf-8") as f:
-                for rank_rows, _ in gathered:
-                    f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rank_rows)
-                f.flush()
-    if not ddp.is_main:
-        return None
-    done = load_done(log, key_for(s, llm))
-    summary = summarise(s, [done[ep.index] for ep in episodes])
+    for i in store.todo(ddp.rank, ddp.world):
+        lo, hi = store.bounds(i)
+        results = evaluate_episodes(greedy, prompter, episodes[lo:hi], words, MAX_NEW_TOKENS,
+                                    BATCH_SIZE, spaces=CLASS_NAMES == "spaces", references=REFERENCES)
+        store.save(i, [{"index": r.index, "prediction": r.prediction, "target": r.target,
+                        "correct": r.correct, "prompt_tokens": r.prompt_tokens,
+                        "prompt": r.prompt} | r.references for r in results])
+
+
+def finish_setting(s: dict, store: ChunkStore) -> dict:
+    """Rank 0: the setting's episodes.jsonl, summary.json and manifest from its chunks."""
+    out = Path(OUT_DIR) / setting_name(s)
+    rows = store.gather()
+    save_text(out / "episodes.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    summary = summarise(s, rows)
     save_json(out / "summary.json", summary)
     write_manifest(out, EVAL_UNDERSTANDING_SETTING, settings | s, ["episodes.jsonl", "summary.json"],
                    inputs=finished_inputs(tokenizer=TOKENIZER_DIR), info=summary)
+    store.cleanup()
     refs = (f"; ceiling {100 * summary['ceiling']:.1f}%, floor {100 * summary['floor']:.1f}%"
             if REFERENCES else "")
     print(f"{setting_name(s)}: accuracy {100 * summary['accuracy']:.1f}% (95% CI "
@@ -224,27 +185,6 @@ def cell(row: dict, col: str) -> str:
     return str(value)
 
 
-def write_table(rows: list[dict]) -> None:
-    md = ["| " + " | ".join(TABLE) + " |", "|" + " --- |" * len(TABLE)]
-    md += ["| " + " | ".join(cell(r, c) for c in TABLE) + " |" for r in rows]
-    out = Path(OUT_DIR)
-    with atomic_path(out / "results.md") as tmp:
-        Path(tmp).write_text("\n".join(md) + "\n", encoding="utf-8")
-    with atomic_path(out / "results.csv") as tmp:
-        Path(tmp).write_text("\n".join([",".join(TABLE)] + [
-            ",".join(cell(r, c) for c in TABLE) for r in rows]) + "\n", encoding="utf-8")
-    print("\n".join(md))
-
-
-def key_for(s: dict, llm) -> dict:
-    """What the logged answers depend on beside the setting (a mismatch refuses to resume)."""
-    return s | {"tokenizer": str(TOKENIZER_DIR), "llm": llm.ident, "llm_dtype": str(llm.model.dtype),
-                "data_dir": str(DATA_DIR), "split": SPLIT, "episodes_csv": EPISODES_CSV,
-                "seed": SEED, "max_new_tokens": MAX_NEW_TOKENS, "constraint": CONSTRAINT,
-                "class_names": CLASS_NAMES, "word_separator": WORD_SEPARATOR,
-                "strip_words": STRIP_WORDS, "global_dedup": GLOBAL_DEDUP, "sort_words": SORT_WORDS}
-
-
 def main():
     check_options()
     ddp = dist.init(DEVICE)
@@ -253,13 +193,10 @@ def main():
     tokenizer = load_tokenizer(TOKENIZER_DIR, device=ddp.device)
     dtype = llm_dtype(LLM_DTYPE, ddp.device)
     llm = load_llm(LLM, dtype=dtype, device=ddp.device)
-    todos = []
-    for s, episodes in plan:
-        done = on_main(lambda: load_done(Path(OUT_DIR) / setting_name(s) / "episodes.jsonl",
-                                         key_for(s, llm)), ddp)
-        todos.append([ep for ep in episodes if not is_done(done.get(ep.index))])
-    # global words only for the images of this rank's remaining episodes
-    paths = sorted({p for todo in todos for batch in rounds(todo, ddp) for ep in batch
+    stores = [store_for(s, len(episodes), llm) for s, episodes in plan]
+    # global words only for the images of this rank's unfinished chunks
+    paths = sorted({p for (_, episodes), store in zip(plan, stores)
+                    for i in store.todo(ddp.rank, ddp.world) for ep in episodes[slice(*store.bounds(i))]
                     for p, _ in ep.support + (ep.query,)})
     k_max = max(s["global_k"] for s, _ in plan)
     k_fetch = fetch_count(k_max, GLOBAL_DEDUP, tokenizer.tok_embeddings_global.weight.shape[0])
@@ -268,10 +205,18 @@ def main():
                                                    progress=ddp.is_main))) if paths else {}
     pad = llm.text_tokenizer.pad_token_id if llm.text_tokenizer.pad_token_id is not None else 0
     greedy = BatchedGreedy(llm.model, pad, prefix_cache=PREFIX_CACHE)
-    rows = [run_setting(s, eps, todo, strings, greedy, llm, ddp)
-            for (s, eps), todo in zip(plan, todos)]
+    error = None
+    try:
+        for (s, episodes), store in zip(plan, stores):
+            answer_chunks(s, episodes, store, strings, greedy, llm, ddp)
+    except V2LError as e:     # every rank stops, not only the one that met the problem
+        error = str(e)
+    errors = [e for e in dist.all_gather_objects(error, ddp) if e]
+    if errors:
+        raise V2LError(errors[0])
     if ddp.is_main:
-        write_table(rows)
+        rows = [finish_setting(s, store) for (s, _), store in zip(plan, stores)]
+        write_table(OUT_DIR, TABLE, [[cell(r, c) for c in TABLE] for r in rows], csv=True)
         write_manifest(OUT_DIR, EVAL_UNDERSTANDING, settings, ["results.md", "results.csv"],
                        inputs=finished_inputs(tokenizer=TOKENIZER_DIR),
                        info={"settings": rows, "llm_dtype": dtype})

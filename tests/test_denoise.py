@@ -286,3 +286,43 @@ def test_eval_denoising_script_all_tasks(tmp_path, llm_dir, monkeypatch, capsys)
         run_script("eval_denoising.py", args + ["--tasks", "painting"], monkeypatch)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "unknown denoising task(s) ['painting']" in err
+
+
+def test_tokens_of_another_tokenizer_in_the_same_directory_are_never_resumed(
+        tmp_path, llm_dir, monkeypatch):
+    """A run killed after its first chunk, then a tokenizer retrained into the same directory:
+    the rerun restores every image with the new tokenizer (the chunks are keyed by the
+    tokenizer's artifact id, not by its path)."""
+    import engine.denoise
+    from fixtures_tokenizer import make_tiny_tokenizer
+    tokenizer, _, _ = make_tiny_tokenizer(tmp_path / "a", llm_ids=torch.arange(100, 164))
+    save_tokenizer(tokenizer, tmp_path / "tokenizer")
+    data = image_folders(tmp_path / "data" / "val", {"cat": 1, "dog": 1})
+    args = ["--tokenizer_dir", str(tmp_path / "tokenizer"), "--llm", llm_dir, "--data_dir",
+            str(data.parent), "--split", "val", "--metrics", "psnr", "--device", "cpu",
+            "--num_workers", "0", "--window", "4", "--step", "8", "--tasks", "inpainting",
+            "--chunk_images", "1", "--save_strips", "0"]
+    restore, calls = engine.denoise.restore, []
+
+    def killed_after_one_chunk(*a, **k):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return restore(*a, **k)
+    monkeypatch.setattr(engine.denoise, "restore", killed_after_one_chunk)
+    with pytest.raises(SystemExit) as exit_:
+        run_script("eval_denoising.py", args + ["--out_dir", str(tmp_path / "out")], monkeypatch)
+    assert exit_.value.code == 130
+    monkeypatch.setattr(engine.denoise, "restore", restore)
+    run_script("eval_denoising.py", args + ["--out_dir", str(tmp_path / "first")], monkeypatch)
+
+    retrained, _, _ = make_tiny_tokenizer(tmp_path / "b", llm_ids=torch.arange(100, 164))
+    for p in retrained.decoder.parameters():                 # another training run's weights
+        p.data.mul_(0.5)
+    retrained.tok_embeddings_global.weight.data = retrained.tok_embeddings_global.weight.data.flip(0)
+    save_tokenizer(retrained, tmp_path / "tokenizer")
+    for out in ("out", "fresh"):
+        run_script("eval_denoising.py", args + ["--out_dir", str(tmp_path / out)], monkeypatch)
+    first, resumed, fresh = (json.loads((tmp_path / d / "results.json").read_text())
+                             for d in ("first", "out", "fresh"))
+    assert first != fresh and resumed == fresh

@@ -163,17 +163,18 @@ def test_script_options_reach_the_prompts(tmp_path, llm_dir, monkeypatch, capsys
     (row,) = json.loads((out / "manifest.json").read_text())["info"]["settings"]
     assert row["ceiling"] is None and row["floor_ci95"] is None
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:        # other options: refuse to mix the results
-        run_script("eval_understanding.py", args, monkeypatch)
-    assert exit_.value.code == 2 and "other settings" in capsys.readouterr().err
-    # turning the references on later redoes the episodes logged without them
+    # turning the references on reruns the stage (the settings changed): every episode is
+    # answered again with them, none mixed in from the run without
     opts = ["--word_separator", ",", "--global_dedup", "true", "--constraint", "union",
             "--class_names", "spaces"]
     run_script("eval_understanding.py", args + opts, monkeypatch)
-    (setting,) = [d for d in out.iterdir() if d.is_dir()]
-    assert len((setting / "episodes.jsonl").read_text().splitlines()) == 8
+    assert "rebuilding: settings changed (--references False there, True now)" in capsys.readouterr().err
+    assert len(_rows(out)) == 4 and all("ceiling" in r for r in _rows(out).values())
     (row,) = json.loads((out / "manifest.json").read_text())["info"]["settings"]
     assert row["n"] == 4 and 0 <= row["ceiling"] <= 1 and len(row["floor_ci95"]) == 2
+    # the defaults again: the other options are gone from the prompts
+    run_script("eval_understanding.py", args, monkeypatch)
+    assert all("," not in r["prompt"].split("Input: <")[1].split(">")[0] for r in _rows(out).values())
 
 
 def test_several_ways_run_one_setting_each(tmp_path, llm_dir, monkeypatch):  # noqa: F811
@@ -191,3 +192,37 @@ def test_several_ways_run_one_setting_each(tmp_path, llm_dir, monkeypatch):  # n
             for image in (seg.split(" >")[0] for seg in prompt.split("Input: < ")[1:]):
                 words = image.split("|")
                 assert len(words) == 3 and words == sorted(words, key=lambda w: (normalised(w), w))
+
+
+def test_answers_of_another_tokenizer_in_the_same_directory_are_never_resumed(
+        tmp_path, llm_dir, monkeypatch):  # noqa: F811
+    """A run killed after its first chunk, then a tokenizer retrained into the same directory:
+    the rerun answers every episode with the new tokenizer (resume keys name the tokenizer by
+    artifact id, not by its path)."""
+    import engine.fewshot
+    from test_fewshot import run_script
+    from fixtures_tokenizer import make_tiny_tokenizer
+    args = _setup(tmp_path, llm_dir) + ["--n_episodes", "6", "--chunk_episodes", "2"]
+    answer = engine.fewshot.evaluate_episodes
+    calls = []
+
+    def killed_after_one_chunk(*a, **k):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return answer(*a, **k)
+    monkeypatch.setattr(engine.fewshot, "evaluate_episodes", killed_after_one_chunk)
+    with pytest.raises(SystemExit) as exit_:
+        run_script("eval_understanding.py", args + ["--out_dir", str(tmp_path / "out")], monkeypatch)
+    assert exit_.value.code == 130
+    monkeypatch.setattr(engine.fewshot, "evaluate_episodes", answer)
+    run_script("eval_understanding.py", args + ["--out_dir", str(tmp_path / "first")], monkeypatch)
+
+    retrained, _, _ = make_tiny_tokenizer(tmp_path / "tok2")       # into the same directory
+    retrained.tok_embeddings_global.weight.data = retrained.tok_embeddings_global.weight.data.flip(0)
+    save_tokenizer(retrained, tmp_path / "tokenizer")
+    run_script("eval_understanding.py", args + ["--out_dir", str(tmp_path / "out")], monkeypatch)
+    run_script("eval_understanding.py", args + ["--out_dir", str(tmp_path / "fresh")], monkeypatch)
+    resumed, fresh, first = (_rows(tmp_path / d) for d in ("out", "fresh", "first"))
+    assert [r["prompt"] for r in first.values()] != [r["prompt"] for r in fresh.values()]
+    assert resumed == fresh

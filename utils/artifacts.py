@@ -105,6 +105,11 @@ def save_json(path, obj) -> None:
         json.dump(obj, f, indent=1, ensure_ascii=False)
 
 
+def save_text(path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+
 def load_json(path):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
@@ -230,13 +235,19 @@ def finished_inputs(**dirs) -> dict:
 
 def artifact_id(path) -> str:
     """The identity of an input: the manifest id of the finished artifact at ``path`` (a stage
-    directory, or a file directly inside one); for a bare file, its content hash."""
+    directory, or a file directly inside one); for a file or folder without a manifest (a
+    tokenizer.pt saved by hand), a hash of its content."""
     path = Path(path)
+    if (path / MANIFEST).is_file() or (path.is_file() and (path.parent / MANIFEST).is_file()):
+        return read_manifest(path if path.is_dir() else path.parent)["id"]
     if path.is_file():
-        if (path.parent / MANIFEST).is_file():
-            return read_manifest(path.parent)["id"]
         return "sha256:" + file_sha256(path)
-    return read_manifest(path)["id"]
+    if path.is_dir():
+        h = hashlib.sha256()
+        for p in sorted(q for q in path.rglob("*") if q.is_file()):
+            h.update(f"{p.relative_to(path)}:{file_sha256(p)}\n".encode())
+        return "sha256:" + h.hexdigest()
+    raise V2LError(f"{path}: not found")
 
 
 def _input_path(config: dict, name: str, recorded: str) -> str:
