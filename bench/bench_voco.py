@@ -6,16 +6,17 @@ V2L prompt with every image's words. VoCo: every image compressed once (its
 block reused by every episode it is in), then engine.voco.greedy over prompts
 of text + blocks. Episodes have the real layout (induction line, N-way K-shot,
 IMAGE_TOKENS tokens per image, images drawn from a pool so they recur).
-maxdiff compares the cached path with models.voco.VoCo.single_pass in fp32 (both
-with the adapters off, so that it measures the mechanism whatever LoRA learnt).
+maxdiff compares the cached path with tests/voco_reference.py's single_pass in fp32
+(both with the adapters off, so that it measures the mechanism whatever LoRA learnt).
 
-Default: a small random Llama on CPU (a few minutes at most). ``--preset
+Default: a random Llama of SmolLM2-135M's shape on CPU. ``--preset
 llama2-7b``: a random LLaMA-2-7B-shaped model in bf16 on the GPU (maxdiff in
 fp32 on the same weights), plus the time and peak memory of a VoCo training step.
 
     python bench/bench_voco.py
     python bench/bench_voco.py --preset llama2-7b --train_steps 3
 """
+import contextlib
 import random
 import sys
 from pathlib import Path
@@ -24,21 +25,22 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT)]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from bench.common import timed  # noqa: E402
 from engine.fewshot import NameTrie  # noqa: E402
 from engine.greedy import BatchedGreedy  # noqa: E402
 from engine.voco import Slot, distill_loss, greedy, realize  # noqa: E402
-from models.voco import Image, VoCo, text_logits  # noqa: E402
+from models.voco import VoCo  # noqa: E402
 from utils.cli import configure, run_main  # noqa: E402
+from voco_reference import Image, prefill_logits, single_pass, text_logits  # noqa: E402
 
 PRESET = "smollm2-135m"  # smollm2-135m (the demo LLM's shape, CPU fp32), small (quicker) or llama2-7b (GPU bf16)
 N_EPISODES = 32          # episodes timed per method
 BATCH_SIZE = 8           # episodes per batch
 N_WAY = 2                # classes per episode
 K_SHOT = 1               # support images per class
-IMAGE_TOKENS = 50        # tokens per image (about 21 global words)
+IMAGE_TOKENS = 50        # tokens per image
 POOL = 24                # distinct images the episodes draw from
 K = 1                    # VoCo tokens per image
 REPEATS = 3              # each timing's best of this many runs, the two ways taken in turns
@@ -105,8 +107,8 @@ def run_full(model, rows, tries, images):
 
 def compress_pool(voco, images, adapters: bool = True):
     paths = sorted(images)
-    with torch.no_grad():
-        return dict(zip(paths, voco.compress([torch.tensor(images[p]) for p in paths], K, adapters)))
+    with torch.no_grad(), contextlib.nullcontext() if adapters else voco.frozen():
+        return dict(zip(paths, voco.compress([torch.tensor(images[p]) for p in paths], K)))
 
 
 def run_voco(voco, rows, tries, blocks):
@@ -118,9 +120,8 @@ def run_voco(voco, rows, tries, blocks):
 def max_logit_diff(voco, rows, images, blocks) -> tuple[float, float]:
     single = [[Image(torch.tensor(images[s.path])) if isinstance(s, Slot) else s for s in r]
               for r in rows[:4]]
-    ref, ref_index = voco.single_pass(single, K)
-    got, _, _, _, index = voco.prefill([realize(r, "voco", blocks=blocks) for r in rows[:4]],
-                                       all_logits=True)
+    ref, ref_index = single_pass(voco, single, K)
+    got, index = prefill_logits(voco, [realize(r, "voco", blocks=blocks) for r in rows[:4]])
     pairs = list(zip(text_logits(ref, ref_index), text_logits(got, index)))
     return (max((a - b).abs().max().item() for a, b in pairs),
             max(a.abs().max().item() for a, _ in pairs))

@@ -297,7 +297,9 @@ def load_voco(voco_dir, llm, tokenizer_dir) -> tuple[VoCo, dict, dict]:
     """(VoCo on ``llm`` with its untrained initial weights, the artifact's voco.json, the trained
     weights to ``load_adapter_state``) from a step-5 artifact, checked to be made for this LLM
     and (when the tokenizer has a manifest) from this tokenizer. The untrained state is the
-    paper's lower bound ("random compression"): initial VoCo embeddings, LoRA = identity."""
+    paper's lower bound ("random compression"): initial VoCo embeddings, LoRA = identity.
+    Like every ``VoCo``, it attaches LoRA layers to ``llm.model`` in place (``VoCo.remove()``
+    takes them out)."""
     from pathlib import Path
 
     from utils.artifacts import MANIFEST, load_json, load_tensors, read_manifest, require_input

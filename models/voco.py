@@ -12,13 +12,13 @@ be dropped and only the k VoCo entries kept. Here:
 - **LoRA adapters** (``peft``) are active only while an image is compressed; the
   model that reads a compressed cache is the unmodified frozen LLM (the authors
   fine-tune the whole LLM instead, which would change the LLM every other stage
-  shares).
+  shares). Constructing a ``VoCo`` attaches the LoRA layers to the LLM object it
+  is given (in place); ``VoCo.remove()`` takes them out again.
 - **Isolated compression.** An image is compressed on its own: [BOS] + a fixed
   context text (``context_ids``: the prompt text every image follows) + its tokens
   + k VoCo tokens at positions 0.. (the VoCo tokens see only their own image).
-  The context matters: keys and values made right after BOS are unlike those of
-  any word inside a prompt, and the frozen LLM cannot use them
-  (step5_train_voco.py gives the measurement).
+  The context is there so that an image's keys and values are made as the
+  frozen LLM reads them inside a prompt, not as right after BOS.
   Its VoCo keys are stored rotated back to positions 0..k-1, so the same block is
   placed into any prompt at any position by re-rotating the keys (exact for plain
   RoPE: R(a)R(b) = R(a+b)); each image is compressed once per run. Deviation: in
@@ -32,16 +32,15 @@ be dropped and only the k VoCo entries kept. Here:
   row attends to itself only, so it never produces NaN.
 - **Positions** are compact: a prompt's text tokens and VoCo entries take
   consecutive positions; an image's own tokens take none (they are gone).
-  ``single_pass`` computes the same thing in one masked forward over the whole
-  sequence (image tokens placed at positions just before their VoCo block, only
-  visible to their own block): the reference the cached path is tested against.
 
-A prompt is a list of segments: a list of token ids (text), a ``VoCoBlock``
-(a compressed image) or, for ``single_pass`` only, an ``Image`` (uncompressed).
+A prompt is a list of segments: a list of token ids (text) or a ``VoCoBlock`` (a
+compressed image). The tests hold a reference that computes the same logits in
+one masked forward over whole uncompressed prompts (tests/voco_reference.py).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -117,12 +116,6 @@ def rotate(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> t
 # ----------------------------------------------------------------------------- blocks
 
 @dataclass
-class Image:
-    """An uncompressed image for ``single_pass``: token ids [n] or embeddings [n, hidden]."""
-    tokens: torch.Tensor
-
-
-@dataclass
 class VoCoBlock:
     """One image's compressed cache: keys and values [layers, kv_heads, k, head_dim], the keys
     rotated to positions 0..k-1."""
@@ -155,8 +148,12 @@ def kv_bytes_per_token(model, dtype: torch.dtype | None = None) -> int:
 class VoCo(nn.Module):
     """k_max VoCo embeddings + LoRA adapters (active only while compressing) on a frozen LLM.
 
-    The LLM is modified in place by peft (LoRA layers wrap its linear layers) but, with the
-    adapters disabled (``frozen()``), computes exactly what it did before.
+    Constructing a VoCo changes ``model``, the caller's object, in place: peft replaces its
+    targeted linear layers by LoRA layers and sets ``requires_grad=False`` on its own weights.
+    With the adapters off (``frozen()``, under which every compressed prompt is read) it
+    computes exactly what it did before; ``remove()`` restores the original layers and flags.
+    The initial weights come from generators of their own seeded with ``seed``; the global
+    random state is left as it was.
     """
 
     def __init__(self, model, k_max: int, lora_rank: int = 8, lora_alpha: float = 16.0,
@@ -178,15 +175,37 @@ class VoCo(nn.Module):
             init = vocab.mean(0) + vocab.std() * torch.randn(self.k_max, vocab.shape[1], generator=g)
         # kept in fp32 (cast to the LLM's dtype where used) so bf16 training updates them well
         self.embeddings = nn.Parameter(init.to(weight.device))
+        self._requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         self.peft = None
         if self.lora["rank"] > 0:
             from peft import LoraConfig, get_peft_model
-            torch.manual_seed(seed)
             config = LoraConfig(r=self.lora["rank"], lora_alpha=self.lora["alpha"],
                                 target_modules=_lora_modules(model, self.lora["targets"]),
                                 lora_dropout=0.0, bias="none")
-            self.peft = get_peft_model(model, config)
+            # peft's layer construction draws throwaway values (nn.Linear's default init) from
+            # the global CPU generator: its state is put back, and the values are set below
+            state = torch.get_rng_state()
+            try:
+                with torch.device("cpu"):
+                    self.peft = get_peft_model(model, config)
+            finally:
+                torch.set_rng_state(state)
+            _init_lora(model, seed)
         self._inv_freq = _decoder(model).rotary_emb.inv_freq
+
+    def remove(self):
+        """Take the LoRA layers out of the LLM again (peft's ``unload``: the original linear
+        layers back, nothing merged) and restore its weights' ``requires_grad`` flags; returns
+        the LLM. The VoCo cannot be used afterwards."""
+        model = self.llm
+        if self.peft is not None:
+            self.peft.unload()
+            model.__dict__.pop("peft_config", None)     # set by peft on the model it wraps
+        for p, flag in self._requires_grad:
+            p.requires_grad_(flag)
+        self.llm = self.peft = None
+        self._requires_grad = []
+        return model
 
     # -- adapters
     def frozen(self):
@@ -231,10 +250,9 @@ class VoCo(nn.Module):
                            "(the LLM's hidden size) or token ids [n]")
         return tokens.to(self.device, self.dtype)
 
-    def _span(self, image: Image | torch.Tensor) -> torch.Tensor:
+    def _span(self, tokens: torch.Tensor) -> torch.Tensor:
         """An image's compression input: [BOS] + the context text + its token embeddings,
         [n, hidden]."""
-        tokens = image.tokens if isinstance(image, Image) else image
         ids = ([self.bos_id] if self.bos_id is not None else []) + self.context_ids
         parts = [self._embed(torch.tensor(ids, dtype=torch.long))] if ids else []
         return torch.cat(parts + [self._embed(tokens)])
@@ -245,10 +263,10 @@ class VoCo(nn.Module):
                            f"with at most {self.k_max}; use k between 1 and {self.k_max}")
 
     # -- compression
-    def compress(self, images: list, k: int, adapters: bool = True) -> list[VoCoBlock]:
-        """Compress each image (token ids, embeddings or ``Image``) on its own into k VoCo
-        entries, in one batched, LoRA-adapted forward (``adapters=False``: the frozen LLM, as
-        ``single_pass`` computes it). Gradients flow when enabled."""
+    def compress(self, images: list[torch.Tensor], k: int) -> list[VoCoBlock]:
+        """Compress each image (token ids [n] or embeddings [n, hidden]) on its own into k VoCo
+        entries, in one batched, LoRA-adapted forward (inside ``frozen()``: the frozen LLM's).
+        Gradients flow when enabled."""
         self._check_k(k)
         spans = [self._span(im) for im in images]
         lengths = torch.tensor([s.shape[0] for s in spans])
@@ -264,10 +282,9 @@ class VoCo(nn.Module):
             pos[i, pad:] = torch.arange(s.shape[0] + k)
             valid[i, pad:] = True
         allowed = _causal_allowed(valid)
-        with contextlib.nullcontext() if adapters else self.frozen():
-            out = self.llm(inputs_embeds=torch.stack(rows), position_ids=pos.to(dev),
-                           attention_mask=additive(allowed.to(dev), self.dtype), use_cache=True,
-                           logits_to_keep=1)
+        out = self.llm(inputs_embeds=torch.stack(rows), position_ids=pos.to(dev),
+                       attention_mask=additive(allowed.to(dev), self.dtype), use_cache=True,
+                       logits_to_keep=1)
         cache = out.past_key_values
         back = -lengths.to(dev)                     # VoCo sat at positions len..len+k-1
         keys = torch.stack([rotate(layer.keys[:, :, -k:], back, self._inv_freq)
@@ -276,18 +293,26 @@ class VoCo(nn.Module):
         return [VoCoBlock(keys[i], values[i]) for i in range(b)]
 
     # -- reading compressed prompts
-    def prefill(self, prompts: list[list], all_logits: bool = False, explicit_positions: bool = True,
-                hidden: bool = False):
+    def prefill(self, prompts: list[list], hidden: bool = False):
         """Run prompts of text segments (lists of ids) and ``VoCoBlock``s through the frozen LLM.
 
         Returns (logits, cache, key_valid [B, N], next_position [B], text_index): logits are
-        [B, V] for each prompt's last token, or with ``all_logits`` [B, T, V] for every text
-        token (``text_index`` [B, T] gives the index of that token among the row's text tokens,
-        -1 on padding); with ``hidden``, the final hidden states [B, T, hidden] of every text
-        token instead of logits (``logits_of`` turns the few needed into logits). The last
-        segment of a prompt must be text. ``explicit_positions=False`` is a control only:
-        transformers then counts positions from the cache length (wrong).
+        [B, V] for each prompt's last token; with ``hidden``, the final hidden states
+        [B, T, hidden] of every text token instead (``logits_of`` turns the few needed into
+        logits; ``text_index`` [B, T] gives the index of a token among its row's text tokens,
+        -1 on padding). The last segment of a prompt must be text.
         """
+        inputs, key_valid, nxt, text_index = self._prefill_inputs(prompts)
+        with self.frozen():
+            if hidden:    # the decoder stack alone: no [B, T, vocab] logits
+                out = _decoder(self.llm)(**inputs)
+                return out.last_hidden_state, out.past_key_values, key_valid, nxt, text_index
+            out = self.llm(**inputs, logits_to_keep=1)
+        return out.logits[:, -1].float(), out.past_key_values, key_valid, nxt, text_index
+
+    def _prefill_inputs(self, prompts: list[list]):
+        """(the LLM's inputs for ``prefill``: ids, mask, position ids and the cache of the VoCo
+        blocks placed at their positions; key_valid [B, N]; next_position [B]; text_index)."""
         dev, dtype = self.device, self.dtype
         rows = []
         for prompt in prompts:
@@ -349,16 +374,9 @@ class VoCo(nn.Module):
         allowed &= q_valid[:, :, None]
         allowed[:, :, n_max:] |= torch.eye(t_max, dtype=torch.bool)[None] & ~q_valid[:, :, None]
         inputs = dict(input_ids=ids.to(dev), attention_mask=additive(allowed.to(dev), dtype),
-                      position_ids=q_pos.to(dev) if explicit_positions else None,
-                      past_key_values=cache, use_cache=True)
+                      position_ids=q_pos.to(dev), past_key_values=cache, use_cache=True)
         nxt = torch.tensor([r[4] for r in rows], device=dev)
-        with self.frozen():
-            if hidden:    # the decoder stack alone: no [B, T, vocab] logits
-                out = _decoder(self.llm)(**inputs)
-                return out.last_hidden_state, out.past_key_values, key_valid.to(dev), nxt, text_index
-            out = self.llm(**inputs, logits_to_keep=0 if all_logits else 1)
-        logits = out.logits.float() if all_logits else out.logits[:, -1].float()
-        return logits, out.past_key_values, key_valid.to(dev), nxt, text_index
+        return inputs, key_valid.to(dev), nxt, text_index
 
     def logits_of(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float logits of final hidden states [..., hidden] (``prefill(hidden=True)``'s)."""
@@ -374,70 +392,6 @@ class VoCo(nn.Module):
             out = self.llm(input_ids=tokens[:, None], attention_mask=mask,
                            position_ids=positions[:, None], past_key_values=cache, use_cache=True)
         return out.logits[:, -1].float(), out.past_key_values, key_valid, positions + 1
-
-    # -- the single-pass reference
-    def single_pass(self, prompts: list[list], k: int, adapters: bool = False,
-                    mask: str = "float") -> tuple[torch.Tensor, torch.Tensor]:
-        """One masked forward over whole prompts of text segments and ``Image``s (each followed
-        by k VoCo tokens); returns (logits [B, T, V] float, text_index [B, T]). Computes what
-        ``compress`` + ``prefill`` compute (with ``adapters`` off, the frozen LLM throughout).
-        ``mask`` "bool" (the same mask as booleans) and "causal" (a plain causal mask) are
-        controls that must give something else."""
-        self._check_k(k)
-        dev, dtype = self.device, self.dtype
-        voco = self.embeddings[:k].to(dtype)
-        rows = []
-        for prompt in prompts:
-            embeds, pos, group, is_text, span_key, p, g = [], [], [], [], [], 0, 0
-            for seg in prompt:
-                if isinstance(seg, Image):
-                    g += 1
-                    span = self._span(seg)
-                    n = span.shape[0]
-                    embeds += [span, voco]
-                    pos += range(p - n, p + k)          # the VoCo block sits at p..p+k-1
-                    group += [g] * (n + k)
-                    is_text += [False] * (n + k)
-                    span_key += [True] * n + [False] * k  # VoCo entries stay visible later
-                    p += k
-                else:
-                    embeds.append(self._embed(torch.tensor(list(seg), dtype=torch.long)))
-                    pos += range(p, p + len(seg))
-                    group += [0] * len(seg)
-                    is_text += [True] * len(seg)
-                    span_key += [False] * len(seg)
-                    p += len(seg)
-            rows.append((torch.cat(embeds), pos, group, is_text, span_key))
-        b, width = len(rows), max(r[0].shape[0] for r in rows)
-        x = rows[0][0].new_zeros(b, width, rows[0][0].shape[1])
-        pos = torch.zeros(b, width, dtype=torch.long)
-        group = torch.full((b, width), -1, dtype=torch.long)
-        span_key = torch.zeros(b, width, dtype=torch.bool)
-        text_index = torch.full((b, width), -1, dtype=torch.long)
-        valid = torch.zeros(b, width, dtype=torch.bool)
-        for i, (e, p_, g_, t_, s_) in enumerate(rows):
-            n = e.shape[0]
-            x[i, width - n:] = e
-            pos[i, width - n:] = torch.tensor(p_)
-            group[i, width - n:] = torch.tensor(g_)
-            span_key[i, width - n:] = torch.tensor(s_)
-            valid[i, width - n:] = True
-            t = torch.tensor(t_)
-            idx = torch.full((n,), -1, dtype=torch.long)
-            idx[t] = torch.arange(int(t.sum()))
-            text_index[i, width - n:] = idx
-        allowed = _causal_allowed(valid)
-        in_image = group > 0
-        same = group[:, :, None] == group[:, None, :]
-        # image tokens and their VoCo tokens see only their own image; text sees no image tokens
-        allowed &= torch.where(in_image[:, :, None], same, ~span_key[:, None, :])
-        allowed |= torch.eye(width, dtype=torch.bool)[None] & ~valid[:, :, None]
-        ctx = contextlib.nullcontext() if adapters else self.frozen()
-        attention = {"float": lambda: additive(allowed.to(dev), dtype),
-                     "bool": lambda: allowed[:, None].to(dev), "causal": lambda: None}[mask]()
-        with ctx:
-            out = self.llm(inputs_embeds=x, attention_mask=attention, position_ids=pos.to(dev))
-        return out.logits.float(), text_index
 
 
 def _lora_modules(model, targets) -> list[str]:
@@ -459,14 +413,35 @@ def _lora_modules(model, targets) -> list[str]:
     return names
 
 
+def _init_lora(model, seed: int) -> None:
+    """Set the LoRA weights peft attached to ``model`` to their start, drawn from a generator
+    of its own seeded with ``seed``: B = 0 and A kaiming-uniform, as peft initialises them.
+    The draws repeat, module by module, those peft's construction makes after
+    ``torch.manual_seed(seed)``: nn.Linear's default init of A, then of B (both overwritten),
+    then A's own, rounded through the base layer's dtype as peft does. A seed therefore gives
+    the start it gave when the construction drew from the seeded global generator."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(shape) -> torch.Tensor:
+        out = torch.empty(shape, dtype=torch.float32, device="cpu")
+        return nn.init.kaiming_uniform_(out, a=math.sqrt(5), generator=g)
+
+    with torch.no_grad():
+        for module in model.modules():
+            lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+            if not isinstance(lora_a, nn.ModuleDict):
+                continue
+            for name in lora_a:
+                a, b = lora_a[name].weight, lora_b[name].weight
+                draw(a.shape)       # nn.Linear's default init of A
+                draw(b.shape)       # and of B
+                a.copy_(draw(a.shape).to(module.get_base_layer().weight.dtype))
+                b.zero_()
+
+
 def _causal_allowed(valid: torch.Tensor) -> torch.Tensor:
     """[B, T] valid columns -> [B, T, T]: causal over valid keys; a padded query sees itself."""
     t = valid.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool).tril()
     allowed = causal[None] & valid[:, None, :] & valid[:, :, None]
     return allowed | (torch.eye(t, dtype=torch.bool)[None] & ~valid[:, :, None])
-
-
-def text_logits(logits: torch.Tensor, text_index: torch.Tensor) -> list[torch.Tensor]:
-    """Per row, the logits of its text tokens in order ([T_i, V])."""
-    return [logits[i][text_index[i] >= 0] for i in range(logits.shape[0])]

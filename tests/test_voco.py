@@ -5,14 +5,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.voco import Image, VoCo, VoCoBlock, kv_bytes_per_token, text_logits
+from models.voco import LORA_TARGETS, VoCo, VoCoBlock, kv_bytes_per_token
 from tiny_llm import tiny_llama_model
 from utils.errors import V2LError
+from voco_reference import (Image, prefill_logits, prefill_positions_from_cache, single_pass,
+                            text_logits)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 V = 300
-TOL = 1e-4   # fp32: measured ~5e-6 on this model; float64 gives ~1e-15 (the paths are exact)
+TOL = 1e-4   # fp32 rounding only: the two paths compute the same thing
 
 
 def make_voco(attn="sdpa", k_max=4, lora_rank=4, **kw):
@@ -51,9 +53,9 @@ def test_cached_two_pass_equals_single_pass(attn, continuous, context):
     k = 3
     imgs, single, cached = case(voco, k, continuous)
     with torch.no_grad():
-        ref_logits, ref_index = voco.single_pass(single, k)
+        ref_logits, ref_index = single_pass(voco, single, k)
         blocks = voco.compress(imgs, k)      # LoRA starts as the identity (B = 0)
-        logits, _, _, _, index = voco.prefill(cached(blocks), all_logits=True)
+        logits, index = prefill_logits(voco, cached(blocks))
     ref, got = text_logits(ref_logits, ref_index), text_logits(logits, index)
     assert all(torch.isfinite(t).all() for t in ref + got)           # padded rows: no NaN
     assert ref[0].abs().max() > 1.0                                    # logits are not trivial
@@ -101,14 +103,13 @@ def test_controls_differ():
         voco = make_voco(attn)
         imgs, single, cached = case(voco, k)
         with torch.no_grad():
-            ref = text_logits(*voco.single_pass(single, k))
-            causal = text_logits(*voco.single_pass(single, k, mask="causal"))
+            ref = text_logits(*single_pass(voco, single, k))
+            causal = text_logits(*single_pass(voco, single, k, mask="causal"))
             blocks = voco.compress(imgs, k)
-            from_cache = voco.prefill(cached(blocks), all_logits=True, explicit_positions=False)
-            from_cache = text_logits(from_cache[0], from_cache[4])
+            from_cache = text_logits(*prefill_positions_from_cache(voco, cached(blocks)))
             assert max_diff(ref, causal) > 0.5
             assert max_diff(ref, from_cache) > 0.5
-            boolean = text_logits(*voco.single_pass(single, k, mask="bool"))
+            boolean = text_logits(*single_pass(voco, single, k, mask="bool"))
             if attn == "eager":
                 assert max_diff(ref, boolean) > 0.5    # added to the scores: silently wrong
             else:
@@ -124,7 +125,7 @@ def test_gradients_reach_only_voco_weights():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     blocks = voco.compress(imgs, k)
-    logits, *_ = voco.prefill(cached(blocks), all_logits=True)
+    logits, _ = prefill_logits(voco, cached(blocks))
     logits.logsumexp(-1).mean().backward()
     for name, p in voco.llm.named_parameters():
         if "lora_" in name:
@@ -186,6 +187,61 @@ def test_refusals():
         voco.compress([torch.randn(3, 10)], 1)
 
 
+def test_construction_leaves_the_global_random_state_alone():
+    """VoCo draws its initial weights from generators of its own: building one (random or
+    text-initialised rows, with or without LoRA) changes nothing another draw would see."""
+    for kw in ({}, {"init_ids": [5, 6]}, {"lora_rank": 0}, {"seed": 7}):
+        model = tiny_llama_model(V)
+        model.config._attn_implementation = "sdpa"
+        torch.manual_seed(123)
+        state = torch.get_rng_state()
+        VoCo(model, 3, bos_id=1, **kw)
+        assert torch.equal(torch.get_rng_state(), state), kw
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_initial_weights_are_those_of_the_seed(dtype):
+    """The initial LoRA weights are exactly those peft draws after torch.manual_seed(seed) (what
+    earlier versions drew, so a seed gives the same start as before), the VoCo rows those of a
+    generator seeded with it."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from models.voco import _lora_modules
+    voco = VoCo(tiny_llama_model(V).to(dtype), 3, lora_rank=4, seed=5)
+    model = tiny_llama_model(V).to(dtype)
+    torch.manual_seed(5)
+    config = LoraConfig(r=4, lora_alpha=16.0, target_modules=_lora_modules(model, LORA_TARGETS),
+                        lora_dropout=0.0, bias="none")
+    expected = get_peft_model_state_dict(get_peft_model(model, config))
+    got = {k[len("lora."):]: v for k, v in voco.adapter_state().items() if k.startswith("lora.")}
+    assert got.keys() == expected.keys() and any("lora_A" in k for k in got)
+    assert all(got[k].dtype == expected[k].dtype and torch.equal(got[k], expected[k]) for k in got)
+    vocab = model.get_input_embeddings().weight.detach().float()
+    rows = torch.randn(3, vocab.shape[1], generator=torch.Generator().manual_seed(5))
+    assert torch.equal(voco.embeddings.detach(), vocab.mean(0) + vocab.std() * rows)
+
+
+def test_remove_restores_the_llm():
+    """The constructor attaches LoRA layers to the caller's model; remove() takes them out and
+    restores the requires_grad flags: the same modules, weights and outputs as before."""
+    model, reference = tiny_llama_model(V), tiny_llama_model(V)
+    model.config._attn_implementation = "sdpa"
+    model.lm_head.weight.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    types = [(n, type(m)) for n, m in model.named_modules()]
+    voco = VoCo(model, 2, lora_rank=4)
+    assert any("lora_" in n for n, _ in model.named_parameters())
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    assert voco.remove() is model
+    assert [(n, type(m)) for n, m in model.named_modules()] == types
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert not hasattr(model, "peft_config")
+    a, b = model.state_dict(), reference.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.tensor([[1, 5, 9, 12]])
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, reference(x).logits)
+
+
 def test_kv_bytes():
     voco = make_voco()
     block = voco.compress([torch.tensor([5, 6, 7])], 3)[0]
@@ -229,8 +285,8 @@ def test_distill_loss_is_the_kl_of_the_full_logits():
         blocks = dict(zip(sorted(words), voco.compress([torch.tensor(words[p]) for p in sorted(words)], 2)))
         by_hand, n = 0.0, 0
         for i, row in enumerate(rows):
-            t = voco.prefill([realize(row, "upper", words=words)], all_logits=True)[0][0]
-            s = voco.prefill([realize(row, "voco", blocks=blocks)], all_logits=True)[0][0]
+            t = prefill_logits(voco, [realize(row, "upper", words=words)])[0][0]
+            s = prefill_logits(voco, [realize(row, "voco", blocks=blocks)])[0][0]
             use = kl_positions(row)
             if name_rows is not None:
                 use = [u and f for u, f in zip(use, name_rows[i][1:] + [False])]
