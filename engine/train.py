@@ -76,7 +76,7 @@ class TrainState:
     ``save_checkpoint``). ``generator`` and ``critic`` are the tokenizer and the
     discriminator as called in a training step: DDP-wrapped under torchrun."""
     tokenizer: V2LTokenizer
-    discriminator: DiscriminatorLoss
+    disc_loss: DiscriminatorLoss        # the PatchGAN discriminator and its hinge loss
     gen_loss: GeneratorLoss
     train_config: TrainConfig
     device: torch.device
@@ -205,11 +205,11 @@ def train_step(state: TrainState, x128: torch.Tensor, x_clip: torch.Tensor,
             group["lr"] = lr
     scaler, step = state.scaler, state.step
     # generator: L1 + VQ + LPIPS (+ adaptive-weighted GAN term); D is frozen for this step
-    state.discriminator.requires_grad_(False)
+    state.disc_loss.requires_grad_(False)
     with autocast(state):
         out = state.generator(x128, x_clip)
         loss, logs = state.gen_loss(x128, out["rec"], out["vq_loss"], step,
-                                    discriminator=state.discriminator.discriminator,
+                                    discriminator=state.disc_loss.discriminator,
                                     last_layer=state.tokenizer.last_layer(),
                                     grad_scale=scaler.get_scale() if scaler.is_enabled() else 1.0)
     if not torch.isfinite(loss):
@@ -218,7 +218,7 @@ def train_step(state: TrainState, x128: torch.Tensor, x_clip: torch.Tensor,
     state.opt_g.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(state.opt_g)
-    state.discriminator.requires_grad_(True)
+    state.disc_loss.requires_grad_(True)
     # discriminator: hinge loss on real images vs reconstructions
     if state.gen_loss.gan_active(step):
         fake = out["rec"]
@@ -243,7 +243,7 @@ def train_one_epoch(state: TrainState, loader: DataLoader, ddp: dist.Dist, run_l
     n_iter = len(loader) if train_config.max_steps_per_epoch is None \
         else min(len(loader), train_config.max_steps_per_epoch)
     state.tokenizer.train()
-    state.discriminator.train()
+    state.disc_loss.train()
     used = torch.zeros(len(state.tokenizer.llm_ids), dtype=torch.bool, device=ddp.device)
     sums: dict[str, torch.Tensor] = {}
     window: dict[str, torch.Tensor] = {}
@@ -350,7 +350,7 @@ def save_checkpoint(state: TrainState, ckpt_dir: Path, ddp: dist.Dist, key: dict
         write_checkpoint(ckpt_dir / "last.pt", key, {
             "train_config": asdict(state.train_config), "loss_weights": asdict(state.gen_loss.w),
             "model": state.tokenizer.state_dict(),   # CLIP is not part of it
-            "discriminator": state.discriminator.state_dict(),
+            "discriminator": state.disc_loss.state_dict(),
             "opt_g": state.opt_g.state_dict(), "opt_d": state.opt_d.state_dict(),
             "scaler": state.scaler.state_dict(), "epoch": state.epoch, "step": state.step,
             "world": ddp.world, "rng": all_rng})
@@ -371,7 +371,7 @@ def resume(state: TrainState, ckpt_dir: Path, ddp: dist.Dist, key: dict,
     if ckpt is None:
         return False
     state.tokenizer.load_state_dict(ckpt["model"], strict=True)
-    state.discriminator.load_state_dict(ckpt["discriminator"])
+    state.disc_loss.load_state_dict(ckpt["discriminator"])
     state.opt_g.load_state_dict(ckpt["opt_g"])
     state.opt_d.load_state_dict(ckpt["opt_d"])
     state.scaler.load_state_dict(ckpt["scaler"])

@@ -315,3 +315,18 @@ def test_tokenizer_views_follow_the_clip_crop():
     crop = clip * 0.25 + 0.5
     ref = torch.nn.functional.interpolate(crop[None], size=128, mode="bilinear", align_corners=False)[0]
     assert torch.allclose(small, ref.clamp(0, 1) * 2 - 1, atol=1e-5)
+
+
+def test_summary_never_reports_results_of_a_rebuilt_input(tmp_path, capsys):
+    """Results made from a tokenizer that has since been retrained are not this run's numbers."""
+    make_eval_artifacts(tmp_path)
+    tok, rec = tmp_path / "tokenizer", tmp_path / stages.EVAL_RECONSTRUCTION.out_dir
+    _stage(tok, stages.TOKENIZER, {"lr": 1})
+    write_manifest(rec, stages.EVAL_RECONSTRUCTION, {}, ["results.json"], inputs={"tokenizer": tok})
+    summary(tmp_path, {})
+    assert json.loads((tmp_path / "summary.json").read_text())["reconstruction"] is not None
+    _stage(tok, stages.TOKENIZER, {"lr": 2})
+    capsys.readouterr()
+    summary(tmp_path, {})
+    assert json.loads((tmp_path / "summary.json").read_text())["reconstruction"] is None
+    assert "not shown: its input 'tokenizer'" in capsys.readouterr().err

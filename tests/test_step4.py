@@ -57,7 +57,7 @@ def test_one_step_changes_only_the_trainable_parts(tmp_path, channels_last):
     frozen |= {k: tokenizer.state_dict()[k].clone() for k in
                ("tok_embeddings.weight", "tok_embeddings_global.weight", "llm_ids")}
     trainable = {id(p): p.detach().clone() for p in tokenizer.trainable_parameters()}
-    disc = {k: v.clone() for k, v in state.discriminator.state_dict().items()}
+    disc = {k: v.clone() for k, v in state.disc_loss.state_dict().items()}
     logs, _ = train_step(state, *_images(clip, 2), lr=1e-3)
     assert {"l1", "vq", "lpips", "g_loss", "adaptive_w", "d_loss"} <= set(logs)
     now = {"clip." + k: v for k, v in clip.model.state_dict().items()} | tokenizer.state_dict()
@@ -66,7 +66,7 @@ def test_one_step_changes_only_the_trainable_parts(tmp_path, channels_last):
     changed = [not torch.equal(p, trainable[id(p)]) for p in tokenizer.trainable_parameters()]
     assert all(changed), f"{changed.count(False)} trainable tensors did not move"
     assert tokenizer.codebook_projection.weight.grad is not None
-    assert not torch.equal(state.discriminator.state_dict()["discriminator.main.0.weight"],
+    assert not torch.equal(state.disc_loss.state_dict()["discriminator.main.0.weight"],
                            disc["discriminator.main.0.weight"])
 
 
@@ -105,7 +105,7 @@ def test_discriminator_sees_the_updated_generator(tmp_path, fresh):
     with torch.no_grad():
         before = tokenizer(x, x_clip)["rec"]
     seen = []
-    state.discriminator.register_forward_hook(lambda m, args, out: seen.append(args[1].detach()))
+    state.disc_loss.register_forward_hook(lambda m, args, out: seen.append(args[1].detach()))
     train_step(state, x, x_clip, lr=1e-3)
     with torch.no_grad():
         after = tokenizer(x, x_clip)["rec"]

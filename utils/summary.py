@@ -20,7 +20,8 @@ scripts and CI read::
                      ...]}
                                                  # upper, none, then lower and voco per k
 
-An evaluation that has not run (or not finished) is null; a value
+An evaluation that has not run (or not finished), or whose inputs changed since it ran
+(a tokenizer retrained after it, say: utils/artifacts.py ``broken_chain``), is null; a value
 an artifact does not hold (an older run without ``ceiling``, a metric not
 computed, a non-finite number) is null.
 """
@@ -30,7 +31,7 @@ import math
 import sys
 from pathlib import Path
 
-from utils.artifacts import is_complete, load_json, read_manifest, save_json
+from utils.artifacts import broken_chain, load_json, read_manifest, save_json
 from utils.errors import V2LError
 from utils.stages import (EVAL_CAPTIONING, EVAL_COMPRESSION, EVAL_DENOISING, EVAL_RECONSTRUCTION,
                           EVAL_UNDERSTANDING, EVAL_VQA)
@@ -58,9 +59,22 @@ def _clean(x):
     return x
 
 
+def is_current(d: Path, stage) -> bool:
+    """A finished artifact made from the artifacts that are there now (up the chain); a stale
+    one is named on stderr, so that its numbers are never reported as this run's."""
+    try:
+        manifest = read_manifest(d, stage)
+    except V2LError:
+        return False
+    why = broken_chain(manifest)
+    if why:
+        print(f"{stage.title}: the results in {d} are not shown: {why}", file=sys.stderr)
+    return why is None
+
+
 def reconstruction_results(out: Path) -> dict | None:
     d = out / EVAL_RECONSTRUCTION.out_dir
-    if not is_complete(d, EVAL_RECONSTRUCTION):
+    if not is_current(d, EVAL_RECONSTRUCTION):
         return None
     r = load_json(d / "results.json")
     return _clean({k: r.get(k) for k in RECONSTRUCTION_KEYS}
@@ -69,7 +83,7 @@ def reconstruction_results(out: Path) -> dict | None:
 
 def understanding_rows(out: Path) -> list[dict] | None:
     d = out / EVAL_UNDERSTANDING.out_dir
-    if not is_complete(d, EVAL_UNDERSTANDING):
+    if not is_current(d, EVAL_UNDERSTANDING):
         return None
     rows = read_manifest(d, EVAL_UNDERSTANDING)["info"].get("settings", [])
     return [_clean({k: r.get(k) for k in UNDERSTANDING_KEYS}) for r in rows]
@@ -77,7 +91,7 @@ def understanding_rows(out: Path) -> list[dict] | None:
 
 def denoising_rows(out: Path) -> list[dict] | None:
     d = out / EVAL_DENOISING.out_dir
-    if not is_complete(d, EVAL_DENOISING):
+    if not is_current(d, EVAL_DENOISING):
         return None
     results = load_json(d / "results.json")
     return [_clean({"task": task, "variant": variant} | {k: r.get(k) for k in DENOISING_KEYS[2:]})
@@ -86,7 +100,7 @@ def denoising_rows(out: Path) -> list[dict] | None:
 
 def _results(out: Path, stage) -> dict | None:
     d = out / stage.out_dir
-    return load_json(d / "results.json") if is_complete(d, stage) else None
+    return load_json(d / "results.json") if is_current(d, stage) else None
 
 
 def captioning_rows(out: Path) -> list[dict] | None:
