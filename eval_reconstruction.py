@@ -42,7 +42,8 @@ from tqdm import tqdm
 
 from data.images import ImageFolderDataset, collate_skip_bad
 from data.transforms import clip_crop
-from engine.metrics import ALL_METRICS, PROTOCOLS, ReconstructionMetrics, codebook_usage
+from engine.metrics import (ALL_METRICS, PROTOCOLS, MetricsAccumulator, ReconstructionMetrics,
+                            codebook_usage)
 from models.tokenizer import V2LTokenizer
 from models.tokenizer_io import load_tokenizer
 from utils import dist
@@ -65,7 +66,7 @@ CHUNK_SIZE = 2000  # images per resumable chunk (its metric sums are saved when 
 METRICS = ["psnr", "ssim", "lpips", "fid", "is", "codebook"]  # metrics to compute
 INCEPTION_WEIGHTS = None  # TF-Inception weights file (None = look in torch hub's checkpoints/)
 LPIPS_VGG = None  # torchvision VGG16 weights for LPIPS (None = look in torch hub's checkpoints/)
-IS_SPLITS = 10  # Inception Score splits (image i goes to split i % IS_SPLITS)
+IS_SPLITS = 10  # Inception Score splits (standard: image i goes to split i % IS_SPLITS; authors: the N images in dataset order cut into IS_SPLITS contiguous splits of N // IS_SPLITS, the last N mod IS_SPLITS dropped)
 GRID_IMAGES = 16  # images shown in the originals-vs-reconstructions grid, evenly spaced over the evaluated (sorted) set, so classes differ (0 = none)
 DUMP_PNG = False  # also write every source and reconstruction to OUT_DIR/png/{source,reconstruction}/
 CLIP_ALLOW_UNSAFE = False  # allow the tokenizer's CLIP to be a pickled OpenAI file; only if trusted
@@ -192,7 +193,7 @@ def main():
     dist.shutdown(ddp)
 
 
-def finish(tokenizer, data, acc: ReconstructionMetrics, store: ChunkStore, manifest: dict) -> None:
+def finish(tokenizer, data, acc: MetricsAccumulator, store: ChunkStore, manifest: dict) -> None:
     """Sum the chunks, write results, pictures, the CSV row and the manifest."""
     acc.reset()
     unreadable = 0

@@ -38,15 +38,20 @@ Conventions of the standard protocol (the same for every evaluation in this proj
 - Codebook usage: how many distinct local codes were used, that count over
   the codebook size, and the perplexity (exp of the entropy) of the histogram.
 
-Everything streams: :class:`ReconstructionMetrics` keeps only sums (float64
-first and second moments for FID, per-split sums for IS), so its state is
-small, can be saved to resume, and adds up across processes.
+Everything streams: an accumulator keeps only sums (float64 first and second
+moments for FID, per-split sums for IS), allocated up front at sizes its
+settings fix, so its state is small, can be saved to resume, and adds up
+across processes. :class:`MetricsAccumulator` holds the sums and the steps
+both protocols share; :class:`StandardMetrics` and :class:`AuthorsMetrics`
+each say what their protocol measures; :func:`ReconstructionMetrics` makes
+the one a protocol name asks for.
 """
 from __future__ import annotations
 
 import sys
+from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +66,8 @@ PROTOCOLS = ("authors", "standard")
 TV_INCEPTION_FILE = "inception_v3_google-0cc3c7bd.pth"   # torchvision's IMAGENET1K_V1 weights
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"                # torchvision's IMAGENET1K_V1 weights
 PYIQA_LPIPS_FILE = "LPIPS_v0.1_alex-df73285e.pth"        # pyiqa's LPIPS (AlexNet, v0.1) heads
+INCEPTION_POOL_DIM, INCEPTION_LOGITS = 2048, 1008        # TF-Inception: FID features, IS logits
+TV_INCEPTION_CLASSES = 1000                              # torchvision's inception_v3: IS logits
 
 
 # ----------------------------------------------------------------------------- pixels
@@ -350,170 +357,146 @@ def load_pyiqa_lpips(device="cpu") -> Callable:
     return distance
 
 
-# ----------------------------------------------------------------------------- accumulator
+# ----------------------------------------------------------------------------- accumulators
 
-class ReconstructionMetrics:
-    """Streaming PSNR/SSIM/LPIPS/FID/IS/codebook-usage accumulator.
+class Batch(NamedTuple):
+    """A batch as the protocols read it: the images in [-1, 1] and their 8-bit copies."""
+    real: torch.Tensor
+    fake: torch.Tensor
+    real8: torch.Tensor
+    fake8: torch.Tensor
 
-    ``update(real, fake)`` takes image batches in [-1, 1]; ``compute()`` returns
-    a flat dict of numbers plus ``skipped`` ({metric: reason}) for the metrics
-    that could not run (missing weights). ``state_dict()``/``load_state_dict()``
-    and ``merge()`` save, resume and add up partial results (sums only), so
-    accumulators of different processes or chunks combine exactly.
 
-    ``inception`` and ``lpips`` may be given as callables (tests, custom
-    networks): ``inception(uint8 images) -> (pool features, logits)``,
-    ``lpips(a, b) -> [B]`` (or [B, 1, 1, 1]) distances for images in [-1, 1].
-    ``inception_weights`` / ``lpips_vgg``: weight files when not in torch hub's cache.
-    Codebook usage is tracked only when ``n_codes`` (the codebook size) is given.
+class Features(NamedTuple):
+    """A batch's network outputs: the pool features FID compares (sources, reconstructions)
+    and the reconstructions' logits IS scores; None where the metric is off."""
+    fid_real: torch.Tensor | None
+    fid_fake: torch.Tensor | None
+    is_logits: torch.Tensor | None
 
-    ``protocol="authors"`` computes the paper script's metrics (module docstring); its IS
-    uses contiguous splits, so it needs ``n_total``, the number of dataset indices, and
-    ``is_net(images in [-1, 1]) -> logits`` may be given (else torchvision's inception_v3);
-    ``lpips`` is then pyiqa's.
+
+class MetricsAccumulator(ABC):
+    """Streaming PSNR/SSIM/LPIPS/FID/IS/codebook-usage sums, shared by the two protocols.
+
+    ``update(real, fake)`` takes image batches in [-1, 1]; ``compute()`` returns a flat dict
+    of numbers plus ``skipped`` ({metric: reason}) for the metrics that could not run
+    (missing weights). ``state_dict()``/``load_state_dict()`` and ``merge()`` save, resume
+    and add up partial results (sums only), so accumulators of different processes or
+    chunks combine exactly. The sums are allocated when the accumulator is made, at sizes
+    fixed by its settings: ``fid_dim``, the width of the FID features, and ``is_classes``,
+    the number of IS logits (default: those of the protocol's networks); a network that
+    gives other widths is an error.
+
+    ``inception`` and ``lpips`` may be given as callables (tests, custom networks):
+    ``inception(uint8 images) -> (pool features, logits)``, ``lpips(a, b) -> [B]`` (or
+    [B, 1, 1, 1]) distances. ``inception_weights``: the TF-Inception file when it is not
+    in torch hub's cache. Codebook usage is tracked only when ``n_codes`` (the codebook
+    size) is given.
+
+    A protocol (subclass) supplies its networks (``_load_networks``), the per-image PSNR,
+    SSIM and LPIPS (``_psnr``, ``_ssim``, ``_lpips``), the features FID and IS see
+    (``_features``), the width of its IS logits (``IS_CLASSES``) and how IS splits the
+    images (``is_split_total``: None puts dataset index i in split i % is_splits; a total
+    N cuts contiguous splits of N // is_splits, the last N mod is_splits dropped).
     """
 
-    def __init__(self, metrics=ALL_METRICS, device="cpu", n_codes: int | None = None,
+    protocol: str
+    IS_CLASSES: int
+    is_split_total: int | None = None
+
+    def __init__(self, metrics=ALL_METRICS, *, device="cpu", n_codes: int | None = None,
                  inception: Callable | None = None, inception_weights=None,
-                 lpips: Callable | None = None, lpips_vgg=None, is_splits: int = 10,
-                 protocol: str = "standard", n_total: int | None = None,
-                 is_net: Callable | None = None):
+                 lpips: Callable | None = None, is_splits: int = 10,
+                 fid_dim: int = INCEPTION_POOL_DIM, is_classes: int | None = None):
         unknown = set(metrics) - set(ALL_METRICS)
         if unknown:
             raise V2LError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(ALL_METRICS)}")
-        if protocol not in PROTOCOLS:
-            raise V2LError(f"metric protocol '{protocol}': choose from {', '.join(PROTOCOLS)}")
-        if protocol == "authors" and "is" in metrics and n_total is None:
-            raise V2LError("the authors' Inception Score uses contiguous splits: give n_total")
-        self.protocol, self.n_total = protocol, n_total
-        authors = protocol == "authors"
         self.device = torch.device(device)
         self.skipped: dict[str, str] = {}
         self.metrics = list(metrics)
         if "codebook" in self.metrics and n_codes is None:
             self.metrics.remove("codebook")
-        self.is_net = is_net
-        if authors and self.is_net is None and "is" in self.metrics:
-            self.is_net = self._try("is", lambda: load_torchvision_inception(self.device))
-        self.inception = inception
-        tf_metrics = {"fid"} if authors else {"fid", "is"}
-        if self.inception is None and (tf_metrics & set(self.metrics)):
-            self.inception = self._try("fid", lambda: load_inception(inception_weights, self.device),
-                                       also=tuple(sorted(tf_metrics - {"fid"})))
-        self.lpips = lpips
-        if self.lpips is None and "lpips" in self.metrics:
-            load = (lambda: load_pyiqa_lpips(self.device)) if authors else \
-                (lambda: load_lpips_metric(self.device, lpips_vgg))
-            self.lpips = self._try("lpips", load)
-        self.is_splits = is_splits
-        self.n_codes = n_codes
+        self.n_codes, self.is_splits = n_codes, is_splits
+        self.fid_dim = fid_dim
+        self.is_classes = self.IS_CLASSES if is_classes is None else is_classes
+        self.inception, self.lpips = inception, lpips
+        self._load_networks(inception_weights)
         self.reset()
 
-    def _try(self, name: str, load: Callable, also: tuple = ()):
+    # ------------------------------------------------------------------ protocol
+    @abstractmethod
+    def _load_networks(self, inception_weights) -> None:
+        """Load the networks of the requested metrics not given (``_try`` skips by name)."""
+
+    @abstractmethod
+    def _psnr(self, x: Batch) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _ssim(self, x: Batch) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _lpips(self, x: Batch) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _features(self, x: Batch) -> Features:
+        """Called only when FID or IS is on."""
+
+    def _try(self, names: tuple[str, ...], load: Callable):
+        """``load()``; when it fails for missing weights: None, and those of ``names`` that
+        were requested are skipped, with the reason."""
         try:
             return load()
         except V2LError as e:
-            for m in (name, *also):
+            for m in names:
                 if m in self.metrics:
                     self.metrics.remove(m)
                     self.skipped[m] = str(e)
                     print(f"warning: metric {m} skipped: {e}", file=sys.stderr)
             return None
 
-    def _init_state(self, n_feat: int = 0, n_logits: int = 0) -> dict[str, torch.Tensor]:
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Forget all images (the loaded networks stay): every sum at zero, at its full size."""
         z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=self.device)  # noqa: E731
-        state = {"n": z(())}
+        st = {"n": z(())}
         for m in ("psnr", "ssim", "lpips"):
             if m in self.metrics:
-                state[f"{m}_sum"] = z(())
+                st[f"{m}_sum"] = z(())
         if "fid" in self.metrics:
             for side in ("real", "fake"):
-                state[f"fid_{side}_n"], state[f"fid_{side}_sum"] = z(()), z(n_feat)
-                state[f"fid_{side}_outer"] = z(n_feat, n_feat)
+                st[f"fid_{side}_n"], st[f"fid_{side}_sum"] = z(()), z(self.fid_dim)
+                st[f"fid_{side}_outer"] = z(self.fid_dim, self.fid_dim)
         if "is" in self.metrics:
-            state["is_n"], state["is_p_sum"] = z(self.is_splits), z(self.is_splits, n_logits)
-            state["is_plogp_sum"] = z(self.is_splits)
+            st["is_n"], st["is_p_sum"] = z(self.is_splits), z(self.is_splits, self.is_classes)
+            st["is_plogp_sum"] = z(self.is_splits)
         if "codebook" in self.metrics:
-            state["codebook_counts"] = z(self.n_codes)
-        return state
+            st["codebook_counts"] = z(self.n_codes)
+        self._state, self._seen = st, 0
 
     # Views of the state as the streaming helpers (they share the tensors).
-    def _gauss(self, side: str) -> GaussianStats:
+    def _fid_stats(self, side: str) -> GaussianStats:
         return GaussianStats(*(self._state[f"fid_{side}_{k}"] for k in ("n", "sum", "outer")))
 
-    def _isc(self) -> InceptionScoreStats:
+    def _is_stats(self) -> InceptionScoreStats:
         return InceptionScoreStats(*(self._state[f"is_{k}"] for k in ("n", "p_sum", "plogp_sum")),
-                                   n_total=self.n_total if self.protocol == "authors" else None)
+                                   n_total=self.is_split_total)
 
-    @torch.no_grad()
-    def update(self, real: torch.Tensor, fake: torch.Tensor, codes: torch.Tensor | None = None,
-               index: torch.Tensor | None = None) -> None:
-        """Add a batch: ``real``/``fake`` [B, 3, H, W] in [-1, 1]; ``codes`` local codebook rows
-        (any shape, values in [0, n_codes)); ``index`` the images' dataset indices (IS splits)."""
-        if real.shape != fake.shape or real.dim() != 4 or real.shape[1] != 3:
-            raise V2LError(f"metrics need real and fake batches of the same shape [B, 3, H, W], "
-                           f"got {tuple(real.shape)} and {tuple(fake.shape)}")
-        b = real.shape[0]
-        if index is None:
-            index = torch.arange(self._seen, self._seen + b)
-        self._seen += b
-        real, fake = real.to(self.device), fake.to(self.device)
-        r8, f8 = to_uint8(real), to_uint8(fake)
-        authors = self.protocol == "authors"
-        feats = None
-        if self.inception is not None:
-            pool_r = self.inception(r8)[0] if "fid" in self.metrics else None
-            pool_f, logits_f = self.inception(f8)
-            feats = [pool_r, pool_f, logits_f]
-        if authors and self.is_net is not None:
-            logits_f = self.is_net(fake.float().clamp(-1, 1))
-            feats = feats or [None, None, None]
-            feats[2] = logits_f
-        if self._state is None:
-            self._state = self._init_state(feats[1].shape[1] if feats and feats[1] is not None else 0,
-                                           feats[2].shape[1] if feats else 0)
-        st = self._state
-        st["n"] += b
-        if authors:  # float images, no 8-bit rounding
-            rf, ff = (real.double().clamp(-1, 1) + 1) * 127.5, (fake.double().clamp(-1, 1) + 1) * 127.5
-        else:
-            rf, ff = r8, f8
-        if "psnr" in self.metrics:
-            st["psnr_sum"] += psnr_y(rf, ff).sum()
-        if "ssim" in self.metrics:
-            st["ssim_sum"] += (ssim_piq(rf / 255, ff / 255) if authors else ssim_y(r8, f8)).sum()
-        if "lpips" in self.metrics:
-            if authors:  # pyiqa's LPIPS, called with (reconstruction, source) as in their script
-                d = self.lpips(fake.float().clamp(-1, 1), real.float().clamp(-1, 1))
-            else:
-                d = self.lpips(r8.float() / 127.5 - 1, f8.float() / 127.5 - 1)
-            st["lpips_sum"] += d.double().sum()  # any shape with B values: [B] or [B, 1, 1, 1]
-        if "fid" in self.metrics:
-            self._gauss("real").update(feats[0])
-            self._gauss("fake").update(feats[1])
-        if "is" in self.metrics:
-            self._isc().update(feats[2], index)
-        if "codebook" in self.metrics:
-            if codes is None:
-                raise V2LError("codebook usage is on (n_codes given) but update() got no codes")
-            st["codebook_counts"] += torch.bincount(codes.reshape(-1).to(self.device),
-                                                    minlength=self.n_codes).double()
-
-    # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The sums (CPU float64 tensors); empty before the first update."""
-        return {k: v.cpu() for k, v in (self._state or {}).items()}
+        """A copy of the sums (CPU float64 tensors; later updates do not change it)."""
+        return {k: v.to("cpu", copy=True) for k, v in self._state.items()}
 
     def merge(self, state: dict[str, torch.Tensor]) -> None:
-        """Add another accumulator's ``state_dict()`` (a chunk, a process) to this one."""
+        """Add another accumulator's ``state_dict()`` (a chunk, a process) to this one; an
+        empty dict adds nothing."""
         if not state:
-            return
-        if self._state is None:
-            self._state = {k: v.to(self.device, torch.float64).clone() for k, v in state.items()}
             return
         if state.keys() != self._state.keys():
             raise V2LError(f"cannot merge metric states with different metrics "
                            f"({sorted(state)} vs {sorted(self._state)}); rerun with the same settings")
+        for k, v in state.items():
+            if v.shape != self._state[k].shape:
+                raise V2LError(f"cannot merge metric states of other sizes ({k}: {tuple(v.shape)} "
+                               f"vs {tuple(self._state[k].shape)}); rerun with the same settings")
         for k, v in state.items():
             self._state[k] += v.to(self.device, torch.float64)
 
@@ -521,26 +504,63 @@ class ReconstructionMetrics:
         self.reset()
         self.merge(state)
 
-    def reset(self) -> None:
-        """Forget all images (the loaded networks stay)."""
-        self._state, self._seen = None, 0
+    # ------------------------------------------------------------------ images
+    @torch.no_grad()
+    def update(self, real: torch.Tensor, fake: torch.Tensor, codes: torch.Tensor | None = None,
+               index: torch.Tensor | None = None) -> None:
+        """Add a batch: ``real``/``fake`` [B, 3, H, W] in [-1, 1]; ``codes`` local codebook rows
+        (any shape, values in [0, n_codes)); ``index`` the images' dataset indices (IS splits;
+        default: the order of arrival)."""
+        if real.shape != fake.shape or real.dim() != 4 or real.shape[1] != 3:
+            raise V2LError(f"metrics need real and fake batches of the same shape [B, 3, H, W], "
+                           f"got {tuple(real.shape)} and {tuple(fake.shape)}")
+        if "codebook" in self.metrics and codes is None:
+            raise V2LError("codebook usage is on (n_codes given) but update() got no codes")
+        b = real.shape[0]
+        if index is None:
+            index = torch.arange(self._seen, self._seen + b)
+        real, fake = real.to(self.device), fake.to(self.device)
+        x = Batch(real, fake, to_uint8(real), to_uint8(fake))
+        feats = self._features(x) if {"fid", "is"} & set(self.metrics) else Features(None, None, None)
+        if "fid" in self.metrics:
+            _check_width(feats.fid_real, self.fid_dim, "FID features", "fid_dim")
+            _check_width(feats.fid_fake, self.fid_dim, "FID features", "fid_dim")
+        if "is" in self.metrics:
+            _check_width(feats.is_logits, self.is_classes, "IS logits", "is_classes")
+        scorers = {"psnr": self._psnr, "ssim": self._ssim, "lpips": self._lpips}
+        scores = {m: score(x) for m, score in scorers.items() if m in self.metrics}
+
+        self._seen += b
+        st = self._state
+        st["n"] += b
+        for m, per_image in scores.items():  # LPIPS: [B] or [B, 1, 1, 1]
+            st[f"{m}_sum"] += per_image.double().sum()
+        if "fid" in self.metrics:
+            self._fid_stats("real").update(feats.fid_real)
+            self._fid_stats("fake").update(feats.fid_fake)
+        if "is" in self.metrics:
+            self._is_stats().update(feats.is_logits, index)
+        if "codebook" in self.metrics:
+            st["codebook_counts"] += torch.bincount(codes.reshape(-1).to(self.device),
+                                                    minlength=self.n_codes).double()
 
     # ------------------------------------------------------------------ results
     def compute(self) -> dict:
-        """{"n_images", "psnr", "ssim", "lpips", "fid", "is", "is_std", "codebook_*", "skipped"}."""
+        """{"protocol", "n_images", "psnr", "ssim", "lpips", "fid", "is", "is_std",
+        "codebook_*", "skipped"}."""
         st = self._state
-        if st is None or st["n"].item() == 0:
-            raise V2LError("no images were evaluated; check the data path and MAX_IMAGES")
         n = st["n"].item()
+        if n == 0:
+            raise V2LError("no images were evaluated; check the data path and MAX_IMAGES")
         out: dict = {"protocol": self.protocol, "n_images": int(n)}
         for m in ("psnr", "ssim", "lpips"):
             if m in self.metrics:
                 out[m] = float(st[f"{m}_sum"] / n)
         if "fid" in self.metrics:
-            out["fid"] = frechet_distance(*self._gauss("real").mean_cov(),
-                                          *self._gauss("fake").mean_cov())
+            out["fid"] = frechet_distance(*self._fid_stats("real").mean_cov(),
+                                          *self._fid_stats("fake").mean_cov())
         if "is" in self.metrics:
-            out["is"], out["is_std"] = self._isc().compute()
+            out["is"], out["is_std"] = self._is_stats().compute()
         if "codebook" in self.metrics:
             out.update(codebook_usage(st["codebook_counts"]))
         out["skipped"] = dict(self.skipped)
@@ -548,6 +568,112 @@ class ReconstructionMetrics:
 
     def codebook_counts(self) -> torch.Tensor | None:
         """The histogram of local codes used so far (for plots), or None when not tracked."""
-        if self._state is None or "codebook_counts" not in self._state:
+        if "codebook" not in self.metrics:
             return None
         return self._state["codebook_counts"].cpu().long()
+
+
+def _check_width(t: torch.Tensor, width: int, what: str, setting: str) -> None:
+    if t.dim() != 2 or t.shape[1] != width:
+        raise V2LError(f"the network gave {what} of shape {tuple(t.shape)}, but the sums were "
+                       f"made for [B, {width}]; give the network's width as {setting}")
+
+
+class StandardMetrics(MetricsAccumulator):
+    """This project's protocol (module docstring): every metric on the 8-bit images; FID
+    and IS from TF-Inception (IS: image i in split i % is_splits); LPIPS (VGG) on [-1, 1].
+    ``lpips_vgg``: the VGG16 weights file when it is not in torch hub's cache."""
+
+    protocol = "standard"
+    IS_CLASSES = INCEPTION_LOGITS
+
+    def __init__(self, metrics=ALL_METRICS, *, lpips_vgg=None, **common):
+        self.lpips_vgg = lpips_vgg
+        super().__init__(metrics, **common)
+
+    def _load_networks(self, inception_weights) -> None:
+        if self.inception is None and {"fid", "is"} & set(self.metrics):
+            self.inception = self._try(("fid", "is"),
+                                       lambda: load_inception(inception_weights, self.device))
+        if self.lpips is None and "lpips" in self.metrics:
+            self.lpips = self._try(("lpips",), lambda: load_lpips_metric(self.device, self.lpips_vgg))
+
+    def _psnr(self, x: Batch) -> torch.Tensor:
+        return psnr_y(x.real8, x.fake8)
+
+    def _ssim(self, x: Batch) -> torch.Tensor:
+        return ssim_y(x.real8, x.fake8)
+
+    def _lpips(self, x: Batch) -> torch.Tensor:
+        return self.lpips(x.real8.float() / 127.5 - 1, x.fake8.float() / 127.5 - 1)
+
+    def _features(self, x: Batch) -> Features:
+        pool_real = self.inception(x.real8)[0] if "fid" in self.metrics else None
+        pool_fake, logits_fake = self.inception(x.fake8)  # one pass for both FID and IS
+        return Features(pool_real, pool_fake, logits_fake)
+
+
+def _unrounded(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images -> float64 in [0, 255], not rounded to 8 bits."""
+    return (x.double().clamp(-1, 1) + 1) * 127.5
+
+
+class AuthorsMetrics(MetricsAccumulator):
+    """The paper script's metric code (module docstring): PSNR-Y on the float images, piq's
+    SSIM on RGB, pyiqa's LPIPS (AlexNet) fed [-1, 1], IS from torchvision's inception_v3 on
+    the reconstructions in [-1, 1] in contiguous splits of ``n_total`` (the number of
+    dataset indices) // is_splits; FID as standard. ``is_net(images in [-1, 1]) -> logits``
+    may be given (else torchvision's inception_v3 is loaded)."""
+
+    protocol = "authors"
+    IS_CLASSES = TV_INCEPTION_CLASSES
+
+    def __init__(self, metrics=ALL_METRICS, *, n_total: int | None = None,
+                 is_net: Callable | None = None, **common):
+        if "is" in metrics and n_total is None:
+            raise V2LError("the authors' Inception Score uses contiguous splits: give n_total")
+        self.n_total, self.is_split_total, self.is_net = n_total, n_total, is_net
+        super().__init__(metrics, **common)
+
+    def _load_networks(self, inception_weights) -> None:
+        if self.is_net is None and "is" in self.metrics:
+            self.is_net = self._try(("is",), lambda: load_torchvision_inception(self.device))
+        if self.inception is None and "fid" in self.metrics:
+            self.inception = self._try(("fid",), lambda: load_inception(inception_weights, self.device))
+        if self.lpips is None and "lpips" in self.metrics:
+            self.lpips = self._try(("lpips",), lambda: load_pyiqa_lpips(self.device))
+
+    def _psnr(self, x: Batch) -> torch.Tensor:
+        return psnr_y(_unrounded(x.real), _unrounded(x.fake))
+
+    def _ssim(self, x: Batch) -> torch.Tensor:
+        return ssim_piq(_unrounded(x.real) / 255, _unrounded(x.fake) / 255)
+
+    def _lpips(self, x: Batch) -> torch.Tensor:
+        # (reconstruction, source), as their script calls it
+        return self.lpips(x.fake.float().clamp(-1, 1), x.real.float().clamp(-1, 1))
+
+    def _features(self, x: Batch) -> Features:
+        fid = "fid" in self.metrics
+        return Features(
+            fid_real=self.inception(x.real8)[0] if fid else None,
+            fid_fake=self.inception(x.fake8)[0] if fid else None,
+            is_logits=self.is_net(x.fake.float().clamp(-1, 1)) if "is" in self.metrics else None)
+
+
+_PROTOCOL_CLASSES = {"authors": AuthorsMetrics, "standard": StandardMetrics}
+assert tuple(sorted(_PROTOCOL_CLASSES)) == PROTOCOLS
+
+
+def ReconstructionMetrics(metrics=ALL_METRICS, *, protocol: str = "standard", lpips_vgg=None,
+                          n_total: int | None = None, is_net: Callable | None = None,
+                          **common) -> MetricsAccumulator:
+    """The accumulator of ``protocol`` (the scripts' entry point): a :class:`StandardMetrics`
+    or an :class:`AuthorsMetrics`. The settings only one protocol has go to that one
+    (``lpips_vgg`` to standard; ``n_total``, ``is_net`` to authors) and are ignored by the
+    other, so one call serves both; ``common`` are :class:`MetricsAccumulator`'s."""
+    if protocol == "authors":
+        return AuthorsMetrics(metrics, n_total=n_total, is_net=is_net, **common)
+    if protocol == "standard":
+        return StandardMetrics(metrics, lpips_vgg=lpips_vgg, **common)
+    raise V2LError(f"metric protocol '{protocol}': choose from {', '.join(PROTOCOLS)}")

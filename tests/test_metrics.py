@@ -167,7 +167,8 @@ def test_accumulator_streams_merges_and_matches_plain_functions():
     real, fake = _images(b=10, size=16, seed=5)
     codes = torch.randint(0, 20, (10, 4, 4))
     net = _StandIn()
-    kwargs = dict(inception=net, lpips=_lpips_standin, n_codes=20, is_splits=2)
+    kwargs = dict(inception=net, lpips=_lpips_standin, n_codes=20, is_splits=2,
+                  fid_dim=net.wf.shape[1], is_classes=net.wl.shape[1])
     whole = M.ReconstructionMetrics(**kwargs)
     whole.update(real, fake, codes=codes, index=torch.arange(10))
     res = whole.compute()
@@ -200,6 +201,85 @@ def test_accumulator_streams_merges_and_matches_plain_functions():
     assert abs(res["fid"] - M.fid_from_features(net(r8)[0], net(f8)[0])) <= fid_tol
     assert abs(res["is"] - M.inception_score(net(f8)[1], splits=2)[0]) <= rel * res["is"]
     assert res["codebook_used"] == len(codes.unique())
+
+
+def _is_standin(x):
+    """A fixed projection in place of the authors' IS network: images in [-1, 1] -> 7 logits,
+    one image at a time in float64 (as :class:`_StandIn`)."""
+    w = torch.randn(x[0].numel(), 7, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    return torch.cat([row[None] @ w for row in x.double().flatten(1)]) / 20
+
+
+def _standin_metrics(protocol, metrics=M.ALL_METRICS, **kw):
+    net = _StandIn()
+    if protocol == "authors":
+        kw.update(is_net=_is_standin, is_classes=7)
+    return M.ReconstructionMetrics(metrics, protocol=protocol, inception=net, lpips=_lpips_standin,
+                                   fid_dim=12, is_classes=kw.pop("is_classes", 5), **kw)
+
+
+@pytest.mark.parametrize("protocol", M.PROTOCOLS)
+def test_state_is_sized_by_the_settings_not_by_the_first_batch(protocol):
+    acc = _standin_metrics(protocol, n_codes=20, is_splits=3, n_total=10)
+    assert isinstance(acc, {"standard": M.StandardMetrics, "authors": M.AuthorsMetrics}[protocol])
+    classes = 7 if protocol == "authors" else 5
+    expected = {"n": (), "psnr_sum": (), "ssim_sum": (), "lpips_sum": (),
+                "fid_real_n": (), "fid_real_sum": (12,), "fid_real_outer": (12, 12),
+                "fid_fake_n": (), "fid_fake_sum": (12,), "fid_fake_outer": (12, 12),
+                "is_n": (3,), "is_p_sum": (3, classes), "is_plogp_sum": (3,), "codebook_counts": (20,)}
+    empty = acc.state_dict()
+    assert {k: tuple(v.shape) for k, v in empty.items()} == expected
+    assert not any(v.any() for v in empty.values())
+    real, fake = _images(b=4, size=16, seed=10)
+    codes = torch.randint(0, 20, (4, 2, 2))
+    acc.update(real, fake, codes=codes, index=torch.arange(4))
+    assert {k: tuple(v.shape) for k, v in acc.state_dict().items()} == expected
+    # a chunk without images (all unreadable) adds exactly nothing
+    one = acc.compute()
+    merged = _standin_metrics(protocol, n_codes=20, is_splits=3, n_total=10)
+    merged.merge(empty)
+    merged.merge(acc.state_dict())
+    assert merged.compute() == one
+
+
+def test_networks_of_other_widths_are_refused():
+    real, fake = _images(b=2, size=16)
+    acc = M.ReconstructionMetrics(("psnr", "fid"), inception=_StandIn(), fid_dim=M.INCEPTION_POOL_DIM)
+    with pytest.raises(V2LError, match="fid_dim"):
+        acc.update(real, fake)
+    with pytest.raises(V2LError, match="no images"):  # nothing was added
+        acc.compute()
+    acc = M.ReconstructionMetrics(("is",), protocol="authors", n_total=2, is_net=_is_standin)
+    with pytest.raises(V2LError, match="is_classes"):  # 7 logits, not torchvision's 1000
+        acc.update(real, fake)
+    small = _standin_metrics("standard", ("fid",))
+    with pytest.raises(V2LError, match="other sizes"):
+        small.merge(M.ReconstructionMetrics(("fid",), inception=_StandIn()).state_dict())
+
+
+def test_authors_fid_and_is_read_their_own_networks():
+    """Under the authors' protocol FID takes TF-Inception's pool features and IS the other
+    network's logits (contiguous splits), both in one pass; the standard IS takes
+    TF-Inception's logits (split i % splits)."""
+    n, splits = 10, 3
+    real, fake = _images(b=n, size=16, seed=11)
+    net = _StandIn()
+    r8, f8 = M.to_uint8(real), M.to_uint8(fake)
+    fid = M.fid_from_features(net(r8)[0], net(f8)[0])
+    fid_tol = _fid_roundoff_bound(net(r8)[0], net(f8)[0])
+    results = {}
+    for protocol in M.PROTOCOLS:
+        acc = _standin_metrics(protocol, ("fid", "is"), n_total=n, is_splits=splits)
+        for sl in (slice(0, 4), slice(4, n)):
+            acc.update(real[sl], fake[sl], index=torch.arange(n)[sl])
+        results[protocol] = acc.compute()
+        assert abs(results[protocol]["fid"] - fid) <= fid_tol, protocol
+    rel = 1e3 * EPS64
+    authors_is = M.inception_score(_is_standin(fake.clamp(-1, 1)), splits, contiguous=True)[0]
+    standard_is = M.inception_score(net(f8)[1], splits)[0]
+    assert abs(results["authors"]["is"] - authors_is) <= rel * authors_is
+    assert abs(results["standard"]["is"] - standard_is) <= rel * standard_is
+    assert abs(authors_is - standard_is) > 1e-3 * standard_is  # the two are told apart
 
 
 def test_inception_missing_weights_skips_fid_and_is_by_name(tmp_path, monkeypatch):
@@ -374,3 +454,5 @@ def test_authors_protocol_missing_weights_skip_by_name(tmp_path, monkeypatch):
         M.ReconstructionMetrics(("is",), protocol="authors")
     with pytest.raises(V2LError, match="protocol"):
         M.ReconstructionMetrics(("psnr",), protocol="theirs")
+    with pytest.raises(TypeError):  # the shared part alone measures no protocol
+        M.MetricsAccumulator(("psnr",))
