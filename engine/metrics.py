@@ -661,10 +661,6 @@ class AuthorsMetrics(MetricsAccumulator):
             is_logits=self.is_net(x.fake.float().clamp(-1, 1)) if "is" in self.metrics else None)
 
 
-_PROTOCOL_CLASSES = {"authors": AuthorsMetrics, "standard": StandardMetrics}
-assert tuple(sorted(_PROTOCOL_CLASSES)) == PROTOCOLS
-
-
 def ReconstructionMetrics(metrics=ALL_METRICS, *, protocol: str = "standard", lpips_vgg=None,
                           n_total: int | None = None, is_net: Callable | None = None,
                           **common) -> MetricsAccumulator:
