@@ -345,12 +345,16 @@ def trained(world):
     return out
 
 
-def test_step5_resume_equals_uninterrupted(world, trained):
+def test_step5_resume_equals_uninterrupted(world, trained, capsys):
     from fixtures_artifacts import run_script
     from utils.artifacts import load_json, load_tensors
     out = world / "voco_resumed"
     assert run_script("step5_train_voco.py", **step5_flags(world, out, stop_after=2)) == 0
     assert (out / "checkpoint.pt").is_file() and not (out / "manifest.json").exists()
+    capsys.readouterr()     # a checkpoint of other settings is refused, naming them
+    assert run_script("step5_train_voco.py", **step5_flags(world, out, lr=5e-4)) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "other settings (--lr 0.001 there, 0.0005 now)" in err[0]
     assert run_script("step5_train_voco.py", **step5_flags(world, out)) == 0
     a, b = load_tensors(trained / "voco.safetensors"), load_tensors(out / "voco.safetensors")
     assert a.keys() == b.keys() and any(k.startswith("lora.") for k in a)
@@ -358,6 +362,9 @@ def test_step5_resume_equals_uninterrupted(world, trained):
     info = load_json(out / "voco.json")
     assert info["eval_classes"] == ["bird", "cat", "tree"] and info["train_classes"] == ["car", "dog"]
     assert (out / "loss.png").is_file() and not (out / "checkpoint.pt").exists()
+    capsys.readouterr()
+    assert run_script("step5_train_voco.py", **step5_flags(world, out)) == 0
+    assert "up to date" in capsys.readouterr().out
 
 
 def test_name_flags_restrict_the_kl_to_class_names(world):
