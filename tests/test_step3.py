@@ -103,6 +103,14 @@ def test_global_artifact_counts_every_readable_image(setup, capsys):
     assert (out / "hit_histogram.png").stat().st_size > 1000
 
 
+def test_split_none_reads_data_dir_itself(setup, tmp_path):
+    """The documented --split none counts DATA_DIR's own class folders (it used to look for
+    DATA_DIR/none)."""
+    root, _, _, data, _ = setup
+    assert step3(setup, tmp_path / "global", data_dir=f"{data}/train", split="none", threshold=1) == 0
+    assert read_manifest(tmp_path / "global", "global")["info"]["n_images"] == 11
+
+
 def test_refuses_broken_chains(setup, tmp_path, capsys):
     root, clip_dir, vocab, data, codebook = setup
     other_vocab = make_vocab_artifact(tmp_path / "vocab2", WORDS[:5])
