@@ -34,10 +34,11 @@ from engine.voco import (VoCoPrompter, greedy, image_word_ids, load_voco, prefil
 from models.llm import llm_dtype, load_llm
 from models.tokenizer_io import load_tokenizer
 from models.voco import VoCoBlock, kv_bytes_per_token
-from utils.artifacts import MANIFEST, atomic_path, finished_inputs, save_json, write_manifest
+from utils.artifacts import MANIFEST, finished_inputs, save_json, write_manifest
 from utils.cli import configure, run_main
 from utils.stages import EVAL_COMPRESSION
 from utils.errors import V2LError
+from utils.tables import write_table
 
 TOKENIZER_DIR = "out/tokenizer"   # the trained V2L tokenizer (directory or tokenizer.pt)
 LLM = "/models/llama-2-7b"        # the frozen LLM the VoCo weights were trained on
@@ -232,10 +233,7 @@ def write_results(rows: list[dict], cost: dict, info: dict) -> None:
         if c in ("ci95", "retention_ci95"):
             return f"{100 * v[0]:.1f}-{100 * v[1]:.1f}"
         return f"{v:.1f}" if isinstance(v, float) else str(v)
-    md = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
-    md += ["| " + " | ".join(fmt(s, c) for c in cols) + " |" for s in summary]
-    with atomic_path(out / "results.md") as tmp:
-        Path(tmp).write_text("\n".join(md) + "\n", encoding="utf-8")
+    files = write_table(out, cols, [[fmt(s, c) for c in cols] for s in summary])
     voco = [s for s in summary if s["condition"] == "voco"]
     ks = [s["k"] for s in voco]
     acc = {name: ([s["k"] for s in summary if s["condition"] == name],
@@ -253,9 +251,8 @@ def write_results(rows: list[dict], cost: dict, info: dict) -> None:
     inputs = finished_inputs(tokenizer=TOKENIZER_DIR)
     if (Path(VOCO_DIR) / MANIFEST).is_file():
         inputs["voco"] = VOCO_DIR
-    write_manifest(out, EVAL_COMPRESSION, settings, ["results.json", "results.md", "retention.png"], inputs=inputs,
-                   info={"summary": summary})
-    print("\n".join(md))
+    write_manifest(out, EVAL_COMPRESSION, settings, ["results.json", *files, "retention.png"],
+                   inputs=inputs, info={"summary": summary})
 
 
 if __name__ == "__main__":

@@ -19,9 +19,9 @@ def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
 
 
 def write_table(out_dir, columns: list[str], rows: list[list[str]], csv: bool = False,
-                note: str = "", quiet: bool = False) -> list[str]:
+                note: str = "") -> list[str]:
     """Write ``results.md`` (the table, then ``note`` if any) and, with ``csv``, ``results.csv``
-    under ``out_dir``; print the Markdown unless ``quiet``; return the file names written."""
+    under ``out_dir``; print the Markdown; return the file names written."""
     out = Path(out_dir)
     md = markdown_table(columns, rows)
     save_text(out / "results.md", md + (f"\n\n{note}" if note else "") + "\n")
@@ -30,6 +30,5 @@ def write_table(out_dir, columns: list[str], rows: list[list[str]], csv: bool = 
         save_text(out / "results.csv",
                   "\n".join(",".join(str(c) for c in row) for row in [columns] + rows) + "\n")
         files.append("results.csv")
-    if not quiet:
-        print(md)
+    print(md)
     return files
