@@ -72,7 +72,7 @@ def test_run_sh_interrupted_mid_stage_then_completes(tmp_path):
                            timeout=240)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     log = rerun.stdout
-    assert "step 1: expand vocabulary: complete" in log and "skipped" in log
+    assert "step 1: expand vocabulary: up to date" in log and "skipped" in log
     for stage in CORE:
         read_manifest(out / stage.out_dir, stage)   # complete: manifest present, files their sizes
     assert (out / "tokenizer" / "tokenizer.pt").is_file()
@@ -97,4 +97,32 @@ def test_run_sh_interrupted_mid_stage_then_completes(tmp_path):
 
     again = subprocess.run(["bash", "run.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                            timeout=120)
-    assert again.returncode == 0 and again.stdout.count("skipped") >= len(CORE)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert all(f"== {s.title}: up to date in" in again.stdout for s in CORE), again.stdout
+
+    # a changed step-4 setting: steps 1-3 stay; step 4 stops with one line, because its
+    # checkpoint belongs to the run of the old settings; without it, step 4 and every
+    # evaluation downstream of the rebuilt tokenizer rerun, and the summary is the new one's
+    old_tokenizer = read_manifest(out / "tokenizer")["id"]
+    changed = env | {"STEP4_ARGS": env["STEP4_ARGS"] + " --lr 1e-3"}
+    refused = subprocess.run(["bash", "run.sh"], cwd=REPO, env=changed, capture_output=True,
+                             text=True, timeout=240)
+    assert refused.returncode == 1 and "rerun: settings changed (--lr 0.00045 there, 0.001 now)" \
+        in refused.stdout, refused.stdout[-2000:]
+    error = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "--lr 0.00045 there, 0.001 now" in error[0] \
+        and f"delete {out / 'tokenizer' / 'checkpoints' / 'last.pt'}" in error[0], refused.stderr[-2000:]
+    (out / "tokenizer" / "checkpoints" / "last.pt").unlink()
+    rebuilt = subprocess.run(["bash", "run.sh"], cwd=REPO, env=changed, capture_output=True,
+                             text=True, timeout=240)
+    assert rebuilt.returncode == 0, rebuilt.stdout[-3000:] + rebuilt.stderr[-3000:]
+    for stage in CORE[:3]:
+        assert f"== {stage.title}: up to date in" in rebuilt.stdout
+    for stage in CORE[3:]:
+        assert f"== {stage.title} -> " in rebuilt.stdout, stage
+    new_tokenizer = read_manifest(out / "tokenizer")["id"]
+    assert new_tokenizer != old_tokenizer
+    for stage in CORE[4:]:
+        assert read_manifest(out / stage.out_dir)["inputs"]["tokenizer"]["id"] == new_tokenizer
+    numbers = json.loads((out / "summary.json").read_text())
+    assert numbers["stage_seconds"]["tokenizer"] is not None and numbers["reconstruction"] is not None
