@@ -16,8 +16,9 @@ Scores: CIDEr-D and BLEU-4 from pycocoevalcap with PTB tokenisation
 Data: COCO Karpathy ``dataset_coco.json`` (test split; examples from train),
 COCO ``captions_val2014.json`` with its images, or any ``{image path: caption(s)}``
 JSON over a folder, such as the demo world's ``captions.json`` (val; examples
-from train). Writes ``<variant>/log.rank*.jsonl`` (resumable; torchrun splits
-the images), ``results.json``, ``results.md``, ``gallery.png`` and a manifest.
+from train). Writes ``<variant>/answers.jsonl`` (answers are saved in chunks of
+CHUNK_SIZE images as they finish, so a killed run resumes; torchrun splits the
+chunks), ``results.json``, ``results.md``, ``gallery.png`` and a manifest.
 
     python eval_captioning.py --captions_file coco/dataset_coco.json --image_dir coco \\
         --tokenizer_dir out/tokenizer --llm llama-2-7b
@@ -30,10 +31,11 @@ from engine.captioning import SKIPPED, caption_scores, require_pycocoevalcap
 from engine.open_ended import (ExamplePicker, answer_queries, bootstrap_ci, check_variants,
                                finish)
 from utils import dist
-from utils.artifacts import atomic_path, save_json
+from utils.artifacts import save_json
 from utils.cli import configure, run_main
 from utils.stages import EVAL_CAPTIONING
 from utils.figures import save_text_gallery
+from utils.tables import write_table
 
 TOKENIZER_DIR = "out/tokenizer"   # the trained tokenizer (directory or tokenizer.pt)
 LLM = "/models/llama-2-7b"        # the frozen LLM: Hugging Face dir, Meta LLaMA dir or .gguf
@@ -51,6 +53,7 @@ VARIANTS = ["image", "ceiling", "floor"]  # image: tokenizer words; ceiling: own
 MAX_NEW_TOKENS = 30               # longest caption in tokens
 SEED = 0                          # example selection seed
 BATCH_SIZE = 8                    # prompts decoded together
+CHUNK_SIZE = 64                   # images per saved chunk (resume unit; batches are cut inside a chunk: keep it a multiple of --batch_size)
 PREFIX_CACHE = True               # run a batch's shared prompt prefix once (same captions, faster)
 GALLERY = 12                      # images in gallery.png, evenly spaced over the queries (0: none)
 DEVICE = "auto"                   # auto, cpu or cuda
@@ -74,17 +77,12 @@ def score(rows: dict, queries: list) -> dict:
 def write_results(results: dict, rows: dict, queries: list) -> list[str]:
     out = Path(OUT_DIR)
     save_json(out / "results.json", {"variants": results, "skipped": SKIPPED})
-    cols = ["variant", "n", "CIDEr-D", "CIDEr-D 95% CI", "BLEU-4", "empty"]
-    md = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
-    for v, r in results.items():
-        lo, hi = r["CIDEr-D_ci95"]
-        md.append(f"| {v} | {r['n']} | {r['CIDEr-D']:.3f} | {lo:.3f}-{hi:.3f} | {r['BLEU-4']:.3f} "
-                  f"| {r['empty']} |")
-    md.append("\nskipped: " + "; ".join(f"{k} ({why})" for k, why in SKIPPED.items()))
-    with atomic_path(out / "results.md") as tmp:
-        Path(tmp).write_text("\n".join(md) + "\n", encoding="utf-8")
-    print("\n".join(md))
-    files = ["results.json", "results.md"]
+    table = [[v, r["n"], f"{r['CIDEr-D']:.3f}",
+              f"{r['CIDEr-D_ci95'][0]:.3f}-{r['CIDEr-D_ci95'][1]:.3f}", f"{r['BLEU-4']:.3f}",
+              r["empty"]] for v, r in results.items()]
+    files = ["results.json"] + write_table(
+        out, ["variant", "n", "CIDEr-D", "CIDEr-D 95% CI", "BLEU-4", "empty"], table,
+        note="skipped: " + "; ".join(f"{k} ({why})" for k, why in SKIPPED.items()))
     if GALLERY:
         show = spread(queries, GALLERY)
         texts = ["\n".join(f"{v}: {rows[v][q.key]['answer'] or '(empty)'}" for v in rows)
@@ -103,16 +101,22 @@ def main():
     picker = ExamplePicker(pool, K_SHOT, SEED, fixed=FIXED_EXAMPLES)
     used = [pool[i] for q in queries for i in picker(q)]
     check_images(queries + used, CAPTIONS_FILE, IMAGE_DIR or str(Path(CAPTIONS_FILE).parent))
-    key = {k: settings[k] for k in ("captions_file", "split", "example_split", "k_shot",
-                                    "fixed_examples", "global_k", "local_tokens", "max_new_tokens",
-                                    "seed", "tokenizer_dir", "llm")}
-    rows = answer_queries(settings, queries, pool, picker, variants, key, ddp)
+    # the answers depend on every setting but these (and the run-only ones, which run_key drops)
+    key_settings = {k: v for k, v in settings.items()
+                    if k not in ("tokenizer_dir", "variants", "chunk_size", "gallery")}
+    answers = answer_queries(queries, pool, picker, variants, out_dir=OUT_DIR,
+                             key_settings=key_settings, tokenizer_dir=TOKENIZER_DIR, llm=LLM,
+                             llm_dtype=LLM_DTYPE, global_k=GLOBAL_K, local_tokens=LOCAL_TOKENS,
+                             batch_size=BATCH_SIZE, chunk_size=CHUNK_SIZE,
+                             max_new_tokens=MAX_NEW_TOKENS, prefix_cache=PREFIX_CACHE,
+                             num_workers=NUM_WORKERS, ddp=ddp)
     files = results = None
     if ddp.is_main:
-        results = {v: score(rows[v], queries) for v in variants}
-        files = write_results(results, rows, queries)
-    finish(EVAL_CAPTIONING, settings, variants, files,
-           {"format": fmt, "variants": results, "skipped": SKIPPED}, ddp)
+        results = {v: score(answers.rows[v], queries) for v in variants}
+        files = write_results(results, answers.rows, queries) + answers.files
+    finish(EVAL_CAPTIONING, settings, out_dir=OUT_DIR, tokenizer_dir=TOKENIZER_DIR,
+           variants=variants, files=files,
+           info={"format": fmt, "variants": results, "skipped": SKIPPED}, answers=answers, ddp=ddp)
 
 if __name__ == "__main__":
     run_main(main, EVAL_CAPTIONING, settings)

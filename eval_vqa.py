@@ -18,8 +18,9 @@ intervals. Examples have the query's question type by default (VQAv2's
 Data: VQAv2 val questions + annotations JSON with COCO val2014 images; or the
 demo world, whose questions are generated from its labels ("What colour is the
 shape?", "What shape is it?", "Is the shape red?") on held-out val images with
-examples from train. Writes ``<variant>/log.rank*.jsonl`` (resumable; torchrun
-splits the questions), ``results.json``, ``results.md``, ``gallery.png`` and a manifest.
+examples from train. Writes ``<variant>/answers.jsonl`` (answers are saved in
+chunks of CHUNK_SIZE questions as they finish, so a killed run resumes; torchrun
+splits the chunks), ``results.json``, ``results.md``, ``gallery.png`` and a manifest.
 
     python eval_vqa.py --questions_file vqa/v2_OpenEnded_mscoco_val2014_questions.json \\
         --annotations_file vqa/v2_mscoco_val2014_annotations.json --image_dir coco/val2014 ...
@@ -33,10 +34,11 @@ from engine.open_ended import (ExamplePicker, answer_queries, bootstrap_ci, chec
                                finish)
 from engine.vqa import vqa_accuracy
 from utils import dist
-from utils.artifacts import atomic_path, save_json
+from utils.artifacts import save_json
 from utils.cli import configure, run_main
 from utils.stages import EVAL_VQA
 from utils.figures import save_text_gallery
+from utils.tables import write_table
 
 TOKENIZER_DIR = "out/tokenizer"   # the trained tokenizer (directory or tokenizer.pt)
 LLM = "/models/llama-2-7b"        # the frozen LLM: Hugging Face dir, Meta LLaMA dir or .gguf
@@ -58,6 +60,7 @@ VARIANTS = ["image", "ceiling", "floor"]  # image: tokenizer words; ceiling: own
 MAX_NEW_TOKENS = 10               # longest answer in tokens
 SEED = 0                          # example selection and demo question seed
 BATCH_SIZE = 8                    # prompts decoded together
+CHUNK_SIZE = 64                   # questions per saved chunk (resume unit; batches are cut inside a chunk: keep it a multiple of --batch_size)
 PREFIX_CACHE = True               # run a batch's shared prompt prefix once (same answers, faster)
 GALLERY = 12                      # images in gallery.png, evenly spaced over the queries (0: none)
 DEVICE = "auto"                   # auto, cpu or cuda
@@ -97,15 +100,12 @@ def score(rows: dict, queries: list) -> dict:
 def write_results(results: dict, rows: dict, queries: list, skipped: dict) -> list[str]:
     out = Path(OUT_DIR)
     save_json(out / "results.json", {"variants": results, "skipped": skipped})
-    md = ["| variant | answer type | n | accuracy % | 95% CI |", "| --- | --- | --- | --- | --- |"]
-    for v, per in results.items():
-        md += [f"| {v} | {t} | {r['n']} | {100 * r['accuracy']:.1f} | "
-               f"{100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f} |" for t, r in per.items()]
-    with atomic_path(out / "results.md") as tmp:
-        skip = ["\nskipped: " + "; ".join(f"{k} ({why})" for k, why in skipped.items())]
-        Path(tmp).write_text("\n".join(md + (skip if skipped else [])) + "\n", encoding="utf-8")
-    print("\n".join(md))
-    files = ["results.json", "results.md"]
+    table = [[v, t, r["n"], f"{100 * r['accuracy']:.1f}",
+              f"{100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f}"]
+             for v, per in results.items() for t, r in per.items()]
+    note = "skipped: " + "; ".join(f"{k} ({why})" for k, why in skipped.items()) if skipped else ""
+    files = ["results.json"] + write_table(
+        out, ["variant", "answer type", "n", "accuracy %", "95% CI"], table, note=note)
     if GALLERY:
         groups: dict[str, list] = {}
         for q in spread_images(queries, GALLERY):
@@ -129,17 +129,22 @@ def main():
     used = [pool[i] for q in queries for i in picker(q)]
     check_images(queries + used,
                  QUESTIONS_FILE or DATA_DIR, IMAGE_DIR if QUESTIONS_FILE else DATA_DIR)
-    key = {k: settings[k] for k in ("questions_file", "annotations_file", "data_dir", "split",
-                                    "example_split", "k_shot", "same_type", "fixed_examples",
-                                    "global_k", "local_tokens", "max_new_tokens", "seed",
-                                    "tokenizer_dir", "llm", "labels_file")}
-    rows = answer_queries(settings, queries, pool, picker, variants, key, ddp)
+    # the answers depend on every setting but these (and the run-only ones, which run_key drops)
+    key_settings = {k: v for k, v in settings.items()
+                    if k not in ("tokenizer_dir", "variants", "chunk_size", "gallery")}
+    answers = answer_queries(queries, pool, picker, variants, out_dir=OUT_DIR,
+                             key_settings=key_settings, tokenizer_dir=TOKENIZER_DIR, llm=LLM,
+                             llm_dtype=LLM_DTYPE, global_k=GLOBAL_K, local_tokens=LOCAL_TOKENS,
+                             batch_size=BATCH_SIZE, chunk_size=CHUNK_SIZE,
+                             max_new_tokens=MAX_NEW_TOKENS, prefix_cache=PREFIX_CACHE,
+                             num_workers=NUM_WORKERS, ddp=ddp)
     files = results = None
     if ddp.is_main:
-        results = {v: score(rows[v], queries) for v in variants}
-        files = write_results(results, rows, queries, skipped)
-    finish(EVAL_VQA, settings, variants, files,
-           {"format": fmt, "variants": results, "skipped": skipped}, ddp)
+        results = {v: score(answers.rows[v], queries) for v in variants}
+        files = write_results(results, answers.rows, queries, skipped) + answers.files
+    finish(EVAL_VQA, settings, out_dir=OUT_DIR, tokenizer_dir=TOKENIZER_DIR, variants=variants,
+           files=files, info={"format": fmt, "variants": results, "skipped": skipped},
+           answers=answers, ddp=ddp)
 
 if __name__ == "__main__":
     run_main(main, EVAL_VQA, settings)

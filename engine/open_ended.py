@@ -16,16 +16,33 @@ caption or labels where its words go, the *floor* leaves the brackets empty
 
 Examples are drawn with a seeded generator per query (or per question type
 with ``fixed``, so a batch shares its examples and their prefix cache pays);
-an example is never the query's own image. Results go to resumable JSONL
-logs, one file per rank, keyed by the query; queries are split over ranks by
-index, so every rank count writes the same rows.
+an example is never the query's own image.
+
+Answers are saved as they finish in ``utils.artifacts.ChunkStore`` chunks, one
+store per variant under ``<out_dir>/<variant>/``: the queries, in order, are
+cut into chunks of ``chunk_size``, chunk i is answered by rank i % world, and
+batches of ``batch_size`` are cut inside a chunk (with ``fixed`` the chunk's
+queries are first sorted by group, so that a batch shares its examples). A
+chunk's answers therefore depend neither on the number of ranks nor on a
+resume. With ``chunk_size`` a multiple of ``batch_size`` (otherwise a chunk
+ends in a smaller batch) and without ``fixed``, the batches are those of one
+process decoding all queries in order; with ``fixed`` the sort by group
+happens within each chunk rather than over all queries, so a batch may mix
+groups where one sort over all queries would not.
+The store's key (``run_key``) holds the settings the answers depend on, the
+LLM precision actually used (a CPU without native bf16 runs fp32 whatever
+--llm_dtype says) and the inputs by artifact id (the tokenizer, for the image
+variant only; the LLM when it is a pipeline artifact): a tokenizer retrained
+into the same directory, or any changed setting, starts afresh instead of
+resuming. Once every rank is done, rank 0 gathers the rows into
+``<variant>/answers.jsonl``; the chunks are removed after the manifest.
 """
 from __future__ import annotations
 
 import json
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -34,7 +51,7 @@ import torch
 from engine.fewshot import check_prompt_length, context_length
 from engine.greedy import BatchedGreedy
 from models.llm import encode_segment
-from utils.artifacts import load_json, save_json
+from utils.artifacts import ChunkStore, finished_inputs, run_key, save_text
 from utils.errors import V2LError
 
 SEPARATOR = "###"
@@ -45,6 +62,7 @@ CAPTION_LABEL = "Output: "
 QUESTION_TEXT = "Question: {}\n"
 ANSWER_LABEL = "Answer: "
 VARIANTS = ("image", "ceiling", "floor")
+LENGTH_FLAGS = "--k_shot, --global_k or --local_tokens"   # what shortens a prompt
 
 
 @dataclass(frozen=True)
@@ -205,28 +223,89 @@ def check_variants(variants, have_labels: bool, what: str) -> tuple[list[str], d
     return list(variants), {}
 
 
-def answer_queries(settings: dict, queries, pool, picker, variants, key: dict, ddp) -> dict:
-    """Every variant's answers, run with a script's ``settings`` (its configure() result):
-    ``run_variants`` with the LLM and tokenizer loaded only when something is left to answer."""
-    from models.llm import llm_dtype
-    load_llm_fn, load_tokenizer_fn = model_loaders(
-        settings["llm"], llm_dtype(settings["llm_dtype"], ddp.device), settings["tokenizer_dir"],
-        ddp.device)
-    return run_variants(queries, pool, picker, variants, settings["out_dir"], key, ddp,
-                        load_llm_fn, load_tokenizer_fn, settings["global_k"],
-                        settings["local_tokens"], settings["batch_size"],
-                        settings["max_new_tokens"], settings["prefix_cache"],
-                        settings["num_workers"])
+@dataclass
+class Answers:
+    """What ``answer_queries`` hands back. ``rows``: variant -> query key -> row, in query order
+    (rank 0 only; None on the other ranks); ``files``: the ``<variant>/answers.jsonl`` files
+    rank 0 wrote (relative to out_dir); ``stores``: the chunk stores, removed by ``finish``."""
+    rows: dict[str, dict[str, dict]] | None
+    files: list[str]
+    stores: dict[str, ChunkStore] = field(repr=False)
 
 
-def finish(stage, settings: dict, variants, files: list[str] | None, info: dict | None, ddp) -> None:
-    """Rank 0 writes the stage's manifest (chained to the tokenizer when the image variant ran);
-    then every rank leaves the process group."""
+def answer_queries(queries: list, pool: list, picker: ExamplePicker, variants: list[str], *,
+                   out_dir, key_settings: dict, tokenizer_dir, llm: str, llm_dtype: str,
+                   global_k: int, local_tokens: bool, batch_size: int, chunk_size: int,
+                   max_new_tokens: int, prefix_cache: bool, num_workers: int, ddp) -> Answers:
+    """Every variant's answers to ``queries``, resuming from the chunks on disk.
+
+    ``key_settings``: the caller's settings that the answers depend on (run-only ones are
+    dropped by ``run_key``); the resume key adds the variant, the LLM precision in effect and
+    the inputs by artifact id (``variant_key``). The LLM (``llm``, loaded at ``llm_dtype``, or
+    fp32/bf16 on a CPU: ``models.llm.llm_dtype``) and the tokenizer are loaded only when this
+    rank has something left to answer. Rank 0 writes ``<out_dir>/<variant>/answers.jsonl``."""
+    from models.llm import llm_dtype as effective_dtype
+    if not queries:
+        raise V2LError("no images or questions to answer; check the data files and --split")
+    if batch_size < 1 or chunk_size < 1:
+        raise V2LError(f"--batch_size {batch_size}, --chunk_size {chunk_size}: both must be at "
+                       "least 1")
+    dtype = effective_dtype(llm_dtype, ddp.device)
+    stores = {v: ChunkStore(Path(out_dir) / v, len(queries), chunk_size,
+                            variant_key(key_settings, v, dtype, tokenizer_dir, llm), rows=True)
+              for v in variants}
+    load_llm_fn, load_tokenizer_fn = model_loaders(llm, dtype, tokenizer_dir, ddp.device)
+    rows = run_variants(queries, pool, picker, stores, ddp, load_llm_fn, load_tokenizer_fn,
+                        global_k, local_tokens, batch_size, max_new_tokens, prefix_cache,
+                        num_workers)
+    files = write_answers(out_dir, rows) if ddp.is_main else []
+    return Answers(rows, files, stores)
+
+
+def variant_key(key_settings: dict, variant: str, llm_dtype: str, tokenizer_dir, llm) -> dict:
+    """The resume key of one variant's chunks (``utils.artifacts.run_key``): the settings, the
+    variant, the LLM precision in effect, the LLM by artifact id where it is a pipeline artifact
+    (the demo's) and, for the image variant, the tokenizer by artifact id: never by path, so a
+    tokenizer retrained into the same directory does not resume the old one's answers."""
+    inputs = finished_inputs(llm=llm)
+    if variant == "image":
+        inputs["tokenizer"] = tokenizer_file(tokenizer_dir)
+    return run_key(key_settings | {"variant": variant, "llm_dtype": llm_dtype}, **inputs)
+
+
+def tokenizer_file(tokenizer_dir) -> Path:
+    """The saved tokenizer a directory (or .pt path) names, which must exist."""
+    from models.tokenizer_io import FILE_NAME
+    path = Path(tokenizer_dir)
+    path = path / FILE_NAME if path.is_dir() else path
+    if not path.is_file():
+        raise V2LError(f"{path}: tokenizer not found; train one with step4_train_tokenizer.py "
+                       "or give the tokenizer directory / .pt file")
+    return path
+
+
+def write_answers(out_dir, rows: dict[str, dict[str, dict]]) -> list[str]:
+    """``<variant>/answers.jsonl`` (one row per query, in query order) for every variant."""
+    files = []
+    for v, by_key in rows.items():
+        save_text(Path(out_dir) / v / "answers.jsonl",
+                  "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in by_key.values()))
+        files.append(f"{v}/answers.jsonl")
+    return files
+
+
+def finish(stage, config: dict, *, out_dir, tokenizer_dir, variants: list[str],
+           files: list[str] | None, info: dict | None, answers: Answers | None, ddp) -> None:
+    """Rank 0 writes the stage's manifest (``config``: the script's settings; chained to the
+    tokenizer when the image variant ran) and then removes the answers' chunk folders; every
+    rank then leaves the process group."""
     from utils import dist
-    from utils.artifacts import finished_inputs, write_manifest
+    from utils.artifacts import write_manifest
     if ddp.is_main:
-        inputs = finished_inputs(tokenizer=settings["tokenizer_dir"]) if "image" in variants else {}
-        write_manifest(settings["out_dir"], stage, settings, files, inputs=inputs, info=info)
+        inputs = finished_inputs(tokenizer=tokenizer_dir) if "image" in variants else {}
+        write_manifest(out_dir, stage, config, files, inputs=inputs, info=info)
+        for store in (answers.stores.values() if answers else ()):
+            store.cleanup()
     dist.barrier(ddp)
     dist.shutdown(ddp)
 
@@ -241,66 +320,27 @@ def model_loaders(llm: str, llm_dtype: str, tokenizer_dir: str, device):
 
 # ----------------------------------------------------------------------------- generation
 
-def generate(greedy: BatchedGreedy, prompter: OpenEndedPrompter, jobs: list[tuple[str, Prompt]],
-             max_new_tokens: int, batch_size: int, settings: str):
-    """Yield (key, prompt, answer) for each (key, prompt), ``batch_size`` prompts at a time."""
+def check_lengths(greedy: BatchedGreedy, jobs: list[tuple[str, Prompt]], max_new_tokens: int,
+                  flags: str) -> None:
+    """Refuse the first prompt that, with its answer, does not fit the LLM's context."""
     context = context_length(greedy.model)
+    for key, prompt in jobs:
+        check_prompt_length(len(prompt.ids), max_new_tokens, context, f"query {key}", flags)
+
+
+def generate(greedy: BatchedGreedy, prompter: OpenEndedPrompter, jobs: list[tuple[str, Prompt]],
+             max_new_tokens: int, batch_size: int, flags: str = "--k_shot"):
+    """Yield (key, prompt, answer) for each (key, prompt), ``batch_size`` prompts at a time.
+    A prompt too long for the LLM's context is refused first, naming ``flags`` to lower."""
     text_tokenizer = prompter.text_tokenizer
     stop = StopAtSeparator(text_tokenizer)
-    for key, prompt in jobs:
-        check_prompt_length(len(prompt.ids), max_new_tokens, context, f"query {key}", settings)
+    check_lengths(greedy, jobs, max_new_tokens, flags)
     for s in range(0, len(jobs), batch_size):
         batch = jobs[s:s + batch_size]
         out = greedy.generate([p.ids for _, p in batch], max_new_tokens, [stop] * len(batch),
                               eos_id=text_tokenizer.eos_token_id)
         for (key, prompt), ids in zip(batch, out):
             yield key, prompt, cut_answer(text_tokenizer.decode(ids, skip_special_tokens=True))
-
-
-# ----------------------------------------------------------------------------- logs
-
-def shard(items: list, rank: int, world: int) -> list:
-    """This rank's items: every world-th from its rank (the same split for any batching)."""
-    return items[rank::world]
-
-
-class JsonlLog:
-    """Rows keyed by ``key`` in ``<dir>/log.rank<r>.jsonl``, one file per rank; reading takes
-    every rank's file (so a rerun with another rank count resumes), dropping torn lines.
-    ``<dir>/key.json`` holds the settings; a log made with other settings is refused."""
-
-    def __init__(self, folder, settings: dict, rank: int = 0):
-        self.dir, self.rank = Path(folder), rank
-        self.dir.mkdir(parents=True, exist_ok=True)
-        key_file = self.dir / "key.json"
-        if key_file.is_file():
-            old = load_json(key_file)
-            if old != json.loads(json.dumps(settings)):
-                changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-                raise V2LError(f"{self.dir}: holds results made with other settings ({', '.join(changed)}"
-                               "); pass another --out_dir or delete it")
-        elif rank == 0:
-            save_json(key_file, settings)
-        self.path = self.dir / f"log.rank{rank}.jsonl"
-
-    def read(self) -> dict[str, dict]:
-        rows = {}
-        for f in sorted(self.dir.glob("log.rank*.jsonl")):
-            for line in f.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue                         # a line torn by a kill
-                rows[row["key"]] = row
-        return rows
-
-    def writer(self):
-        """Append to this rank's file (a torn last line is removed first)."""
-        if self.path.is_file():
-            text = self.path.read_text(encoding="utf-8")
-            if text and not text.endswith("\n"):
-                self.path.write_text(text[:text.rfind("\n") + 1], encoding="utf-8")
-        return open(self.path, "a", encoding="utf-8")
 
 
 def bootstrap_ci(values: list[float], seed: int = 0, n: int = 2000) -> tuple[float, float]:
@@ -322,6 +362,16 @@ def _shots(query, variant: str, pool: list, example_idx: list[int], words: dict[
     return shots + [Shot(variant_words(query, variant, words), question(query), None)]
 
 
+def chunk_prompts(prompter: OpenEndedPrompter, chunk: list, variant: str, pool: list,
+                  picker: ExamplePicker, examples: dict[str, list[int]],
+                  words: dict[str, ImageWords], question) -> list[tuple[str, Prompt]]:
+    """(query key, prompt) for a chunk's queries in decoding order: the chunk's order, or with
+    ``picker.fixed`` sorted by group (stable), so that a batch shares its examples."""
+    items = sorted(chunk, key=picker.group) if picker.fixed else chunk
+    return [(q.key, prompter.build(_shots(q, variant, pool, examples[q.key], words, question)))
+            for q in items]
+
+
 def answer_of(item) -> str:
     """An example's answer in the prompt: its first reference caption, or VQAv2's most
     common human answer (ties: the first given)."""
@@ -330,44 +380,58 @@ def answer_of(item) -> str:
     return max(item.answers, key=item.answers.count)
 
 
-def run_variants(queries: list, pool: list, picker: ExamplePicker, variants: list[str], out_dir,
-                 settings: dict, ddp, load_llm_fn, load_tokenizer_fn, global_k: int, local: bool,
-                 batch_size: int, max_new_tokens: int, prefix_cache: bool, num_workers: int = 0,
-                 progress: bool = True) -> dict[str, dict[str, dict]]:
-    """Answer this rank's share of ``queries`` in each variant (resuming from the logs) and
-    return every rank's rows, per variant, once all ranks are done."""
+def run_variants(queries: list, pool: list, picker: ExamplePicker, stores: dict[str, ChunkStore],
+                 ddp, load_llm_fn, load_tokenizer_fn, global_k: int, local: bool, batch_size: int,
+                 max_new_tokens: int, prefix_cache: bool, num_workers: int = 0,
+                 progress: bool = True) -> dict[str, dict[str, dict]] | None:
+    """Answer this rank's chunks of every variant's store (chunk i: rank i % world), then, once
+    every rank is done, return all rows per variant by query key on rank 0 (None elsewhere).
+    A V2LError on any rank stops every rank with it."""
     from tqdm import tqdm
     from utils import dist
-    if not queries:
-        raise V2LError("no images or questions to answer; check the data files and --split")
     question = (lambda it: None) if not hasattr(queries[0], "question") else (lambda it: it.question)
     examples = {q.key: picker(q) for q in queries}
-    logs = {v: JsonlLog(Path(out_dir) / v, settings | {"variant": v}, ddp.rank) for v in variants}
-    mine = shard(queries, ddp.rank, ddp.world)
-    todo = {v: [q for q in mine if q.key not in logs[v].read()] for v in variants}
-    if any(todo.values()):
-        words: dict[str, ImageWords] = {}
-        if todo.get("image"):
-            paths = sorted({p for q in todo["image"]
-                            for p in [q.path] + [pool[i].path for i in examples[q.key]]})
-            words = image_words(load_tokenizer_fn(), paths, global_k, local, num_workers)
-        llm = load_llm_fn()
-        text_tokenizer = llm.text_tokenizer
-        pad = text_tokenizer.pad_token_id if text_tokenizer.pad_token_id is not None else 0
-        greedy = BatchedGreedy(llm.model, pad, prefix_cache=prefix_cache)
-        prompter = OpenEndedPrompter(text_tokenizer)
-        for v in variants:
-            items = sorted(todo[v], key=picker.group) if picker.fixed else todo[v]
-            jobs = [(q.key, prompter.build(_shots(q, v, pool, examples[q.key], words, question)))
-                    for q in items]
-            out = generate(greedy, prompter, jobs, max_new_tokens, batch_size,
-                           "--k_shot, --global_k or --local_tokens")
-            with logs[v].writer() as f:
-                for key, prompt, answer in tqdm(out, total=len(jobs), desc=f"{v} (rank {ddp.rank})",
-                                                disable=not progress):
-                    row = {"key": key, "answer": answer, "prompt_tokens": len(prompt.ids),
-                           "examples": [pool[i].key for i in examples[key]], "prompt": prompt.text}
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    f.flush()
-    dist.barrier(ddp)
-    return {v: logs[v].read() for v in variants}
+    todo = {v: [(i, queries[slice(*store.bounds(i))]) for i in store.todo(ddp.rank, ddp.world)]
+            for v, store in stores.items()}
+    error = None
+    try:
+        if any(todo.values()):
+            words: dict[str, ImageWords] = {}
+            if todo.get("image"):
+                paths = sorted({p for _, chunk in todo["image"] for q in chunk
+                                for p in [q.path] + [pool[i].path for i in examples[q.key]]})
+                words = image_words(load_tokenizer_fn(), paths, global_k, local, num_workers)
+            llm = load_llm_fn()
+            text_tokenizer = llm.text_tokenizer
+            pad = text_tokenizer.pad_token_id if text_tokenizer.pad_token_id is not None else 0
+            greedy = BatchedGreedy(llm.model, pad, prefix_cache=prefix_cache)
+            prompter = OpenEndedPrompter(text_tokenizer)
+            # every prompt is built and its length checked before anything is decoded
+            work = {v: [(i, chunk, chunk_prompts(prompter, chunk, v, pool, picker, examples, words,
+                                                 question)) for i, chunk in chunks]
+                    for v, chunks in todo.items()}
+            for chunks in work.values():
+                for _, _, jobs in chunks:
+                    check_lengths(greedy, jobs, max_new_tokens, LENGTH_FLAGS)
+            for v, chunks in work.items():
+                with tqdm(total=sum(len(chunk) for _, chunk, _ in chunks),
+                          desc=f"{v} (rank {ddp.rank})", disable=not progress or not chunks) as bar:
+                    for i, chunk, jobs in chunks:
+                        rows = {}
+                        for key, prompt, answer in generate(greedy, prompter, jobs, max_new_tokens,
+                                                            batch_size, LENGTH_FLAGS):
+                            rows[key] = {"key": key, "answer": answer,
+                                         "prompt_tokens": len(prompt.ids),
+                                         "examples": [pool[j].key for j in examples[key]],
+                                         "prompt": prompt.text}
+                            bar.update()
+                        stores[v].save(i, [rows[q.key] for q in chunk])
+    except V2LError as e:          # every rank stops, not only the one that met the problem
+        error = str(e)
+    # every rank waits here until all have saved their chunks (or failed)
+    errors = [e for e in dist.all_gather_objects(error, ddp) if e]
+    if errors:
+        raise V2LError(errors[0])
+    if not ddp.is_main:
+        return None
+    return {v: {row["key"]: row for row in store.gather()} for v, store in stores.items()}

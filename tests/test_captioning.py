@@ -1,5 +1,6 @@
 """Captioning: PTB tokenisation, CIDEr-D/BLEU, data readers, prompts, examples, the script
-(variants, resume, gallery, bad input) and torchrun equality."""
+(variants, gallery, bad input), resume (a killed run resumes; a changed setting or a tokenizer
+retrained into the same directory does not) and torchrun equality."""
 import json
 import re
 import shutil
@@ -11,8 +12,9 @@ import pytest
 
 from data.captions import check_images, load_captions, spread
 from engine.captioning import PUNCTUATIONS, caption_scores, ptb_tokenize
-from engine.open_ended import (ExamplePicker, ImageWords, JsonlLog, OpenEndedPrompter, Shot,
-                               StopAtSeparator, cut_answer)
+import engine.open_ended
+from engine.open_ended import (ExamplePicker, ImageWords, OpenEndedPrompter, Shot, StopAtSeparator,
+                               cut_answer)
 from fixtures_open_ended import ROOT, make_setup, run_script
 from models.llm import encode_segment
 from utils.errors import V2LError
@@ -145,21 +147,6 @@ def test_prompt_layout_and_stop(setup):
     assert cut_answer(" a red circle.###\nInput") == "a red circle." and cut_answer("x\ny") == "x"
 
 
-def test_jsonl_log_resume_and_settings(tmp_path):
-    log = JsonlLog(tmp_path, {"k_shot": 1}, rank=0)
-    with log.writer() as f:
-        f.write(json.dumps({"key": "a", "answer": "x"}) + "\n" + '{"key": "b", "ans')   # torn
-    assert set(log.read()) == {"a"}
-    with JsonlLog(tmp_path, {"k_shot": 1}, rank=1).writer() as f:
-        f.write(json.dumps({"key": "c", "answer": "z"}) + "\n")
-    with log.writer() as f:                                  # torn tail removed before appending
-        f.write(json.dumps({"key": "b", "answer": "y"}) + "\n")
-    assert {k: r["answer"] for k, r in JsonlLog(tmp_path, {"k_shot": 1}).read().items()} == \
-        {"a": "x", "b": "y", "c": "z"}
-    with pytest.raises(V2LError, match=r"other settings \(k_shot\); pass another --out_dir"):
-        JsonlLog(tmp_path, {"k_shot": 2})
-
-
 def caption_args(setup, out, *extra):
     return ["--captions_file", str(Path(setup["world"]) / "captions.json"), "--split", "val",
             "--tokenizer_dir", setup["tokenizer"], "--llm", setup["llm"], "--global_k", "3",
@@ -169,8 +156,12 @@ def caption_args(setup, out, *extra):
 
 
 def read_rows(folder: Path) -> dict:
-    return {r["key"]: r for f in sorted(folder.glob("log.rank*.jsonl"))
-            for r in map(json.loads, f.read_text().splitlines())}
+    """A variant's answers by query key, in query order."""
+    return {r["key"]: r for r in map(json.loads, (folder / "answers.jsonl").read_text().splitlines())}
+
+
+def chunk_folders(out: Path) -> list[Path]:
+    return sorted(out.glob("*/.chunks-*"))
 
 
 def test_eval_captioning_script(setup, tmp_path, monkeypatch, capsys):
@@ -193,14 +184,13 @@ def test_eval_captioning_script(setup, tmp_path, monkeypatch, capsys):
         assert rows["floor"][k]["prompt"].endswith("###\nInput: <  >\nOutput: ")
         assert "###" not in rows["image"][k]["answer"] and "\n" not in rows["image"][k]["answer"]
     assert (out / "gallery.png").stat().st_size > 10_000 and (out / "manifest.json").is_file()
-    # an interrupted run (last line torn) resumes: kept rows untouched, the torn one redone
-    log = out / "image" / "log.rank0.jsonl"
-    lines = log.read_text().splitlines(keepends=True)
-    log.write_text("".join(lines[:-1]) + lines[-1][:20])
-    (out / "manifest.json").unlink()
-    run_script("eval_captioning.py", caption_args(setup, out), monkeypatch)
-    assert log.read_text() == "".join(lines) and (out / "manifest.json").is_file()
-    assert json.loads((out / "results.json").read_text()) == res
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {f"{v}/answers.jsonl" for v in rows} <= set(manifest["files"])
+    assert chunk_folders(out) == []                       # the chunks are gone once finished
+    table = (out / "results.md").read_text().splitlines()
+    assert table[0] == "| variant | n | CIDEr-D | CIDEr-D 95% CI | BLEU-4 | empty |"
+    assert [line.split(" | ")[0] for line in table[2:5]] == ["| image", "| ceiling", "| floor"]
+    assert table[-1].startswith("skipped: METEOR (") and table[-2] == ""
     capsys.readouterr()
     for extra, message in [(["--k_shot", "6"], "tokens over the LLM context of 256; lower --k_shot"),
                            (["--image_dir", str(tmp_path)], "images listed in .*captions.json are "
@@ -212,6 +202,80 @@ def test_eval_captioning_script(setup, tmp_path, monkeypatch, capsys):
         assert exit_.value.code == 2 and err.startswith("error: ") and re.search(message, err), err
 
 
+def count_answers(monkeypatch, stop_after: int | None = None) -> list[int]:
+    """Count the answers the engine decodes from now on (a one-item list); with ``stop_after``,
+    interrupt the run (as Ctrl-C or a kill would) when that many have been decoded."""
+    real, count = engine.open_ended.generate, [0]
+
+    def generate(*args, **kwargs):
+        for out in real(*args, **kwargs):
+            if count[0] == stop_after:
+                raise KeyboardInterrupt
+            count[0] += 1
+            yield out
+    monkeypatch.setattr(engine.open_ended, "generate", generate)
+    return count
+
+
+def killed_run(args, monkeypatch, after: int) -> None:
+    """Run eval_captioning.py and interrupt it once ``after`` answers are decoded."""
+    with monkeypatch.context() as m:
+        count_answers(m, stop_after=after)
+        with pytest.raises(SystemExit) as exit_:
+            run_script("eval_captioning.py", args, monkeypatch)
+    assert exit_.value.code == 130
+
+
+def resume_args(setup, out, *extra, tokenizer=None):
+    """4 images in chunks of 3 (batches of 3): a run stopped after 3 answers has saved the
+    image variant's first chunk; a complete run decodes 3 variants x 4 images."""
+    args = caption_args(setup, out, "--chunk_size", "3", "--gallery", "0", *extra)
+    return args + ["--tokenizer_dir", tokenizer] if tokenizer else args
+
+
+def test_killed_run_resumes(setup, tmp_path, monkeypatch):
+    run_script("eval_captioning.py", resume_args(setup, tmp_path / "whole"), monkeypatch)
+    out = tmp_path / "killed"
+    killed_run(resume_args(setup, out), monkeypatch, after=3)
+    saved = sorted(out.glob("*/.chunks-*/chunk*"))
+    assert [f.parent.parent.name for f in saved] == ["image"] and not (out / "manifest.json").exists()
+    count = count_answers(monkeypatch)
+    run_script("eval_captioning.py", resume_args(setup, out), monkeypatch)
+    assert count[0] == 3 * 4 - 3                          # the saved chunk is not decoded again
+    for v in ("image", "ceiling", "floor"):
+        assert read_rows(out / v) == read_rows(tmp_path / "whole" / v)
+    assert json.loads((out / "results.json").read_text()) == \
+        json.loads((tmp_path / "whole" / "results.json").read_text())
+    assert chunk_folders(out) == [] and (out / "manifest.json").is_file()
+
+
+def test_changed_setting_does_not_resume(setup, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    killed_run(resume_args(setup, out), monkeypatch, after=3)
+    count = count_answers(monkeypatch)
+    run_script("eval_captioning.py", resume_args(setup, out, "--max_new_tokens", "5"), monkeypatch)
+    assert count[0] == 3 * 4
+
+
+def test_retrained_tokenizer_does_not_resume(setup, tmp_path, monkeypatch):
+    """A tokenizer retrained into the same directory: the image variant's saved answers (made
+    with the old tokenizer's words) are not resumed; the answers equal a fresh run's."""
+    from models.tokenizer_io import load_tokenizer, save_tokenizer
+    tok = tmp_path / "tokenizer"
+    shutil.copytree(setup["tokenizer"], tok)
+    out = tmp_path / "out"
+    killed_run(resume_args(setup, out, tokenizer=str(tok)), monkeypatch, after=3)
+    retrained = load_tokenizer(tok)
+    retrained.strings = retrained.strings[::-1]            # other words for the same images
+    save_tokenizer(retrained, tok)
+    count = count_answers(monkeypatch)
+    run_script("eval_captioning.py", resume_args(setup, out, tokenizer=str(tok)), monkeypatch)
+    assert count[0] == 3 * 4
+    fresh = tmp_path / "fresh"
+    run_script("eval_captioning.py", resume_args(setup, fresh, tokenizer=str(tok)), monkeypatch)
+    assert read_rows(out / "image") == read_rows(fresh / "image")
+
+
 def test_missing_scorer(monkeypatch):
     from engine.captioning import require_pycocoevalcap
     monkeypatch.setitem(sys.modules, "pycocoevalcap.cider.cider", None)
@@ -221,7 +285,8 @@ def test_missing_scorer(monkeypatch):
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_equal_one(setup, tmp_path):
-    common = caption_args(setup, tmp_path / "x", "--max_images", "6", "--gallery", "0")[:-2]
+    common = caption_args(setup, tmp_path / "x", "--max_images", "6", "--gallery", "0",
+                          "--chunk_size", "3")              # 2 chunks a variant: one per rank
     results = {}
     for name, launcher in (("one", [sys.executable]),
                            ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -231,10 +296,10 @@ def test_torchrun_two_ranks_equal_one(setup, tmp_path):
                               cwd=ROOT, capture_output=True, text=True,
                               env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
         assert done.returncode == 0, done.stderr[-2000:]
+        assert ("image (rank 1)" in done.stderr) == (name == "two")   # rank 1 answered its chunks
         results[name] = (json.loads((out / "results.json").read_text()),
-                         {v: {k: r["answer"] for k, r in read_rows(out / v).items()}
-                          for v in ("image", "ceiling", "floor")})
-    assert sorted((tmp_path / "two" / "image").glob("log.rank*.jsonl"))[-1].name == "log.rank1.jsonl"
+                         {v: read_rows(out / v) for v in ("image", "ceiling", "floor")})
+        assert chunk_folders(out) == []
     assert results["one"] == results["two"]
 
 

@@ -96,7 +96,7 @@ def test_eval_vqa_script_demo(setup, tmp_path, monkeypatch):
     for per in res["variants"].values():
         assert set(per) == {"all", "colour", "shape", "yes/no"} and per["all"]["n"] == 12
         assert all(r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] for r in per.values())
-    rows = {json.loads(x)["key"]: json.loads(x) for x in (out / "ceiling" / "log.rank0.jsonl").read_text().splitlines()}
+    rows = {json.loads(x)["key"]: json.loads(x) for x in (out / "ceiling" / "answers.jsonl").read_text().splitlines()}
     for key, row in rows.items():
         image, qtype = key.split("#")
         colour, shape = image.split("/")[1].split("_")
@@ -104,6 +104,9 @@ def test_eval_vqa_script_demo(setup, tmp_path, monkeypatch):
                                       + row["prompt"].split("Question: ")[-1])
         assert all(e.startswith("train/") and e.endswith("#" + qtype) for e in row["examples"])
     assert (out / "gallery.png").is_file() and (out / "manifest.json").is_file()
+    table = (out / "results.md").read_text().splitlines()
+    assert len(table) == 2 + 3 * 4 and "skipped" not in (out / "results.md").read_text()
+    assert not list(out.glob("*/.chunks-*"))
 
 
 def test_eval_vqa_script_vqav2(setup, tmp_path, monkeypatch, capsys):
@@ -114,6 +117,9 @@ def test_eval_vqa_script_vqav2(setup, tmp_path, monkeypatch, capsys):
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(res["variants"]) == {"image", "floor"} and "labels_file" in res["skipped"]["ceiling"]
     assert set(res["variants"]["floor"]) == {"all", "yes/no", "other"}
+    table = (tmp_path / "out" / "results.md").read_text().splitlines()
+    assert table[0] == "| variant | answer type | n | accuracy % | 95% CI |" and len(table) == 2 + 6 + 2
+    assert table[-1].startswith("skipped: ceiling (") and "labels_file" in table[-1]
     capsys.readouterr()
     (Path(f["images"]) / "COCO_val2014_000000000002.jpg").unlink()
     with pytest.raises(SystemExit):
