@@ -434,6 +434,7 @@ class ChunkStore:
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def cleanup(self) -> None:
-        for p in self.dir.glob("*"):
-            p.unlink()
-        self.dir.rmdir()
+        """Remove the chunks once the job's result is written, and those of any other key left
+        in the same directory (a run killed under other settings): they can no longer be used."""
+        for folder in self.dir.parent.glob(".chunks-*"):
+            shutil.rmtree(folder, ignore_errors=True)
