@@ -166,7 +166,7 @@ class DiscriminatorLoss(nn.Module):
 
 
 def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
-                    disc_weight: float = 0.75, max_weight: float = 1e4, eps: float = 1e-4,
+                    disc_weight: float, max_weight: float = 1e4, eps: float = 1e-4,
                     grad_scale: float = 1.0) -> torch.Tensor:
     """``disc_weight * clamp(||d rec/d W|| / (||d g/d W|| + eps), 0, max_weight)``, detached.
 
@@ -181,6 +181,8 @@ def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: to
 
 @dataclass
 class LossWeights:
+    """Defaults: the authors' recipe, as step4_train_tokenizer.py's constants give it (a test
+    holds the two equal)."""
     codebook_weight: float = 1.0      # VQ loss
     # squared error added to L1 (0: the authors'). Without LPIPS, L1 alone weighs a pixel's
     # error by its sign only, so a small shape's colour counts for its few pixels and a short

@@ -84,8 +84,16 @@ def test_defaults_are_the_authors_recipe():
     assert defaults["LR_SCALING"] == "none"
     assert (defaults["LOCAL_CODEBOOK"], defaults["PROJECTOR"], defaults["CROSS_ATTENTION"]) == \
         ("clip", True, True)
-    config = TrainConfig()
-    assert (config.eps, config.amp, config.disc_fresh_forward) == (1e-7, "fp16", True)
+    # the library's defaults are the script's: one recipe, whichever way it is built
+    config, weights = TrainConfig(), LossWeights()
+    pairs = {"EPOCHS": config.epochs, "WARMUP_EPOCHS": config.warmup_epochs, "LR": config.lr,
+             "MIN_LR": config.min_lr, "BETAS": config.betas, "ADAM_EPS": config.eps,
+             "AMP": config.amp, "DISC_FRESH_FORWARD": config.disc_fresh_forward,
+             "LOG_EVERY": config.log_every, "CHANNELS_LAST": config.channels_last,
+             "CODEBOOK_WEIGHT": weights.codebook_weight, "L2_WEIGHT": weights.l2_weight,
+             "PERCEPTUAL_WEIGHT": weights.perceptual_weight, "DISC_WEIGHT": weights.disc_weight,
+             "DISC_START": weights.disc_start}
+    assert {k: defaults[k] for k in pairs} == pairs
 
 
 def test_adam_epsilon_reaches_both_optimisers(tmp_path):
