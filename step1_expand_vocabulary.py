@@ -20,7 +20,13 @@ Prompts are batched (sorted by length, left-padded, the shared "a photo of"
 prefix computed once and reused from the KV cache) and give the same greedy
 tokens as the authors' one-prompt-at-a-time loop. Work is saved in chunks: a
 killed run resumes, and under torchrun the chunks are shared between ranks
-(the same artifact for any number of processes).
+(the same artifact for any number of processes; several nodes need one output
+folder shared by all of them). A run that ends with chunks missing (--max_chunks)
+exits with status 2 and says so; rerun the same command to continue.
+
+DTYPE auto runs the LLM in fp16 on a GPU, as the authors did, and fp32 on a CPU.
+bf16 can be chosen, but where two next tokens are nearly tied its rounding can
+pick the other one: the vocabulary then differs from the authors' in places.
 
     python step1_expand_vocabulary.py --llm llama-2-7b --out_dir out/vocab
     torchrun --nproc_per_node 8 step1_expand_vocabulary.py --llm llama-2-7b
@@ -48,7 +54,7 @@ VOCAB_IDS = ""  # JSON file with the token ids to expand ({"ids": [...]} or a li
 BATCH_SIZE = 128  # prompts per forward pass
 CHUNK_SIZE = 2048  # token ids per saved chunk (the resume granularity)
 MAX_CHUNKS = 0  # stop after this many chunks per process (0: no limit; rerun to continue)
-DTYPE = "auto"  # auto (bf16 or fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16
+DTYPE = "auto"  # auto: fp16 on a GPU (the authors'), fp32 on a CPU; or fp32, fp16, bf16
 DEVICE = "auto"  # auto (CUDA when available), cuda or cpu
 DEVICE_MAP = None  # "auto" spreads a model too large for one GPU over all GPUs (one process only)
 
@@ -61,7 +67,7 @@ def main():
                        "(consolidated.*.pth, params.json, tokenizer.model) or a .gguf file")
     if "{}" not in PROMPT:
         raise V2LError(f"--prompt {PROMPT!r} has no {{}} where the token text goes")
-    ddp = dist.init(DEVICE)
+    ddp = dist.init(DEVICE, OUT_DIR)
     if DEVICE_MAP and ddp.active:
         raise V2LError("--device_map spreads one model over all GPUs; run one process, not torchrun")
     llm = load_llm(LLM, dtype=DTYPE, device=ddp.device, device_map=DEVICE_MAP)
@@ -79,15 +85,23 @@ def main():
         lo, hi = store.bounds(i)
         next1, next2 = expand_tokens(llm.model, text_tokenizer, subwords[lo:hi], PROMPT, ADD_BOS, BATCH_SIZE)
         store.save(i, {"next1": next1, "next2": next2})
-    dist.barrier(ddp)
+    dist.barrier(ddp, "every rank's chunks")
 
-    if ddp.is_main:
-        if store.n_done() < store.n_chunks:
-            print(f"{store.n_done()} of {store.n_chunks} chunks done; rerun the same command to continue")
-        else:
-            write_vocab(llm, ids, subwords, store.gather())
-            store.cleanup()
-    dist.barrier(ddp)
+    # rank 0 counts the chunks on disk; every rank gets its count, so all stop together
+    missing = dist.all_gather_objects(store.n_chunks - store.n_done() if ddp.is_main else 0, ddp)[0]
+    if missing:
+        done = f"{store.n_chunks - missing} of {store.n_chunks} chunks done in {store.dir}"
+        if MAX_CHUNKS > 0:
+            dist.fail_once_per_node(ddp, f"stopped by --max_chunks {MAX_CHUNKS} with {done}; no "
+                                         "vocabulary yet: rerun the same command to continue")
+        dist.fail_once_per_node(ddp, f"{done} after every rank finished its share: the ranks do "
+                                     "not write into one folder; all nodes need one output folder "
+                                     "shared by all of them (a network file system; OUT in run.sh)")
+
+    def finish():
+        write_vocab(llm, ids, subwords, store.gather())
+        store.cleanup()
+    dist.wait_for_main(ddp, finish, "the vocabulary's files")
     dist.shutdown(ddp)
 
 
@@ -125,7 +139,8 @@ def write_vocab(llm, ids: list[int], subwords: list[str], tokens: dict) -> None:
     write_manifest(OUT_DIR, VOCAB, settings, ["vocab.json", "vocab_tokens.safetensors"],
                    info={"llm": llm.ident, "llm_fingerprint": llm.fingerprint, "prompt": PROMPT,
                          "vocab_size": len(ids), "printable": sum(printable),
-                         "llm_vocab_size": llm.vocab_size})
+                         "llm_vocab_size": llm.vocab_size,
+                         "dtype": str(next(llm.model.parameters()).dtype)})
     print(f"wrote {OUT_DIR}: {len(ids)} tokens ({sum(printable)} printable)")
 
 

@@ -75,13 +75,12 @@ def llm_dtype(name: str, device) -> str:
 
 
 def resolve_dtype(dtype, device) -> torch.dtype:
-    """None/"auto": bf16 on a GPU that supports it, else fp16 on GPU, fp32 on CPU."""
+    """None/"auto": fp16 on a GPU (the authors' precision), fp32 elsewhere; bf16 only when
+    asked for (its rounding can flip a near-tie greedy pick)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        if torch.device(device).type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
     names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
              "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
     if dtype not in names:
@@ -115,7 +114,7 @@ def detect_format(path) -> tuple[str, Path]:
 def load_llm(path, dtype=None, device=None, device_map=None) -> LLM:
     """Load a frozen causal LM and its tokenizer from a HF directory, Meta directory or GGUF file.
 
-    dtype: None/"auto" (bf16 or fp16 on GPU, fp32 on CPU), "fp32", "fp16", "bf16" or a torch dtype.
+    dtype: None/"auto" (fp16 on GPU, fp32 on CPU), "fp32", "fp16", "bf16" or a torch dtype.
     device: None (CUDA when available, else CPU) or a device; ignored with device_map.
     device_map: e.g. "auto" to spread a model too large for one GPU over all visible GPUs.
     """

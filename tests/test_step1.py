@@ -12,7 +12,7 @@ from tiny_llm import make_tiny_llama, reference_expand, reference_next_tokens
 
 from engine.greedy import greedy_next_tokens
 from engine.vocabulary import expand_tokens, prompt_text
-from models.llm import encode_prompts, load_llm, token_strings
+from models.llm import encode_prompts, load_llm, resolve_dtype, token_strings
 from utils.artifacts import load_tensors, read_manifest
 from utils.errors import V2LError
 
@@ -91,11 +91,31 @@ def test_script_stopped_then_resumed_on_two_ranks_matches_one_uninterrupted_run(
     ids_file.write_text(json.dumps({"ids": list(range(99, -1, -1)) + [5, 7]}))
     common = common[:2] + ["--vocab_ids", str(ids_file)] + common[4:]
     r = _run(common + ["--out_dir", str(part), "--max_chunks", "1"], tmp_path)
-    assert r.returncode == 0 and "1 of 4 chunks done" in r.stdout, r.stderr
+    assert r.returncode == 2 and "stopped by --max_chunks 1 with 1 of 4 chunks done" in r.stderr, r.stderr
     assert not (part / "manifest.json").exists() and not (part / "vocab.json").exists()
     r = _run(common + ["--out_dir", str(part)], tmp_path, torchrun=True)   # resume, on 2 ranks
     assert r.returncode == 0, r.stderr
     assert _artifact(part) == _artifact(full)
+
+
+def test_script_stopped_with_chunks_missing_exits_nonzero_with_one_line(llm_dir, tmp_path):
+    out = tmp_path / "part"
+    r = _run(["--llm", llm_dir, "--vocab_limit", "40", "--chunk_size", "16", "--batch_size", "16",
+              "--max_chunks", "1", "--out_dir", str(out)], tmp_path)
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "stopped by --max_chunks 1 with 1 of 3 chunks done" in errors[0] \
+        and "rerun the same command to continue" in errors[0], r.stderr
+    assert not (out / "manifest.json").exists() and len(list(out.glob(".chunks-*/chunk*"))) == 1
+
+
+def test_auto_precision_is_the_authors_fp16_on_a_gpu_fp32_on_a_cpu(monkeypatch):
+    assert resolve_dtype("auto", "cuda:3") == torch.float16
+    assert resolve_dtype(None, torch.device("cuda")) == torch.float16
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("bf16", "cuda") == torch.bfloat16          # still there when asked for
+    script = _script_module([], monkeypatch)
+    assert script.DTYPE == "auto"
 
 
 def test_script_bad_inputs_fail_with_one_line(llm_dir, tmp_path):
