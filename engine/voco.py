@@ -20,6 +20,9 @@ answers, the separators, the query's answer and its EOS).
 """
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -168,6 +171,100 @@ def retention_interval(upper: list[bool], lower: list[bool], voco: list[bool], n
     ret = (v[idx].mean(1) - lo[idx].mean(1))[ok] / gap[ok]
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
     return [float(x) for x in torch.quantile(ret, q)]
+
+
+# ----------------------------------------------------------------------------- blocks in memory
+
+class BlockStore(Mapping):
+    """Compressed blocks (path -> ``VoCoBlock``) kept in CPU memory and handed out on ``device``.
+
+    ``add`` copies a block into memory the store owns: pinned slabs of ``SLAB_BYTES`` when
+    ``device`` is a GPU (the blocks packed one after another, so a transfer is a plain DMA and
+    no block pays the pinned allocator's rounding), a copy of its own on a CPU. Reading
+    ``store[path]`` moves the block to ``device`` and keeps it in a least-recently-used cache of
+    at most ``cache_bytes`` (None: unbounded; 0: none kept, a block stays on the device only
+    while the batch that read it holds it). The tensors are the same bits wherever they are, so
+    what a prompt reads does not depend on the cache. ``host_bytes``: the blocks held in CPU
+    memory; ``hits`` / ``reads``: reads served by the cache, all reads."""
+
+    SLAB_BYTES = 1 << 28
+
+    def __init__(self, device, cache_bytes: int | None = None):
+        self.device = torch.device(device)
+        self.pin = self.device.type == "cuda"
+        self.cache_bytes = cache_bytes
+        self._host: dict[str, VoCoBlock] = {}
+        self._cache: OrderedDict[str, VoCoBlock] = OrderedDict()
+        self._cached = 0
+        self._slab, self._used = None, 0
+        self.host_bytes = self.hits = self.reads = 0
+
+    def add(self, path: str, block: VoCoBlock) -> None:
+        keys, values = block.keys.detach(), block.values.detach()
+        if self.pin:
+            out = [self._slot(keys), self._slot(values)]
+            for dst, src in zip(out, (keys, values)):
+                dst.copy_(src, non_blocking=True)   # ordered before any later read on the stream
+            keys, values = out
+        else:
+            keys, values = keys.to("cpu", copy=True), values.to("cpu", copy=True)
+        old = self._host.pop(path, None)
+        self.host_bytes += block.nbytes - (old.nbytes if old is not None else 0)
+        self._host[path] = VoCoBlock(keys, values)
+        self._drop(path)
+
+    def _slot(self, like: torch.Tensor) -> torch.Tensor:
+        n = like.numel()
+        if self._slab is None or self._slab.dtype != like.dtype or self._used + n > self._slab.numel():
+            size = max(self.SLAB_BYTES // like.element_size(), n)
+            self._slab, self._used = torch.empty(size, dtype=like.dtype, pin_memory=True), 0
+        out = self._slab[self._used:self._used + n].view(like.shape)
+        self._used += n
+        return out
+
+    def host(self, path: str) -> VoCoBlock:
+        """The block as kept in CPU memory (not moved, not cached)."""
+        return self._host[path]
+
+    def __getitem__(self, path: str) -> VoCoBlock:
+        self.reads += 1
+        block = self._cache.get(path)
+        if block is not None:
+            self.hits += 1
+            self._cache.move_to_end(path)
+            return block
+        host = self._host[path]
+        block = VoCoBlock(host.keys.to(self.device, non_blocking=self.pin),
+                          host.values.to(self.device, non_blocking=self.pin))
+        if self.cache_bytes is None or block.nbytes <= self.cache_bytes:
+            self._cache[path] = block
+            self._cached += block.nbytes
+            while self.cache_bytes is not None and self._cached > self.cache_bytes:
+                self._drop(next(iter(self._cache)))
+        return block
+
+    def _drop(self, path: str) -> None:
+        block = self._cache.pop(path, None)
+        if block is not None:
+            self._cached -= block.nbytes
+
+    def __contains__(self, path) -> bool:
+        return path in self._host
+
+    def __iter__(self):
+        return iter(self._host)
+
+    def __len__(self) -> int:
+        return len(self._host)
+
+
+def synced_clock(device) -> float:
+    """``time.perf_counter()`` once the work queued on ``device`` has finished (CUDA runs
+    asynchronously: without this a timed region ends before the GPU's work does)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 # ----------------------------------------------------------------------------- decoding

@@ -134,6 +134,15 @@ class VoCoBlock:
         return VoCoBlock(self.keys.detach(), self.values.detach())
 
 
+def block_shape(model, k: int) -> tuple[int, int, int, int]:
+    """The shape of a ``VoCoBlock``'s keys (and values) at ``k`` in ``model``: [layers,
+    kv_heads, k, head_dim]; its dtype is the model's."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    return (c.num_hidden_layers, kv_heads, int(k), head_dim)
+
+
 def kv_bytes_per_token(model, dtype: torch.dtype | None = None) -> int:
     """Bytes of key/value cache one position costs in ``model`` (all layers)."""
     c = model.config
@@ -354,9 +363,11 @@ class VoCo(nn.Module):
                 c_shift[i, :n] = torch.cat([torch.full((bl.k,), p) for bl, p in zip(blocks, block_pos)])
                 c_valid[i, :n] = True
             if n_max:   # [layers, kv_heads, entries, head_dim], zero-padded to n_max entries
-                k_ = torch.cat([bl.keys for bl in blocks], 2) if blocks else None
-                v_ = torch.cat([bl.values for bl in blocks], 2) if blocks else None
-                like = k_ if k_ is not None else next(bl for r in rows for bl in r[2]).keys
+                # (a block kept elsewhere, as eval_compression keeps them in CPU memory, is
+                # moved here: .to is a no-op for one already on the device)
+                k_ = torch.cat([bl.keys.to(dev) for bl in blocks], 2) if blocks else None
+                v_ = torch.cat([bl.values.to(dev) for bl in blocks], 2) if blocks else None
+                like = k_ if k_ is not None else next(bl for r in rows for bl in r[2]).keys.to(dev)
                 pad = like.new_zeros(*like.shape[:2], n_max - n, like.shape[3])
                 c_keys.append(torch.cat([k_, pad], 2) if k_ is not None else pad)
                 c_values.append(torch.cat([v_, pad], 2) if v_ is not None else pad)
