@@ -37,11 +37,17 @@ the LLM's identity, the class split), log.jsonl, loss.png and manifest.json
 (chained to the tokenizer). checkpoint.pt is saved every SAVE_EVERY steps; a
 rerun of the same command resumes from it exactly.
 
+Under torchrun a step's BATCH_SIZE episodes are shared out over the processes
+(BATCH_SIZE must be at least their number, else one line at start-up); the loss
+and gradients are sums over them, so the weights and the learning rate do not
+depend on how many processes there are, and a checkpoint resumes under any number.
+
     python step5_train_voco.py --tokenizer_dir out/tokenizer --llm models/llama-2-7b --data_dir imagenet
     torchrun --nproc_per_node 8 step5_train_voco.py ...
 """
 import json
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -86,7 +92,7 @@ LORA_RANK = 8                     # LoRA rank (0: train the VoCo embeddings only
 LORA_ALPHA = 16.0                 # LoRA scaling numerator
 LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # adapted linear layers (the last layer: k/v only)
 STEPS = 2000                      # optimiser steps
-BATCH_SIZE = 8                    # episodes per step (all ranks together)
+BATCH_SIZE = 8                    # episodes per step, all ranks together (at least the number of processes)
 LR = 1e-3                         # peak learning rate (AdamW)
 WARMUP = 0.03                     # fraction of steps of linear warm-up, then cosine to 0
 WEIGHT_DECAY = 0.0                # AdamW weight decay
@@ -120,6 +126,23 @@ def check_settings() -> None:
         raise V2LError("--image_reuse true needs --k_shot 1 or more (a support image to swap with the query)")
     if STEPS < 1 or BATCH_SIZE < 1:
         raise V2LError("--steps and --batch_size must be at least 1")
+    world = int(os.environ.get("WORLD_SIZE", "1"))   # torchrun's processes
+    if world > BATCH_SIZE:
+        raise V2LError(f"--batch_size {BATCH_SIZE} is fewer episodes per step than the {world} "
+                       f"processes (each takes a share of a step's episodes): use --batch_size "
+                       f"{world} or more, a multiple of {world} to load them evenly")
+
+
+def rank_of(index: int, world: int) -> int:
+    """The rank that trains episode ``index``: a step's episodes are dealt out in turn, so
+    every rank has one when world <= BATCH_SIZE; with IMAGE_REUSE, a pair of episodes over the
+    same images goes to one rank (its images compressed once) when every rank still gets a
+    pair. Which rank does an episode does not change the step's result (the loss and the
+    gradients are sums over the ranks)."""
+    step, at = divmod(index, BATCH_SIZE)
+    if IMAGE_REUSE and world <= BATCH_SIZE // 2:
+        return (index // 2 - step * BATCH_SIZE // 2) % world
+    return at % world
 
 
 def main():
@@ -140,7 +163,12 @@ def main():
     if IMAGE_REUSE:   # each drawn episode twice, the second with query and support swapped
         episodes = [e for ep in episodes for e in (replace(ep, index=2 * ep.index),
                                                     swapped(ep, 2 * ep.index + 1))][:STEPS * BATCH_SIZE]
-    mine = [ep for ep in episodes if (ep.index % BATCH_SIZE) % ddp.world == ddp.rank]
+    mine = [ep for ep in episodes if rank_of(ep.index, ddp.world) == ddp.rank]
+    if ddp.active and ddp.is_main:
+        shares = [sum(rank_of(i, ddp.world) == r for i in range(BATCH_SIZE)) for r in range(ddp.world)]
+        print(f"step 5: {BATCH_SIZE} episodes a step over {ddp.world} processes "
+              f"({min(shares)}-{max(shares)} each); the result does not depend on the number "
+              "of processes")
     tokenizer = load_tokenizer(TOKENIZER_DIR, device=ddp.device)
     paths = sorted({p for ep in mine for p, _ in ep.support + (ep.query,)})
     words = image_word_ids(tokenizer, llm.text_tokenizer, paths, GLOBAL_K, WORD_SEPARATOR,
