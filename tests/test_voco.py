@@ -249,6 +249,43 @@ def test_kv_bytes():
     assert block.nbytes == 3 * kv_bytes_per_token(voco.llm) == 3 * 2 * 2 * 2 * 16 * 4
 
 
+def test_block_store_bounds_its_cache_and_changes_no_bit():
+    """Blocks read through a BlockStore, its cache bounded to two blocks or unbounded, give the
+    logits of the blocks as compressed, bit for bit; the bounded cache evicts the oldest."""
+    from engine.voco import BlockStore
+    voco = make_voco()
+    k = 2
+    imgs, _, cached = case(voco, k)
+    with torch.no_grad():
+        blocks = voco.compress(imgs, k)
+        ref = prefill_logits(voco, cached(blocks))[0]
+        size = blocks[0].nbytes
+        for budget in (None, 2 * size, 0):
+            store = BlockStore("cpu", budget)
+            for i, b in enumerate(blocks):
+                store.add(f"img{i}", b)
+            assert len(store) == 3 and "img2" in store and store.host_bytes == 3 * size
+            assert store.host("img0").keys.data_ptr() != blocks[0].keys.data_ptr()   # its own copy
+            for _ in range(2):
+                got = prefill_logits(voco, cached([store[f"img{i}"] for i in range(3)]))[0]
+                assert torch.equal(got, ref), budget
+            assert store.reads == 6
+            if budget is None:
+                assert store.hits == 3 and store._cached == 3 * size
+            else:   # img0, img1, img2 in turn through a cache of 2 (or 0): no read is a hit
+                assert store.hits == 0 and store._cached <= budget
+                assert list(store._cache) == (["img1", "img2"] if budget else [])
+
+
+def test_synced_clock_waits_for_the_gpu(monkeypatch):
+    from engine.voco import synced_clock
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    before = synced_clock("cpu")
+    assert calls == []
+    assert synced_clock("cuda:1") >= before and calls == [torch.device("cuda:1")]
+
+
 def test_distillation_positions_align_teacher_and_student():
     """The KL is taken at prompt-text tokens after the first image whose next token is text;
     the teacher's prompt-text tokens are found among its image words."""
@@ -427,6 +464,41 @@ def test_eval_compression_runs(world, trained):
     assert (out / "retention.png").is_file() and (out / "manifest.json").is_file()
 
 
+def test_eval_compression_block_cache_changes_no_bit(world, trained, monkeypatch):
+    """The same logits, bit for bit, and the same answers with the GPU block cache bounded to a
+    few blocks as with the default budget; the bounded cache serves fewer reads."""
+    from fixtures_artifacts import run_script
+    from models.voco import VoCo
+    from utils.artifacts import load_json
+    seen, prefill = [], VoCo.prefill
+
+    def recording(self, prompts, hidden=False):
+        out = prefill(self, prompts, hidden)
+        seen.append(out[0].clone())
+        return out
+    monkeypatch.setattr(VoCo, "prefill", recording)
+    runs = {}
+    for budget in ("4", "3e-6"):     # GiB; a block is 1 KiB here (k = 2): 3e-6 GiB holds 3
+        seen.clear()
+        out = world / f"eval_cache_{budget}"
+        assert run_script("eval_compression.py", **eval_flags(world, trained, out, n_episodes=6,
+                                                              block_cache_gb=budget)) == 0
+        runs[budget] = list(seen), load_json(out / "results.json")
+    (big, a), (small, b) = runs["4"], runs["3e-6"]
+    assert len(big) == len(small) > 0 and all(torch.equal(x, y) for x, y in zip(big, small))
+    assert a["answers"] == b["answers"] and strip_times(a["rows"]) == strip_times(b["rows"])
+    assert 0 < b["cost"]["blocks"]["cache_hits"] < a["cost"]["blocks"]["cache_hits"]
+    assert a["cost"]["blocks"]["reads"] == b["cost"]["blocks"]["reads"] == 2 * 6 * 3
+
+
+def strip_times(x):
+    """A results.json part less what is timed."""
+    if isinstance(x, dict):
+        return {k: strip_times(v) for k, v in x.items()
+                if k not in ("episodes_per_s", "compress_s_per_image", "speedup")}
+    return [strip_times(v) for v in x] if isinstance(x, list) else x
+
+
 def test_local_tokens_and_context_reach_eval(world, trained):
     """--local_tokens: an image is its local tokens then its words, in step 5 and in
     eval_compression (read from voco.json), and images are compressed after the prompt text."""
@@ -501,6 +573,53 @@ def test_bad_inputs_one_line(world, trained, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "--voco_init 'words': use random or text" in err[0], err
     assert not (world / "v4").exists()
+
+
+def test_step5_refuses_more_processes_than_episodes_per_step(world, monkeypatch, capsys):
+    """Every process needs a share of each step: more processes than --batch_size episodes is
+    refused at start-up with one line (before any process group or model)."""
+    from fixtures_artifacts import run_script
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    out = world / "voco_three"
+    capsys.readouterr()
+    assert run_script("step5_train_voco.py", **step5_flags(world, out)) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "--batch_size 2 is fewer episodes per step than the 3 processes" in err[0]
+    assert not out.exists()
+
+
+def torchrun(script: str, flags: dict, port: int) -> None:
+    import os
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(port), str(repo / script),
+                           *[f"--{k}={v}" for k, v in flags.items()]],
+                          env=env, cwd=repo, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_eval_compression_two_process_gloo_equals_one(world, trained):
+    """Under torchrun each rank makes a share of the words, the blocks (chunks broadcast to the
+    ranks that need them) and the answers; rank 0 writes what one process writes."""
+    from fixtures_artifacts import run_script
+    from utils.artifacts import load_json
+    # batch 1: 5 batches (ranks 0 1 0 1 0), chunks of 4 of the 9 images (ranks 0 1 0)
+    flags = dict(n_episodes=5, batch_size=1)
+    one, two = world / "eval_one", world / "eval_two"
+    assert run_script("eval_compression.py", **eval_flags(world, trained, one, **flags)) == 0
+    torchrun("eval_compression.py", eval_flags(world, trained, two, **flags), 29534)
+    a, b = load_json(one / "results.json"), load_json(two / "results.json")
+    assert a["answers"] == b["answers"] and len(a["answers"]["voco k=2"]) == 5
+    assert strip_times(a["rows"]) == strip_times(b["rows"])
+    blocks_a, blocks_b = a["cost"].pop("blocks"), b["cost"].pop("blocks")
+    assert strip_times(a["cost"]) == strip_times(b["cost"])
+    assert blocks_a["episodes_per_process"] == [5] and blocks_b["episodes_per_process"] == [3, 2]
+    assert blocks_b["reads"] == blocks_a["reads"]
+    assert (two / "manifest.json").is_file()
 
 
 @pytest.mark.slow
