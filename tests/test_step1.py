@@ -110,6 +110,7 @@ def test_script_stopped_with_chunks_missing_exits_nonzero_with_one_line(llm_dir,
 
 
 def test_auto_precision_is_the_authors_fp16_on_a_gpu_fp32_on_a_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)   # as on an H100
     assert resolve_dtype("auto", "cuda:3") == torch.float16
     assert resolve_dtype(None, torch.device("cuda")) == torch.float16
     assert resolve_dtype("auto", "cpu") == torch.float32
