@@ -95,7 +95,7 @@ def write_results(results: dict, rows: dict, queries: list) -> list[str]:
 def main():
     require_pycocoevalcap()
     variants, _ = check_variants(VARIANTS, True, CAPTIONS_FILE)
-    ddp = dist.init(DEVICE)
+    ddp = dist.init(DEVICE, OUT_DIR)
     queries, pool, fmt = load_captions(CAPTIONS_FILE, IMAGE_DIR or None, SPLIT, EXAMPLE_SPLIT)
     queries = spread(queries, MAX_IMAGES)
     picker = ExamplePicker(pool, K_SHOT, SEED, fixed=FIXED_EXAMPLES)

@@ -20,6 +20,7 @@ resume from chunks; ``torchrun --nproc_per_node N`` splits the images.
     python eval_denoising.py --tokenizer_dir out/tokenizer --llm llama-2-7b-hf --data_dir imagenet
 """
 import random
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -147,7 +148,7 @@ def main():
     tasks = check_tasks(TASKS)
     check_protocol(PROTOCOL)
     check_blur_kernels(BLUR_KERNELS)
-    ddp = dist.init(DEVICE)
+    ddp = dist.init(DEVICE, OUT_DIR)
     dtype = llm_dtype(LLM_DTYPE, ddp.device)
     random.seed(SEED)
     torch.manual_seed(SEED)
@@ -170,9 +171,11 @@ def main():
             "llm": llm.ident, "llm_dtype": str(llm.model.dtype), "saved": SAVED, "n_images": len(ds)}
         store = ChunkStore(Path(OUT_DIR) / task, len(ds), CHUNK_IMAGES, key)
         tokenize_and_restore(task, ds, store, tokenizer, greedy, prompter, vocab_mask, ddp)
-        dist.barrier(ddp)
-        if ddp.is_main:
-            results[task] = score(task, ds, store, tokenizer, ddp.device)
+        # every rank's chunks on disk, then rank 0 scores them alone (minutes at full size):
+        # waits without a deadline, not collectives (utils/dist.py)
+        dist.barrier(ddp, f"every rank's {task} chunks")
+        results[task] = dist.wait_for_main(
+            ddp, partial(score, task, ds, store, tokenizer, ddp.device), f"the {task} scores")
     if ddp.is_main:
         files = write_results(results)
         inputs = finished_inputs(tokenizer=TOKENIZER_DIR)

@@ -146,7 +146,7 @@ def dump_png(folder: Path, index: torch.Tensor, x_in: torch.Tensor, rec: torch.T
 def main():
     if PROTOCOL not in PROTOCOLS:
         raise V2LError(f"--protocol {PROTOCOL}: choose from {', '.join(PROTOCOLS)}")
-    ddp = dist.init(DEVICE)
+    ddp = dist.init(DEVICE, OUT_DIR)
     unknown = set(METRICS) - set(ALL_METRICS)
     if unknown:
         raise V2LError(f"--metrics: unknown {sorted(unknown)}; choose from {', '.join(ALL_METRICS)}")

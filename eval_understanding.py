@@ -187,7 +187,7 @@ def cell(row: dict, col: str) -> str:
 
 def main():
     check_options()
-    ddp = dist.init(DEVICE)
+    ddp = dist.init(DEVICE, OUT_DIR)
     torch.manual_seed(SEED)
     plan = [(s, episodes_for(s)) for s in setting_grid()]
     tokenizer = load_tokenizer(TOKENIZER_DIR, device=ddp.device)
@@ -211,6 +211,7 @@ def main():
             answer_chunks(s, episodes, store, strings, greedy, llm, ddp)
     except V2LError as e:     # every rank stops, not only the one that met the problem
         error = str(e)
+    dist.barrier(ddp, "every rank's answers")   # uneven work: a wait without a deadline
     errors = [e for e in dist.all_gather_objects(error, ddp) if e]
     if errors:
         raise V2LError(errors[0])

@@ -123,7 +123,7 @@ def main():
     queries, pool, fmt = load_data()
     variants, skipped = check_variants(VARIANTS, all(q.labels for q in queries),
                                        QUESTIONS_FILE or DATA_DIR)
-    ddp = dist.init(DEVICE)
+    ddp = dist.init(DEVICE, OUT_DIR)
     queries = spread_images(queries, MAX_IMAGES)
     picker = ExamplePicker(pool, K_SHOT, SEED, fixed=FIXED_EXAMPLES, same_type=SAME_TYPE)
     used = [pool[i] for q in queries for i in picker(q)]

@@ -52,7 +52,7 @@ def read_vocab(vocab_dir) -> tuple[dict, dict]:
 
 
 def main():
-    ddp = dist.init(DEVICE)
+    ddp = dist.init(DEVICE, OUT_DIR)
     vocab_manifest, vocab = read_vocab(VOCAB_DIR)
     cand = build_candidates(vocab)
     n_vocab = len(vocab["ids"])

@@ -72,7 +72,7 @@ def main():
     if SIMILARITY not in ("dot", "cosine"):
         raise V2LError(f"--similarity {SIMILARITY}: expected dot or cosine")
     parse_rate(THRESHOLD_RATE)  # refuse a malformed rate before counting
-    ddp = dist.init(DEVICE)
+    ddp = dist.init(DEVICE, OUT_DIR)
     clip = load_clip(CLIP, CLIP_PRETRAINED, device=ddp.device, allow_unsafe=CLIP_ALLOW_UNSAFE)
     vocab_m, code_m = check_inputs(clip.ident)
     candidates = load_tensors(f"{CODEBOOK_DIR}/global_candidates.safetensors")["embeddings"]
@@ -100,7 +100,9 @@ def main():
                                                  PRECISION)
         store.save(i, {"hits": counts, "stats": torch.tensor([n_images, n_skipped])})
 
-    # every rank sums the chunks it owns; one integer all-reduce gives the totals
+    # every rank sums the chunks it owns; one integer all-reduce gives the totals, once every
+    # rank is done (a resumed run leaves the ranks uneven work: a wait without a deadline)
+    dist.barrier(ddp, "every rank's chunks")
     own = [store.load(i) for i in range(ddp.rank, store.n_chunks, ddp.world)]
     hits = sum((c["hits"] for c in own), torch.zeros(len(valid), dtype=torch.long))
     stats = sum((c["stats"] for c in own), torch.zeros(2, dtype=torch.long))

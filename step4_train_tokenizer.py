@@ -127,7 +127,7 @@ def sample_batch(dataset, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def main():
-    ddp = dist.init(DEVICE)
+    ddp = dist.init(DEVICE, OUT_DIR)
     batch_per_process, lr = batch_and_lr(BATCH_SIZE, ddp.world, LR, LR_SCALING)
     seed_everything(SEED, ddp.rank)
     out, ckpt_dir = Path(OUT_DIR), Path(OUT_DIR) / "checkpoints"

@@ -148,7 +148,7 @@ def rank_of(index: int, world: int) -> int:
 def main():
     check_settings()
     out = Path(OUT_DIR)
-    ddp = dist.init(DEVICE)
+    ddp = dist.init(DEVICE, OUT_DIR)
     torch.manual_seed(SEED)
     llm = load_llm(LLM, dtype=llm_dtype(LLM_DTYPE, ddp.device), device=ddp.device)
     set_attention(llm, ATTN)

@@ -428,7 +428,9 @@ def run_variants(queries: list, pool: list, picker: ExamplePicker, stores: dict[
                         stores[v].save(i, [rows[q.key] for q in chunk])
     except V2LError as e:          # every rank stops, not only the one that met the problem
         error = str(e)
-    # every rank waits here until all have saved their chunks (or failed)
+    # every rank waits here until all have saved their chunks (or failed): uneven work, so a
+    # wait without a deadline before the gather (utils/dist.py)
+    dist.barrier(ddp, "every rank's answers")
     errors = [e for e in dist.all_gather_objects(error, ddp) if e]
     if errors:
         raise V2LError(errors[0])
