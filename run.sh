@@ -25,10 +25,13 @@ VQA="${VQA:-}"                      # VQAv2 dir: v2_OpenEnded_mscoco_val2014_que
 OUT="${OUT:-out}"                   # every artifact goes under here
 
 NPROC="${NPROC:-1}"                 # processes (GPUs) per node
-NNODES="${NNODES:-1}"               # nodes; for several, also set NODE_RANK, MASTER_ADDR, MASTER_PORT on each
+NNODES="${NNODES:-1}"               # nodes; for several, also set NODE_RANK, MASTER_ADDR, MASTER_PORT on each,
+                                    # and one OUT shared by all nodes (a network file system, same path)
 NODE_RANK="${NODE_RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
+DIST_TIMEOUT_MIN="${DIST_TIMEOUT_MIN:-30}"  # minutes a collective (all-reduce, all-gather) may wait
+                                    # for a rank; waits for rank 0's long phases have no limit
 PYTHON="${PYTHON:-python}"
 # Extra flags for a stage, e.g. STEP4_ARGS="--epochs 10"; EVAL_UNDERSTANDING_ARGS="--sweep true"
 STEP1_ARGS="${STEP1_ARGS:-}"; STEP2_ARGS="${STEP2_ARGS:-}"; STEP3_ARGS="${STEP3_ARGS:-}"
@@ -41,7 +44,7 @@ DEMO_ARGS="${DEMO_ARGS:-}"          # extra flags for demo/setup.py (e.g. "--cli
 # ----------------------------------------------------------------------------
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
   cat <<'EOF'
 
 Settings (edit the top of run.sh, or set them in the environment):
@@ -51,7 +54,14 @@ Settings (edit the top of run.sh, or set them in the environment):
   CLIP_ALLOW_UNSAFE      true to load OpenAI's pickled TorchScript archive
   LPIPS_VGG              vgg16-397923af.pth for LPIPS (else the torch hub cache)
   OUT                    output root
-  NPROC, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   torchrun layout
+  NPROC, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   torchrun layout; with NNODES > 1
+                         run the same command on every node, with the same settings and
+                         one OUT shared by all nodes (a network file system mounted at the
+                         same path): rank 0 gathers every rank's chunks and writes the
+                         artifacts there; each stage checks at start-up that every rank
+                         sees it and stops otherwise
+  DIST_TIMEOUT_MIN       minutes a collective may wait for a rank (default 30); uneven
+                         work and rank 0's long phases (scoring, writing) wait without limit
   STEPn_ARGS, EVAL_*_ARGS, DEMO_ARGS                   extra flags per stage (see each script's --help)
 
 With IMAGENET, LLM and CLIP all unset, the demo runs: demo/setup.py makes a
@@ -77,6 +87,16 @@ else
   exit 2
 fi
 
+if [[ ! "$DIST_TIMEOUT_MIN" =~ ^[0-9]*\.?[0-9]+$ || "$DIST_TIMEOUT_MIN" =~ ^[0.]+$ ]]; then
+  echo "error: DIST_TIMEOUT_MIN=$DIST_TIMEOUT_MIN: expected a positive number of minutes (default 30)" >&2
+  exit 2
+fi
+export DIST_TIMEOUT_MIN
+if (( NNODES > 1 )) && [[ $MODE == demo ]]; then
+  echo "error: the demo runs on one node (NNODES=1, any NPROC); several nodes need IMAGENET, LLM and CLIP set" >&2
+  exit 2
+fi
+
 if (( BASH_VERSINFO[0] < 4 )); then
   echo "error: run.sh needs bash 4 or newer (this is $BASH_VERSION)" >&2
   exit 2
@@ -94,6 +114,10 @@ declare -a TIMES=()   # "id|title|seconds" (or "skipped"), for the stage table a
 run_stage() {  # run_stage STAGE_ID DISTRIBUTED(yes/no) ARGS...   (the script comes from the registry)
   local id=$1 dist=$2; shift 2
   local title=${STAGE_TITLE[$id]} dir=${DIR[$id]} why rc=0
+  if [[ "$dist" == no ]] && (( NNODES > 1 && NODE_RANK > 0 )); then
+    echo "== $title: one process, on node 0"     # every node decides the same: nothing to join
+    return 0
+  fi
   # the same decision the script makes itself (utils/artifacts.py stale_reason), without
   # loading a model: same settings and the same upstream artifacts -> nothing to do
   why=$("$PYTHON" -m utils.pipeline check "$id" "$@") || rc=$?
@@ -244,4 +268,8 @@ for t in "${TIMES[@]}"; do
   SECONDS_ARGS+=("$id=$secs")
 done
 # prints the tables and writes $OUT/summary.json (stage seconds, metrics, one row per setting)
-"$PYTHON" -m utils.summary "$OUT" "${SECONDS_ARGS[@]}"
+if (( NODE_RANK > 0 )); then
+  echo "node $NODE_RANK: every stage done; node 0 prints the summary and writes $OUT/summary.json"
+else
+  "$PYTHON" -m utils.summary "$OUT" "${SECONDS_ARGS[@]}"
+fi

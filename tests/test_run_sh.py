@@ -8,6 +8,7 @@ print the summary.
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -126,3 +127,73 @@ def test_run_sh_interrupted_mid_stage_then_completes(tmp_path):
         assert read_manifest(out / stage.out_dir)["inputs"]["tokenizer"]["id"] == new_tokenizer
     numbers = json.loads((out / "summary.json").read_text())
     assert numbers["stage_seconds"]["tokenizer"] is not None and numbers["reconstruction"] is not None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_nodes(env: dict, outs: tuple[Path, Path], timeout: float) -> list[subprocess.CompletedProcess]:
+    """run.sh as 2 nodes x 1 process on this machine: NODE_RANK 0 and 1, started together."""
+    layout = {"NNODES": "2", "NPROC": "1", "MASTER_ADDR": "127.0.0.1",
+              "MASTER_PORT": str(_free_port())}
+    nodes = [subprocess.Popen(["bash", "run.sh"], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True,
+                              env=env | layout | {"NODE_RANK": str(rank), "OUT": str(out)})
+             for rank, out in enumerate(outs)]
+    done = []
+    try:
+        for node in nodes:
+            stdout, stderr = node.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(node.args, node.returncode, stdout, stderr))
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    return done
+
+
+@pytest.mark.slow
+def test_run_sh_on_two_nodes_over_one_shared_out_makes_the_one_process_artifacts(tmp_path):
+    env = tiny_env(tmp_path)
+    out = Path(env["OUT"])
+    nodes = _two_nodes(env, (out, out), timeout=600)
+    for rank, node in enumerate(nodes):
+        assert node.returncode == 0, f"node {rank}:\n" + node.stdout[-3000:] + node.stderr[-3000:]
+    for stage in CORE:
+        read_manifest(out / stage.out_dir, stage)
+    assert "== summary" in nodes[0].stdout and "node 0 prints the summary" in nodes[1].stdout
+
+    # steps 1-3 in one process, with run.sh's arguments: the same artifacts (content hashes)
+    one = tmp_path / "one"
+    clip = ["--clip", env["CLIP"], "--clip_allow_unsafe", "false"]
+    steps = [
+        ["step1_expand_vocabulary.py", "--llm", env["LLM"], "--out_dir", str(one / "vocab"),
+         *env["STEP1_ARGS"].split()],
+        ["step2_codebook_embedding.py", "--vocab_dir", str(one / "vocab"),
+         "--out_dir", str(one / "codebook"), *clip, *env["STEP2_ARGS"].split()],
+        ["step3_codebook_filtering.py", "--data_dir", env["IMAGENET"], "--vocab_dir",
+         str(one / "vocab"), "--codebook_dir", str(one / "codebook"), "--out_dir", str(one / "global"),
+         *clip, *env["STEP3_ARGS"].split()]]
+    for stage, cmd in zip(CORE[:3], steps):
+        r = subprocess.run(["python", *cmd], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert read_manifest(one / stage.out_dir)["id"] == read_manifest(out / stage.out_dir)["id"], stage
+
+
+def test_run_sh_on_two_nodes_with_an_out_each_stops_with_one_line(tmp_path):
+    env = tiny_env(tmp_path)
+    outs = (tmp_path / "out0", tmp_path / "out1")
+    t0 = time.time()
+    nodes = _two_nodes(env, outs, timeout=120)
+    assert time.time() - t0 < 60
+    for rank, node in enumerate(nodes):
+        assert node.returncode != 0, f"node {rank}: {node.stdout[-2000:]}"
+        errors = [line for line in node.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "does not see the file rank 0" in errors[0] \
+            and "one output folder shared by all of them" in errors[0], node.stderr[-3000:]
+    assert not [p for out in outs for p in out.rglob("manifest.json")]
+    assert not [p for out in outs for p in out.rglob(".shared-output-check-*")]
