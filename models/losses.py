@@ -21,6 +21,7 @@ a metric configured for [0, 1]; this module does not.)
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,12 +172,23 @@ def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: to
     """``disc_weight * clamp(||d rec/d W|| / (||d g/d W|| + eps), 0, max_weight)``, detached.
 
     ``grad_scale`` is the fp16 loss scale: both losses are scaled before differentiation so
-    their gradients do not underflow, and the norms are divided by it again.
+    their gradients do not underflow, and the norms are divided by it again. When either
+    scaled gradient (or its norm) overflows, the weight is NaN, not a ratio of infinities
+    clamped to a finite number: the generator loss is then non-finite and the training step
+    treats it as the GradScaler treats overflowing gradients (the step is skipped, the scale
+    backs off; engine/train.py ``train_step``).
     """
-    rec_grad = torch.autograd.grad(rec_loss * grad_scale, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss * grad_scale, last_layer, retain_graph=True)[0]
-    w = (rec_grad.float().norm() / grad_scale) / (g_grad.float().norm() / grad_scale + eps)
-    return w.clamp(0.0, max_weight).detach() * disc_weight
+    rec_grad = last_layer_grad(rec_loss * grad_scale, last_layer)
+    g_grad = last_layer_grad(g_loss * grad_scale, last_layer)
+    rec_norm, g_norm = rec_grad.float().norm() / grad_scale, g_grad.float().norm() / grad_scale
+    w = (rec_norm / (g_norm + eps)).clamp(0.0, max_weight)
+    w = torch.where(torch.isfinite(rec_norm) & torch.isfinite(g_norm), w, math.nan)
+    return w.detach() * disc_weight
+
+
+def last_layer_grad(loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    """d loss / d last_layer, keeping the graph for the backward pass that follows."""
+    return torch.autograd.grad(loss, last_layer, retain_graph=True)[0]
 
 
 @dataclass

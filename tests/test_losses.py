@@ -33,6 +33,19 @@ def test_adaptive_weight_is_clamped():
     assert adaptive_weight(rec, g, w, 0.75).item() == pytest.approx(1e4 * 0.75)
 
 
+def test_adaptive_weight_of_overflowing_scaled_gradients_is_nan():
+    """A loss scale that overflows either last-layer gradient (or its norm) gives NaN, never
+    inf / inf or a finite number clamped from an overflow: the step is then skipped as for
+    overflowing gradients (engine/train.py)."""
+    w = torch.randn(4, 3, requires_grad=True)
+    a, b = torch.randn(4, 3), torch.randn(4, 3)
+    rec, g = (w * a).sum(), (w * b).sum()
+    assert torch.isfinite(adaptive_weight(rec, g, w, 0.75, grad_scale=2.0 ** 16))
+    assert torch.isnan(adaptive_weight(rec, g, w, 0.75, grad_scale=3e38))       # both overflow
+    assert torch.isnan(adaptive_weight(rec * 1e6, g, w, 0.75, grad_scale=1e17))  # the numerator
+    assert torch.isnan(adaptive_weight(rec, g * 1e6, w, 0.75, grad_scale=1e17))  # the denominator
+
+
 def test_hinge_d_loss_by_hand():
     real = torch.tensor([2.0, 0.5, -1.0])               # relu(1 - x): 0, 0.5, 2 -> mean 5/6
     fake = torch.tensor([-2.0, 0.0])                    # relu(1 + x): 0, 1 -> mean 0.5
