@@ -31,6 +31,7 @@ from models.vqgan import Decoder, Encoder
 from utils.errors import V2LError
 
 LOCAL_CODEBOOKS = ("clip", "random", "trained")
+CLIP_PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 @dataclass
@@ -60,6 +61,8 @@ class TokenizerConfig:
     cross_null: bool = False          # a learned null key (zero value) in that attention (not the authors')
     clip_spec: str = "ViT-L-14"       # CLIP to rebuild on load (models.clip.load_clip spec)
     clip_pretrained: str | None = None  # its weights file, if the spec is an architecture name
+    clip_precision: str = "fp32"      # how CLIP ran in training: fp32, fp16 (fp16 weights and
+    #                                   autocast: the authors') or bf16 (autocast); load_tokenizer runs it so on a GPU
 
     @property
     def grid(self) -> int:
@@ -95,6 +98,8 @@ class TokenizerConfig:
             raise V2LError(f"global_metric={self.global_metric!r}: use 'l2' or 'cosine'")
         if self.local_codebook not in LOCAL_CODEBOOKS:
             raise V2LError(f"local_codebook={self.local_codebook!r}: use one of {LOCAL_CODEBOOKS}")
+        if self.clip_precision not in CLIP_PRECISIONS:
+            raise V2LError(f"clip_precision={self.clip_precision!r}: use one of {CLIP_PRECISIONS}")
 
 
 def _frozen_embedding(weight: torch.Tensor) -> nn.Embedding:

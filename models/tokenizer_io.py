@@ -10,6 +10,7 @@ A fresh tokenizer on the step-2/3 artifacts is built by ``engine.tokenizer_build
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -45,7 +46,10 @@ def load_tokenizer(path, clip: ClipBundle | None = None, device="cpu",
     """Load a saved tokenizer (a ``.pt`` file or a directory holding ``tokenizer.pt``), in eval mode.
 
     Without ``clip``, the CLIP named in its config is loaded (``allow_unsafe_clip``
-    as in ``load_clip`` for OpenAI TorchScript files).
+    as in ``load_clip`` for OpenAI TorchScript files). CLIP runs in the precision the
+    tokenizer was trained with (``config.clip_precision``, see ``clip_in_precision``), so
+    the global words are the ones its decoder learned from; a ``clip`` passed in is
+    converted in place.
     """
     path = Path(path)
     if path.is_dir():
@@ -72,8 +76,33 @@ def load_tokenizer(path, clip: ClipBundle | None = None, device="cpu",
     if clip is None:
         clip = load_clip(config.clip_spec, config.clip_pretrained, device=device,
                          allow_unsafe=allow_unsafe_clip)
-    tokenizer.attach_clip(clip)
+    tokenizer.attach_clip(clip_in_precision(clip, config.clip_precision))
     return tokenizer.to(device).eval()
+
+
+@dataclasses.dataclass
+class AutocastClip(ClipBundle):
+    """A CLIP bundle whose image tower runs under autocast to ``dtype``."""
+    dtype: torch.dtype = torch.float16
+
+    def encode_images(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.dtype):
+            return super().encode_images(x)
+
+
+def clip_in_precision(clip: ClipBundle, precision: str) -> ClipBundle:
+    """CLIP set up as step 4 ran it (engine/train.py): "fp16": fp16 weights under fp16
+    autocast; "bf16": bf16 autocast; "fp32": as loaded. On a GPU only: a CPU runs CLIP in
+    fp32 whatever was recorded (fp16 is not usable there, and CPU runs stay as they were),
+    so a tokenizer trained in fp16 or bf16 and evaluated on a CPU may see a global word near
+    rank k change."""
+    if precision == "fp32" or clip.device.type != "cuda":
+        return clip
+    fields = {f.name: getattr(clip, f.name) for f in dataclasses.fields(ClipBundle)}
+    if precision == "fp16":
+        clip.model.half()
+        return AutocastClip(**fields, dtype=torch.float16)
+    return AutocastClip(**fields, dtype=torch.bfloat16)
 
 
 def load_authors_checkpoint(tokenizer: V2LTokenizer, src) -> dict[str, torch.Tensor]:

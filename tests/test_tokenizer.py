@@ -12,6 +12,7 @@ from fixtures_tokenizer import (TINY_TOKENIZER, make_codebook_artifacts, make_ti
                                 tiny_images)
 
 from engine.tokenizer_build import tokenizer_from_artifacts
+from models.clip import load_clip
 from models.losses import PatchDiscriminator
 from models.quantizers import nearest_code, topk_nearest, vector_quantize
 from models.tokenizer import TokenizerConfig, V2LTokenizer
@@ -264,6 +265,34 @@ def test_encode_decode_save_load(tiny, tmp_path):
     assert torch.equal(idx2, global_idx)
     assert torch.equal(loaded.decode(local_ids, global_emb=emb2), rec)
     assert loaded.global_strings(global_idx) == words
+
+
+def test_clip_runs_in_the_recorded_precision_on_a_gpu(tmp_path, monkeypatch):
+    """load_tokenizer runs CLIP as step 4 did (config.clip_precision) when CLIP is on a GPU:
+    fp16 weights under fp16 autocast, or bf16 autocast; on a CPU it stays fp32 (fp16 is not
+    usable there). The GPU is faked: only the choice is checked, nothing runs on it."""
+    from models.clip import ClipBundle
+    from models.tokenizer_io import AutocastClip, clip_in_precision
+    tokenizer, clip, dirs = make_tiny_tokenizer(tmp_path)
+    with pytest.raises(V2LError, match="clip_precision='fp8'"):
+        dataclasses.replace(tokenizer.config, clip_precision="fp8").validate()
+    assert TokenizerConfig.from_dict({"resolution": 128}).clip_precision == "fp32"   # older files
+    for precision in ("fp32", "fp16", "bf16"):                 # CPU: fp32 whatever was recorded
+        tokenizer.config = dataclasses.replace(tokenizer.config, clip_precision=precision)
+        loaded = load_tokenizer(save_tokenizer(tokenizer, tmp_path / f"{precision}.pt"))
+        assert loaded.config.clip_precision == precision
+        assert type(loaded.clip) is ClipBundle
+        assert next(loaded.clip.model.parameters()).dtype == torch.float32
+    monkeypatch.setattr(ClipBundle, "device", property(lambda self: torch.device("cuda", 0)))
+    fresh = load_clip(dirs["clip"])
+    assert clip_in_precision(fresh, "fp32") is fresh
+    bf16 = clip_in_precision(fresh, "bf16")
+    assert isinstance(bf16, AutocastClip) and bf16.dtype == torch.bfloat16
+    assert next(bf16.model.parameters()).dtype == torch.float32
+    loaded = load_tokenizer(tmp_path / "fp16.pt", clip=load_clip(dirs["clip"]))
+    assert isinstance(loaded.clip, AutocastClip) and loaded.clip.dtype == torch.float16
+    assert all(p.dtype == torch.float16 for p in loaded.clip.model.parameters())
+    assert loaded.clip.embed_dim == clip.embed_dim and loaded.clip.ident == clip.ident
 
 
 def test_id_mapping(tiny):
