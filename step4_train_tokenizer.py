@@ -7,10 +7,16 @@ PatchGAN hinge loss from iteration DISC_START on; Adam (0.5, 0.9, eps 1e-7), 5
 warm-up epochs then half-cycle cosine, per iteration. CLIP and both codebooks
 stay frozen.
 
-As the authors run it, by default: global batch 8 at lr 4.5e-4 whatever the
-number of processes (torchrun splits BATCH_SIZE; LR_SCALING adapts the rate to
-another batch), fp16 autocast with a GradScaler and CLIP in fp16, LPIPS dropout
-active, the discriminator step on a fresh forward of the updated tokenizer.
+As the authors run it, by default: BATCH_SIZE 8 images per process (their script: 8
+per GPU) at lr 4.5e-4, fp16 autocast with a GradScaler and CLIP in fp16 (recorded in
+tokenizer.pt, so that evaluations run CLIP alike on a GPU), LPIPS dropout active, the
+discriminator step on a fresh forward of the updated tokenizer, its BatchNorm per process.
+The global batch is BATCH_SIZE x the number of processes; LR stays as given
+(LR_SCALING none) or scales by global batch / 8, the authors' one GPU x 8 (linear, or its
+square root). Both are printed at start-up. SYNC_BN synchronises the discriminator's
+BatchNorm over the processes (GPUs only). Under fp16 an iteration whose scaled loss or
+gradients overflow is skipped and the loss scale backs off; training stops with one line
+when that persists, or at once on a non-finite loss without loss scaling.
 Their ablations are flags: --local_codebook random|trained, --projector false,
 --cross_attention false.
 
@@ -21,7 +27,7 @@ tokenizer.pt (self-contained, models.tokenizer_io.load_tokenizer) and manifest.j
 
     python step4_train_tokenizer.py --data_dir data/imagenet --clip ViT-L-14 \
         --clip_pretrained ViT-L-14.pt --clip_allow_unsafe true
-    torchrun --nproc_per_node 8 step4_train_tokenizer.py ...   # still global batch 8
+    torchrun --nproc_per_node 8 step4_train_tokenizer.py ...   # 8 per GPU: global batch 64
 """
 import sys
 from pathlib import Path
@@ -52,9 +58,9 @@ CLIP_PRETRAINED = None  # weights for a named CLIP: OpenAI ViT-L-14.pt or an ope
 CLIP_ALLOW_UNSAFE = False  # allow pickled CLIP files (OpenAI's TorchScript ViT-L-14.pt); only if trusted
 EPOCHS = 100  # training epochs
 WARMUP_EPOCHS = 5  # linear learning-rate warm-up epochs (then half-cycle cosine to MIN_LR)
-BATCH_SIZE = 8  # GLOBAL batch: images per iteration over all processes, split evenly (the authors: 1 GPU x 8)
+BATCH_SIZE = 8  # images per iteration per process (the authors: 8 per GPU); global batch = BATCH_SIZE x processes
 LR = 4.5e-4  # peak learning rate of the tokenizer and the discriminator (the authors' at batch 8)
-LR_SCALING = "none"  # "none" keeps LR whatever BATCH_SIZE; "linear" / "sqrt": LR x (BATCH_SIZE / 8), or its square root
+LR_SCALING = "none"  # "none" keeps LR whatever the global batch; "linear" / "sqrt": LR x (global batch / 8), or its square root
 MIN_LR = 0.0  # learning rate at the end of the cosine
 BETAS = (0.5, 0.9)  # Adam betas
 ADAM_EPS = 1e-7  # Adam epsilon (the authors'; PyTorch's default is 1e-8)
@@ -88,6 +94,7 @@ CROSS_ATTENTION = True  # the decoder attends to the global tokens (false: decod
 AMP = "fp16"  # mixed precision: fp16 (GPU; a GradScaler, CLIP in fp16: the authors'), bf16 (also a CPU with native bf16) or none
 CHANNELS_LAST = False  # NHWC memory layout for the convolutions (often faster on GPUs)
 FIND_UNUSED_PARAMETERS = False  # DDP option; only needed for architectures with unused branches
+SYNC_BN = False  # the discriminator's BatchNorm as SyncBatchNorm over the processes (GPUs; false: per process, the authors')
 NUM_WORKERS = 8  # image-decoding worker processes per rank
 SEED = 0  # seed of the initialisation, the data order and every random stream
 MAX_IMAGES: int | None = None  # train on the first N images only (none: all)
@@ -128,7 +135,7 @@ def sample_batch(dataset, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 def main():
     ddp = dist.init(DEVICE, OUT_DIR)
-    batch_per_process, lr = batch_and_lr(BATCH_SIZE, ddp.world, LR, LR_SCALING)
+    global_batch, lr = batch_and_lr(BATCH_SIZE, ddp.world, LR, LR_SCALING)
     seed_everything(SEED, ddp.rank)
     out, ckpt_dir = Path(OUT_DIR), Path(OUT_DIR) / "checkpoints"
     clip = load_clip(CLIP, CLIP_PRETRAINED, device=ddp.device, allow_unsafe=CLIP_ALLOW_UNSAFE)
@@ -154,7 +161,8 @@ def main():
                     betas=tuple(BETAS), eps=ADAM_EPS, amp=AMP,
                     disc_fresh_forward=DISC_FRESH_FORWARD, log_every=LOG_EVERY,
                     max_steps_per_epoch=MAX_STEPS_PER_EPOCH,
-                    find_unused_parameters=FIND_UNUSED_PARAMETERS, channels_last=CHANNELS_LAST),
+                    find_unused_parameters=FIND_UNUSED_PARAMETERS, channels_last=CHANNELS_LAST,
+                    sync_bn=SYNC_BN),
         ddp)
     # a checkpoint resumes only the run of these settings on these input artifacts
     key = run_key(settings, codebook=CODEBOOK_DIR, **{"global": GLOBAL_DIR})
@@ -165,10 +173,10 @@ def main():
               f"{sum(p.numel() for p in tokenizer.trainable_parameters()) / 1e6:.1f}M trainable "
               f"parameters, codebooks V={tokenizer.config.n_local} M={tokenizer.config.n_global}",
               file=sys.stderr)
-        print(f"global batch {BATCH_SIZE} ({ddp.world} process(es) x {batch_per_process}), "
+        print(f"global batch {global_batch} ({ddp.world} process(es) x {BATCH_SIZE}), "
               f"learning rate {lr:.3g} (--lr {LR:.3g}, --lr_scaling {LR_SCALING}; the authors: "
-              f"batch {AUTHORS_BATCH}, {AUTHORS_LR:g})", file=sys.stderr)
-    loader = make_loader(dataset, batch_per_process, NUM_WORKERS, SEED, ddp)
+              f"global batch {AUTHORS_BATCH} on one GPU, {AUTHORS_LR:g})", file=sys.stderr)
+    loader = make_loader(dataset, BATCH_SIZE, NUM_WORKERS, SEED, ddp)
     samples = sample_batch(dataset, N_SAMPLES) if ddp.is_main else None
     run_log = RunLog(out, ddp)
     while state.epoch < EPOCHS:
@@ -189,7 +197,9 @@ def main():
         write_manifest(out, TOKENIZER, settings, ["tokenizer.pt", "log.jsonl"],
                        inputs={"codebook": CODEBOOK_DIR, "global": GLOBAL_DIR},
                        info={"epochs": state.epoch, "iterations": state.step, "world": ddp.world,
-                             "clip": clip.ident, "images": len(dataset)})
+                             "global_batch": global_batch, "clip": clip.ident,
+                             "clip_precision": tokenizer.config.clip_precision,
+                             "images": len(dataset)})
         print(f"wrote {out}/tokenizer.pt ({state.step} iterations)", file=sys.stderr)
     dist.barrier(ddp)
     dist.shutdown(ddp)

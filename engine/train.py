@@ -19,18 +19,31 @@ cosine to ``min_lr``, set every iteration from the fractional epoch.
 GradScaler and CLIP's weights in fp16 (bf16 autocast is the option; a CPU runs float32, or
 bf16 autocast for ``amp="bf16"`` where it computes bf16 natively); the discriminator step
 on a fresh forward of the just-updated tokenizer (taming and LlamaGen reuse the generator
-step's reconstructions: ``disc_fresh_forward`` False). The global batch and its learning
-rate: ``batch_and_lr``.
+step's reconstructions: ``disc_fresh_forward`` False); the discriminator's BatchNorm per
+process (``sync_bn`` True: SyncBatchNorm over the processes, GPUs only). The batch is per
+process (the authors': 8 on one GPU), the global batch that times the processes, and its
+learning rate: ``batch_and_lr``.
+
+Loss scaling (fp16): the GradScaler skips an iteration whose scaled gradients overflow and
+backs its scale off. A non-finite generator loss under loss scaling counts as such an
+overflow: its gradients are made non-finite, so the GradScaler skips the step (the adaptive
+GAN weight, taken from scaled gradients, is NaN when they overflow, see
+models/losses.py ``adaptive_weight``). Every rank decides alike, as the gradients are
+all-reduced before the GradScaler looks at them. Training stops with one line ("training
+diverged") when ``max_overflow_steps`` iterations in a row backed the scale off, or at once
+on a non-finite loss without loss scaling (a flag all-reduced over the ranks, read where the
+finiteness check always was).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +81,9 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # cut epochs short (quick runs)
     find_unused_parameters: bool = False    # DDP option, for architectures with unused branches
     channels_last: bool = False             # NHWC memory layout for the convolutions
+    sync_bn: bool = False                   # the discriminator's BatchNorm synchronised over the
+    #                                         processes (GPUs only; False: per process, the authors')
+    max_overflow_steps: int = 32            # fp16: stop after this many skipped iterations in a row
 
 
 @dataclass
@@ -88,6 +104,9 @@ class TrainState:
     amp_dtype: torch.dtype | None
     epoch: int = 0                      # next epoch to run
     step: int = 0                       # iterations done
+    ddp: dist.Dist = field(default_factory=dist.Dist)
+    last_scale: float | None = None     # the GradScaler's scale read at the previous iteration
+    overflow_streak: int = 0            # iterations in a row that backed the scale off
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -108,22 +127,23 @@ def lr_at(epoch: float, train_config: TrainConfig) -> float:
     return c.min_lr + (c.lr - c.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def batch_and_lr(global_batch: int, world: int, lr: float, scaling: str = "none",
+def batch_and_lr(batch_size: int, world: int, lr: float, scaling: str = "none",
                  reference_batch: int = AUTHORS_BATCH) -> tuple[int, float]:
-    """(images per process, learning rate) for a global batch split over ``world`` processes.
+    """(global batch, learning rate) for ``batch_size`` images per process on ``world``
+    processes: the global batch is ``batch_size * world``.
 
     ``scaling``: "none" keeps ``lr``; "linear" / "sqrt" multiply it by
-    ``global_batch / reference_batch`` or its square root (``lr`` is the rate at the
-    authors' batch of 8).
+    ``global batch / reference_batch`` or its square root (``lr`` is the rate at the
+    authors' global batch of 8: one GPU x 8 images).
     """
     if scaling not in LR_SCALINGS:
         raise V2LError(f"--lr_scaling {scaling}: expected one of {', '.join(LR_SCALINGS)}")
-    if global_batch < world or global_batch % world:
-        raise V2LError(f"--batch_size {global_batch} (the global batch) does not split evenly over "
-                       f"{world} processes; pass a multiple of {world}")
+    if batch_size < 1:
+        raise V2LError(f"--batch_size {batch_size}: the images per process must be at least 1")
+    global_batch = batch_size * world
     ratio = global_batch / reference_batch
     factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[scaling]
-    return global_batch // world, lr * factor
+    return global_batch, lr * factor
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -172,6 +192,10 @@ def build_training(tokenizer: V2LTokenizer, gen_loss: GeneratorLoss,
     dtype = amp_dtype(train_config.amp, device)
     if dtype == torch.float16 and tokenizer.clip is not None:
         half_clip(tokenizer.clip)
+    # the precision CLIP computes the global tokens in, saved with the tokenizer so that
+    # models/tokenizer_io.py load_tokenizer runs CLIP alike
+    tokenizer.config = dataclasses.replace(tokenizer.config, clip_precision=CLIP_PRECISIONS[dtype])
+    discriminator = sync_batchnorm(discriminator, ddp, train_config.sync_bn)
     for net in (tokenizer, discriminator):
         net.to(device)
         if train_config.channels_last:
@@ -185,7 +209,23 @@ def build_training(tokenizer: V2LTokenizer, gen_loss: GeneratorLoss,
                                             find_unused_parameters=train_config.find_unused_parameters)
         critic = DistributedDataParallel(discriminator, device_ids=ids)
     return TrainState(tokenizer, discriminator, gen_loss, train_config, device, generator, critic,
-                      opt_g, opt_d, scaler, dtype)
+                      opt_g, opt_d, scaler, dtype, ddp=ddp)
+
+
+CLIP_PRECISIONS = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def sync_batchnorm(discriminator: DiscriminatorLoss, ddp: dist.Dist,
+                   sync_bn: bool) -> DiscriminatorLoss:
+    """The discriminator with SyncBatchNorm layers when ``sync_bn`` under DDP (statistics over
+    the global batch; same parameter and buffer names, so checkpoints load either way); as it
+    is otherwise (BatchNorm per process: the authors' one GPU of 8 images)."""
+    if not (sync_bn and ddp.active):
+        return discriminator
+    if ddp.device.type != "cuda":
+        raise V2LError(f"--sync_bn true: SyncBatchNorm runs on GPUs only and these {ddp.world} "
+                       f"processes run on {ddp.device.type}; pass --sync_bn false")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
 
 
 def half_clip(clip) -> None:
@@ -204,6 +244,7 @@ def train_step(state: TrainState, x128: torch.Tensor, x_clip: torch.Tensor,
         for group in opt.param_groups:
             group["lr"] = lr
     scaler, step = state.scaler, state.step
+    grad_scale = loss_scale(state)
     # generator: L1 + VQ + LPIPS (+ adaptive-weighted GAN term); D is frozen for this step
     state.disc_loss.requires_grad_(False)
     with autocast(state):
@@ -211,12 +252,15 @@ def train_step(state: TrainState, x128: torch.Tensor, x_clip: torch.Tensor,
         loss, logs = state.gen_loss(x128, out["rec"], out["vq_loss"], step,
                                     discriminator=state.disc_loss.discriminator,
                                     last_layer=state.tokenizer.last_layer(),
-                                    grad_scale=scaler.get_scale() if scaler.is_enabled() else 1.0)
-    if not torch.isfinite(loss):
-        raise V2LError(f"training diverged: non-finite loss at iteration {step}; resume "
-                       "from the last checkpoint with a lower --lr or --amp bf16")
+                                    grad_scale=grad_scale)
     state.opt_g.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    if scaler.is_enabled():
+        # a non-finite loss is an overflow: NaN gradients make the GradScaler skip the step
+        scaled = scaler.scale(loss) * torch.where(torch.isfinite(loss.detach()), 1.0, math.nan)
+        scaled.backward()
+    else:
+        stop_if_not_finite(loss, state)
+        scaler.scale(loss).backward()
     scaler.step(state.opt_g)
     state.disc_loss.requires_grad_(True)
     # discriminator: hinge loss on real images vs reconstructions
@@ -235,6 +279,46 @@ def train_step(state: TrainState, x128: torch.Tensor, x_clip: torch.Tensor,
     return logs, out["local_ids"]
 
 
+def loss_scale(state: TrainState) -> float:
+    """The GradScaler's scale for this iteration (1.0 without loss scaling). Stops training
+    when the last ``max_overflow_steps`` iterations all backed it off (each skipped); the
+    scale is the same on every rank (it follows the all-reduced gradients), so is the
+    decision."""
+    scaler = state.scaler
+    if not scaler.is_enabled():
+        return 1.0
+    scale = scaler.get_scale()
+    backed_off = state.last_scale is not None and scale < state.last_scale
+    state.overflow_streak = state.overflow_streak + 1 if backed_off else 0
+    state.last_scale = scale
+    limit = state.train_config.max_overflow_steps
+    if state.overflow_streak >= limit:
+        stop_every_rank(f"training diverged: the last {state.overflow_streak} iterations before "
+                        f"iteration {state.step} overflowed in fp16 and were skipped (loss scale "
+                        f"down to {scale:g}); resume from the last checkpoint with a lower --lr "
+                        "or --amp bf16", state.ddp)
+    return scale
+
+
+def stop_if_not_finite(loss: torch.Tensor, state: TrainState) -> None:
+    """Without loss scaling, a non-finite loss on any rank stops every rank at this iteration
+    (before any weight changes): a flag all-reduced over the ranks."""
+    flag = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
+    bad = int(dist.all_reduce_sum(flag, state.ddp).item())
+    if bad:
+        where = f" on {bad} of {state.ddp.world} processes" if state.ddp.active else ""
+        stop_every_rank(f"training diverged: non-finite loss at iteration {state.step}{where}; "
+                        "resume from the last checkpoint with a lower --lr", state.ddp)
+
+
+def stop_every_rank(message: str, ddp: dist.Dist) -> None:
+    """Stop a decision every rank took alike: rank 0 raises the one error line, the other
+    ranks leave with the same exit status, silently."""
+    if ddp.is_main:
+        raise V2LError(message)
+    raise SystemExit(2)
+
+
 # ---- one epoch ---------------------------------------------------------------------------
 def train_one_epoch(state: TrainState, loader: DataLoader, ddp: dist.Dist, run_log: "RunLog") -> dict:
     """Run epoch ``state.epoch``; return its summary (mean losses, codebook usage)."""
@@ -247,7 +331,8 @@ def train_one_epoch(state: TrainState, loader: DataLoader, ddp: dist.Dist, run_l
     used = torch.zeros(len(state.tokenizer.llm_ids), dtype=torch.bool, device=ddp.device)
     sums: dict[str, torch.Tensor] = {}
     window: dict[str, torch.Tensor] = {}
-    skipped = count = 0
+    skipped = n_run = 0
+    count = torch.zeros((), device=ddp.device)     # iterations with a finite loss
     bar = tqdm(total=n_iter, desc=f"epoch {state.epoch}", disable=not ddp.is_main, leave=False)
     for i, batch in enumerate(loader):
         if i >= n_iter:
@@ -262,13 +347,21 @@ def train_one_epoch(state: TrainState, loader: DataLoader, ddp: dist.Dist, run_l
         if train_config.channels_last:
             x128 = x128.contiguous(memory_format=torch.channels_last)
         lr = lr_at(state.epoch + i / n_iter, train_config)
-        logs, local_ids = train_step(state, x128, x_clip, lr)
+        try:
+            logs, local_ids = train_step(state, x128, x_clip, lr)
+        except (V2LError, SystemExit):
+            bar.close()                 # so that the error line starts a line of its own
+            raise
         used[state.tokenizer.rows_from_llm_ids(local_ids.reshape(-1))] = True
+        # an iteration the GradScaler skipped (non-finite loss) stays out of the means
+        finite = torch.isfinite(logs["loss"])
         for k, v in logs.items():
-            sums[k] = sums.get(k, 0) + v.float()
-            window[k] = window.get(k, 0) + v.float()
-        window["_n"] = window.get("_n", 0) + 1
-        count += 1
+            v = torch.where(finite, v.float(), 0.0)
+            sums[k] = sums.get(k, 0) + v
+            window[k] = window.get(k, 0) + v
+        window["_n"] = window.get("_n", 0) + finite.float()
+        count += finite.float()
+        n_run += 1
         state.step += 1
         bar.update()
         if state.step % train_config.log_every == 0:
@@ -277,11 +370,14 @@ def train_one_epoch(state: TrainState, loader: DataLoader, ddp: dist.Dist, run_l
             run_log.write({"step": state.step, "epoch": state.epoch, "lr": lr, **means})
             bar.set_postfix(loss=f"{means['loss']:.4f}")
     bar.close()
-    summary = reduce_means({**sums, "_n": max(count, 1)}, ddp)
+    summary = reduce_means({**sums, "_n": count.clamp(min=1)}, ddp)
     used_all = dist.all_reduce_sum(used.float(), ddp) > 0
-    skipped_all = dist.all_reduce_sum(torch.tensor(float(skipped), device=ddp.device), ddp)
+    skipped_all = dist.all_reduce_sum(torch.tensor([float(skipped), float(n_run) - float(count)],
+                                                   device=ddp.device), ddp)
     summary |= {"codebook_used": int(used_all.sum()), "codebook_size": len(used_all),
-                "skipped_images": int(skipped_all)}
+                "skipped_images": int(skipped_all[0])}
+    if state.scaler.is_enabled():   # iterations the GradScaler skipped for a non-finite loss
+        summary["overflow_steps"] = int(skipped_all[1])
     state.epoch += 1
     return summary
 
@@ -379,7 +475,8 @@ def resume(state: TrainState, ckpt_dir: Path, ddp: dist.Dist, key: dict,
     rngs = ckpt["rng"]
     if len(rngs) != ddp.world:
         print(f"warning: {path} was written by {len(rngs)} processes, resuming with "
-              f"{ddp.world}: the data order is the same, the random streams are not",
+              f"{ddp.world}: the global batch is now {ddp.world} x --batch_size (it was "
+              f"{len(rngs)} x), and the data order and the random streams differ",
               file=sys.stderr)
     rng = rngs[ddp.rank % len(rngs)]
     torch.set_rng_state(rng["torch"])

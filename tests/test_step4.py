@@ -4,6 +4,7 @@ Tiny widths and 32 px images (4x4 token grid) keep these fast on CPU; the code
 path is the 128 px one (resolution is a setting of the same architecture).
 """
 import json
+import math
 import os
 import runpy
 import subprocess
@@ -18,8 +19,9 @@ from PIL import Image
 
 from fixtures_tokenizer import TINY_TOKENIZER, make_codebook_artifacts, make_tiny_tokenizer, tiny_images
 from models.clip import load_clip
+from models import losses
 from models.losses import DiscriminatorLoss, GeneratorLoss, LossWeights
-from models.tokenizer_io import load_tokenizer
+from models.tokenizer_io import load_tokenizer, save_tokenizer
 from engine import train as engine_train
 from engine.train import (AUTHORS_BATCH, AUTHORS_LR, TrainConfig, amp_dtype, batch_and_lr, build_training, half_clip,
                           train_step)
@@ -81,7 +83,7 @@ def test_defaults_are_the_authors_recipe():
     assert defaults["ADAM_EPS"] == 1e-7 and defaults["AMP"] == "fp16"
     assert defaults["LPIPS_DROPOUT"] is True and defaults["DISC_FRESH_FORWARD"] is True
     assert defaults["BATCH_SIZE"] == AUTHORS_BATCH and defaults["LR"] == AUTHORS_LR
-    assert defaults["LR_SCALING"] == "none"
+    assert defaults["LR_SCALING"] == "none" and defaults["SYNC_BN"] is False
     assert (defaults["LOCAL_CODEBOOK"], defaults["PROJECTOR"], defaults["CROSS_ATTENTION"]) == \
         ("clip", True, True)
     # the library's defaults are the script's: one recipe, whichever way it is built
@@ -90,6 +92,7 @@ def test_defaults_are_the_authors_recipe():
              "MIN_LR": config.min_lr, "BETAS": config.betas, "ADAM_EPS": config.eps,
              "AMP": config.amp, "DISC_FRESH_FORWARD": config.disc_fresh_forward,
              "LOG_EVERY": config.log_every, "CHANNELS_LAST": config.channels_last,
+             "SYNC_BN": config.sync_bn,
              "CODEBOOK_WEIGHT": weights.codebook_weight, "L2_WEIGHT": weights.l2_weight,
              "PERCEPTUAL_WEIGHT": weights.perceptual_weight, "DISC_WEIGHT": weights.disc_weight,
              "DISC_START": weights.disc_start}
@@ -145,14 +148,214 @@ def test_precision_settings(tmp_path, monkeypatch):
 
 
 def test_global_batch_and_learning_rate():
-    assert batch_and_lr(8, 1, 4.5e-4) == (8, 4.5e-4)
-    assert batch_and_lr(8, 8, 4.5e-4) == (1, 4.5e-4)           # 8 GPUs: still the authors' batch
-    assert batch_and_lr(64, 8, 4.5e-4, "linear") == (8, pytest.approx(8 * 4.5e-4))
-    assert batch_and_lr(32, 2, 4.5e-4, "sqrt") == (16, pytest.approx(2 * 4.5e-4))
-    with pytest.raises(V2LError, match="multiple of 4"):
-        batch_and_lr(6, 4, 4.5e-4)
+    """--batch_size is per process (the authors' script: 8 per GPU); the global batch is that
+    times the processes; --lr_scaling scales from the authors' global batch of 8 on one GPU."""
+    assert batch_and_lr(8, 1, 4.5e-4) == (8, 4.5e-4)             # the authors' run
+    assert batch_and_lr(8, 8, 4.5e-4) == (64, 4.5e-4)            # 8 GPUs x 8: lr kept ("none")
+    assert batch_and_lr(8, 16, 4.5e-4) == (128, 4.5e-4)          # 2 nodes x 8 GPUs
+    assert batch_and_lr(8, 8, 4.5e-4, "linear") == (64, pytest.approx(8 * 4.5e-4))
+    assert batch_and_lr(16, 2, 4.5e-4, "sqrt") == (32, pytest.approx(2 * 4.5e-4))
+    assert batch_and_lr(1, 8, 4.5e-4, "linear") == (8, pytest.approx(4.5e-4))
+    for bad in (0, -2):
+        with pytest.raises(V2LError, match=f"--batch_size {bad}: the images per process"):
+            batch_and_lr(bad, 4, 4.5e-4)
     with pytest.raises(V2LError, match="--lr_scaling"):
         batch_and_lr(8, 1, 4.5e-4, "cubic")
+
+
+# ---- overflow and divergence ------------------------------------------------------------------
+
+def _scaled(state, scale=2.0 ** 10, **scaler_args):
+    """The training state with an fp16-style GradScaler (enabled on CPU too: the loss scaling,
+    skipping and back-off are device-independent)."""
+    state.scaler = torch.amp.GradScaler("cpu", init_scale=scale, **scaler_args)
+    return state
+
+
+def _generator_weights(tokenizer):
+    return [p.detach().clone() for p in tokenizer.trainable_parameters()]
+
+
+def _moved(tokenizer, before):
+    return [not torch.equal(p, b) for p, b in zip(tokenizer.trainable_parameters(), before)]
+
+
+def test_overflowing_adaptive_weight_skips_the_step_and_backs_the_scale_off(tmp_path, monkeypatch):
+    """Both scaled last-layer gradients overflow (inf / inf): the GradScaler skips the step
+    and halves its scale, as for overflowing gradients; the next steps train."""
+    tokenizer, clip, _ = make_tiny_tokenizer(tmp_path, resolution=RES)
+    state = _scaled(_training(tokenizer))
+    x, x_clip = _images(clip, 2)
+    before = _generator_weights(tokenizer)
+    real = losses.last_layer_grad
+    monkeypatch.setattr(losses, "last_layer_grad",
+                        lambda loss, layer: torch.full_like(real(loss, layer), math.inf))
+    logs, _ = train_step(state, x, x_clip, lr=1e-3)
+    assert torch.isnan(logs["adaptive_w"]) and not torch.isfinite(logs["loss"])
+    assert not any(_moved(tokenizer, before))                 # skipped
+    assert state.scaler.get_scale() == 2.0 ** 9               # backed off
+    monkeypatch.setattr(losses, "last_layer_grad", real)
+    for _ in range(2):
+        logs, _ = train_step(state, x, x_clip, lr=1e-3)
+        assert torch.isfinite(logs["loss"]) and torch.isfinite(logs["adaptive_w"])
+    assert all(_moved(tokenizer, before))                     # trained on
+    assert state.scaler.get_scale() == 2.0 ** 9 and state.overflow_streak == 0
+
+
+def test_a_huge_loss_scale_overflows_once_then_trains(tmp_path):
+    """No patching: a loss scale near float32's largest value makes the scaled gradients
+    (and the adaptive weight's norms) overflow; the step is skipped, the scale backs off,
+    and training goes on at the reduced scale."""
+    tokenizer, clip, _ = make_tiny_tokenizer(tmp_path, resolution=RES)
+    state = _scaled(_training(tokenizer), scale=2.0 ** 126, backoff_factor=2.0 ** -116)
+    x, x_clip = _images(clip, 2)
+    before = _generator_weights(tokenizer)
+    logs, _ = train_step(state, x, x_clip, lr=1e-3)
+    assert not torch.isfinite(logs["loss"]) and not any(_moved(tokenizer, before))
+    assert state.scaler.get_scale() == 2.0 ** 10
+    logs, _ = train_step(state, x, x_clip, lr=1e-3)
+    assert torch.isfinite(logs["loss"]) and all(_moved(tokenizer, before))
+
+
+def test_an_overflow_that_persists_stops_with_one_line(tmp_path, monkeypatch):
+    tokenizer, clip, _ = make_tiny_tokenizer(tmp_path, resolution=RES)
+    state = _scaled(_training(tokenizer, max_overflow_steps=3))
+    x, x_clip = _images(clip, 2)
+    x[0, 0, 0, 0] = math.nan                                  # every iteration overflows
+    for i in range(3):
+        train_step(state, x, x_clip, lr=1e-3)
+        state.step += 1
+    with pytest.raises(V2LError) as err:
+        train_step(state, x, x_clip, lr=1e-3)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("training diverged: the last 3 iterations")
+    assert "loss scale down to 128" in message
+
+
+def test_non_finite_loss_without_loss_scaling_stops_before_any_update(tmp_path):
+    tokenizer, clip, _ = make_tiny_tokenizer(tmp_path, resolution=RES)
+    state = _training(tokenizer)
+    assert not state.scaler.is_enabled()
+    x, x_clip = _images(clip, 2)
+    x[0, 0, 0, 0] = math.nan
+    before = _generator_weights(tokenizer)
+    with pytest.raises(V2LError, match="training diverged: non-finite loss at iteration 0; "):
+        train_step(state, x, x_clip, lr=1e-3)
+    assert not any(_moved(tokenizer, before))
+
+
+def test_divergence_stops_the_script_with_one_line(world, tmp_path, monkeypatch, capsys):
+    """A real divergence (a learning rate that overflows the weights): one error line, exit 2,
+    no artifact."""
+    out = tmp_path / "diverged"
+    assert _step4(_args(world, out, lr=1e38, warmup_epochs=0), monkeypatch) == 2
+    err = [line for line in capsys.readouterr().err.split("\n") if "error:" in line]
+    assert len(err) == 1 and err[0].split("\r")[-1].startswith(
+        "error: training diverged: non-finite loss at iteration"), err
+    assert not (out / "tokenizer.pt").exists()
+
+
+def test_discriminator_sync_batchnorm(tmp_path):
+    """SYNC_BN converts the discriminator's BatchNorm under DDP on GPUs (names unchanged, so a
+    checkpoint loads either way), leaves one process alone, and refuses CPU processes: there
+    PyTorch's SyncBatchNorm cannot run (its forward accepts GPU tensors only)."""
+    def bns(disc):
+        return [type(m) for m in disc.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+    disc = DiscriminatorLoss(ndf=8)
+    keys = set(disc.state_dict())
+    assert engine_train.sync_batchnorm(disc, Dist(), True) is disc
+    assert bns(disc) == [torch.nn.BatchNorm2d] * 2
+    gpus = Dist(rank=0, world=2, device=torch.device("cuda", 0))
+    assert engine_train.sync_batchnorm(disc, gpus, False) is disc and bns(disc) == [torch.nn.BatchNorm2d] * 2
+    with pytest.raises(V2LError, match="--sync_bn true: SyncBatchNorm runs on GPUs only.*--sync_bn false"):
+        engine_train.sync_batchnorm(disc, Dist(rank=0, world=2), True)
+    synced = engine_train.sync_batchnorm(disc, gpus, True)
+    assert bns(synced) == [torch.nn.SyncBatchNorm] * 2 and set(synced.state_dict()) == keys
+
+
+def test_the_clip_precision_is_recorded(tmp_path, monkeypatch):
+    """The tokenizer keeps the precision CLIP ran in while it trained (fp16 on a GPU by
+    default); a CPU run is fp32."""
+    tokenizer, clip, _ = make_tiny_tokenizer(tmp_path, resolution=RES)
+    assert _training(tokenizer, amp="fp16").tokenizer.config.clip_precision == "fp32"   # CPU
+    monkeypatch.setattr(engine_train, "amp_dtype", lambda amp, device: torch.float16)
+    _training(tokenizer, amp="fp16")                          # as on a GPU
+    assert tokenizer.config.clip_precision == "fp16"
+    assert next(clip.model.parameters()).dtype == torch.float16
+    save_tokenizer(tokenizer, tmp_path / "tok")
+    assert load_tokenizer(tmp_path / "tok", clip=load_clip(tmp_path / "clip")).config.clip_precision == "fp16"
+
+
+# ---- two processes ---------------------------------------------------------------------------
+
+DDP_WORKER = """
+import json, math, os, sys
+from pathlib import Path
+import torch, torch.nn.functional as F
+from utils import dist
+from engine import train as engine_train
+from engine.train import TrainConfig, build_training, train_step
+from fixtures_tokenizer import make_tiny_tokenizer, tiny_images
+from models import losses
+from models.losses import DiscriminatorLoss, GeneratorLoss, LossWeights
+from test_losses import L2Perceptual
+from utils.errors import V2LError
+
+ddp = dist.init("cpu")
+torch.manual_seed(0)
+tmp = Path(sys.argv[1])
+tokenizer, clip, _ = make_tiny_tokenizer(tmp / f"rank{ddp.rank}", resolution=32)
+state = build_training(tokenizer, GeneratorLoss(LossWeights(disc_start=0), perceptual=L2Perceptual()),
+                       DiscriminatorLoss(ndf=8), TrainConfig(), ddp)
+x, x_clip = tiny_images(clip, 2, seed=ddp.rank)
+x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+result = {}
+# loss scaling: only rank 1's adaptive weight overflows; every rank skips and backs off alike
+state.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+real = losses.last_layer_grad
+if ddp.rank == 1:
+    losses.last_layer_grad = lambda loss, layer: torch.full_like(real(loss, layer), math.inf)
+before = [p.detach().clone() for p in tokenizer.trainable_parameters()]
+train_step(state, x, x_clip, lr=1e-3)
+losses.last_layer_grad = real
+result["skipped"] = all(torch.equal(p, b) for p, b in zip(tokenizer.trainable_parameters(), before))
+result["scale"] = state.scaler.get_scale()
+logs, _ = train_step(state, x, x_clip, lr=1e-3)
+result["trained"] = bool(torch.isfinite(logs["loss"])) and not any(
+    torch.equal(p, b) for p, b in zip(tokenizer.trainable_parameters(), before))
+# no loss scaling: a non-finite loss on rank 1 alone stops both ranks at the same iteration
+state.scaler = torch.amp.GradScaler("cpu", enabled=False)
+if ddp.rank == 1:
+    x[0, 0, 0, 0] = math.nan
+try:
+    train_step(state, x, x_clip, lr=1e-3)
+    result["stopped"] = None
+except V2LError as e:
+    result["stopped"] = str(e)
+except SystemExit as e:
+    result["stopped"] = f"exit {e.code}"
+(tmp / f"result{ddp.rank}.json").write_text(json.dumps(result))
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_decide_alike_on_overflow_and_divergence(tmp_path):
+    """2 gloo processes: an overflow on one rank is skipped by both (same scale after), the
+    next step trains on both; a non-finite loss on one rank stops both (rank 0 with the one
+    line, rank 1 silently), where one rank raising alone left the other waiting."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           str(worker), str(tmp_path)]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"result{r}.json").read_text()) for r in (0, 1))
+    assert r0["skipped"] and r1["skipped"] and r0["scale"] == r1["scale"] == 512.0
+    assert r0["trained"] and r1["trained"]
+    assert r0["stopped"].startswith("training diverged: non-finite loss at iteration 0 on 1 of 2 processes")
+    assert r1["stopped"] == "exit 2"
 
 
 def _psnr(a, b):
@@ -291,13 +494,15 @@ def test_two_rank_ddp_run_writes_the_artifact(world, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--standalone", str(SCRIPT), *_args(world, out, epochs=2, batch_size=4)]
+           "--standalone", str(SCRIPT), *_args(world, out, epochs=2, batch_size=2)]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+    # --batch_size is per process: 2 processes x 2 images
     assert "global batch 4 (2 process(es) x 2), learning rate 0.00045" in res.stderr
     m = read_manifest(out, "tokenizer")
     assert m["info"]["world"] == 2 and m["info"]["iterations"] == 2   # 4 images / (2 ranks x 2)
-    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    assert m["info"]["global_batch"] == 4
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=False)["state"]
     assert len(ckpt["rng"]) == 2 and ckpt["step"] == 2
     losses = _losses(out)
     assert len(losses) == 2 and losses[1][2] is not None   # the GAN ran under DDP
