@@ -588,6 +588,31 @@ def test_step5_refuses_more_processes_than_episodes_per_step(world, monkeypatch,
     assert not out.exists()
 
 
+def test_step5_deals_every_rank_a_share_and_keeps_pairs_together(monkeypatch):
+    """rank_of: a step's episodes go round the ranks; with --image_reuse, whole pairs do while
+    there are at least as many pairs in a step as ranks (an odd batch included)."""
+    import runpy
+    import sys
+    repo = Path(__file__).resolve().parent.parent
+    monkeypatch.setattr(sys, "argv", [str(repo / "step5_train_voco.py")])
+    script = runpy.run_path(str(repo / "step5_train_voco.py"), run_name="step5")
+    rank_of = script["rank_of"]
+
+    def deal(batch, world, reuse, steps=3):
+        rank_of.__globals__.update(BATCH_SIZE=batch, IMAGE_REUSE=reuse)
+        return [[rank_of(s * batch + j, world) for j in range(batch)] for s in range(steps)]
+    assert deal(8, 3, False)[0] == [0, 1, 2, 0, 1, 2, 0, 1]
+    assert deal(4, 2, True) == [[0, 0, 1, 1]] * 3
+    assert deal(8, 5, True)[0] == [0, 1, 2, 3, 4, 0, 1, 2]   # 4 pairs, 5 ranks: by episode
+    for batch, world in [(5, 2), (7, 3), (6, 3), (9, 4)]:
+        for s, ranks in enumerate(deal(batch, world, True)):
+            assert set(ranks) == set(range(world)), (batch, world, ranks)
+            for j in range(batch):   # an episode and its twin in the same step: the same rank
+                twin = (s * batch + j) ^ 1
+                if twin // batch == s:
+                    assert ranks[j] == ranks[twin - s * batch], (batch, world, ranks)
+
+
 def torchrun(script: str, flags: dict, port: int) -> None:
     import os
     import subprocess
@@ -636,5 +661,19 @@ def test_step5_two_process_gloo_equals_one(world, trained):
                     "--master_port", "29533", str(repo / "step5_train_voco.py"), *flags],
                    check=True, env=env, cwd=repo, capture_output=True)
     a, b = load_tensors(trained / "voco.safetensors"), load_tensors(out / "voco.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5   # summation order only
+
+
+@pytest.mark.slow
+def test_step5_two_process_image_reuse_equals_one(world):
+    """--image_reuse under torchrun (each rank trains whole pairs): the weights of one process."""
+    from fixtures_artifacts import run_script
+    from utils.artifacts import load_tensors
+    flags = dict(steps=2, batch_size=4, image_reuse=True)
+    one, two = world / "voco_reuse_one", world / "voco_reuse_two"
+    assert run_script("step5_train_voco.py", **step5_flags(world, one, **flags)) == 0
+    torchrun("step5_train_voco.py", step5_flags(world, two, **flags), 29535)
+    a, b = load_tensors(one / "voco.safetensors"), load_tensors(two / "voco.safetensors")
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5   # summation order only
