@@ -199,7 +199,9 @@ else
   EV=(--questions_file "$VQA/v2_OpenEnded_mscoco_val2014_questions.json"
       --annotations_file "$VQA/v2_mscoco_val2014_annotations.json" --image_dir "$COCO/val2014"
       --labels_file "$COCO/annotations/captions_val2014.json")
-  VT=(); VE=()
+  # step 5's batch is its global batch of episodes (8); on more processes than that, one each
+  VT=(); (( NPROC * NNODES > 8 )) && VT=(--batch_size $((NPROC * NNODES)))
+  VE=()
 fi
 
 CLIP_ARGS=(--clip "$CLIP" --clip_allow_unsafe "$CLIP_ALLOW_UNSAFE")
@@ -251,7 +253,7 @@ if [[ $VOCO == true ]]; then
   run_stage voco yes \
     --tokenizer_dir "${DIR[tokenizer]}" --llm "$LLM" --data_dir "$IMAGENET" --out_dir "${DIR[voco]}" \
     "${VT[@]}" $STEP5_ARGS
-  run_stage eval_compression no \
+  run_stage eval_compression yes \
     --tokenizer_dir "${DIR[tokenizer]}" --llm "$LLM" --voco_dir "${DIR[voco]}" --data_dir "$IMAGENET" \
     --out_dir "${DIR[eval_compression]}" "${VE[@]}" $EVAL_COMPRESSION_ARGS
 else
