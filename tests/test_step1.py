@@ -129,12 +129,12 @@ def test_script_bad_inputs_fail_with_one_line(llm_dir, tmp_path):
 
 
 def _script_module(argv, monkeypatch):
-    """Import the script with these flags (its constants are parsed at import)."""
+    """Import the script (it keeps its defaults when imported), then set these flags."""
     import importlib.util
-    monkeypatch.setattr(sys, "argv", [SCRIPT, *argv])
     spec = importlib.util.spec_from_file_location("step1_under_test", ROOT / SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    module.configure(vars(module), argv)
     return module
 
 
