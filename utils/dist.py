@@ -21,6 +21,7 @@ shared by all of them (a network file system mounted at the same path).
 """
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import secrets
@@ -145,7 +146,13 @@ def _start_heartbeat(d: Dist) -> threading.Event:
             except Exception:   # the store is gone: the job is ending
                 return
             stop.wait(_heartbeat_interval(d))
-    threading.Thread(target=beat, name="v2l-heartbeat", daemon=True).start()
+    thread = threading.Thread(target=beat, name="v2l-heartbeat", daemon=True)
+    thread.start()
+
+    def stop_at_exit():   # a process leaving without shutdown() must not end mid-call to the store
+        stop.set()
+        thread.join(timeout=30)
+    atexit.register(stop_at_exit)
     return stop
 
 
