@@ -28,8 +28,8 @@ from pathlib import Path
 
 from data.captions import check_images, load_captions, spread
 from engine.captioning import SKIPPED, caption_scores, require_pycocoevalcap
-from engine.open_ended import (ExamplePicker, answer_queries, bootstrap_ci, check_variants,
-                               finish)
+from engine.open_ended import (ExamplePicker, answer_queries, answer_settings, bootstrap_ci,
+                               check_variants,                               finish)
 from utils import dist
 from utils.artifacts import save_json
 from utils.cli import configure, run_main
@@ -101,9 +101,7 @@ def main():
     picker = ExamplePicker(pool, K_SHOT, SEED, fixed=FIXED_EXAMPLES)
     used = [pool[i] for q in queries for i in picker(q)]
     check_images(queries + used, CAPTIONS_FILE, IMAGE_DIR or str(Path(CAPTIONS_FILE).parent))
-    # the answers depend on every setting but these (and the run-only ones, which run_key drops)
-    key_settings = {k: v for k, v in settings.items()
-                    if k not in ("tokenizer_dir", "variants", "chunk_size", "gallery")}
+    key_settings = answer_settings(settings)
     answers = answer_queries(queries, pool, picker, variants, out_dir=OUT_DIR,
                              key_settings=key_settings, tokenizer_dir=TOKENIZER_DIR, llm=LLM,
                              llm_dtype=LLM_DTYPE, global_k=GLOBAL_K, local_tokens=LOCAL_TOKENS,

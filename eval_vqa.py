@@ -30,8 +30,8 @@ from pathlib import Path
 
 from data.captions import check_images, demo_questions, load_vqav2, spread_images
 from engine.fewshot import wilson_interval
-from engine.open_ended import (ExamplePicker, answer_queries, bootstrap_ci, check_variants,
-                               finish)
+from engine.open_ended import (ExamplePicker, answer_queries, answer_settings, bootstrap_ci,
+                               check_variants,                               finish)
 from engine.vqa import vqa_accuracy
 from utils import dist
 from utils.artifacts import save_json
@@ -129,9 +129,7 @@ def main():
     used = [pool[i] for q in queries for i in picker(q)]
     check_images(queries + used,
                  QUESTIONS_FILE or DATA_DIR, IMAGE_DIR if QUESTIONS_FILE else DATA_DIR)
-    # the answers depend on every setting but these (and the run-only ones, which run_key drops)
-    key_settings = {k: v for k, v in settings.items()
-                    if k not in ("tokenizer_dir", "variants", "chunk_size", "gallery")}
+    key_settings = answer_settings(settings)
     answers = answer_queries(queries, pool, picker, variants, out_dir=OUT_DIR,
                              key_settings=key_settings, tokenizer_dir=TOKENIZER_DIR, llm=LLM,
                              llm_dtype=LLM_DTYPE, global_k=GLOBAL_K, local_tokens=LOCAL_TOKENS,

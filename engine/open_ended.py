@@ -262,6 +262,13 @@ def answer_queries(queries: list, pool: list, picker: ExamplePicker, variants: l
     return Answers(rows, files, stores)
 
 
+def answer_settings(settings: dict) -> dict:
+    """The script settings the answers depend on: all but these (the tokenizer enters the key by
+    artifact id; run_key drops the run-only ones)."""
+    return {k: v for k, v in settings.items()
+            if k not in ("tokenizer_dir", "variants", "chunk_size", "gallery")}
+
+
 def variant_key(key_settings: dict, variant: str, llm_dtype: str, tokenizer_dir, llm) -> dict:
     """The resume key of one variant's chunks (``utils.artifacts.run_key``): the settings, the
     variant, the LLM precision in effect, the LLM by artifact id where it is a pipeline artifact
