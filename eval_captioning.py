@@ -29,7 +29,7 @@ from pathlib import Path
 from data.captions import check_images, load_captions, spread
 from engine.captioning import SKIPPED, caption_scores, require_pycocoevalcap
 from engine.open_ended import (ExamplePicker, answer_queries, answer_settings, bootstrap_ci,
-                               check_variants,                               finish)
+                               check_variants, finish)
 from utils import dist
 from utils.artifacts import save_json
 from utils.cli import configure, run_main

@@ -31,7 +31,7 @@ from pathlib import Path
 from data.captions import check_images, demo_questions, load_vqav2, spread_images
 from engine.fewshot import wilson_interval
 from engine.open_ended import (ExamplePicker, answer_queries, answer_settings, bootstrap_ci,
-                               check_variants,                               finish)
+                               check_variants, finish)
 from engine.vqa import vqa_accuracy
 from utils import dist
 from utils.artifacts import save_json
