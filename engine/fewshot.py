@@ -277,12 +277,17 @@ def is_correct(prediction: str, target: str) -> bool:
 
 def evaluate_episodes(greedy: BatchedGreedy, prompter: FewShotPrompter, episodes: list,
                       words: dict[str, str], max_new_tokens: int, batch_size: int,
-                      spaces: bool = False, references: bool = False):
+                      spaces: bool = False, references: bool = False,
+                      merge_variants: bool = True):
     """Yield the results of ``episodes`` (data.episodes.Episode), ``batch_size`` at a time.
 
     spaces: class names with spaces instead of the raw underscored names. references: also
     run each batch with every image's words replaced by its class name (ceiling) and with
-    empty words (floor), as separate batches of the same shape, on the same episodes.
+    empty words (floor), on the same episodes. merge_variants (with references): a batch's
+    variants are decoded in one pass of 3 x ``batch_size`` prompts, each episode's shared
+    prefix (its induction line and first "Input:") run once for its three prompts; otherwise
+    one pass per variant. The answers are the same either way (in fp32 exactly, up to a
+    near-tie between the top two logits, as with any change of batch shape).
     """
     context = context_length(greedy.model)
     eos = prompter.text_tokenizer.eos_token_id
@@ -291,10 +296,9 @@ def evaluate_episodes(greedy: BatchedGreedy, prompter: FewShotPrompter, episodes
         variants |= {"ceiling": lambda path, name: name, "floor": lambda path, name: ""}
     for start in range(0, len(episodes), batch_size):
         batch = episodes[start:start + batch_size]
-        outcome: dict[str, list] = {}
+        prompts, constraints, groups = [], [], []
         for variant, words_of in variants.items():
-            prompts, constraints = [], []
-            for ep in batch:
+            for i, ep in enumerate(batch):
                 names = ep.names(spaces)
                 support = [(words_of(p, ep.name(f, spaces)), ep.name(f, spaces))
                            for p, f in ep.support]
@@ -304,10 +308,21 @@ def evaluate_episodes(greedy: BatchedGreedy, prompter: FewShotPrompter, episodes
                                     f"episode {ep.index}")
                 prompts.append(prompt)
                 constraints.append(prompter.constraint(names))
+                groups.append(i)
+        if merge_variants:      # one pass; an episode's variants share its induction line
             gen = greedy.generate([p.ids for p in prompts], max_new_tokens,
-                                  constraints if prompter.induction else None, eos_id=eos)
-            preds = [prompter.text_tokenizer.decode(t, skip_special_tokens=True) for t in gen]
-            outcome[variant] = list(zip(prompts, preds))
+                                  constraints if prompter.induction else None, eos_id=eos,
+                                  groups=groups)
+        else:                   # one batch per variant
+            gen, n = [], len(batch)
+            for s in range(0, len(prompts), n):
+                gen += greedy.generate([p.ids for p in prompts[s:s + n]], max_new_tokens,
+                                       constraints[s:s + n] if prompter.induction else None,
+                                       eos_id=eos)
+        preds = [prompter.text_tokenizer.decode(t, skip_special_tokens=True) for t in gen]
+        outcome = {v: list(zip(prompts[j * len(batch):(j + 1) * len(batch)],
+                               preds[j * len(batch):(j + 1) * len(batch)]))
+                   for j, v in enumerate(variants)}
         for i, ep in enumerate(batch):
             prompt, pred = outcome["images"][i]
             target = ep.target(spaces)

@@ -16,10 +16,18 @@ class BatchedGreedy:
     Left padding, an attention mask and explicit position ids (counting real
     tokens only), and a key/value cache of the longest token prefix the batch
     shares, computed once (and kept for the next batch with the same prefix)
-    and expanded to the batch. Only the last position's logits are computed.
-    Gives the same tokens as running each prompt alone (exactly so in fp32; in
-    bf16/fp16 a near-tie between the top two logits can rarely flip, as with
-    any change of batch shape).
+    and expanded to the batch. With ``groups`` (a group label per prompt), the
+    longest prefix each group's prompts share beyond that is also computed once
+    per group (one padded pass for all groups) and its cache copied to the
+    group's rows: the few-shot episode's induction line, read once for its
+    image, ceiling and floor prompts. Only the last position's logits are
+    computed. Gives the same tokens as running each prompt alone (exactly so in
+    fp32; in bf16/fp16 a near-tie between the top two logits can rarely flip, as
+    with any change of batch shape).
+
+    The decoding loop waits for the device once per step (the chosen ids, which
+    the Python constraints read); the inputs of each forward pass are made on the
+    device, and a step's constraint masks reach it in one copy.
     """
 
     def __init__(self, model, pad_id: int, prefix_cache: bool = True):
@@ -40,32 +48,58 @@ class BatchedGreedy:
         cache.batch_repeat_interleave(batch)
         return cache
 
-    @torch.no_grad()
-    def prefill(self, prompts: list[list[int]]):
-        """Run the prompts; return (last-position logits [B, V] float32, cache, attention
-        mask [B, T], next position ids [B])."""
-        lengths = [len(p) for p in prompts]
-        shared = 0
-        if self.use_prefix_cache:
-            limit = min(lengths) - 1          # every row keeps a token of its own
-            while shared < limit and all(p[shared] == prompts[0][shared] for p in prompts):
-                shared += 1
-        suffixes = [p[shared:] for p in prompts]
-        width = max(len(s) for s in suffixes)
-        b, dev = len(prompts), self.device
-        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((b, shared + width), dtype=torch.long)
-        mask[:, :shared] = 1
-        pos = torch.zeros((b, width), dtype=torch.long)
-        for i, s in enumerate(suffixes):
+    def _extend(self, segments: list[list[int]], starts: list[int], cache, mask):
+        """Run one left-padded segment per row after what ``cache`` holds (``mask``: its
+        attention mask [B, T] on the device, or None when empty); the segment of row i starts
+        at position ``starts[i]``. Returns (model output, the mask extended by the segment)."""
+        b, width = len(segments), max(len(s) for s in segments)
+        host = torch.zeros((3, b, width), dtype=torch.long)     # ids, mask, positions
+        host[0].fill_(self.pad_id)
+        for i, s in enumerate(segments):
             n = len(s)
-            ids[i, width - n:] = torch.tensor(s)
-            mask[i, shared + width - n:] = 1
-            pos[i, width - n:] = torch.arange(shared, shared + n)
-        cache = self._prefix(tuple(prompts[0][:shared]), b) if shared else DynamicCache()
-        ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
+            if n:
+                host[0, i, width - n:] = torch.tensor(s)
+                host[1, i, width - n:] = 1
+                host[2, i, width - n:] = torch.arange(starts[i], starts[i] + n)
+        ids, seg_mask, pos = host.to(self.device)               # one copy to the device
+        mask = seg_mask if mask is None else torch.cat([mask, seg_mask], dim=1)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         past_key_values=cache if cache is not None else DynamicCache(),
+                         use_cache=True, logits_to_keep=1)
+        return out, mask
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]], groups: list | None = None):
+        """Run the prompts; return (last-position logits [B, V] float32, cache, attention
+        mask [B, T], next position ids [B]). ``groups``: a label per prompt; the prefix the
+        prompts of a group share (beyond the batch's) is run once for the group."""
+        lengths = [len(p) for p in prompts]
+        b, dev = len(prompts), self.device
+        shared = common_prefix(prompts, min(lengths) - 1) if self.use_prefix_cache else 0
+        starts, ends, labels = [shared] * b, {}, []
+        if groups is not None and self.use_prefix_cache:
+            if len(groups) != b:
+                raise V2LError(f"{len(groups)} group labels for {b} prompts")
+            labels = list(dict.fromkeys(groups))
+            for g in labels:
+                rows = [prompts[i][shared:] for i in range(b) if groups[i] == g]
+                ends[g] = shared + common_prefix(rows, min(len(r) for r in rows) - 1)
+        if any(ends[g] > shared for g in labels):     # each group's prefix, run once
+            n = len(labels)
+            first = {g: prompts[groups.index(g)] for g in labels}
+            out, gmask = self._extend(
+                [first[g][shared:ends[g]] for g in labels], [shared] * n,
+                self._prefix(tuple(prompts[0][:shared]), n) if shared else None,
+                torch.ones((n, shared), dtype=torch.long, device=dev) if shared else None)
+            where = torch.tensor([labels.index(g) for g in groups], device=dev)
+            cache = out.past_key_values
+            cache.batch_select_indices(where)          # each row gets its group's cache
+            mask = gmask.index_select(0, where)
+            starts = [ends[g] for g in groups]
+        else:
+            cache = self._prefix(tuple(prompts[0][:shared]), b) if shared else None
+            mask = torch.ones((b, shared), dtype=torch.long, device=dev) if shared else None
+        out, mask = self._extend([p[s:] for p, s in zip(prompts, starts)], starts, cache, mask)
         nxt = torch.tensor(lengths, device=dev)
         return out.logits[:, -1].float(), out.past_key_values, mask, nxt
 
@@ -73,20 +107,22 @@ class BatchedGreedy:
     def generate(self, prompts: list[list[int]], max_new_tokens: int,
                  constraints: list | None = None,
                  vocab_mask: torch.Tensor | None = None,
-                 eos_id: int | None = None, skip_forced: bool = True) -> list[list[int]]:
+                 eos_id: int | None = None, skip_forced: bool = True,
+                 groups: list | None = None) -> list[list[int]]:
         """Greedy continuation of each prompt: at most ``max_new_tokens`` tokens, stopping at
         EOS or when the row's constraint is complete. ``vocab_mask`` (bool [V]) limits every
         step to the ids it marks; ``constraints[i]`` limits row i to its trie. ``skip_forced``:
         a row whose constraint leaves one token at every remaining step gets them without
-        forward passes (``finish_forced``; the same tokens)."""
-        logits, cache, mask, pos = self.prefill(prompts)
+        forward passes (``finish_forced``; the same tokens). ``groups``: see ``prefill``."""
+        logits, cache, mask, pos = self.prefill(prompts, groups)
         b = len(prompts)
         out: list[list[int]] = [[] for _ in range(b)]
         done = [False] * b
+        banned = None if vocab_mask is None else \
+            ~vocab_mask[: logits.shape[-1]].to(logits.device)      # moved once, not per step
         for step in range(max_new_tokens):
-            if vocab_mask is not None:
-                logits = logits.masked_fill(~vocab_mask[: logits.shape[-1]].to(logits.device),
-                                            float("-inf"))
+            if banned is not None:
+                logits = logits.masked_fill(banned, float("-inf"))
             nxt = greedy_step(logits, constraints, out, done, eos_id, self.pad_id)
             if skip_forced and vocab_mask is None:
                 finish_forced(constraints, out, done, eos_id, max_new_tokens)
@@ -99,21 +135,45 @@ class BatchedGreedy:
         return [[t for t in row if t != eos_id] for row in out]
 
 
+def common_prefix(prompts: list[list[int]], limit: int) -> int:
+    """The length of the longest token prefix all ``prompts`` share, at most ``limit``."""
+    n, first = 0, prompts[0]
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
+
+
+def allowed_mask(logits: torch.Tensor, constraints, out: list[list[int]],
+                 pad_id: int = 0) -> torch.Tensor:
+    """The ids each row's constraint allows after its tokens so far, bool [B, V] on the
+    logits' device (a row without a constraint, or one that allows ``slice(None)``: every id;
+    a finished row, which allows nothing: ``pad_id``, ignored). Built from one index copy."""
+    rows, cols, free = [], [], []
+    for i, c in enumerate(constraints):
+        ids = None if c is None else (c.allowed(out[i]) or [pad_id])
+        if ids is None or isinstance(ids, slice):
+            free.append(i)
+        else:
+            rows += [i] * len(ids)
+            cols += ids
+    index = torch.tensor([rows + free, cols + [0] * len(free)], dtype=torch.long)
+    index = index.to(logits.device, non_blocking=True)
+    allow = torch.zeros_like(logits, dtype=torch.bool)
+    allow[index[0, :len(rows)], index[1, :len(rows)]] = True
+    if free:
+        allow[index[0, len(rows):]] = True
+    return allow
+
+
 def greedy_step(logits: torch.Tensor, constraints, out: list[list[int]], done: list[bool],
                 eos_id, pad_id: int = 0) -> torch.Tensor:
     """One greedy step for a batch: each row's argmax among the ids its constraint allows
     (``c.allowed(tokens so far)``; None: any id), appended to ``out`` for rows not ``done``;
     a row is done at EOS or when its constraint is finished. Returns the chosen ids [B]."""
     if constraints is not None:
-        allow = torch.zeros_like(logits, dtype=torch.bool)
-        for i, c in enumerate(constraints):
-            if c is None:
-                allow[i] = True
-            else:  # a finished row has nothing left: any id, it is ignored
-                allow[i, c.allowed(out[i]) or [pad_id]] = True
-        logits = logits.masked_fill(~allow, float("-inf"))
+        logits = logits.masked_fill(~allowed_mask(logits, constraints, out, pad_id), float("-inf"))
     nxt = logits.argmax(-1)
-    for i, t in enumerate(nxt.tolist()):
+    for i, t in enumerate(nxt.tolist()):          # the step's one wait for the device
         if done[i]:
             continue
         out[i].append(t)

@@ -133,6 +133,40 @@ def test_prefix_cache_logits_match_full_recompute():
     assert torch.allclose(plain, ref, atol=1e-4)
 
 
+def test_group_prefixes_match_full_recompute():
+    """Each group's shared prefix run once (beyond the batch's, or with none shared by the batch,
+    or a group sharing nothing) gives every prompt's own logits and greedy tokens."""
+    model = tiny_llama_model(300)
+    shared = [1, 17, 18]
+    cases = [([shared + [30, 31, 32, 5], shared + [30, 31, 33], shared + [40, 41, 6, 7],
+               shared + [40, 41, 9], shared + [50], [1, 17, 99]], [0, 0, 1, 1, 2, 3]),
+             ([[5, 30, 31, 32, 5], [5, 30, 31, 34], [6, 40, 41, 6, 7], [7, 50], [8, 9]],
+              ["a", "a", "b", "c", "c"])]
+    for prompts, groups in cases:
+        ref = torch.stack([model(input_ids=torch.tensor([p])).logits[0, -1] for p in prompts])
+        got = BatchedGreedy(model, pad_id=0).prefill(prompts, groups)[0]
+        assert torch.allclose(got, ref, atol=1e-4)
+        want = [model.generate(torch.tensor([p]), max_new_tokens=4, do_sample=False,
+                               pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+        assert BatchedGreedy(model, 0).generate(prompts, 4, groups=groups) == want
+    with pytest.raises(V2LError, match="group labels"):
+        BatchedGreedy(model, 0).prefill(cases[0][0], [0])
+
+
+def test_allowed_mask_is_each_rows_constraint():
+    """The step's constraint mask, built from one index copy, is row by row what each
+    constraint allows: a trie's ids, every id (None or slice(None)), pad for a finished row."""
+    from engine.greedy import allowed_mask
+    trie = NameTrie([[20, 21], [30]], eos_id=2)
+    every = type("Every", (), {"allowed": lambda self, p: slice(None)})()
+    constraints, out = [trie, None, trie, every, trie], [[], [], [20], [7], [30, 2]]
+    got = allowed_mask(torch.zeros(5, 50), constraints, out, pad_id=0)
+    want = torch.zeros(5, 50, dtype=torch.bool)
+    want[0, [20, 30]] = want[1] = want[3] = True
+    want[2, 21] = want[4, 0] = True
+    assert torch.equal(got, want)
+
+
 def test_batched_generation_matches_one_at_a_time():
     model = tiny_llama_model(300)
     prompts = [[1, 5, 6, 7, 8], [1, 5, 6, 9], [1, 5, 6, 7, 10, 11, 12]]

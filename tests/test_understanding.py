@@ -82,12 +82,19 @@ def test_references_run_on_the_same_episodes(tmp_path, llm, spaces):  # noqa: F8
     prompter = FewShotPrompter(llm.text_tokenizer)
     greedy = Recorder(llm.model, 0)
     results = list(evaluate_episodes(greedy, prompter, episodes, words, 8, 2, spaces=spaces,
-                                     references=True))
+                                     references=True, merge_variants=False))
     assert [r.index for r in results] == [ep.index for ep in episodes]
     assert len(greedy.calls) == 3 * 3            # 3 batches (2, 2, 1) x images/ceiling/floor
+    merged = Recorder(llm.model, 0)
+    together = list(evaluate_episodes(merged, prompter, episodes, words, 8, 2, spaces=spaces,
+                                      references=True))
+    assert len(merged.calls) == 3                # one pass per batch, its 3 variants together
+    assert [(r.prediction, r.prompt, r.references) for r in together] == \
+        [(r.prediction, r.prompt, r.references) for r in results]
     for b, start in enumerate(range(0, 5, 2)):
         batch = episodes[start:start + 2]
         images, ceiling, floor = greedy.calls[3 * b:3 * b + 3]
+        assert merged.calls[b] == images + ceiling + floor
         for ep, got_i, got_c, got_f in zip(batch, images, ceiling, floor):
             names = ep.names(spaces)
             shots = [(ep.name(f, spaces), ep.name(f, spaces)) for _, f in ep.support]
