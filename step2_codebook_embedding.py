@@ -6,7 +6,9 @@ embeddings are L2-normalised and averaged (not renormalised, as the authors).
 Writes the local codebook (subword rows, row i = LLM token vocab_ids[i]) and
 the global candidate codebook [subwords; bigrams; trigrams].
 
-Identical strings are embedded once. Work is cut into chunks of distinct
+Identical strings are embedded once. Prompts are tokenized by splicing each plain
+string's tokens into the templates (exactly CLIP's tokenizer), in --tokenize_workers
+processes per rank. Work is cut into chunks of distinct
 strings that are saved as they finish: a killed run resumes, and under
 torchrun the chunks are shared between ranks (same result for any world size).
 
@@ -14,6 +16,8 @@ torchrun the chunks are shared between ranks (same result for any world size).
         --clip ViT-L-14 --clip_pretrained ViT-L-14.pt --clip_allow_unsafe true
     torchrun --nproc_per_node 8 step2_codebook_embedding.py ...
 """
+import os
+
 import torch
 from tqdm import tqdm
 
@@ -36,6 +40,7 @@ BATCH_SIZE = 32  # strings per forward pass (each gives 80 template prompts)
 CHUNK_SIZE = 2048  # distinct strings per resumable chunk
 DEVICE = "auto"  # auto (CUDA when available), cuda or cpu
 PRECISION = "auto"  # auto (fp16 autocast on CUDA, fp32 on CPU), fp32, fp16 or bf16 (also a CPU with native bf16)
+TOKENIZE_WORKERS = "auto"  # processes tokenizing prompts per rank: auto (the CPUs / local ranks, at most 8) or a count (1: in-process)
 
 settings = configure(globals())
 
@@ -51,6 +56,21 @@ def read_vocab(vocab_dir) -> tuple[dict, dict]:
     return manifest, vocab
 
 
+def tokenize_workers(value, ddp) -> int:
+    """--tokenize_workers as a count: auto = this rank's share of the CPUs, 1 to 8."""
+    if str(value) == "auto":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", ddp.world))
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, min(8, (cpus or 1) // max(1, local)))
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise V2LError(f"--tokenize_workers {value}: expected auto or a count >= 1")
+    return count
+
+
 def main():
     ddp = dist.init(DEVICE, OUT_DIR)
     vocab_manifest, vocab = read_vocab(VOCAB_DIR)
@@ -58,9 +78,11 @@ def main():
     n_vocab = len(vocab["ids"])
     uniq, inverse = unique_strings(cand["strings"])
     clip = load_clip(CLIP, CLIP_PRETRAINED, device=ddp.device, allow_unsafe=CLIP_ALLOW_UNSAFE)
+    workers = tokenize_workers(TOKENIZE_WORKERS, ddp)
     if ddp.is_main:
         print(f"{len(cand['strings'])} candidates ({n_vocab} tokens x 3), {len(uniq)} distinct; "
-              f"CLIP {clip.ident}, D={clip.embed_dim}, world={ddp.world}")
+              f"CLIP {clip.ident}, D={clip.embed_dim}, world={ddp.world}, "
+              f"{workers} tokenizing process(es) per rank")
 
     store = ChunkStore(OUT_DIR, len(uniq), CHUNK_SIZE, key={
         "vocab": vocab_manifest["id"], "clip": clip.ident, "precision": PRECISION,
@@ -68,7 +90,7 @@ def main():
     for i in tqdm(store.todo(ddp.rank, ddp.world), desc=f"rank {ddp.rank} chunks", disable=not ddp.is_main):
         start, stop = store.bounds(i)
         emb = encode_text_templates(clip, uniq[start:stop], batch_size=BATCH_SIZE,
-                                    precision=PRECISION)
+                                    precision=PRECISION, workers=workers)
         store.save(i, {"embeddings": emb})
     dist.barrier(ddp)
 

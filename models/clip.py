@@ -23,6 +23,10 @@ zero-shot classifier does (80 prompt templates, each L2-normalised, averaged).
 It runs the text tower on the padded context cut to the longest prompt of the
 batch (``encode_text_truncated``): exact, because the tower is causal and
 pools at the end-of-text position, and much cheaper than 77 positions.
+Tokenizing the prompts (open_clip's pure-Python BPE, ftfy cleaning) would cost as much
+as the tower: ``tokenize_templates`` encodes a plain ASCII string once and splices it into
+each template's pre-encoded words (exactly the tokenizer's ids, see ``_spliceable``), the
+rest prompt by prompt, optionally in forked worker processes.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -270,78 +275,145 @@ def encode_text_truncated(model, tokens: torch.Tensor) -> torch.Tensor:
     return x
 
 
-# A string of ASCII letters, digits and spaces is cleaned and split into BPE words by
-# CLIP's tokenizer independently of the text around it, provided a space or a '.'
-# separates it from that text: its tokens can then be spliced into each template.
-_SPLICEABLE = re.compile(r"[A-Za-z0-9 ]*[A-Za-z0-9][A-Za-z0-9 ]*")
+# Splicing: a prompt's tokens are CLIP's words of its cleaned text, each BPE-encoded alone.
+# For a string of printable ASCII without '&', '<' or '>' the cleaning (ftfy, HTML unescaping,
+# whitespace collapsing, lower case) acts on each character and run of spaces by itself, and a
+# template's text before '{}' ends in a space: the prompt's words are the template's words
+# before, the string's words, the template's words after, unless the text after starts with a
+# non-space (the '.' of "a photo of a {}.") that would join a trailing punctuation run of the
+# string ("x!" + "." reads "!." as one word). Such prompts, and every other string, go through
+# the tokenizer whole.
+_SPLICE_CHARS = re.compile(r"[ -%'-;=?-~]*")  # printable ASCII less '&', '<', '>'
 
 
-def _template_parts(clip_tokenizer, templates) -> list[tuple[list[int], list[int]]] | None:
-    """Token ids of each template's text before and after '{}', or None when splicing
-    would not be exact (another tokenizer, or a template that glues text to '{}')."""
-    from open_clip.tokenizer import SimpleTokenizer
-    if type(clip_tokenizer) is not SimpleTokenizer or getattr(clip_tokenizer, "reduction_fn", None):
+def _template_parts(clip_tokenizer, templates) -> list[tuple[list[int], list[int], bool]] | None:
+    """(token ids before '{}', after '{}', whether the text after starts with a non-space) of
+    each template, or None when splicing would not be exact (another tokenizer or cleaning, a
+    template that glues text to '{}' other than punctuation after it)."""
+    from open_clip import tokenizer as oct
+    if (type(clip_tokenizer) is not oct.SimpleTokenizer or getattr(clip_tokenizer, "reduction_fn", None)
+            or getattr(clip_tokenizer, "clean_fn", None) is not oct._clean_lower):
         return None
     parts = []
     for t in templates:
         if t.count("{}") != 1:
             return None
         before, after = t.split("{}")
-        if (before and not before.endswith(" ")) or (after and after[0] not in " ."):
+        if (before and not before[-1].isspace() or not _SPLICE_CHARS.fullmatch(before + after)
+                or after[:1].isalnum()):
             return None
-        parts.append((clip_tokenizer.encode(before), clip_tokenizer.encode(after)))
+        parts.append((clip_tokenizer.encode(before), clip_tokenizer.encode(after),
+                      bool(after) and not after[0].isspace()))
     return parts
 
 
-def tokenize_templates(clip_tokenizer, strings: list[str], templates) -> torch.Tensor:
+def _spliceable(s: str) -> bool:
+    """Whether the string's tokens can be spliced into a template (see above); ftfy is asked
+    once per string whether it leaves the string alone."""
+    from open_clip.tokenizer import basic_clean
+    return bool(_SPLICE_CHARS.fullmatch(s)) and basic_clean(s) == s.strip()
+
+
+def _glues(s: str) -> bool:
+    """Whether a text after '{}' that starts with a non-space would join the string's last word."""
+    tail = s.rstrip()
+    return bool(tail) and not tail[-1].isalnum()
+
+
+def _token_rows(clip_tokenizer, strings: list[str], templates: list[str], parts) -> np.ndarray:
+    """Token ids int64 [len(strings) * len(templates), context], string-major (no torch, so
+    that it runs in forked worker processes)."""
+    ctx, sot, eot = clip_tokenizer.context_length, clip_tokenizer.sot_token_id, clip_tokenizer.eot_token_id
+    out = np.zeros((len(strings) * len(templates), ctx), dtype=np.int64)
+
+    def put(row, ids):
+        ids = [sot] + ids + [eot]
+        if len(ids) > ctx:  # truncate as open_clip does: the last kept position holds EOT
+            ids = ids[:ctx]
+            ids[-1] = eot
+        out[row, :len(ids)] = ids
+
+    row = 0
+    for s in strings:
+        if parts is not None and _spliceable(s):
+            mid, glues = clip_tokenizer.encode(s), _glues(s)
+            for t, (before, after, tight) in zip(templates, parts):
+                put(row, clip_tokenizer.encode(t.format(s)) if tight and glues else before + mid + after)
+                row += 1
+        else:
+            for t in templates:
+                put(row, clip_tokenizer.encode(t.format(s)))
+                row += 1
+    return out
+
+
+def _worker_rows(args):
+    return _token_rows(_POOL_TOKENIZER, *args)
+
+
+_POOL_TOKENIZER = None
+
+
+def tokenize_templates(clip_tokenizer, strings: list[str], templates, workers: int = 1) -> torch.Tensor:
     """Token ids [len(strings) * len(templates), context] of every string in every template
     (string-major), identical to ``clip_tokenizer([t.format(s) for s in strings for t in templates])``.
 
-    Fast path: a plain alphanumeric string is BPE-encoded once and spliced between each
-    template's pre-encoded parts; any other string is tokenized prompt by prompt."""
-    templates = list(templates)
-    ctx = clip_tokenizer.context_length
+    Fast path: a string of printable ASCII is BPE-encoded once and spliced between each
+    template's pre-encoded parts; any other string is tokenized prompt by prompt.
+    ``workers`` > 1: slices of the strings are tokenized in that many forked processes
+    (where the platform forks; otherwise in this one)."""
+    global _POOL_TOKENIZER
+    import multiprocessing as mp
+    templates, strings = list(templates), list(strings)
     parts = _template_parts(clip_tokenizer, templates)
-    out = torch.zeros(len(strings) * len(templates), ctx, dtype=torch.long)
-    for i, s in enumerate(strings):
-        rows = slice(i * len(templates), (i + 1) * len(templates))
-        if parts is None or not _SPLICEABLE.fullmatch(s):
-            out[rows] = clip_tokenizer([t.format(s) for t in templates])
-            continue
-        mid = clip_tokenizer.encode(s)
-        for j, (before, after) in enumerate(parts):
-            ids = [clip_tokenizer.sot_token_id] + before + mid + after + [clip_tokenizer.eot_token_id]
-            if len(ids) > ctx:
-                ids = ids[:ctx]
-                ids[-1] = clip_tokenizer.eot_token_id
-            out[rows.start + j, :len(ids)] = torch.tensor(ids)
-    return out
+    from open_clip.tokenizer import SimpleTokenizer
+    if type(clip_tokenizer) is not SimpleTokenizer or getattr(clip_tokenizer, "reduction_fn", None):
+        return clip_tokenizer([t.format(s) for s in strings for t in templates])
+    workers = min(int(workers), len(strings) // 64)  # a slice worth a fork
+    if workers <= 1 or "fork" not in mp.get_all_start_methods():
+        return torch.from_numpy(_token_rows(clip_tokenizer, strings, templates, parts))
+    step = -(-len(strings) // (4 * workers))
+    jobs = [(strings[i:i + step], templates, parts) for i in range(0, len(strings), step)]
+    _POOL_TOKENIZER = clip_tokenizer
+    try:
+        with mp.get_context("fork").Pool(workers) as pool:
+            rows = pool.map(_worker_rows, jobs)
+    finally:
+        _POOL_TOKENIZER = None
+    return torch.from_numpy(np.concatenate(rows))
 
 
 @torch.no_grad()
 def encode_text_templates(bundle: ClipBundle, strings: list[str], templates=None,
-                          batch_size: int = 32, precision: str = "auto") -> torch.Tensor:
+                          batch_size: int = 32, precision: str = "auto",
+                          workers: int = 1) -> torch.Tensor:
     """Template-averaged CLIP text embeddings, float32 [len(strings), D] on the CPU.
 
     Each string is formatted into every template (default: CLIP's 80 ImageNet templates),
     each prompt's embedding is L2-normalised, and the mean over templates is returned
-    WITHOUT renormalisation (as the V2L authors do). ``batch_size`` strings are encoded per
-    forward pass (x templates prompts); strings are grouped by prompt length so each batch
-    is cut to a similar, short context."""
+    WITHOUT renormalisation (as the V2L authors do). A string given more than once is
+    tokenized and encoded once (its rows are copies). ``batch_size`` distinct strings are
+    encoded per forward pass (x templates prompts); strings are grouped by prompt length so
+    each batch is cut to a similar, short context. ``workers``: processes that tokenize
+    (``tokenize_templates``)."""
     templates = list(templates or imagenet_templates())
     n_t = len(templates)
     out = torch.empty(len(strings), bundle.embed_dim)
     if not strings:
         return out
-    tokens = tokenize_templates(bundle.clip_tokenizer, list(strings), templates)
-    longest = _pool_positions(bundle.model, tokens).view(len(strings), n_t).max(dim=1).values
+    first: dict[str, int] = {}
+    inverse = torch.tensor([first.setdefault(s, len(first)) for s in strings], dtype=torch.long)
+    uniq = list(first)
+    tokens = tokenize_templates(bundle.clip_tokenizer, uniq, templates, workers=workers)
+    longest = _pool_positions(bundle.model, tokens).view(len(uniq), n_t).max(dim=1).values
     order = torch.argsort(longest, stable=True)
     device = bundle.device
-    for start in range(0, len(strings), batch_size):
+    emb_u = torch.empty(len(uniq), bundle.embed_dim)
+    for start in range(0, len(uniq), batch_size):
         idx = order[start:start + batch_size]
         rows = (idx[:, None] * n_t + torch.arange(n_t)).flatten()
         with autocast_context(device, precision):
             emb = encode_text_truncated(bundle.model, tokens[rows].to(device))
         emb = F.normalize(emb.float(), dim=-1).view(len(idx), n_t, -1).mean(dim=1)
-        out[idx] = emb.cpu()
-    return out
+        emb_u[idx] = emb.cpu()
+    return emb_u if len(uniq) == len(strings) else emb_u[inverse]

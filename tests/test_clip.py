@@ -26,6 +26,58 @@ def test_tokenize_templates_equals_tokenizer(clip):
     assert torch.equal(fast, ref)
 
 
+def _adversarial_strings(n: int, seed: int = 0) -> list[str]:
+    """Strings that probe every boundary of splicing: ASCII punctuation next to the template's
+    '.', HTML entities, contractions, blanks, control and non-ASCII characters ftfy rewrites."""
+    import random
+    rng = random.Random(seed)
+    chars = [chr(c) for c in range(32, 127)] + list("\u00e9\u00fc\u4e2d\u00c3\u00a9\u00a0\t\n\u2019\u201c\ufb01")
+    words = ["".join(rng.choice(chars) for _ in range(rng.randint(0, 8))) for _ in range(n)]
+    words += [" " + "".join(rng.choice("abcxyz'.!?,-&;:<>") for _ in range(rng.randint(1, 6)))
+              for _ in range(n)]
+    return words + ["'s", "x'", "dog's", "&amp;", "a &lt; b", "\u00c3\u00a9t\u00c3\u00a9", "  ", "\u00a0cat",
+                    "caf\u00e9", "<start_of_text>", "42.", "end!"]
+
+
+def test_tokenize_templates_exact_on_adversarial_strings(clip):
+    templates = imagenet_templates()
+    strings = _adversarial_strings(60)
+    ref = clip.clip_tokenizer([t.format(s) for s in strings for t in templates])
+    assert torch.equal(tokenize_templates(clip.clip_tokenizer, strings, templates), ref)
+    # forked workers give the same rows in the same order
+    assert torch.equal(tokenize_templates(clip.clip_tokenizer, strings, templates, workers=2), ref)
+    # templates with punctuation right after '{}', and no splicing at all (glued text)
+    for other in (["{}!", "a {}, b", "the {}'s photo", "{}"], ["x{}", "{}y"]):
+        ref = clip.clip_tokenizer([t.format(s) for s in strings for t in other])
+        assert torch.equal(tokenize_templates(clip.clip_tokenizer, strings, other), ref)
+
+
+def test_splicing_takes_the_plain_strings_only():
+    from models.clip import _glues, _spliceable
+    assert _spliceable(" cat") and _spliceable("New York 42") and _spliceable("x!")
+    assert not _spliceable("caf\u00e9") and not _spliceable("&amp;") and not _spliceable("a<b")
+    assert not _spliceable("tab\there")
+    assert _glues("x!") and _glues("'s'") and not _glues("cat ") and not _glues("") and not _glues("42")
+
+
+def test_duplicates_are_encoded_once(clip, monkeypatch):
+    import models.clip as mc
+    seen = []
+    real = mc.tokenize_templates
+
+    def spy(tok, strings, templates, workers=1):
+        seen.append(list(strings))
+        return real(tok, strings, templates, workers)
+
+    monkeypatch.setattr(mc, "tokenize_templates", spy)
+    strings = ["cat", "dog", "cat", "x!", "dog"]
+    emb = mc.encode_text_templates(clip, strings, batch_size=2)
+    assert seen == [["cat", "dog", "x!"]]
+    assert torch.equal(emb[0], emb[2]) and torch.equal(emb[1], emb[4])
+    alone = mc.encode_text_templates(clip, ["cat", "dog", "x!"], batch_size=2)
+    assert torch.equal(emb[[0, 1, 3]], alone)
+
+
 def test_truncated_forward_equals_padded(clip):
     tokens = clip.clip_tokenizer(["a photo of a cat.", "x", "a much longer prompt " * 5, "long " * 90])
     with torch.no_grad():

@@ -91,3 +91,14 @@ def test_missing_vocab_names_step1(setup, tmp_path, capsys):
     assert code == 2
     assert "step1_expand_vocabulary.py" in capsys.readouterr().err
     assert not (tmp_path / "cb" / "manifest.json").exists()
+
+
+def test_tokenize_workers_setting(setup, tmp_path, capsys):
+    root, clip_dir, vocab, out = setup
+    code = run_script("step2_codebook_embedding.py", vocab_dir=vocab, out_dir=tmp_path / "cb",
+                      clip=clip_dir, tokenize_workers="none")
+    assert code == 2 and "--tokenize_workers" in capsys.readouterr().err
+    assert run_script("step2_codebook_embedding.py", vocab_dir=vocab, out_dir=tmp_path / "cb2",
+                      clip=clip_dir, batch_size=3, chunk_size=7, tokenize_workers=2) == 0
+    for f in ("global_candidates.safetensors", "candidates.json"):
+        assert (tmp_path / "cb2" / f).read_bytes() == (out / f).read_bytes()
