@@ -16,7 +16,9 @@ be dropped and only the k VoCo entries kept. Here:
   is given (in place); ``VoCo.remove()`` takes them out again.
 - **Isolated compression.** An image is compressed on its own: [BOS] + a fixed
   context text (``context_ids``: the prompt text every image follows) + its tokens
-  + k VoCo tokens at positions 0.. (the VoCo tokens see only their own image).
+  + a fixed text after it (``suffix_ids``: VoCo-LLaMA's layout puts "\n" between the image
+  and its VoCo tokens) + k VoCo tokens at positions 0.. (the VoCo tokens see only their own
+  image).
   The context is there so that an image's keys and values are made as the
   frozen LLM reads them inside a prompt, not as right after BOS.
   Its VoCo keys are stored rotated back to positions 0..k-1, so the same block is
@@ -33,9 +35,11 @@ be dropped and only the k VoCo entries kept. Here:
 - **Positions** are compact: a prompt's text tokens and VoCo entries take
   consecutive positions; an image's own tokens take none (they are gone).
 
-A prompt is a list of segments: a list of token ids (text) or a ``VoCoBlock`` (a
-compressed image). The tests hold a reference that computes the same logits in
-one masked forward over whole uncompressed prompts (tests/voco_reference.py).
+A prompt is a list of segments: a list of token ids (text), a float tensor [n, hidden] of
+embeddings read as they are (an uncompressed continuous image: the upper bound and the
+distillation teacher) or a ``VoCoBlock`` (a compressed image). The tests hold a reference that
+computes the same logits in one masked forward over whole uncompressed prompts
+(tests/voco_reference.py, and one for embedding segments in tests/test_voco.py).
 """
 from __future__ import annotations
 
@@ -167,11 +171,13 @@ class VoCo(nn.Module):
 
     def __init__(self, model, k_max: int, lora_rank: int = 8, lora_alpha: float = 16.0,
                  lora_targets=LORA_TARGETS, bos_id: int | None = None, seed: int = 0,
-                 context_ids: list[int] | None = None, init_ids: list[int] | None = None):
+                 context_ids: list[int] | None = None, init_ids: list[int] | None = None,
+                 suffix_ids: list[int] | None = None):
         super().__init__()
         check_llm(model)
         self.llm, self.k_max, self.bos_id = model, int(k_max), bos_id
         self.context_ids = list(context_ids or [])
+        self.suffix_ids = list(suffix_ids or [])
         self.lora = dict(rank=int(lora_rank), alpha=float(lora_alpha), targets=list(lora_targets))
         weight = model.get_input_embeddings().weight
         vocab = weight.detach().float().cpu()
@@ -260,11 +266,14 @@ class VoCo(nn.Module):
         return tokens.to(self.device, self.dtype)
 
     def _span(self, tokens: torch.Tensor) -> torch.Tensor:
-        """An image's compression input: [BOS] + the context text + its token embeddings,
-        [n, hidden]."""
+        """An image's compression input: [BOS] + the context text + its token embeddings + the
+        suffix text, [n, hidden]."""
         ids = ([self.bos_id] if self.bos_id is not None else []) + self.context_ids
         parts = [self._embed(torch.tensor(ids, dtype=torch.long))] if ids else []
-        return torch.cat(parts + [self._embed(tokens)])
+        parts.append(self._embed(tokens))
+        if self.suffix_ids:
+            parts.append(self._embed(torch.tensor(self.suffix_ids, dtype=torch.long)))
+        return torch.cat(parts)
 
     def _check_k(self, k: int) -> None:
         if not 1 <= k <= self.k_max:
@@ -303,13 +312,15 @@ class VoCo(nn.Module):
 
     # -- reading compressed prompts
     def prefill(self, prompts: list[list], hidden: bool = False):
-        """Run prompts of text segments (lists of ids) and ``VoCoBlock``s through the frozen LLM.
+        """Run prompts of text segments (lists of ids), embedding segments ([n, hidden] float
+        tensors, read uncompressed) and ``VoCoBlock``s through the frozen LLM.
 
         Returns (logits, cache, key_valid [B, N], next_position [B], text_index): logits are
         [B, V] for each prompt's last token; with ``hidden``, the final hidden states
-        [B, T, hidden] of every text token instead (``logits_of`` turns the few needed into
-        logits; ``text_index`` [B, T] gives the index of a token among its row's text tokens,
-        -1 on padding). The last segment of a prompt must be text.
+        [B, T, hidden] of every token read in this pass (text tokens and embedding rows: every
+        position but the blocks') instead (``logits_of`` turns the few needed into logits;
+        ``text_index`` [B, T] gives the index of a token among its row's tokens read, -1 on
+        padding). The last segment of a prompt must be text or embeddings.
         """
         inputs, key_valid, nxt, text_index = self._prefill_inputs(prompts)
         with self.frozen():
@@ -323,21 +334,25 @@ class VoCo(nn.Module):
         """(the LLM's inputs for ``prefill``: ids, mask, position ids and the cache of the VoCo
         blocks placed at their positions; key_valid [B, N]; next_position [B]; text_index)."""
         dev, dtype = self.device, self.dtype
-        rows = []
+        rows, embedded = [], []     # embedded: per row, (offset among its tokens, [n, hidden])
         for prompt in prompts:
             if not prompt or isinstance(prompt[-1], VoCoBlock) or not len(prompt[-1]):
                 raise V2LError("a VoCo prompt must end with text (the answer is read after it)")
-            text, text_pos, blocks, block_pos, p = [], [], [], [], 0
+            text, text_pos, blocks, block_pos, p, embeds = [], [], [], [], 0, []
             for seg in prompt:
                 if isinstance(seg, VoCoBlock):
                     blocks.append(seg)
                     block_pos.append(p)
                     p += seg.k
-                else:
-                    text += list(seg)
-                    text_pos += range(p, p + len(seg))
-                    p += len(seg)
+                    continue
+                if _is_embeddings(seg):
+                    embeds.append((len(text), self._embed(seg)))
+                    seg = [0] * seg.shape[0]            # placeholder ids, replaced below
+                text += list(seg)
+                text_pos += range(p, p + len(seg))
+                p += len(seg)
             rows.append((text, text_pos, blocks, block_pos, p))
+            embedded.append(embeds)
         check_context(self.llm, max(r[4] for r in rows), "a compressed prompt",
                       "lower --k_shot or the number of VoCo tokens")
         b = len(rows)
@@ -386,8 +401,25 @@ class VoCo(nn.Module):
         allowed[:, :, n_max:] |= torch.eye(t_max, dtype=torch.bool)[None] & ~q_valid[:, :, None]
         inputs = dict(input_ids=ids.to(dev), attention_mask=additive(allowed.to(dev), dtype),
                       position_ids=q_pos.to(dev), past_key_values=cache, use_cache=True)
+        if any(embedded):   # embedding segments: the rows' input embeddings, ids looked up
+            inputs["inputs_embeds"] = self._splice(inputs.pop("input_ids"), embedded, t_max,
+                                                   [len(r[0]) for r in rows])
         nxt = torch.tensor([r[4] for r in rows], device=dev)
         return inputs, key_valid.to(dev), nxt, text_index
+
+    def _splice(self, ids: torch.Tensor, embedded: list, t_max: int, lengths: list[int]) -> torch.Tensor:
+        """Input embeddings [B, T, hidden]: the ids' embeddings with each row's embedding
+        segments in their places (rows left-padded to ``t_max``; differentiable in the
+        segments)."""
+        table = self.llm.get_input_embeddings()
+        out = []
+        for i, segments in enumerate(embedded):
+            row, start, pieces, at = table(ids[i]), t_max - lengths[i], [], 0
+            for offset, x in segments:
+                pieces += [row[at:start + offset], x.to(row.dtype)]
+                at = start + offset + x.shape[0]
+            out.append(torch.cat(pieces + [row[at:]]) if segments else row)
+        return torch.stack(out)
 
     def logits_of(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float logits of final hidden states [..., hidden] (``prefill(hidden=True)``'s)."""
@@ -403,6 +435,11 @@ class VoCo(nn.Module):
             out = self.llm(input_ids=tokens[:, None], attention_mask=mask,
                            position_ids=positions[:, None], past_key_values=cache, use_cache=True)
         return out.logits[:, -1].float(), out.past_key_values, key_valid, positions + 1
+
+
+def _is_embeddings(seg) -> bool:
+    """A prompt segment of embeddings ([n, hidden] float tensor), not token ids."""
+    return isinstance(seg, torch.Tensor) and seg.is_floating_point()
 
 
 def _lora_modules(model, targets) -> list[str]:

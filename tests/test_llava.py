@@ -160,3 +160,23 @@ def test_bad_inputs_one_line(tiny, tmp_path):
         one_line(match, load_llava, llm=tiny["llm"], vision=tiny["vision"], projector=bad, device="cpu")
     one_line("projector file not found", load_llava, llm=tiny["llm"], vision=tiny["vision"],
              projector=tmp_path / "none.bin", device="cpu")
+
+
+def test_voco_reads_llava_images(tiny, reference):
+    """VoCo wraps the LLaVA language model unchanged: a prompt holding the image's embeddings
+    uncompressed gives LlavaForConditionalGeneration's logits, and the image compresses."""
+    from models.voco import VoCo
+    parts = load_form(tiny, "llava-hf")
+    newline = parts.tokenizer.convert_tokens_to_ids("<0x0A>")
+    voco = VoCo(parts.llm, 2, lora_rank=2, bos_id=1, suffix_ids=[newline])
+    before, after = [1, 5, 9], [newline, 30, 31, 44]
+    pixels = parts.preprocess(picture(50, 64))
+    ids = torch.tensor([before + [TEXT_VOCAB] * N_PATCHES + after])
+    with torch.no_grad():
+        want = reference(input_ids=ids, pixel_values=pixels).logits[0, -1]
+        image = parts.embed_images(pixels)[0]
+        got = voco.prefill([[before, image, after]])[0][0]
+        block = voco.compress([image], 2)[0]
+        read = voco.prefill([[block, after]])[0][0]
+    assert (want - got).abs().max() < TOL
+    assert block.keys.shape == (2, 2, 2, 16) and torch.isfinite(read).all()

@@ -677,3 +677,153 @@ def test_step5_two_process_image_reuse_equals_one(world):
     a, b = load_tensors(one / "voco.safetensors"), load_tensors(two / "voco.safetensors")
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5   # summation order only
+
+
+# ----------------------------------------------------------------------------- continuous images
+
+def reference_one_prompt(voco, prompt, k):
+    """One prompt, no padding, in one forward with its mask written out position by position:
+    text and embedding segments are read by everything after them; an ``Image`` is [BOS] +
+    context + its embeddings + suffix, then k VoCo tokens, seen only by its own positions
+    (VoCo entries stay visible later). Returns the logits at the positions read [T, V]."""
+    emb = voco.llm.get_input_embeddings()
+    dtype = voco.dtype
+
+    def ids_embed(ids):
+        return emb(torch.as_tensor(ids, dtype=torch.long)).to(dtype)
+
+    head = ([voco.bos_id] if voco.bos_id is not None else []) + voco.context_ids
+    xs, pos, owner, kind, p, g = [], [], [], [], 0, 0
+    for seg in prompt:
+        if isinstance(seg, Image):
+            g += 1
+            span = [ids_embed(head)] if head else []
+            span.append(seg.tokens.to(dtype) if seg.tokens.is_floating_point() else ids_embed(seg.tokens))
+            if voco.suffix_ids:
+                span.append(ids_embed(voco.suffix_ids))
+            span = torch.cat(span)
+            n = span.shape[0]
+            xs += [span, voco.embeddings[:k].to(dtype)]
+            pos += range(p - n, p + k)
+            owner += [g] * (n + k)
+            kind += ["span"] * n + ["voco"] * k
+            p += k
+        else:
+            x = seg.to(dtype) if isinstance(seg, torch.Tensor) and seg.is_floating_point() else ids_embed(seg)
+            xs.append(x)
+            pos += range(p, p + x.shape[0])
+            owner += [0] * x.shape[0]
+            kind += ["read"] * x.shape[0]
+            p += x.shape[0]
+    t = len(pos)
+    allowed = torch.zeros(t, t, dtype=torch.bool)
+    for q in range(t):
+        for key in range(q + 1):
+            allowed[q, key] = owner[q] == owner[key] if owner[q] else kind[key] != "span"
+    from models.voco import additive
+    with voco.frozen():
+        out = voco.llm(inputs_embeds=torch.cat(xs)[None], attention_mask=additive(allowed[None], dtype),
+                       position_ids=torch.tensor([pos]))
+    return out.logits[0].float()[torch.tensor([c == "read" for c in kind])]
+
+
+def continuous_case(voco, g=None):
+    """Two prompts of different lengths over continuous images: uncompressed embedding segments
+    (read as they are), a compressed image shared at two offsets, an id image, text."""
+    g = g or torch.Generator().manual_seed(3)
+    hidden = voco.embeddings.shape[1]
+    e1, e2, e3 = (torch.randn(n, hidden, generator=g) for n in (6, 9, 4))
+    word_image = torch.tensor(ids(g, 5))
+    a, b, c, d, e = [1] + ids(g, 3), ids(g, 2), ids(g, 4), [1] + ids(g, 5), ids(g, 3)
+    single = [[a, e1, b, Image(e2), c], [d, Image(e2), b, e3, c, Image(word_image), e]]
+    return [e2, word_image], single, lambda blocks: [[a, e1, b, blocks[0], c],
+                                                     [d, blocks[0], b, e3, c, blocks[1], e]]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("suffix", [False, True])
+def test_embedding_segments_and_blocks_equal_one_masked_pass(attn, suffix):
+    """Prompts mixing uncompressed embeddings, compressed continuous images (with the context
+    and the authors' text between image and VoCo) and text: the cached path equals one masked
+    pass over each whole prompt, written out without padding."""
+    voco = make_voco(attn, context_ids=[7, 8], suffix_ids=[13] if suffix else None)
+    k = 2
+    imgs, single, cached = continuous_case(voco)
+    with torch.no_grad():
+        want = [reference_one_prompt(voco, prompt, k) for prompt in single]
+        blocks = voco.compress(imgs, k)
+        got = text_logits(*prefill_logits(voco, cached(blocks)))
+        ref_pass = text_logits(*single_pass(voco, [[s for s in p if not isinstance(s, torch.Tensor)]
+                                                   for p in single], k))
+    assert want[0].abs().max() > 1.0
+    assert max_diff(want, got) < TOL
+    # the reference itself agrees with tests/voco_reference.py where both apply (no embeddings)
+    with torch.no_grad():
+        plain = [reference_one_prompt(voco, [s for s in p if not isinstance(s, torch.Tensor)], k)
+                 for p in single]
+    assert max_diff(plain, ref_pass) < TOL
+    # the controls: another mask or an image's suffix left out change the logits
+    with torch.no_grad():
+        other = make_voco(attn, context_ids=[7, 8], suffix_ids=None if suffix else [13])
+        other.load_adapter_state(voco.adapter_state())
+        changed = text_logits(*prefill_logits(voco, cached(other.compress(imgs, k))))
+    assert max_diff(want, changed) > 1e-2
+
+
+def test_embedding_segments_read_as_the_plain_llm_reads_them():
+    """The upper bound: a prompt of text and embeddings (no blocks) is the frozen LLM reading
+    the embeddings under a causal mask; text given as its embedding rows reads as the ids."""
+    voco = make_voco()
+    g = torch.Generator().manual_seed(5)
+    hidden = voco.embeddings.shape[1]
+    image = torch.randn(7, hidden, generator=g)
+    a, b = [1] + ids(g, 4), ids(g, 3)
+    emb = voco.llm.get_input_embeddings()
+    with torch.no_grad():
+        got = text_logits(*prefill_logits(voco, [[a, image, b], [ids(g, 9) + [5]]]))
+        with voco.frozen():
+            x = torch.cat([emb(torch.tensor(a)), image, emb(torch.tensor(b))])
+            want = voco.llm(inputs_embeds=x[None]).logits[0]
+        as_rows = text_logits(*prefill_logits(voco, [[a, emb(torch.tensor(b)).clone()]]))
+        as_ids = text_logits(*prefill_logits(voco, [[a, b]]))
+    assert got[0].shape == want.shape
+    assert (got[0] - want).abs().max() < TOL
+    assert max_diff(as_rows, as_ids) < TOL
+    with pytest.raises(V2LError, match=r"expected \[n, 64\]"):
+        voco.prefill([[a, torch.randn(3, 10), b]])
+
+
+def test_suffix_is_compressed_after_the_image():
+    plain, ctx = make_voco(), make_voco(suffix_ids=[13, 14])
+    ctx.load_adapter_state(plain.adapter_state())
+    g = torch.Generator().manual_seed(2)
+    image = torch.randn(5, plain.embeddings.shape[1], generator=g)
+    with torch.no_grad():
+        got = ctx.compress([image], 2)[0]
+        emb = plain.llm.get_input_embeddings()(torch.tensor([13, 14]))
+        same = plain.compress([torch.cat([image, emb])], 2)[0]
+        without = plain.compress([image], 2)[0]
+    assert torch.equal(got.keys, same.keys) and torch.equal(got.values, same.values)
+    assert (got.values - without.values).abs().max() > 1e-3
+
+
+def test_gradients_reach_uncompressed_embeddings_and_voco_weights():
+    """An embedding segment that requires grad (a trained projector's output) gets a gradient
+    through the reader; so do the VoCo weights through a compressed continuous image."""
+    voco = make_voco()
+    g = torch.Generator().manual_seed(4)
+    hidden = voco.embeddings.shape[1]
+    seen = torch.randn(5, hidden, generator=g, requires_grad=True)
+    packed = torch.randn(6, hidden, generator=g, requires_grad=True)
+    with torch.no_grad():
+        for n, p in voco.llm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    block = voco.compress([packed], 2)[0]
+    logits, _ = prefill_logits(voco, [[[1, 5], seen, [6, 7], block, [8, 9]]])
+    logits.logsumexp(-1).mean().backward()
+    assert seen.grad is not None and seen.grad.abs().sum() > 0
+    assert packed.grad is not None and packed.grad.abs().sum() > 0
+    assert voco.embeddings.grad.abs().sum() > 0
+    for name, p in voco.llm.named_parameters():
+        assert ("lora_" in name) == (p.grad is not None), name
