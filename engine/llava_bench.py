@@ -602,6 +602,70 @@ def score_vqav2(answers_path, annotations_path) -> Score:
                            "n": n, "n_annotated": len(anns), "complete": n == len(anns)}, per)
 
 
+# ----------------------------------------------------------------------------- MMBench dev, generated sets
+
+def option_letter(text: str, letters=MMBENCH_OPTIONS) -> str:
+    """The option letter of an output: the letter alone, the first character of "X. ..." or
+    "X) ...", or the one "The answer is X." in it; else "FAILED"."""
+    t = text.strip()
+    if t in letters:
+        return t
+    if len(t) >= 2 and t[0] in letters and t[1] in ".)" and (len(t) == 2 or t[2] == " "):
+        return t[0]
+    found = re.findall(r"The answer is ([A-Z])", t)
+    return found[0] if len(found) == 1 and found[0] in letters else "FAILED"
+
+
+def score_mmbench(answers_path, tsv_path) -> Score:
+    """MMBench dev offline (the TSV's ``answer`` column): an answer is right when the option
+    its letter names (in that answer's own option order, ``options``, where LLaVA's
+    ``--all-rounds`` rotated them) is the correct option's text; a question is right when
+    all its answers (rounds) are: MMBench's circular rule when there are several. The
+    letter is read by ``option_letter``, not by MMBench's ChatGPT matching: not the official
+    number (that comes from the upload), but the same questions under every condition."""
+    rows = {str(r["index"]): r for r in _read_tsv(tsv_path)}
+    if "answer" not in next(iter(rows.values())):
+        raise V2LError(f"{tsv_path}: no 'answer' column (a test split); use write_mmbench_upload")
+    rounds: dict[str, list[bool]] = {}
+    for a in read_answers(answers_path):
+        qid = str(a["question_id"])
+        if qid not in rows:
+            raise V2LError(f"{answers_path}: question {qid} is not in {tsv_path}")
+        row = rows[qid]
+        original = [row[c] for c in MMBENCH_OPTIONS if c in row and not _is_none(row[c])]
+        options = a.get("options") or original
+        letter = option_letter(a["text"], MMBENCH_OPTIONS[:len(options)])
+        chosen = options[MMBENCH_OPTIONS.index(letter)] if letter != "FAILED" else None
+        rounds.setdefault(qid, []).append(chosen is not None and chosen == row[row["answer"].strip()])
+    per = {qid: float(all(v)) for qid, v in rounds.items()}
+    n = len(per)
+    return Score("mmbench", {"accuracy": _pct(sum(per.values()) / n) if n else None, "n": n,
+                             "circular": any(len(v) > 1 for v in rounds.values()),
+                             "n_annotated": len(rows), "complete": n == len(rows)}, per)
+
+
+def score_exact(answers_path, questions_path) -> Score:
+    """Exact match for a question file whose rows carry their ``answer`` (a generated set in
+    LLaVA's format, e.g. the demo's): the output with GQA's conversion (trailing periods
+    removed, lower case) against the answer in lower case; overall and per ``category``."""
+    questions = {str(q["question_id"]): q for q in load_questions(questions_path)}
+    missing = [k for k, q in questions.items() if "answer" not in q]
+    if missing:
+        raise V2LError(f"{questions_path}: question {missing[0]} has no 'answer'; score_exact needs "
+                       "the answer in every row")
+    answers = _by_id(read_answers(answers_path), answers_path)
+    _unknown(answers, questions, answers_path, questions_path)
+    per, cats = {}, {}
+    for qid, row in answers.items():
+        q = questions[qid]
+        per[qid] = float(row["text"].rstrip(".").lower() == str(q["answer"]).lower())
+        cats.setdefault(q.get("category") or "all", []).append(per[qid])
+    n = len(per)
+    return Score("exact", {"accuracy": _pct(sum(per.values()) / n) if n else None,
+                           "categories": {k: _pct(sum(v) / len(v)) for k, v in sorted(cats.items())},
+                           "n": n, "n_annotated": len(questions), "complete": n == len(questions)}, per)
+
+
 # ----------------------------------------------------------------------------- uploads
 
 def write_vqav2_upload(answers_path, questions_path, out_path) -> int:

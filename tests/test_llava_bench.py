@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine.llava_bench import (OPTION_LETTER, SHORT_ANSWER, answer_row, evalai_answer, load_questions,
-                                mme_answer, mmbench_questions, pope_answer, read_answers, retention,
+                                mme_answer, mmbench_questions, option_letter, score_exact, score_mmbench, pope_answer, read_answers, retention,
                                 score_gqa, score_mme, score_pope, score_scienceqa, score_seed,
                                 score_textvqa, score_vqav2, scienceqa_letter, scienceqa_questions,
                                 textvqa_accuracy, with_prompt, write_answers, write_mmbench_upload,
@@ -197,6 +197,37 @@ def test_vqav2_val():
     assert s.metrics["types"] == {"number": approx(90.0), "other": approx(30.0), "yes/no": approx(100.0)}
     # the conversion matters: the official score of the raw "Yes." (all ten agree: no normalising) is 0
     assert vqa_accuracy("Yes.", ["yes"] * 10) == 0.0
+
+
+def test_mmbench_dev_offline(tmp_path):
+    assert [option_letter(t) for t in ("A", "B. blue", "C)", "The answer is D.", "AB", "E", "blue")] == \
+        ["A", "B", "C", "D", "FAILED", "FAILED", "FAILED"]
+    tsv = F / "mmbench" / "mmbench_dev_20230712.tsv"
+    s = score_mmbench(F / "mmbench_answers.jsonl", tsv)
+    # 0: "A" = red, the answer A; 1: "B" = "2", the answer C = "3"
+    assert s.per_question == {"0": 1.0, "1": 0.0} and s.metrics["accuracy"] == approx(50.0)
+    assert not s.metrics["circular"]
+    # circular: every rotation must name the right option ("3"): rounds 1-2 do, round 3 does not
+    rows = [{"question_id": 1, "round_id": 0, "text": "C", "options": ["1", "2", "3", "4"]},
+            {"question_id": 1, "round_id": 1, "text": "B", "options": ["2", "3", "4", "1"]},
+            {"question_id": 0, "round_id": 0, "text": "A", "options": ["red", "blue"]},
+            {"question_id": 0, "round_id": 1, "text": "A", "options": ["blue", "red"]}]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    s = score_mmbench(tmp_path / "a.jsonl", tsv)
+    assert s.per_question == {"1": 1.0, "0": 0.0} and s.metrics["circular"]
+
+
+def test_exact_match_on_a_generated_set(tmp_path):
+    qs = [{"question_id": i, "image": f"{i}.png", "text": f"q{i}\n" + SHORT_ANSWER, "answer": a, "category": c}
+          for i, (a, c) in enumerate([("red", "colour"), ("blue", "colour"), ("circle", "shape"),
+                                      ("top left", "position")])]
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(q) for q in qs))
+    texts = ["Red.", "green", "circle", "Top left"]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(answer_row(q, t, "m")) for q, t in zip(qs, texts)))
+    s = score_exact(tmp_path / "a.jsonl", tmp_path / "q.jsonl")
+    assert s.per_question == {"0": 1.0, "1": 0.0, "2": 1.0, "3": 1.0}
+    assert s.metrics["categories"] == {"colour": approx(50.0), "position": approx(100.0), "shape": approx(100.0)}
+    assert s.metrics["accuracy"] == approx(75.0)
 
 
 # ----------------------------------------------------------------------------- uploads
