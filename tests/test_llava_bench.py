@@ -246,19 +246,20 @@ def _check_mmbench_table(header, rows):
     assert [(str(r[0]), r[6]) for r in rows] == [("0", "A"), ("1", "B")]
 
 
-def test_mmbench_upload_tsv(tmp_path, monkeypatch):
+@pytest.mark.parametrize("missing", [("openpyxl",), ("openpyxl", "pandas")])
+def test_mmbench_upload_tsv(tmp_path, monkeypatch, missing):
     import builtins
     real_import = builtins.__import__
 
-    def no_excel(name, *args, **kwargs):
-        if name == "openpyxl":
+    def without(name, *args, **kwargs):
+        if name in missing:
             raise ImportError(name)
         return real_import(name, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "__import__", no_excel)
+    monkeypatch.setattr(builtins, "__import__", without)
     path, note = write_mmbench_upload(F / "mmbench_answers.jsonl", F / "mmbench" / "mmbench_dev_20230712.tsv",
                                       tmp_path / "llava.xlsx")
-    assert path == tmp_path / "llava.tsv" and "openpyxl" in note
+    assert path == tmp_path / "llava.tsv" and missing[-1] in note and "wrote TSV" in note
     with open(path, newline="") as f:
         table = list(csv.reader(f, delimiter="\t"))
     _check_mmbench_table(table[0], table[1:])
