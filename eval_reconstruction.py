@@ -37,13 +37,13 @@ import json
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from data.images import ImageFolderDataset, collate_skip_bad
+from data.images import ImageFolderDataset, collate_skip_bad, load_chunks
 from data.transforms import clip_crop
 from engine.metrics import (ALL_METRICS, PROTOCOLS, MetricsAccumulator, ReconstructionMetrics,
                             codebook_usage)
+from models.clip import autocast_context
 from models.tokenizer import V2LTokenizer
 from models.tokenizer_io import load_tokenizer
 from utils import dist
@@ -71,6 +71,8 @@ GRID_IMAGES = 16  # images shown in the originals-vs-reconstructions grid, evenl
 DUMP_PNG = False  # also write every source and reconstruction to OUT_DIR/png/{source,reconstruction}/
 CLIP_ALLOW_UNSAFE = False  # allow the tokenizer's CLIP to be a pickled OpenAI file; only if trusted
 DEVICE = "auto"  # auto (CUDA when available), cuda or cpu
+PRECISION = "fp32"  # the tokenizer's encoder and decoder: fp32 (faithful), fp16 or bf16 autocast on CUDA (bf16 also on a CPU computing it natively); CLIP runs as in training either way
+TF32 = False  # also let CUDA matmuls use TF32 (PyTorch's default: convolutions only); faster on Ampere and later, not the faithful numbers
 OUT_DIR = "out/eval_reconstruction"  # where results, pictures and the manifest are written
 RESULTS_CSV = "out/results_reconstruction.csv"  # one row per run is appended here
 
@@ -127,9 +129,10 @@ def image_views(tokenizer: V2LTokenizer):
 def reconstruct(tokenizer: V2LTokenizer, batch: dict, device) -> tuple[torch.Tensor, ...]:
     """(originals, reconstructions, local codebook rows) of a loader batch."""
     x_in, x_clip = (t.to(device, non_blocking=True) for t in batch["image"])
-    global_idx, local_ids = tokenizer.encode(x_in, x_clip)
-    rec = tokenizer.decode(local_ids, global_idx=global_idx)
-    return x_in, rec, tokenizer.rows_from_llm_ids(local_ids)
+    with autocast_context(device, PRECISION):
+        global_idx, local_ids = tokenizer.encode(x_in, x_clip)
+        rec = tokenizer.decode(local_ids, global_idx=global_idx)
+    return x_in, rec.float(), tokenizer.rows_from_llm_ids(local_ids)
 
 
 def dump_png(folder: Path, index: torch.Tensor, x_in: torch.Tensor, rec: torch.Tensor) -> None:
@@ -146,7 +149,10 @@ def dump_png(folder: Path, index: torch.Tensor, x_in: torch.Tensor, rec: torch.T
 def main():
     if PROTOCOL not in PROTOCOLS:
         raise V2LError(f"--protocol {PROTOCOL}: choose from {', '.join(PROTOCOLS)}")
+    autocast_context(torch.device("cpu"), PRECISION)   # refuses an unknown precision
     ddp = dist.init(DEVICE, OUT_DIR)
+    if TF32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     unknown = set(METRICS) - set(ALL_METRICS)
     if unknown:
         raise V2LError(f"--metrics: unknown {sorted(unknown)}; choose from {', '.join(ALL_METRICS)}")
@@ -167,17 +173,16 @@ def main():
         "protocol": PROTOCOL,
         "tokenizer": manifest["id"], "data": str(Path(DATA_DIR).resolve()), "split": SPLIT,
         "images": len(data), "metrics": acc.metrics, "is_splits": IS_SPLITS,
-        "inception": INCEPTION_WEIGHTS, "lpips_vgg": LPIPS_VGG})
+        "inception": INCEPTION_WEIGHTS, "lpips_vgg": LPIPS_VGG, "precision": PRECISION,
+        "tf32": TF32})
     todo = store.todo(ddp.rank, ddp.world)
     bar = tqdm(total=sum(b - a for a, b in map(store.bounds, todo)), unit="img",
                desc=f"rank {ddp.rank}", disable=not ddp.is_main)
-    for i in todo:
+    for i, batches in load_chunks(data, todo, store.bounds, BATCH_SIZE, NUM_WORKERS,
+                                  pin_memory=ddp.device.type == "cuda"):
         acc.reset()
-        loader = DataLoader(Subset(data, range(*store.bounds(i))), batch_size=BATCH_SIZE,
-                            num_workers=NUM_WORKERS, collate_fn=collate_skip_bad,
-                            pin_memory=ddp.device.type == "cuda")
         unreadable = 0
-        for batch in loader:
+        for batch in batches:
             unreadable += batch["n_skipped"]
             if "image" in batch:
                 x_in, rec, rows = reconstruct(tokenizer, batch, ddp.device)

@@ -19,10 +19,9 @@ image is counted exactly once and any world size gives the same counts.
 import hashlib
 
 import torch
-from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from data.images import ImageFolderDataset, collate_skip_bad
+from data.images import ImageFolderDataset, load_chunks
 from engine.candidates import count_hits, hit_threshold, parse_rate, select_global
 from models.clip import load_clip
 from utils import dist
@@ -92,11 +91,12 @@ def main():
         print(f"{len(data)} images in {store.n_chunks} chunks ({store.n_done()} done), "
               f"{len(valid)} candidates ({int(valid.sum())} valid), world={ddp.world}")
     dev_candidates, dev_valid = candidates.to(ddp.device), valid.to(ddp.device)
-    for i in tqdm(store.todo(ddp.rank, ddp.world), desc=f"rank {ddp.rank} chunks", disable=not ddp.is_main):
-        loader = DataLoader(Subset(data, range(*store.bounds(i))), batch_size=BATCH_SIZE,
-                            num_workers=NUM_WORKERS, collate_fn=collate_skip_bad,
-                            pin_memory=ddp.device.type == "cuda")
-        counts, n_images, n_skipped = count_hits(clip, loader, dev_candidates, dev_valid, TOPK,
+    todo = store.todo(ddp.rank, ddp.world)
+    chunks = load_chunks(data, todo, store.bounds, BATCH_SIZE, NUM_WORKERS,
+                         pin_memory=ddp.device.type == "cuda")   # one set of workers for all
+    for i, batches in tqdm(chunks, total=len(todo), desc=f"rank {ddp.rank} chunks",
+                           disable=not ddp.is_main):
+        counts, n_images, n_skipped = count_hits(clip, batches, dev_candidates, dev_valid, TOPK,
                                                  PRECISION)
         store.save(i, {"hits": counts, "stats": torch.tensor([n_images, n_skipped])})
 

@@ -161,6 +161,32 @@ def test_authors_protocol_at_256_with_png_dumps(setup, monkeypatch, tmp_path):
     assert rows[-1]["protocol"] == "authors"
 
 
+def test_one_loader_with_workers_for_all_chunks_gives_the_same_numbers(setup, full_run,
+                                                                       monkeypatch, tmp_path):
+    """Two workers kept for the two chunks: one DataLoader for the run, and the numbers of the
+    run that loaded in the main process, up to rounding: a worker runs one thread, whose
+    bilinear resize can round the last float32 bit of a pixel otherwise, and the 8-bit
+    metrics may then see a pixel move by 1/255 (the batches themselves are identical to one
+    loader per chunk: tests/test_images.py)."""
+    import data.images
+    made = []
+
+    class Counted(data.images.DataLoader):
+        def __init__(self, *a, **k):
+            made.append(k.get("num_workers"))
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(data.images, "DataLoader", Counted)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(setup / "hub"))
+    out = tmp_path / "workers"
+    _run_in_process(monkeypatch, setup, out, num_workers=2, grid_images=0)
+    assert made == [2]
+    a, b = load_json(out / "results.json"), load_json(full_run[0] / "results.json")
+    assert a["n_images"] == b["n_images"] and a["unreadable_images"] == b["unreadable_images"]
+    for k in ("psnr", "ssim", "codebook_used", "codebook_perplexity"):
+        assert abs(a[k] - b[k]) <= 1e-3 * abs(b[k]), k
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_equal_one(setup, full_run, tmp_path):
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "PYTHONPATH": str(REPO)}
@@ -192,6 +218,8 @@ def test_bad_inputs_one_line_errors(setup, tmp_path, monkeypatch, capsys):
     assert code == 2 and len(err) == 1 and "expected 'tokenizer'" in err[0]
     code, err = run(metrics="bleu")
     assert code == 2 and len(err) == 1 and "bleu" in err[0]
+    code, err = run(precision="fp8")
+    assert code == 2 and len(err) == 1 and "fp8" in err[0]
     # a results CSV that is not ours is refused before any work
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
     code, err = run(results_csv=tmp_path / "other.csv")

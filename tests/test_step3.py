@@ -103,6 +103,38 @@ def test_global_artifact_counts_every_readable_image(setup, capsys):
     assert (out / "hit_histogram.png").stat().st_size > 1000
 
 
+def test_a_killed_run_resumes_with_one_loader_and_the_same_counts(setup, tmp_path, monkeypatch):
+    """Killed while counting its second chunk, the rerun counts only the chunks not saved, all
+    of them from one DataLoader (workers kept across chunks), and the hits are those of an
+    uninterrupted run."""
+    import data.images
+    import engine.candidates
+    made, calls, count_hits = [], {"n": 0}, engine.candidates.count_hits
+
+    class Counted(data.images.DataLoader):
+        def __init__(self, *a, **k):
+            made.append(len(k["batch_sampler"]))
+            super().__init__(*a, **k)
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return count_hits(*a, **k)
+
+    monkeypatch.setattr(data.images, "DataLoader", Counted)
+    monkeypatch.setattr(engine.candidates, "count_hits", flaky)
+    out = tmp_path / "global"
+    assert step3(setup, out, threshold=1, num_workers=2) == 130
+    assert not (out / "manifest.json").exists()
+    assert step3(setup, out, threshold=1, num_workers=2) == 0
+    assert made == [6, 4]   # batches of 3 from chunks of 4 of the 12 files: 3 chunks, then 2
+    assert calls["n"] == 1 + 1 + 2
+    assert step3(setup, tmp_path / "whole", threshold=1) == 0
+    a, b = (load_tensors(d / "hit_counts.safetensors")["hits"] for d in (out, tmp_path / "whole"))
+    assert torch.equal(a, b) and a.sum() == 11 * 5
+
+
 def test_split_none_reads_data_dir_itself(setup, tmp_path):
     """The documented --split none counts DATA_DIR's own class folders (it used to look for
     DATA_DIR/none)."""
