@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 import re
@@ -710,8 +711,10 @@ def write_mmbench_upload(answers_path, tsv_path, out_path) -> tuple[Path, str]:
                 df.to_csv(tmp, sep="\t", index=False)
             return path, "openpyxl is not installed: wrote TSV (pip install openpyxl for xlsx)"
         path = out_path.with_suffix(".xlsx")
+        buffer = io.BytesIO()     # pandas picks the format by the file's suffix: write bytes first
+        df.to_excel(buffer, index=False, engine="openpyxl")
         with atomic_path(path) as tmp:
-            df.to_excel(tmp, index=False, engine="openpyxl")
+            Path(tmp).write_bytes(buffer.getvalue())
         return path, "xlsx"
     rows = _read_tsv(tsv_path)
     columns = [c for c in rows[0] if c not in MMBENCH_DROPPED]
