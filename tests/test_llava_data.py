@@ -172,6 +172,7 @@ def test_authors_layout_equals_their_prompt(tok):
     ids, labels = sample.flat(1, 2)
     assert [voco_id if x == VOCO_INDEX else x for x in ids] == tokenizer_image_token(prompt, encode)
     assert [tokenizer.decode(r) for r in answers_of(labels)] == ["Whiteand red.</s>", "Blue.</s>"]
+    assert labels == [IGNORE_INDEX if x == voco_id else x for x in llava_labels(prompt, encode, legacy=False)]
     assert sample.before == [tokenizer.bos_token_id] and sample.voco_index(1) == 1 + 1 + len(sample.between)
     q = enc.question("Is it red?\nAnswer with the option's letter from the given choices directly.")
     qids, _ = q.flat(1, 2)
