@@ -189,6 +189,9 @@ class ConversationEncoder:
         if not text:
             return []
         ids = list(self.tokenizer(self.sep2 + text, add_special_tokens=False).input_ids)
+        if ids[:1] != [self._special]:
+            raise V2LError(f"the tokenizer merges its EOS token {self.sep2!r} with the text after it; "
+                           "the authors' layout needs it kept apart (use --layout system)")
         return ids[1:]
 
     def _labelled(self, text: str, spans: list[tuple[int, int]], encode) -> tuple[list[int], list[int]]:
