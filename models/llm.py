@@ -60,18 +60,29 @@ class LLM:
 
 # ----------------------------------------------------------------------------- loading
 
-LLM_DTYPES = ("fp16", "bf16", "fp32")   # an evaluation's LLM precision; fp16 is the authors'
+LLM_DTYPES = ("fp16", "bf16", "fp32", "auto")   # an evaluation's LLM precision; fp16 is the authors'
+FAST_BF16_CAPABILITIES = ("AVX512",)   # ATen CPU kernels that keep bf16 native where the CPU has it
+
+
+def cpu_native_bf16(device="cpu") -> bool:
+    """Whether this CPU computes a bf16 LLM natively: the hardware has AVX512-BF16 or AMX
+    (``utils.dist.native_bf16``) and ATen runs its AVX-512 kernels on it
+    (``torch.backends.cpu.get_cpu_capability()``, which ``ATEN_CPU_CAPABILITY=avx2`` lowers: the
+    way to rehearse a CPU without native bf16 on one that has it, where every bf16 path then
+    falls back and a bf16 LLM runs several times slower than fp32: docs/performance_llm.md)."""
+    return native_bf16(device) and torch.backends.cpu.get_cpu_capability() in FAST_BF16_CAPABILITIES
 
 
 def llm_dtype(name: str, device) -> str:
     """The LLM precision an evaluation runs at. On a GPU: ``name`` (fp16, the authors', bf16 or
-    fp32). On a CPU: bf16 where the CPU computes it natively (``utils.dist.native_bf16``: the
-    demo's choice, several times faster there), otherwise fp32 (fp16 matmuls are slow on CPUs)."""
+    fp32; auto: fp16). On a CPU: bf16 when asked for (bf16 or auto) and the CPU computes it
+    natively (``cpu_native_bf16``: several times faster there), otherwise fp32 (fp16 matmuls
+    are slow on CPUs, and emulated bf16 slower than fp32)."""
     if name not in LLM_DTYPES:
         raise V2LError(f"--llm_dtype {name!r} unknown; use {', '.join(LLM_DTYPES)} (fp16: the paper)")
     if torch.device(device).type != "cpu":
-        return name
-    return "bf16" if name == "bf16" and native_bf16(device) else "fp32"
+        return "fp16" if name == "auto" else name
+    return "bf16" if name in ("bf16", "auto") and cpu_native_bf16(device) else "fp32"
 
 
 def resolve_dtype(dtype, device) -> torch.dtype:
@@ -115,7 +126,9 @@ def load_llm(path, dtype=None, device=None, device_map=None) -> LLM:
     """Load a frozen causal LM and its tokenizer from a HF directory, Meta directory or GGUF file.
 
     dtype: None/"auto" (fp16 on GPU, fp32 on CPU), "fp32", "fp16", "bf16" or a torch dtype.
-    device: None (CUDA when available, else CPU) or a device; ignored with device_map.
+    device: None (CUDA when available, else CPU) or a device; ignored with device_map. The
+    weights are read straight onto it (Meta's shards memory-mapped and converted one weight at
+    a time; transformers' loader with the device as its device map).
     device_map: e.g. "auto" to spread a model too large for one GPU over all visible GPUs.
     """
     fmt, path = detect_format(path)
@@ -123,16 +136,16 @@ def load_llm(path, dtype=None, device=None, device_map=None) -> LLM:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = resolve_dtype(dtype, device)
     if fmt == "meta":
-        model, tokenizer = load_meta(path, torch_dtype)
+        model, tokenizer = load_meta(path, torch_dtype, "cpu" if device_map else device)
         check_vocab(model, tokenizer, path)
-        model = _dispatch(model, device_map, torch_dtype) if device_map else model.to(device)
-    else:
-        model, tokenizer = _load_transformers(path, fmt, torch_dtype, device_map)
+        if device_map:
+            model = _dispatch(model, device_map, torch_dtype)
+    else:     # weights straight to the device (no whole model in host memory first)
+        model, tokenizer = _load_transformers(path, fmt, torch_dtype,
+                                              device_map or {"": str(torch.device(device))})
         check_vocab(model, tokenizer, path)
         if fmt == "hf":
             attach_sentencepiece(tokenizer, path / "tokenizer.model")
-        if not device_map:
-            model = model.to(device)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -108,17 +108,23 @@ def meta_config(params: dict, vocab_size: int, intermediate_size: int):
     )
 
 
-def meta_to_hf_state_dict(shards: list[dict], params: dict) -> dict[str, torch.Tensor]:
-    """Merge Meta's model-parallel shards and rename/permute them into a transformers state dict."""
+def meta_to_hf_state_dict(shards: list[dict], params: dict, convert=None) -> dict[str, torch.Tensor]:
+    """Merge Meta's model-parallel shards and rename/permute them into a transformers state dict.
+
+    ``convert`` (tensor -> tensor, e.g. to the device and dtype) is applied to each shard's piece
+    before it is merged or permuted, one weight at a time, so that with memory-mapped shards no
+    whole-model copy is made where the pieces are read (both are exact: a dtype cast per
+    element, then concatenation and row reordering)."""
     n_heads = params["n_heads"]
     n_kv = params.get("n_kv_heads") or n_heads
+    convert = convert or (lambda t: t)
     out = {}
 
     def merged(key: str) -> torch.Tensor:
         dim = _SHARD_DIM[key.split(".", 2)[-1] if key.startswith("layers.") else key]
         if dim is None or len(shards) == 1:
-            return shards[0][key]
-        return torch.cat([s[key] for s in shards], dim=dim)
+            return convert(shards[0][key])
+        return torch.cat([convert(s[key]) for s in shards], dim=dim)
 
     for key, name in _TOP_KEYS.items():
         out[name] = merged(key)
@@ -133,7 +139,21 @@ def meta_to_hf_state_dict(shards: list[dict], params: dict) -> dict[str, torch.T
     return out
 
 
-def load_meta(path: Path, dtype: torch.dtype):
+def to_device(device, dtype: torch.dtype):
+    """One weight to ``device`` then ``dtype`` (the cast where the weight lands: on a GPU,
+    Meta's bf16 becomes fp16 there, with no converted copy in host memory)."""
+    device = torch.device(device)
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device).to(dtype)
+    return convert
+
+
+def load_meta(path: Path, dtype: torch.dtype, device="cpu"):
+    """(transformers LlamaForCausalLM on ``device`` in ``dtype``, text tokenizer) from a Meta
+    directory. The shards are memory-mapped (the operating system's page cache, which the
+    processes of one machine share, holds them) and each weight goes to the device and dtype
+    on its own: no whole-model copy in host memory per process."""
     from transformers import LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
     params, tok_file, shard_files = _meta_files(path)
@@ -152,13 +172,14 @@ def load_meta(path: Path, dtype: torch.dtype):
     intermediate = sum(s["layers.0.feed_forward.w1.weight"].shape[0] for s in shards)
     config = meta_config(params, emb.shape[0], intermediate)
     try:
-        state = meta_to_hf_state_dict(shards, params)
+        state = meta_to_hf_state_dict(shards, params, to_device(device, dtype))
     except KeyError as e:
         raise V2LError(f"{path}: weight {e} missing from the shards; the checkpoint is incomplete") from e
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=True)
-    model.model.rotary_emb = LlamaRotaryEmbedding(config)  # its buffers are not in checkpoints
+    model.load_state_dict(state, assign=True, strict=True)
+    # its buffers are not in checkpoints: made on the CPU, as transformers' own loading does
+    model.model.rotary_emb = LlamaRotaryEmbedding(config).to(device)
     return model, sentencepiece_tokenizer(tok_file)
 
 

@@ -214,6 +214,55 @@ def test_device_map_auto_loads_both_formats(tiny_dirs):
         assert torch.equal(_logits(llm), want)
 
 
+@pytest.mark.parametrize("n_shards", [1, 2])
+def test_meta_weights_go_to_the_device_one_by_one_unchanged(tmp_path, n_shards):
+    """Meta's bf16 shards, memory-mapped and cast weight by weight where they land, give the
+    weights of the former way (every shard read whole, merged and permuted on the CPU, then
+    the whole state cast), in fp16 (the paper's), bf16 and fp32."""
+    from models.meta_llama import _meta_files, meta_to_hf_state_dict
+    model = tiny_llama_model(vocab_size=300, num_kv_heads=2).to(torch.bfloat16)
+    sp = make_sentencepiece_model(tmp_path / "sp", 300)
+    path = save_meta_llama(model, sp, tmp_path / "m", n_shards=n_shards)
+    params, _, files = _meta_files(path)
+    shards = [torch.load(f, weights_only=True) for f in files]
+    assert shards[0]["layers.0.attention.wq.weight"].dtype == torch.bfloat16
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        old = {k: v.to(dtype) for k, v in meta_to_hf_state_dict(shards, params).items()}
+        got = load_llm(path, dtype=dtype, device="cpu").model.state_dict()
+        assert set(old) <= set(got)
+        for k, v in old.items():
+            assert got[k].dtype == dtype and torch.equal(got[k], v), k
+        assert torch.equal(got["model.layers.0.self_attn.q_proj.weight"],
+                           model.model.layers[0].self_attn.q_proj.weight.to(dtype))
+
+
+def test_hf_weights_load_onto_the_device_unchanged(tiny_dirs):
+    """transformers' loader with the device as its device map gives the weights of a plain load."""
+    from transformers import AutoModelForCausalLM
+    for dtype in (torch.float16, torch.float32):
+        want = AutoModelForCausalLM.from_pretrained(tiny_dirs["hf"], dtype=dtype).state_dict()
+        got = load_llm(tiny_dirs["hf"], dtype=dtype, device="cpu").model.state_dict()
+        assert set(got) == set(want)
+        assert all(got[k].dtype == dtype and torch.equal(got[k], v) for k, v in want.items())
+
+
+def test_llm_dtype_auto_takes_bf16_only_where_native(monkeypatch):
+    """auto: fp16 on a GPU (the paper's); on a CPU bf16 where the hardware has it and ATen runs
+    its AVX-512 kernels (not under ATEN_CPU_CAPABILITY=avx2), otherwise fp32. bf16 on a CPU
+    follows the same rule; fp16 on a CPU is fp32."""
+    import models.llm as m
+    assert m.llm_dtype("auto", "cuda") == "fp16" and m.llm_dtype("bf16", "cuda") == "bf16"
+    for hardware, capability, want in ((True, "AVX512", "bf16"), (True, "AVX2", "fp32"),
+                                       (False, "AVX512", "fp32"), (False, "DEFAULT", "fp32")):
+        monkeypatch.setattr(m, "native_bf16", lambda device, h=hardware: h)
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert m.cpu_native_bf16() == (want == "bf16")
+        assert m.llm_dtype("auto", "cpu") == m.llm_dtype("bf16", "cpu") == want
+        assert m.llm_dtype("fp16", "cpu") == m.llm_dtype("fp32", "cpu") == "fp32"
+    with pytest.raises(V2LError, match="llm_dtype"):
+        m.llm_dtype("int8", "cpu")
+
+
 def test_resolve_dtype():
     assert resolve_dtype(None, "cpu") == torch.float32
     assert resolve_dtype("bf16", "cpu") == torch.bfloat16
