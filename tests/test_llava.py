@@ -180,3 +180,143 @@ def test_voco_reads_llava_images(tiny, reference):
         read = voco.prefill([[block, after]])[0][0]
     assert (want - got).abs().max() < TOL
     assert block.keys.shape == (2, 2, 2, 16) and torch.isfinite(read).all()
+
+
+# ----------------------------------------------------------------------------- the training loss
+
+def loss_case(layout, k_max=2):
+    """A VoCo on a tiny random Llama and three samples in a layout's shape (two with continuous
+    images, one text-only), ids drawn at random."""
+    from data.llava import IGNORE_INDEX, LlavaSample
+    from engine.llava_voco import voco_text
+    from models.voco import VoCo
+    from tiny_llm import tiny_llama_model
+    model = tiny_llama_model(300)
+    model.config._attn_implementation = "sdpa"
+    for p in model.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(7)
+
+    def rand(n):
+        return torch.randint(3, 300, (n,), generator=g).tolist()
+
+    before = [1] + (rand(6) if layout == "system" else [])
+    between = rand(1) if layout == "authors" else []
+    samples = []
+    for i, (n_after, answers) in enumerate(((12, (4, 9)), (9, (3, 7)), (8, (2, 6)))):
+        after = rand(n_after)
+        labels = [x if answers[0] <= j < answers[1] else IGNORE_INDEX for j, x in enumerate(after)]
+        samples.append(LlavaSample(f"s{i}", "im.jpg" if i < 2 else None, list(before),
+                                   [IGNORE_INDEX] * len(before), list(between) if i < 2 else [],
+                                   after, labels))
+    voco = VoCo(model, k_max, lora_rank=4, seed=0, **voco_text(samples[0], 1))
+    images = [torch.randn(5, 64, generator=g), torch.randn(7, 64, generator=g), None]
+    return voco, samples, images
+
+
+@pytest.mark.parametrize("layout", ["system", "authors"])
+def test_conversation_loss_is_ce_and_kl_of_one_masked_pass(layout):
+    """The loss against logits computed elsewhere: the student by one masked pass over the
+    whole uncompressed prompt (tests/voco_reference.py), the teacher by the plain LLM reading
+    the image's embeddings."""
+    import torch.nn.functional as F
+
+    from data.llava import IGNORE_INDEX
+    from engine.llava_voco import conversation_loss
+    from voco_reference import Image, single_pass, text_logits
+    voco, samples, images = loss_case(layout)
+    k = 2
+    with torch.no_grad():
+        ce, counts = conversation_loss(voco, samples, images, k, "ce", layout)
+        kl, _ = conversation_loss(voco, samples, images, k, "kl", layout)
+        kl_answers, _ = conversation_loss(voco, samples, images, k, "kl", layout, kl_on="answers")
+        both, _ = conversation_loss(voco, samples, images, k, "both", layout, kl_weight=0.5)
+        used = samples[:2]
+        prompts = [([list(s.before)] if layout == "system" else []) + [Image(im), list(s.after)]
+                   for s, im in zip(used, images)]
+        student = text_logits(*single_pass(voco, prompts, k))
+        emb = voco.llm.get_input_embeddings()
+        teacher = []
+        for s, im in zip(used, images):
+            x = torch.cat([emb(torch.tensor(s.before)), im] +
+                          ([emb(torch.tensor(s.between))] if s.between else []) + [emb(torch.tensor(s.after))])
+            with voco.frozen():
+                teacher.append(voco.llm(inputs_embeds=x[None]).logits[0].float())
+    want_ce, n_ce, want_kl, want_kla, n_kl, n_kla = 0.0, 0, 0.0, 0.0, 0, 0
+    for s, st, te in zip(used, student, teacher):
+        n = len(s.after)
+        st, te = st[-n:-1], te[-n:-1]                     # positions predicting after[1:]
+        labels = torch.tensor(s.after_labels[1:])
+        answer = labels != IGNORE_INDEX
+        want_ce += F.cross_entropy(st[answer], labels[answer], reduction="sum").item()
+        n_ce += int(answer.sum())
+        per = F.kl_div(F.log_softmax(st, -1), F.log_softmax(te, -1), log_target=True,
+                       reduction="none").sum(-1)
+        want_kl += per.sum().item()
+        n_kl += n - 1
+        want_kla += per[answer].sum().item()
+        n_kla += int(answer.sum())
+    assert counts == {"samples": 2, "text_only": 1, "answer_tokens": n_ce, "kl_positions": 0}
+    assert abs(ce.item() - want_ce / n_ce) < 1e-4 * max(1.0, want_ce / n_ce)
+    assert abs(kl.item() - want_kl / n_kl) < 1e-4 * max(1.0, want_kl / n_kl)
+    assert abs(kl_answers.item() - want_kla / n_kla) < 1e-4 * max(1.0, want_kla / n_kla)
+    assert abs(both.item() - (ce.item() + 0.5 * kl.item())) < 1e-4 * both.item()
+    assert kl.item() > 1e-3 and ce.item() > 1.0
+
+
+@pytest.mark.parametrize("objective", ["ce", "kl", "both"])
+def test_conversation_loss_trains_only_voco_weights(objective):
+    """Reader frozen: gradients reach the LoRA weights (active while compressing), the VoCo
+    embeddings and the image embeddings when they require grad (a trained projector), never a
+    weight of the LLM."""
+    from engine.llava_voco import conversation_loss
+    voco, samples, images = loss_case("system")
+    with torch.no_grad():
+        for n, p in voco.llm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    images = [im.requires_grad_(True) if im is not None else None for im in images]
+    loss, _ = conversation_loss(voco, samples, images, 2, objective)
+    loss.backward()
+    for name, p in voco.llm.named_parameters():
+        if "lora_" in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, f"frozen weight {name} got a gradient"
+    assert voco.embeddings.grad.abs().sum() > 0
+    assert all(im.grad.abs().sum() > 0 for im in images[:2])
+
+
+def test_conversation_loss_refusals():
+    from engine.llava_voco import conversation_loss
+    voco, samples, images = loss_case("system")
+    other, _, _ = loss_case("authors")
+    with pytest.raises(V2LError, match="entry s0: the text around its image differs"):
+        conversation_loss(other, samples, images, 2)
+    with pytest.raises(V2LError, match="--objective mse: must be one of ce, kl, both"):
+        conversation_loss(voco, samples, images, 2, "mse")
+    with pytest.raises(V2LError, match="k=3 .*at most 2"):
+        conversation_loss(voco, samples, images, 3)
+    loss, counts = conversation_loss(voco, samples[2:], images[2:], 2)
+    assert counts["samples"] == 0 and counts["text_only"] == 1 and loss.item() == 0
+
+
+@pytest.mark.parametrize("layout", ["system", "authors"])
+def test_conversation_loss_on_llava_data(tiny, layout):
+    """The pieces together: a LLaVA conversation tokenised by data/llava.py in a layout, its
+    image through the tiny LLaVA's vision tower and projector, the VoCo built for that layout."""
+    from data.llava import ConversationEncoder
+    from engine.llava_voco import conversation_loss, voco_text
+    from models.voco import VoCo
+    parts = load_form(tiny, "llava-hf")
+    encoder = ConversationEncoder(parts.tokenizer, layout)
+    sample = encoder.encode("a", "x.jpg", ["<image>\nwhat is the red car near?", "the old house.",
+                                           "and the dog?", "sleeping on the road."])
+    voco = VoCo(parts.llm, 2, lora_rank=2, seed=0, **voco_text(sample, parts.tokenizer.bos_token_id))
+    with torch.no_grad():
+        image = parts.embed_images(parts.preprocess(picture(40, 60)))[0]
+    loss, counts = conversation_loss(voco, [sample], [image], 1, "both", layout)
+    loss.backward()
+    assert counts["answer_tokens"] == sample.n_answer_tokens > 0
+    assert torch.isfinite(loss) and loss.item() > 0
+    assert voco.embeddings.grad.abs().sum() > 0

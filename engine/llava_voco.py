@@ -1,0 +1,125 @@
+"""VoCo training loss on LLaVA conversations with continuous images (projected CLIP features).
+
+A sample (``data.llava.LlavaSample``) is ``before`` + [image] + ``between`` + [VoCo] +
+``after``: ``before`` is BOS + the text an image follows (the system prompt and ``USER: `` in
+our layout, BOS alone in the authors'), ``between`` the text between the image and its VoCo
+tokens (the authors' "\\n"; empty in ours), ``after`` the conversation with its answer labels.
+The VoCo weights compress the image in isolation: the compression span is ``before`` + the
+image's embeddings + ``between`` (``VoCo(bos_id, context_ids, suffix_ids)`` must hold that
+text: ``voco_text``), then k VoCo tokens, LoRA on. The reader is the frozen LLM (LoRA off):
+
+- student: ``before`` (ours; the authors' mask hides it, so their layout reads without it),
+  the VoCo block, ``after``;
+- teacher (Eq. 1's): the same frozen LLM reading ``before`` + the image's embeddings
+  uncompressed + ``between`` + ``after``.
+
+Objectives: ``ce`` (the authors' code: cross-entropy of the answer tokens, labels of
+``after``), ``kl`` (the paper's Eq. 1: KL(teacher || student) of the next-token distributions
+at every position of ``after`` that predicts a token of ``after``, or only the answer tokens
+with ``kl_on="answers"``), or ``both`` (their sum). The first token of ``after`` is predicted
+from the last VoCo entry, made while compressing; it is never an answer (the layouts start
+``after`` with "\\n") and is left out. Text-only samples are skipped: with the reader frozen
+they reach no trainable weight.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from data.llava import IGNORE_INDEX
+from models.voco import VoCo
+from utils.errors import V2LError
+
+OBJECTIVES = ("ce", "kl", "both")
+KL_ON = ("text", "answers")
+LAYOUTS = ("system", "authors")
+
+
+def voco_text(sample, bos_id: int | None) -> dict:
+    """The VoCo constructor's text arguments for a layout, from one image sample: ``bos_id``,
+    ``context_ids`` (``before`` after its BOS) and ``suffix_ids`` (``between``)."""
+    before = list(sample.before)
+    if bos_id is not None and before[:1] == [bos_id]:
+        return {"bos_id": bos_id, "context_ids": before[1:], "suffix_ids": list(sample.between)}
+    return {"bos_id": None, "context_ids": before, "suffix_ids": list(sample.between)}
+
+
+def _check_span(voco: VoCo, sample) -> None:
+    span = ([voco.bos_id] if voco.bos_id is not None else []) + voco.context_ids
+    if list(sample.before) != span or list(sample.between) != voco.suffix_ids:
+        raise V2LError(f"entry {sample.id}: the text around its image differs from the text the VoCo "
+                       "weights compress an image with (context and suffix); build the VoCo with "
+                       "engine.llava_voco.voco_text of this layout's samples")
+    if sample.after_labels[:1] != [IGNORE_INDEX] and sample.after_labels:
+        raise V2LError(f"entry {sample.id}: the text after its VoCo tokens starts with an answer "
+                       "token, which only the compression could predict; start it with the text "
+                       "the layout puts there")
+    if any(x != IGNORE_INDEX for x in sample.before_labels):
+        raise V2LError(f"entry {sample.id}: answer tokens before the image; LLaVA data has the image "
+                       "in the first user message")
+
+
+def conversation_loss(voco: VoCo, samples: list, images: list, k: int, objective: str = "ce",
+                      layout: str = "system", kl_on: str = "text",
+                      kl_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """(loss, counts) for a batch of samples and their images' embeddings ([n, hidden] tensors,
+    None for text-only samples), the images compressed here with gradients. The loss is the
+    mean answer cross-entropy (``ce``), the mean KL per position (``kl``), or ``ce`` +
+    ``kl_weight`` x ``kl`` (``both``). counts: ``answer_tokens``, ``kl_positions``,
+    ``samples`` (those used), ``text_only`` (skipped)."""
+    if objective not in OBJECTIVES:
+        raise V2LError(f"--objective {objective}: must be one of {', '.join(OBJECTIVES)}")
+    if kl_on not in KL_ON:
+        raise V2LError(f"--kl_on {kl_on}: must be one of {', '.join(KL_ON)}")
+    if layout not in LAYOUTS:
+        raise V2LError(f"--layout {layout}: must be one of {', '.join(LAYOUTS)}")
+    if len(samples) != len(images):
+        raise V2LError(f"{len(samples)} samples but {len(images)} images")
+    used = [(s, im) for s, im in zip(samples, images) if s.image is not None and im is not None]
+    counts = {"samples": len(used), "text_only": len(samples) - len(used), "answer_tokens": 0,
+              "kl_positions": 0}
+    zero = voco.embeddings.sum() * 0
+    if not used:
+        return zero, counts
+    for s, _ in used:
+        _check_span(voco, s)
+    blocks = voco.compress([im for _, im in used], k)
+    head = (lambda s: [list(s.before)]) if layout == "system" else (lambda s: [])
+    student = [head(s) + [b, list(s.after)] for (s, _), b in zip(used, blocks)]
+    s_hidden, _, _, _, s_index = voco.prefill(student, hidden=True)
+    s_rows, targets, t_rows = [], [], []
+    want_kl = objective in ("kl", "both")
+    if want_kl:
+        with torch.no_grad():
+            teacher = [[list(s.before), im] + ([list(s.between)] if s.between else []) + [list(s.after)]
+                       for s, im in used]
+            t_hidden, _, _, _, t_index = voco.prefill(teacher, hidden=True)
+    ce_rows, kl_rows = [], []
+    for i, (s, _) in enumerate(used):
+        n = len(s.after)
+        labels = torch.tensor(list(s.after_labels[1:]) + [IGNORE_INDEX], device=s_hidden.device)
+        read = s_hidden[i][s_index[i] >= 0][-n:]              # the positions of ``after``
+        s_rows.append(read)
+        answer = labels != IGNORE_INDEX
+        ce_rows.append(answer)
+        targets.append(labels[answer])
+        use = answer if kl_on == "answers" else torch.arange(n, device=answer.device) < n - 1
+        kl_rows.append(use)
+        if want_kl:
+            t_rows.append(t_hidden[i][t_index[i] >= 0][-n:][use])
+    loss = zero
+    if objective in ("ce", "both"):
+        hidden = torch.cat([r[m] for r, m in zip(s_rows, ce_rows)])
+        counts["answer_tokens"] = int(hidden.shape[0])
+        if hidden.shape[0]:
+            loss = loss + F.cross_entropy(voco.logits_of(hidden), torch.cat(targets), reduction="mean")
+    if want_kl:
+        hidden = torch.cat([r[m] for r, m in zip(s_rows, kl_rows)])
+        counts["kl_positions"] = int(hidden.shape[0])
+        if hidden.shape[0]:
+            with torch.no_grad():
+                t_log = F.log_softmax(voco.logits_of(torch.cat(t_rows)), -1)
+            s_log = F.log_softmax(voco.logits_of(hidden), -1)
+            kl = (t_log.exp() * (t_log - s_log)).sum() / hidden.shape[0]
+            loss = loss + (kl_weight if objective == "both" else 1.0) * kl
+    return loss, counts
