@@ -24,10 +24,9 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from data.images import ImageFolderDataset, collate_skip_bad
+from data.images import ImageFolderDataset, load_chunks, merge_batches
 from engine.denoise import (NOISE_RATES, VARIANTS, DenoisePrompter, DenoiseViews, check_blur_kernels,
                             check_protocol, check_tasks, codebook_vocab_mask, encode_task, noisy_batch,
                             prediction_mask, query_tokens, restore, token_hits, variant_images)
@@ -67,13 +66,15 @@ settings = configure(globals())
 SAVED = ("clean", "corrupt", "pred")   # local tokens [N] saved per image (with index, global_idx)
 
 
-def chunk_batches(ds, store: ChunkStore, chunks: list[int], desc: str):
-    """(chunk index, batch) for each chunk, unreadable images dropped."""
-    for ci in tqdm(chunks, desc=desc):
-        lo, hi = store.bounds(ci)
-        loader = DataLoader(Subset(ds, range(lo, hi)), batch_size=hi - lo,
-                            num_workers=NUM_WORKERS, collate_fn=collate_skip_bad)
-        yield ci, next(iter(loader))
+def chunk_batches(ds, store: ChunkStore, chunks, desc: str):
+    """(chunk index, batch of the chunk's images) for each chunk, unreadable images dropped:
+    every worker decodes a share of each chunk, the workers live for all the chunks and
+    decode the next ones while the LLM works (one loader)."""
+    chunks = list(chunks)
+    share = -(-store.chunk_size // max(1, NUM_WORKERS))
+    loaded = load_chunks(ds, chunks, store.bounds, share, NUM_WORKERS)
+    for ci, parts in tqdm(loaded, total=len(chunks), desc=desc):
+        yield ci, merge_batches(list(parts))
 
 
 def tokenize_and_restore(task, ds, store, tokenizer, greedy, prompter, vocab_mask, ddp) -> None:

@@ -326,3 +326,42 @@ def test_tokens_of_another_tokenizer_in_the_same_directory_are_never_resumed(
     first, resumed, fresh = (json.loads((tmp_path / d / "results.json").read_text())
                              for d in ("first", "out", "fresh"))
     assert first != fresh and resumed == fresh
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+def test_chunks_load_as_one_batch_each_from_workers_kept_for_all(tmp_path, workers, monkeypatch,
+                                                                  capsys):
+    """eval_denoising's chunk batches: each chunk's images shared between the workers (one
+    loader for all chunks), merged into exactly the batch that loading the chunk as one batch
+    gives, a wholly unreadable chunk included."""
+    import numpy as np
+    from torch.utils.data import DataLoader, Subset
+
+    import eval_denoising
+    from data.images import ImageFolderDataset, collate_skip_bad
+    from data.transforms import clip_crop
+    from utils.artifacts import ChunkStore
+    rng = np.random.default_rng(0)
+    for i in range(11):
+        folder = tmp_path / "val" / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        if i in (8, 10, 1, 3, 5):  # the second chunk (sorted: c0/08, c0/10, c1/01, c1/03) and one more
+            (folder / f"{i:02d}.jpg").write_bytes(b"broken")
+            continue
+        Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    ds = ImageFolderDataset(tmp_path, "val", transform=lambda im: (clip_crop(8)(im), clip_crop(4)(im)))
+    store = ChunkStore(tmp_path / "out", len(ds), 4, {"k": 0})
+    monkeypatch.setattr(eval_denoising, "NUM_WORKERS", workers)
+    got = list(eval_denoising.chunk_batches(ds, store, range(store.n_chunks), "test"))
+    assert [ci for ci, _ in got] == [0, 1, 2]
+    for ci, batch in got:
+        lo, hi = store.bounds(ci)
+        whole = next(iter(DataLoader(Subset(ds, range(lo, hi)), batch_size=hi - lo,
+                                     collate_fn=collate_skip_bad)))
+        assert batch.keys() == whole.keys() and batch["n_skipped"] == whole["n_skipped"]
+        for key in whole:
+            if key == "image":
+                assert all(torch.equal(a, b) for a, b in zip(batch[key], whole[key]))
+            elif key != "n_skipped":
+                assert torch.equal(batch[key], whole[key]), key
+    assert "image" not in got[1][1] and got[1][1]["n_skipped"] == 4
