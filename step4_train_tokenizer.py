@@ -20,8 +20,13 @@ when that persists, or at once on a non-finite loss without loss scaling.
 Their ablations are flags: --local_codebook random|trained, --projector false,
 --cross_attention false.
 
-Writes OUT_DIR: checkpoints/last.pt every epoch (a rerun of the same command
-resumes from it exactly; a rerun with other settings stops with one line naming them), samples/epoch_NNNN.png (originals over
+Each image's global tokens are computed by CLIP once (the first time the image is seen)
+and reused for the rest of the run (engine/global_cache.py: the same tokens, CLIP being
+frozen and the crop fixed); the checkpoint keeps them.
+
+Writes OUT_DIR: checkpoints/last.pt every epoch and every SAVE_EVERY iterations (a rerun of
+the same command resumes from it exactly, also part-way through an epoch; a rerun with other
+settings stops with one line naming them), samples/epoch_NNNN.png (originals over
 reconstructions), log.jsonl and tb/ (every loss term), and at the end
 tokenizer.pt (self-contained, models.tokenizer_io.load_tokenizer) and manifest.json.
 
@@ -37,7 +42,7 @@ import torch
 from data.images import ImageFolderDataset
 from engine.train import (AUTHORS_BATCH, AUTHORS_LR, RunLog, TrainConfig, batch_and_lr, build_training,
                           make_loader, reconstruct_samples, resume, save_checkpoint,
-                          seed_everything, train_one_epoch)
+                          seed_everything, train_one_epoch, use_global_cache)
 from models.clip import load_clip
 from models.losses import DiscriminatorLoss, GeneratorLoss, LossWeights, load_lpips
 from engine.tokenizer_build import tokenizer_from_artifacts
@@ -93,13 +98,15 @@ CROSS_NULL = False  # a learned null key (zero value) in the decoder's cross-att
 CROSS_ATTENTION = True  # the decoder attends to the global tokens (false: decoder without cross-attention)
 AMP = "fp16"  # mixed precision: fp16 (GPU; a GradScaler, CLIP in fp16: the authors'), bf16 (also a CPU with native bf16) or none
 CHANNELS_LAST = False  # NHWC memory layout for the convolutions (often faster on GPUs)
+CUDNN_BENCHMARK = True  # GPUs: cuDNN times its convolution algorithms once and keeps the fastest (false: its heuristics, run-to-run reproducible kernels)
 FIND_UNUSED_PARAMETERS = False  # DDP option; only needed for architectures with unused branches
 SYNC_BN = False  # the discriminator's BatchNorm as SyncBatchNorm over the processes (GPUs; false: per process, the authors')
 NUM_WORKERS = 8  # image-decoding worker processes per rank
 SEED = 0  # seed of the initialisation, the data order and every random stream
 MAX_IMAGES: int | None = None  # train on the first N images only (none: all)
 MAX_STEPS_PER_EPOCH: int | None = None  # cut each epoch after N iterations (quick runs; none: full epochs)
-LOG_EVERY = 50  # iterations between log records (log.jsonl, TensorBoard)
+LOG_EVERY = 50  # iterations between log records (log.jsonl, TensorBoard) and divergence checks
+SAVE_EVERY = 2000  # iterations between checkpoints inside an epoch (0: at epoch ends only)
 SAVE_EVERY_EPOCH = 10  # also keep checkpoints/epoch_NNNN.pt every N epochs (0: only last.pt)
 N_SAMPLES = 8  # images in each epoch's reconstruction grid
 DEVICE = "auto"  # auto (CUDA when available), cuda or cpu
@@ -162,8 +169,9 @@ def main():
                     disc_fresh_forward=DISC_FRESH_FORWARD, log_every=LOG_EVERY,
                     max_steps_per_epoch=MAX_STEPS_PER_EPOCH,
                     find_unused_parameters=FIND_UNUSED_PARAMETERS, channels_last=CHANNELS_LAST,
-                    sync_bn=SYNC_BN),
+                    cudnn_benchmark=CUDNN_BENCHMARK, save_every=SAVE_EVERY, sync_bn=SYNC_BN),
         ddp)
+    use_global_cache(state, dataset)
     # a checkpoint resumes only the run of these settings on these input artifacts
     key = run_key(settings, codebook=CODEBOOK_DIR, **{"global": GLOBAL_DIR})
     resume(state, ckpt_dir, ddp, key, log_path=out / "log.jsonl")
@@ -181,7 +189,8 @@ def main():
     run_log = RunLog(out, ddp)
     while state.epoch < EPOCHS:
         epoch = state.epoch
-        summary = train_one_epoch(state, loader, ddp, run_log)
+        summary = train_one_epoch(state, loader, ddp, run_log,
+                                  save=lambda: save_checkpoint(state, ckpt_dir, ddp, key))
         if ddp.is_main:
             words = reconstruct_samples(state, *samples, out / "samples" / f"epoch_{epoch:04d}.png") \
                 if samples else []

@@ -156,6 +156,7 @@ class V2LTokenizer(nn.Module):
         self.register_buffer("llm_ids", llm_ids.detach().long().clone())
         self.strings = list(global_strings)
         self._codes, self._codes_key = None, None     # projected_codebook() cache (inference)
+        self._inverse, self._inverse_key = None, None  # rows_from_llm_ids() table
         self.clip = None
         self.attach_clip(clip)
 
@@ -169,11 +170,10 @@ class V2LTokenizer(nn.Module):
 
     # ----- ids ----------------------------------------------------------------------------
     def rows_from_llm_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """LLM token ids -> local codebook rows (same shape); ids outside the codebook are refused."""
+        """LLM token ids -> local codebook rows (same shape); ids outside the codebook are refused
+        (a check that reads the device: training takes the rows from ``forward`` instead)."""
         ids = torch.as_tensor(ids, device=self.llm_ids.device).long()
-        inverse = torch.full((int(self.llm_ids.max()) + 2,), -1, dtype=torch.long,
-                             device=self.llm_ids.device)
-        inverse[self.llm_ids] = torch.arange(len(self.llm_ids), device=self.llm_ids.device)
+        inverse = self._inverse_ids()
         rows = inverse[ids.clamp(-1, len(inverse) - 1)]     # -1 and too-large ids hit a -1 slot
         bad = rows < 0
         if bad.any():
@@ -181,6 +181,17 @@ class V2LTokenizer(nn.Module):
                            f"local codebook of {len(self.llm_ids)} LLM tokens; local tokens must be "
                            "ids the tokenizer can emit")
         return rows
+
+    def _inverse_ids(self) -> torch.Tensor:
+        """LLM id -> codebook row (-1: none), with a trailing -1 slot; built once per ``llm_ids``
+        tensor (its size needs the largest id, read from the device)."""
+        ids = self.llm_ids
+        key = (ids.data_ptr(), ids._version, ids.device)
+        if self._inverse_key != key:
+            inverse = torch.full((int(ids.max()) + 2,), -1, dtype=torch.long, device=ids.device)
+            inverse[ids] = torch.arange(len(ids), device=ids.device)
+            self._inverse, self._inverse_key = inverse, key
+        return self._inverse
 
     def llm_ids_from_rows(self, rows: torch.Tensor) -> torch.Tensor:
         return self.llm_ids[torch.as_tensor(rows, device=self.llm_ids.device).long()]
@@ -244,19 +255,36 @@ class V2LTokenizer(nn.Module):
         weight = self.tok_embeddings_global.weight
         emb = self.clip.encode_images(x_clip).to(weight.device)
         idx = topk_nearest(emb, weight, self.config.global_topk, self.config.global_metric)
-        return idx, F.embedding(idx, weight)
+        return idx, self.global_embeddings(idx)
+
+    def global_embeddings(self, global_idx: torch.Tensor) -> torch.Tensor:
+        """Global token indices [B, k] -> their codebook embeddings [B, k, D] (what the decoder
+        attends to: a function of the indices alone, the global codebook being frozen)."""
+        weight = self.tok_embeddings_global.weight
+        return F.embedding(global_idx.to(weight.device).long(), weight)
 
     def _decode(self, z_q: torch.Tensor, global_emb: torch.Tensor) -> torch.Tensor:
         context = None if global_emb is None else global_emb.to(z_q.dtype)
         return self.decoder(self.post_quant_conv(z_q), context)
 
-    def forward(self, x128: torch.Tensor, x_clip: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x128: torch.Tensor, x_clip: torch.Tensor | None = None,
+                global_idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Training pass -> rec [B, 3, R, R] (unclamped), vq_loss, local_ids [B, g, g] (LLM ids),
-        global_idx [B, k]."""
-        global_idx, global_emb = self.global_tokens(x_clip)
+        rows [B, g, g] (their codebook rows), global_idx [B, k].
+
+        The global tokens come from CLIP on ``x_clip``, or are given as ``global_idx`` (the
+        indices CLIP gave these images before: the same decoder input without running CLIP)."""
+        if global_idx is None:
+            if x_clip is None:
+                raise V2LError("the training pass needs CLIP's view of the images (x_clip) or "
+                               "their global token indices (global_idx)")
+            global_idx, global_emb = self.global_tokens(x_clip)
+        else:
+            global_idx = global_idx.to(self.llm_ids.device).long()
+            global_emb = self.global_embeddings(global_idx)
         z_q, vq_loss, rows = self.quantize(self.encode_features(x128))
         return {"rec": self._decode(z_q, global_emb), "vq_loss": vq_loss,
-                "local_ids": self.llm_ids[rows], "global_idx": global_idx}
+                "local_ids": self.llm_ids[rows], "rows": rows, "global_idx": global_idx}
 
     @torch.no_grad()
     def local_tokens(self, x128: torch.Tensor) -> torch.Tensor:

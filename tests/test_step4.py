@@ -23,8 +23,8 @@ from models import losses
 from models.losses import DiscriminatorLoss, GeneratorLoss, LossWeights
 from models.tokenizer_io import load_tokenizer, save_tokenizer
 from engine import train as engine_train
-from engine.train import (AUTHORS_BATCH, AUTHORS_LR, TrainConfig, amp_dtype, batch_and_lr, build_training, half_clip,
-                          train_step)
+from engine.train import (AUTHORS_BATCH, AUTHORS_LR, TrainConfig, amp_dtype, batch_and_lr, build_training,
+                          check_divergence, half_clip, train_step)
 from test_losses import L2Perceptual
 from tiny_clip import make_tiny_clip
 from utils.artifacts import load_json, load_tensors, read_manifest, save_json
@@ -218,6 +218,9 @@ def test_a_huge_loss_scale_overflows_once_then_trains(tmp_path):
 
 
 def test_an_overflow_that_persists_stops_with_one_line(tmp_path, monkeypatch):
+    """The watch runs on the device; check_divergence (logging steps, epoch ends, before a
+    checkpoint) reads it: it names the iteration at which the streak reached the limit, also
+    when the check comes iterations later."""
     tokenizer, clip, _ = make_tiny_tokenizer(tmp_path, resolution=RES)
     state = _scaled(_training(tokenizer, max_overflow_steps=3))
     x, x_clip = _images(clip, 2)
@@ -225,23 +228,39 @@ def test_an_overflow_that_persists_stops_with_one_line(tmp_path, monkeypatch):
     for i in range(3):
         train_step(state, x, x_clip, lr=1e-3)
         state.step += 1
-    with pytest.raises(V2LError) as err:
+        check_divergence(state)                               # not yet: 2 back-offs seen
+    for i in range(2):
         train_step(state, x, x_clip, lr=1e-3)
+        state.step += 1
+    with pytest.raises(V2LError) as err:
+        check_divergence(state)
     message = str(err.value)
-    assert "\n" not in message and message.startswith("training diverged: the last 3 iterations")
+    assert "\n" not in message and message.startswith(
+        "training diverged: the last 3 iterations before iteration 3 ")
     assert "loss scale down to 128" in message
 
 
-def test_non_finite_loss_without_loss_scaling_stops_before_any_update(tmp_path):
+def test_non_finite_loss_without_loss_scaling_stops_at_the_next_check(tmp_path):
+    """Without loss scaling the first non-finite loss is recorded on the device; the next
+    check stops with its iteration (the checkpoint writer checks first: nothing after it is
+    saved)."""
     tokenizer, clip, _ = make_tiny_tokenizer(tmp_path, resolution=RES)
     state = _training(tokenizer)
     assert not state.scaler.is_enabled()
     x, x_clip = _images(clip, 2)
-    x[0, 0, 0, 0] = math.nan
-    before = _generator_weights(tokenizer)
-    with pytest.raises(V2LError, match="training diverged: non-finite loss at iteration 0; "):
-        train_step(state, x, x_clip, lr=1e-3)
-    assert not any(_moved(tokenizer, before))
+    train_step(state, x, x_clip, lr=1e-3)
+    state.step += 1
+    check_divergence(state)                                   # finite so far
+    bad = x.clone()
+    bad[0, 0, 0, 0] = math.nan
+    for batch in (bad, x):
+        train_step(state, batch, x_clip, lr=1e-3)
+        state.step += 1
+    with pytest.raises(V2LError, match="training diverged: non-finite loss at iteration 1; "):
+        check_divergence(state)
+    with pytest.raises(V2LError, match="non-finite loss at iteration 1; "):
+        engine_train.save_checkpoint(state, tmp_path / "ckpt", Dist(), {})
+    assert not (tmp_path / "ckpt" / "last.pt").exists()
 
 
 def test_divergence_stops_the_script_with_one_line(world, tmp_path, monkeypatch, capsys):
@@ -330,6 +349,7 @@ if ddp.rank == 1:
     x[0, 0, 0, 0] = math.nan
 try:
     train_step(state, x, x_clip, lr=1e-3)
+    engine_train.check_divergence(state)
     result["stopped"] = None
 except V2LError as e:
     result["stopped"] = str(e)
@@ -525,3 +545,148 @@ def test_ablation_flags_train_and_are_recorded(world, tmp_path, monkeypatch, cap
     # a checkpoint of the paper model is not resumed as an ablation, nor the other way round
     assert _step4(_args(world, out, epochs=1), monkeypatch) == 2
     assert "--cross_attention False there, True now" in capsys.readouterr().err
+
+
+# ---- the global tokens: CLIP once per image -----------------------------------------------------
+
+class _Views(torch.utils.data.Dataset):
+    """In-memory training images as the loader yields them (both views and the index)."""
+
+    def __init__(self, x128, x_clip):
+        self.x128, self.x_clip = x128, x_clip
+
+    def __len__(self):
+        return len(self.x128)
+
+    def __getitem__(self, i):
+        return {"image": (self.x128[i], self.x_clip[i]), "label": 0, "index": i}
+
+
+class _Log:
+    def __init__(self):
+        self.records = []
+
+    def write(self, record, kind="train"):
+        self.records.append({"kind": kind, **record})
+
+
+def _train_epochs(tmp, global_cache: bool, epochs=3, n_images=6):
+    """A few epochs through engine.train's loop; (log records, summaries, weights, number of
+    CLIP calls, state)."""
+    torch.manual_seed(0)
+    tokenizer, clip, _ = make_tiny_tokenizer(tmp, resolution=RES)
+    calls = []
+    encode = clip.encode_images
+    clip.encode_images = lambda x: calls.append(len(x)) or encode(x)
+    state = _training(tokenizer, global_cache=global_cache, log_every=1)
+    dataset = _Views(*_images(clip, n_images, seed=3))
+    engine_train.use_global_cache(state, dataset)
+    loader = engine_train.make_loader(dataset, 2, 0, seed=0, ddp=Dist())
+    log = _Log()
+    summaries = [engine_train.train_one_epoch(state, loader, Dist(), log) for _ in range(epochs)]
+    weights = {k: v.clone() for k, v in tokenizer.state_dict().items()}
+    weights |= {"disc." + k: v.clone() for k, v in state.disc_loss.state_dict().items()}
+    return log.records, summaries, weights, calls, state
+
+
+def test_cached_global_tokens_train_exactly_as_clip_every_time(tmp_path):
+    """3 epochs of 3 iterations, shuffled, GAN and fresh discriminator forward on: the run
+    that computes each image's global tokens once and reuses them logs the same losses, bit
+    for bit, and ends with the same weights as the run that calls CLIP twice per iteration.
+    Bitwise, not within a tolerance: the same indices give the decoder the same input, and
+    everything else runs the same operations in the same order (CLIP is frozen, in eval mode,
+    and draws no random numbers). CLIP runs 2 x 9 times the old way, 3 times (the first
+    epoch's batches) the new way."""
+    old = _train_epochs(tmp_path / "old", global_cache=False)
+    new = _train_epochs(tmp_path / "new", global_cache=True)
+    assert old[3] == [2] * 18 and new[3] == [2] * 3
+    assert len(old[0]) == 9 and "d_loss" in old[0][-1]
+    assert old[0] == new[0]                                   # every logged loss term
+    assert old[1] == new[1]                                   # epoch means, codebook usage
+    assert old[2].keys() == new[2].keys()
+    for k in old[2]:
+        assert torch.equal(old[2][k], new[2][k]), k
+    # what the cache holds is what CLIP gives now for all 6 images in one batch
+    state = new[4]
+    cache = state.global_cache
+    assert cache.filled.all() and cache.idx.dtype == np.int16
+    x_clip = _images(state.tokenizer.clip, 6, seed=3)[1]
+    with torch.no_grad():
+        expected = state.tokenizer.global_tokens(x_clip)[0]
+    assert torch.equal(torch.from_numpy(cache.idx).long(), expected)
+
+
+def test_global_cache_sync_ident_and_checkpoint(monkeypatch):
+    """Two ranks filled different images: after sync each holds both; a first answer is never
+    overwritten; the state is refused for other images."""
+    from engine.global_cache import GlobalTokenCache, cache_ident
+    from utils import dist
+    book = torch.randn(16, 8)
+    ident = cache_ident(["a.png", "b.png", "c.png"], "clip", 2, "l2", book)
+    assert ident != cache_ident(["a.png", "c.png", "b.png"], "clip", 2, "l2", book)
+    assert ident != cache_ident(["a.png", "b.png", "c.png"], "clip", 2, "l2", book + 1e-6)
+    caches = [GlobalTokenCache(3, 2, 16, ident) for _ in range(2)]
+    caches[0].add(torch.tensor([0, 2]), torch.tensor([[1, 2], [5, 6]]))
+    caches[1].add(torch.tensor([1, 2]), torch.tensor([[3, 4], [9, 9]]))
+    for c in caches:
+        c.flush()
+    assert caches[0].lookup(torch.tensor([0, 1]), torch.device("cpu")) is None
+    shared = [(np.concatenate(c._new), c.idx[np.concatenate(c._new)]) for c in caches]
+    monkeypatch.setattr(dist, "barrier", lambda d, what="": None)
+    monkeypatch.setattr(dist, "all_gather_objects", lambda obj, d: shared)
+    for r, c in enumerate(caches):
+        c.sync(Dist(rank=r, world=2))
+        got = c.lookup(torch.tensor([0, 1, 2]), torch.device("cpu"))
+        assert got.dtype == torch.long and got[:2].tolist() == [[1, 2], [3, 4]]
+        assert got[2].tolist() == ([5, 6] if r == 0 else [9, 9])   # each keeps its own first
+    other = GlobalTokenCache(3, 2, 16, "other images")
+    assert not other.load_state_dict(caches[0].state_dict()) and not other.filled.any()
+    again = GlobalTokenCache(3, 2, 16, ident)
+    assert again.load_state_dict(caches[0].state_dict())
+    assert np.array_equal(again.idx, caches[0].idx) and again.filled.all()
+
+
+def _records(out, kind):
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "kind"} for r in lines if r["kind"] == kind]
+
+
+def test_a_run_killed_mid_epoch_resumes_from_its_mid_epoch_checkpoint(world, tmp_path,
+                                                                      monkeypatch, capsys):
+    """--save_every 3 with 4 iterations per epoch: killed at iteration 7 (batch 3 of epoch 1),
+    the run resumes from the checkpoint after iteration 6 (batch 2 of epoch 1, not the epoch's
+    start) and logs the uninterrupted run's losses and epoch summaries, bit for bit."""
+    args = dict(batch_size=1, epochs=2, save_every=3)
+    calls, kills, rng = [], [], {}
+
+    def killed(state, *a, **k):
+        calls.append(state.step)
+        # the random stream each iteration starts from (LPIPS dropout draws from it)
+        rng.setdefault(state.step, []).append(torch.get_rng_state())
+        if state.step == 6 and kill:
+            kills.append(state.step)
+            raise KeyboardInterrupt
+        return train_step(state, *a, **k)
+    monkeypatch.setattr(engine_train, "train_step", killed)
+    kill = False
+    assert _step4(_args(world, tmp_path / "full", **args), monkeypatch) == 0
+    capsys.readouterr()
+    kill = True
+    assert _step4(_args(world, tmp_path / "resumed", **args), monkeypatch) == 130
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=False)["state"]
+    assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]) == (1, 2, 6)
+    assert ckpt["global_cache"]["filled"].all()               # every image seen in epoch 0
+    calls.clear()
+    kill = False
+    assert _step4(_args(world, tmp_path / "resumed", **args), monkeypatch) == 0
+    assert calls == [6, 7]                                    # only the epoch's last 2 batches
+    for step in range(8):     # full run, killed run (steps 0-6), resumed run (steps 6, 7)
+        assert len(rng[step]) == (3 if step == 6 else 2)
+        assert all(torch.equal(r, rng[step][0]) for r in rng[step]), step
+    assert "resuming from" in (err := capsys.readouterr().err)
+    assert "epoch 1 (batch 2 of the epoch), iteration 6" in err
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert _records(resumed, "train") == _records(full, "train")
+    assert _records(resumed, "epoch") == _records(full, "epoch")
+    a, b = (load_tokenizer(d, clip=load_clip(world["clip"])).state_dict() for d in (full, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
