@@ -96,7 +96,8 @@ def make_tiny_llava(out_dir, seed: int = 0) -> dict[str, str]:
     vc = model.config.vision_config
     clip = CLIPModel(CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 64,
                                              "num_hidden_layers": 1, "num_attention_heads": 2,
-                                             "vocab_size": 100, "projection_dim": 16},
+                                             "vocab_size": 100, "projection_dim": 16,
+                                             "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
                                 vision_config=vc.to_dict(), projection_dim=16))
     clip.vision_model.load_state_dict(model.model.vision_tower.state_dict())
     clip.save_pretrained(paths["vision"])
