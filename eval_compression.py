@@ -45,7 +45,7 @@ import torch.distributed as tdist
 from tqdm import tqdm
 
 from data.episodes import generate_episodes
-from data.images import scan_split
+from data.images import class_folders
 from engine.fewshot import wilson_interval
 from engine.voco import (BlockStore, VoCoPrompter, greedy, image_word_ids, load_voco,
                          prefill_flops, prompt_positions, realize, retention_interval,
@@ -201,7 +201,7 @@ def main():
                        f"{info['k_max']} VoCo tokens; use k between 1 and {info['k_max']}")
     if BLOCK_CACHE_GB < 0:
         raise V2LError(f"--block_cache_gb {BLOCK_CACHE_GB}: use 0 or more (GiB of GPU memory)")
-    _, _, folders = scan_split(DATA_DIR, SPLIT)
+    folders = class_folders(DATA_DIR, SPLIT)   # the images: listed once, for the episodes
     classes = [c for c in info["eval_classes"] if c in folders]
     if not classes:
         raise V2LError(f"{Path(DATA_DIR) / SPLIT}: none of the classes step 5 held out "

@@ -55,7 +55,7 @@ import torch
 from tqdm import tqdm
 
 from data.episodes import generate_episodes, swapped
-from data.images import scan_split
+from data.images import class_folders
 from engine.voco import (VoCoPrompter, distill_loss, image_context, image_followup, image_word_ids,
                          llm_identity, set_attention, split_classes)
 from models.llm import llm_dtype, load_llm
@@ -156,7 +156,7 @@ def main():
                 bos_id=llm.text_tokenizer.bos_token_id, seed=SEED,
                 context_ids=image_context(llm.text_tokenizer) if IMAGE_CONTEXT else None,
                 init_ids=image_followup(llm.text_tokenizer) if VOCO_INIT == "text" else None)
-    _, _, folders = scan_split(DATA_DIR, SPLIT)
+    folders = class_folders(DATA_DIR, SPLIT)   # the images: listed once, for the episodes
     train_classes, eval_classes = split_classes(folders, HOLDOUT_EVERY)
     n_drawn = (STEPS * BATCH_SIZE + 1) // 2 if IMAGE_REUSE else STEPS * BATCH_SIZE
     episodes = generate_episodes(DATA_DIR, N_WAY, K_SHOT, n_drawn, SEED, SPLIT, classes=train_classes)

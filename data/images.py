@@ -95,13 +95,17 @@ _LISTINGS: OrderedDict = OrderedDict()  # folder -> (stamps, class names, names 
 _KEEP = 4  # listings a process keeps
 
 
+def _class_names(folder: str) -> list[str]:
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+
+
 def _fresh_listing(folder: str) -> tuple[list[str], list[list[str]], list | None]:
     """(class folder names, image names per class folder or [flat image names] when there is
     none, the stamps to reuse it by or None when it must not be reused)."""
     start = time.time_ns()
     stamps = [(folder, _stamp(folder))]
-    with os.scandir(folder) as entries:
-        classes = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    classes = _class_names(folder)
     linked = False
     per_class = []
     for name in classes or [None]:
@@ -160,13 +164,25 @@ def _read_val_labels(labels_file: Path) -> dict[str, str]:
     return out
 
 
-def scan_split(root, split: str | None = None, labels_file=None,
-               max_per_class: int | None = None) -> tuple[list[Path], list[int], list[str]]:
-    """(image paths, labels, class folder names) of ``root/split``, in a fixed order."""
+def _split_folder(root, split: str | None) -> Path:
     folder = Path(root) / split if split else Path(root)
     if not folder.is_dir():
         raise V2LError(f"{folder}: image folder not found; expected ImageNet layout "
                        f"<root>/{split or '.'}/<class>/<images>")
+    return folder
+
+
+def class_folders(root, split: str | None = None) -> list[str]:
+    """The class folder names of ``root/split`` (``scan_split``'s third answer for a folder
+    of class folders; [] for a flat one) from that folder's entries alone: no image is
+    listed."""
+    return _class_names(str(_split_folder(root, split)))
+
+
+def scan_split(root, split: str | None = None, labels_file=None,
+               max_per_class: int | None = None) -> tuple[list[Path], list[int], list[str]]:
+    """(image paths, labels, class folder names) of ``root/split``, in a fixed order."""
+    folder = _split_folder(root, split)
     classes, per_class = _listing(folder)
     paths, labels = [], []
     if classes:

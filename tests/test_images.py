@@ -12,8 +12,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 from data import images
-from data.images import (ChunkBatchSampler, ImageFolderDataset, collate_skip_bad, is_image,
-                         load_chunks, merge_batches, scan_split)
+from data.images import (ChunkBatchSampler, ImageFolderDataset, class_folders, collate_skip_bad,
+                         is_image, load_chunks, merge_batches, scan_split)
 from data.transforms import clip_crop
 from utils.artifacts import ChunkStore
 from utils.errors import V2LError
@@ -45,16 +45,17 @@ ODD_FILES = ["b.jpg", "A.JPEG", "a.jpeg", "c.Png", "d.webp", "e.tiff", "f.ppm", 
              "Z.JPG", "ü-umlaut.jpg", "10.jpg", "9.jpg", "a b.png", "UPPER.TIF"]
 
 
-def _odd_folder(folder: Path, outside: Path) -> None:
+def _odd_folder(folder: Path, outside: Path, folders: bool = True) -> None:
     folder.mkdir(parents=True)
     for name in ODD_FILES:
         (folder / name).write_bytes(b"x")
-    (folder / "dir.jpg").mkdir()                      # a folder named like an image
-    (folder / "nested").mkdir()
-    (folder / "nested" / "deep.jpg").write_bytes(b"x")  # not read: one level only
     (folder / "link.jpg").symlink_to(outside / "target.jpg")
     (folder / "broken.jpg").symlink_to(outside / "missing.jpg")
-    (folder / "dirlink.png").symlink_to(outside, target_is_directory=True)
+    if folders:        # in a class folder (in a split folder they would be class folders)
+        (folder / "dir.jpg").mkdir()                      # a folder named like an image
+        (folder / "nested").mkdir()
+        (folder / "nested" / "deep.jpg").write_bytes(b"x")  # not read: one level only
+        (folder / "dirlink.png").symlink_to(outside, target_is_directory=True)
 
 
 @pytest.fixture
@@ -71,7 +72,8 @@ def odd_tree(tmp_path):
     (root / "train" / "empty").mkdir()
     _odd_folder(outside / "linked_class", outside)
     (root / "train" / "linked").symlink_to(outside / "linked_class", target_is_directory=True)
-    _odd_folder(root / "flat", outside)
+    _odd_folder(root / "flat", outside, folders=False)
+    (root / "flat" / ".hidden_folder").mkdir()
     return root
 
 
@@ -86,7 +88,7 @@ def test_scandir_listing_equals_the_former_listing(odd_tree, monkeypatch):
     for split, per_class in (("train", None), ("train", 3), ("flat", None)):
         new = scan_split(odd_tree, split, max_per_class=per_class)
         old = old_scan_split(odd_tree, split, max_per_class=per_class)
-        assert new == old and [type(p) for p in new[0]] == [type(p) for p in old[0]]
+        assert new == old and len(new[0]) > 10 and [type(p) for p in new[0]] == [type(p) for p in old[0]]
         assert [str(p) for p in new[0]] == [str(p) for p in old[0]]
     paths, _, classes = scan_split(odd_tree, "train")
     assert classes == ["B-upper", "a-lower", "empty", "linked", "n01", "n02"]
@@ -94,6 +96,9 @@ def test_scandir_listing_equals_the_former_listing(odd_tree, monkeypatch):
     assert names == [".hidden.jpg", "10.jpg", "9.jpg", "A.JPEG", "UPPER.TIF", "Z.JPG", "a b.png",
                      "a.jpeg", "b.jpg", "c.Png", "d.webp", "e.tiff", "f.ppm", "g.gif", "h.bmp",
                      "link.jpg", "two..jpg", "ü-umlaut.jpg"]
+    assert class_folders(odd_tree, "train") == classes and class_folders(odd_tree, "flat") == []
+    with pytest.raises(V2LError, match="not found"):
+        class_folders(odd_tree, "val")
     monkeypatch.chdir(odd_tree)                       # a relative root keeps its spelling
     assert scan_split(".", "train") == old_scan_split(".", "train")
     assert scan_split("train/n01") == old_scan_split("train/n01")
