@@ -37,11 +37,12 @@ import torch.nn.functional as F  # noqa: E402
 
 from utils.cli import configure, run_main  # noqa: E402
 from utils.errors import V2LError  # noqa: E402
+from utils.memory import llm_memory_bytes  # noqa: E402
 
 DEVICE = "auto"  # auto (CUDA when available), cuda or cpu
 LAYERS = 0  # decoder/transformer layers built (0: full depth on a GPU, 2 on a CPU); the projection scales to full depth
 ITERS = 0  # timed iterations per stage, after one warm-up on a GPU (0: 10 on a GPU, 1 on a CPU)
-BUDGET_S = 40.0  # a stage stops timing new iterations after this many seconds (at least one is timed)
+BUDGET_S = 30.0  # a stage stops timing new iterations after this many seconds (at least one is timed)
 STAGES: tuple[str, ...] = ("step1", "step2", "step3", "step4", "fewshot", "denoising", "captioning", "vqa", "step5", "eval_compression")  # rows to run
 TINY = False  # tiny widths instead of the paper's (for the test; the projections then mean nothing)
 CPU_BATCH = 1  # sequences (images, episodes) per iteration on a CPU; a GPU uses each stage's own batch
@@ -163,13 +164,8 @@ def build_llm(b: Bench, dtype: torch.dtype):
     config = LlamaConfig(**shape, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
     config._attn_implementation = "sdpa"
     torch.manual_seed(SEED)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(b.device):
-            model = LlamaForCausalLM(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
+    with torch.device(b.device):
+        model = LlamaForCausalLM._from_config(config, dtype=dtype).eval()
     model.requires_grad_(False)
     return model, full
 
@@ -303,9 +299,12 @@ def llm_row(b: Bench, stage: str, model, full_layers: int) -> Row:
     if batch != stage_batch:
         note += f"; batch {batch} (stage: {stage_batch})"
     tok_s = batch * (p + new) / t_gen
+    dtype_bytes = next(model.parameters()).element_size()
+    modelled = llm_memory_bytes(model.config, dtype_bytes, p, new, batch) / 2 ** 30
     return Row(stage, f"{'tiny LLaMA' if TINY else 'LLaMA-2-7B'}, batch {batch} x {p} prompt + "
                f"{new} new tokens ({what}); prefill {prefill_tok_s:.0f} tok/s, step "
-               f"{t_step * 1e3:.1f} ms", tok_s, "tok/s", peak, projected, note + f"; {n} iters")
+               f"{t_step * 1e3:.1f} ms; memory model {modelled:.2f} GiB", tok_s, "tok/s", peak,
+               projected, note + f"; {n} iters")
 
 
 # ----------------------------------------------------------------------------- CLIP stages
