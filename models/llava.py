@@ -153,6 +153,39 @@ class VisionFeatures(nn.Module):
         return torch.cat(feats, -1)
 
 
+class OpenClipFeatures(nn.Module):
+    """An open_clip ViT (e.g. ViT-L-14-336) read as LLaVA reads transformers' CLIP: the tokens
+    after the blocks that ``hidden_states[layer]`` would have run (-2: all but the last), CLS
+    dropped (open_clip's ``forward_intermediates``; the embeddings alone, layer 0, are not
+    offered)."""
+
+    def __init__(self, visual: nn.Module, layer: int = FEATURE_LAYER):
+        super().__init__()
+        if not hasattr(visual, "forward_intermediates") or not hasattr(visual, "transformer"):
+            raise V2LError(f"open_clip vision tower {type(visual).__name__}: not a ViT; LLaVA-1.5 "
+                           "reads a ViT's patch tokens (ViT-L-14-336)")
+        n = len(visual.transformer.resblocks)
+        index = (n + 1 + layer if layer < 0 else layer) - 1     # hidden_states[h]: after h blocks
+        if not 0 <= index < n:
+            raise V2LError(f"vision feature layer {layer}: the open_clip tower has {n} blocks; use "
+                           f"-1 .. -{n} or 1 .. {n}")
+        self.tower, self.layer, self.index = visual, layer, index
+
+    @property
+    def width(self) -> int:
+        return self.tower.transformer.width
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.tower.parameters()).dtype
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.tower.forward_intermediates(
+            pixels.to(next(self.tower.parameters()).device, self.dtype), indices=[self.index],
+            stop_early=True, intermediates_only=True, output_fmt="NLC")
+        return out["image_intermediates"][0]
+
+
 def mlp2x_gelu(vision_width: int, hidden: int) -> nn.Sequential:
     """LLaVA-1.5's projector: Linear, GELU, Linear (state-dict keys 0.* and 2.*)."""
     return nn.Sequential(nn.Linear(vision_width, hidden), nn.GELU(), nn.Linear(hidden, hidden))
@@ -177,8 +210,13 @@ class ImagePreprocess:
     short-side resize and centre crop, what llava-hf's processor does), then the CLIP
     preprocessing of ``processor_dir``'s ``preprocessor_config.json`` (PIL backend)."""
 
-    def __init__(self, processor_dir, pad: bool = True):
+    def __init__(self, processor_dir=None, pad: bool = True, processor=None):
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+        self.pad = bool(pad)
+        if processor is not None:
+            self.processor = processor
+            self.background = tuple(int(x * 255) for x in self.processor.image_mean)
+            return
         file = Path(processor_dir) / "preprocessor_config.json"
         if not file.is_file():
             raise V2LError(f"{processor_dir}: no preprocessor_config.json (CLIP's image "
@@ -188,8 +226,17 @@ class ImagePreprocess:
         except (OSError, ValueError, TypeError) as e:
             raise V2LError(f"{file}: cannot read CLIP's image preprocessing ({e}); use the vision "
                            "tower's own preprocessor_config.json") from e
-        self.pad = bool(pad)
         self.background = tuple(int(x * 255) for x in self.processor.image_mean)
+
+    @classmethod
+    def clip(cls, size: int, mean, std, pad: bool = True) -> "ImagePreprocess":
+        """CLIP's preprocessing at ``size`` (short side, then centre crop) with ``mean``/``std``,
+        as a CLIP ``preprocessor_config.json`` describes it (an open_clip model has none)."""
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+        processor = CLIPImageProcessorPil(size={"shortest_edge": int(size)},
+                                          crop_size={"height": int(size), "width": int(size)},
+                                          image_mean=list(mean), image_std=list(std), resample=3)
+        return cls(pad=pad, processor=processor)
 
     def __call__(self, images) -> torch.Tensor:
         single = not isinstance(images, (list, tuple))
@@ -203,7 +250,7 @@ class ImagePreprocess:
 @dataclass
 class LlavaParts:
     """A LLaVA-1.5 model in parts (see the module docstring)."""
-    vision: VisionFeatures
+    vision: nn.Module               # VisionFeatures or OpenClipFeatures
     projector: nn.Module
     language: LLM                   # .model: the causal LM (VoCo wraps it), .text_tokenizer
     image_processor: ImagePreprocess
@@ -265,14 +312,18 @@ def _quiet_transformers():
 
 
 def load_llava(path=None, llm=None, vision=None, projector=None, dtype=None, device=None,
-               pad: bool = True, attn: str = "sdpa", feature_layer: int = FEATURE_LAYER) -> LlavaParts:
+               pad: bool = True, attn: str = "sdpa", feature_layer: int = FEATURE_LAYER,
+               vision_pretrained=None, vision_allow_unsafe: bool = False) -> LlavaParts:
     """A frozen LLaVA-1.5 (eval mode, no gradients) from a llava-hf directory (``path``) or from
     its original parts (``llm``: a causal LM path for ``models.llm.load_llm``; ``vision``: a CLIP
     directory; ``projector``: ``mm_projector.bin``). ``dtype``/``device`` as ``load_llm``'s
     (the vision tower and projector take the same); ``pad``: pad images to a square (LLaVA-1.5's
     ``image_aspect_ratio pad``); ``attn``: the LLM's attention (VoCo needs sdpa or eager);
     ``feature_layer``: the vision layer read for the original parts (a llava-hf config names
-    its own)."""
+    its own). ``vision`` may also be open_clip's: a model directory (``open_clip_config.json``)
+    or an architecture name (``ViT-L-14-336``) with its weights file as ``vision_pretrained``
+    (OpenAI's TorchScript archive needs ``vision_allow_unsafe``), loaded by
+    ``models.clip.load_clip``."""
     if device is None or device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = resolve_dtype(dtype, device)
@@ -287,7 +338,8 @@ def load_llava(path=None, llm=None, vision=None, projector=None, dtype=None, dev
         if missing:
             raise V2LError(f"LLaVA from its parts needs {', '.join(missing)} too (or a llava-hf "
                            "directory as --llava)")
-        parts = _load_parts(llm, vision, projector, torch_dtype, device, pad, attn, feature_layer)
+        parts = _load_parts(llm, vision, projector, torch_dtype, device, pad, attn, feature_layer,
+                            vision_pretrained, vision_allow_unsafe)
     for module in (parts.vision, parts.projector, parts.llm):
         module.eval()
         for p in module.parameters():
@@ -339,34 +391,58 @@ def _load_llava_hf(path: Path, dtype, device, pad: bool, attn: str) -> LlavaPart
                       getattr(config, "image_token_id", None), f"llava-hf:{path}")
 
 
+def _is_open_clip(vision, pretrained) -> bool:
+    return pretrained is not None or (Path(vision) / "open_clip_config.json").is_file()
+
+
 def _load_parts(llm_path, vision_path, projector_path, dtype, device, pad: bool, attn: str,
-                feature_layer: int) -> LlavaParts:
-    from transformers import CLIPVisionModel
+                feature_layer: int, vision_pretrained=None, allow_unsafe: bool = False) -> LlavaParts:
     refuse_llava_as_llm(llm_path)
+    open_clip = _is_open_clip(vision_path, vision_pretrained)
     vision_path, projector_path = Path(vision_path), Path(projector_path)
-    if not vision_path.is_dir():
-        raise V2LError(f"{vision_path}: vision tower directory not found; give a CLIP directory "
-                       "(e.g. openai/clip-vit-large-patch14-336) as --vision_tower")
-    _check_vision_dir(vision_path)
+    if not open_clip:
+        if not vision_path.is_dir():
+            raise V2LError(f"{vision_path}: vision tower directory not found; give a CLIP directory "
+                           "(e.g. openai/clip-vit-large-patch14-336) as --vision_tower")
+        _check_vision_dir(vision_path)
     state = read_projector(projector_path)
     language = load_llm(llm_path, dtype=dtype, device=device)
     if attn in ("sdpa", "eager"):
         language.model.set_attn_implementation(attn)
-    try:
-        with _quiet_transformers():
-            tower = CLIPVisionModel.from_pretrained(vision_path, dtype=dtype)
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise V2LError(f"{vision_path}: cannot load this CLIP vision tower ({first}); check the "
-                       "files are complete") from e
-    vision = VisionFeatures(tower, feature_layer, "default").to(device)
+    if open_clip:
+        vision, preprocess = _open_clip_tower(str(vision_path), vision_pretrained, allow_unsafe,
+                                              feature_layer, pad)
+        vision = vision.to(device, dtype)
+    else:
+        vision = VisionFeatures(_hf_clip_tower(vision_path, dtype), feature_layer, "default").to(device)
+        preprocess = ImagePreprocess(vision_path, pad)
     hidden = language.model.config.hidden_size
     check_projector(state, vision.width, hidden, projector_path)
     projector = mlp2x_gelu(vision.width, hidden)
     projector.load_state_dict(state)
     projector = projector.to(device, dtype)
-    return LlavaParts(vision, projector, language, ImagePreprocess(vision_path, pad), None,
+    return LlavaParts(vision, projector, language, preprocess, None,
                       f"llava-parts:{language.ident}+{vision_path}+{projector_path}")
+
+
+def _hf_clip_tower(path: Path, dtype):
+    from transformers import CLIPVisionModel
+    try:
+        with _quiet_transformers():
+            return CLIPVisionModel.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise V2LError(f"{path}: cannot load this CLIP vision tower ({first}); check the files "
+                       "are complete") from e
+
+
+def _open_clip_tower(spec: str, pretrained, allow_unsafe: bool, layer: int, pad: bool):
+    """(OpenClipFeatures, ImagePreprocess) of an open_clip model: its vision tower, and LLaVA's
+    preprocessing at its image size with its mean and std."""
+    from models.clip import load_clip
+    bundle = load_clip(spec, pretrained, device="cpu", allow_unsafe=allow_unsafe)
+    return (OpenClipFeatures(bundle.model.visual, layer),
+            ImagePreprocess.clip(bundle.image_size, bundle.mean, bundle.std, pad))
 
 
 def read_projector(path) -> dict[str, torch.Tensor]:

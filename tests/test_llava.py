@@ -38,11 +38,12 @@ def picture(width, height, seed=0):
 def load_form(tiny, form, **kw):
     if form == "llava-hf":
         return load_llava(tiny["llava"], dtype="fp32", device="cpu", **kw)
-    return load_llava(llm=tiny["llm"], vision=tiny["vision"], projector=tiny["projector"],
+    vision = tiny["open_clip"] if form == "open_clip" else tiny["vision"]
+    return load_llava(llm=tiny["llm"], vision=vision, projector=tiny["projector"],
                       dtype="fp32", device="cpu", **kw)
 
 
-@pytest.mark.parametrize("form", ["llava-hf", "parts"])
+@pytest.mark.parametrize("form", ["llava-hf", "parts", "open_clip"])
 def test_logits_equal_transformers_llava(tiny, reference, form):
     """A prompt with an image: our parts (vision -> projector -> embeddings spliced at the
     placeholder -> the causal LM) give LlavaForConditionalGeneration's logits."""
@@ -59,7 +60,7 @@ def test_logits_equal_transformers_llava(tiny, reference, form):
         got = torch.stack([parts.llm(inputs_embeds=parts.embed_prompt([before, im, after])[None]).logits[0]
                            for im in images])
     vocab = got.shape[-1]          # the Vicuna form has no "<image>" row
-    assert vocab == (TEXT_VOCAB if form == "parts" else want.shape[-1])
+    assert vocab == (want.shape[-1] if form == "llava-hf" else TEXT_VOCAB)
     assert (want - blank).abs().max() > 1.0                   # the image matters
     assert (want[..., :vocab] - got).abs().max() < TOL
 
@@ -83,6 +84,9 @@ def test_preprocessing_is_llavas(tiny):
     top = parts.preprocess(picture(70, 20))[0, :, 0, :]
     pad = (torch.tensor([int(m * 255) / 255 for m in CLIP_MEAN]) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
     assert (top - pad[:, None]).abs().max() < 1e-5
+    # an open_clip tower's preprocessing is built from its config: the same pixels
+    image = picture(45, 70)
+    assert torch.equal(load_form(tiny, "open_clip").preprocess(image), parts.preprocess(image))
     # pad off: CLIP's short-side resize and centre crop (llava-hf's processor)
     image = picture(70, 40)
     plain = load_form(tiny, "parts", pad=False).preprocess(image)[0].permute(1, 2, 0).double().numpy()
@@ -158,6 +162,8 @@ def test_bad_inputs_one_line(tiny, tmp_path):
         bad = tmp_path / name
         torch.save({f"model.mm_projector.{k}": v for k, v in (state | change).items()}, bad)
         one_line(match, load_llava, llm=tiny["llm"], vision=tiny["vision"], projector=bad, device="cpu")
+    one_line("vision feature layer -9: the open_clip tower has 3 blocks", load_llava, llm=tiny["llm"],
+             vision=tiny["open_clip"], projector=tiny["projector"], device="cpu", feature_layer=-9)
     one_line("projector file not found", load_llava, llm=tiny["llm"], vision=tiny["vision"],
              projector=tmp_path / "none.bin", device="cpu")
 

@@ -9,6 +9,8 @@ users have, so tests exercise the same loading paths as llava-1.5-7b:
     paths["vision"]      # the same vision tower as a CLIP directory (a whole CLIPModel, as
                          # openai/clip-vit-large-patch14-336 is)
     paths["projector"]   # the same projector as LLaVA's mm_projector.bin (model.mm_projector.{0,2}.*)
+    paths["open_clip"]   # the same vision tower as an open_clip model directory (QuickGELU, as
+                         # OpenAI's ViT-L-14-336), its weights converted from transformers' layout
 
 The vision tower is a CLIP ViT at 56 px with 14 px patches: 16 patches + CLS; the feature layer
 is -2 and the CLS is dropped, as LLaVA-1.5's (576 patches at 336 px).
@@ -72,6 +74,7 @@ def make_tiny_llava(out_dir, seed: int = 0) -> dict[str, str]:
     model = tiny_llava_model(seed)
     paths = {k: str(out_dir / k) for k in ("llava", "llm", "vision")}
     paths["projector"] = str(out_dir / "projector" / "mm_projector.bin")
+    paths["open_clip"] = str(out_dir / "open_clip")
 
     tokenizer = sentencepiece_tokenizer(sp_file)     # Vicuna's: the sentencepiece vocabulary
     tokenizer.save_pretrained(paths["llm"])
@@ -103,6 +106,8 @@ def make_tiny_llava(out_dir, seed: int = 0) -> dict[str, str]:
     clip.save_pretrained(paths["vision"])
     (Path(paths["vision"]) / "preprocessor_config.json").write_text(json.dumps(preprocessor_config()))
 
+    open_clip_vision(model.model.vision_tower, paths["open_clip"])
+
     proj = model.model.multi_modal_projector
     Path(paths["projector"]).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model.mm_projector.0.weight": proj.linear_1.weight.detach().clone(),
@@ -110,3 +115,42 @@ def make_tiny_llava(out_dir, seed: int = 0) -> dict[str, str]:
                 "model.mm_projector.2.weight": proj.linear_2.weight.detach().clone(),
                 "model.mm_projector.2.bias": proj.linear_2.bias.detach().clone()}, paths["projector"])
     return paths
+
+
+def open_clip_vision(tower, out_dir) -> str:
+    """Save transformers' ``CLIPVisionModel`` ``tower`` as an open_clip CLIP directory (a random
+    text tower beside it): the same vision weights under open_clip's names (q/k/v stacked into
+    ``in_proj``)."""
+    import open_clip
+
+    from models.clip import save_open_clip_dir
+    c = tower.config
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": c.image_size, "patch_size": c.patch_size,
+                          "layers": c.num_hidden_layers, "width": c.hidden_size,
+                          "head_width": c.hidden_size // c.num_attention_heads,
+                          "mlp_ratio": c.intermediate_size / c.hidden_size},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+           "quick_gelu": c.hidden_act == "quick_gelu"}
+    model = open_clip.CLIP(**{k: v for k, v in cfg.items() if k != "quick_gelu"},
+                           quick_gelu=cfg["quick_gelu"]).eval()
+    hf = tower.state_dict()
+    state = {"conv1.weight": hf["embeddings.patch_embedding.weight"],
+             "class_embedding": hf["embeddings.class_embedding"],
+             "positional_embedding": hf["embeddings.position_embedding.weight"],
+             "ln_pre.weight": hf["pre_layrnorm.weight"], "ln_pre.bias": hf["pre_layrnorm.bias"],
+             "ln_post.weight": hf["post_layernorm.weight"], "ln_post.bias": hf["post_layernorm.bias"]}
+    for i in range(c.num_hidden_layers):
+        a, b = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for x in ("weight", "bias"):
+            state[b + "ln_1." + x] = hf[a + "layer_norm1." + x]
+            state[b + "ln_2." + x] = hf[a + "layer_norm2." + x]
+            state[b + "attn.in_proj_" + x] = torch.cat([hf[a + f"self_attn.{q}_proj.{x}"] for q in "qkv"])
+            state[b + "attn.out_proj." + x] = hf[a + "self_attn.out_proj." + x]
+            state[b + "mlp.c_fc." + x] = hf[a + "mlp.fc1." + x]
+            state[b + "mlp.c_proj." + x] = hf[a + "mlp.fc2." + x]
+    missing, unexpected = model.visual.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"proj"}, (missing, unexpected)
+    save_open_clip_dir(model, cfg, out_dir, {"size": c.image_size, "mean": CLIP_MEAN, "std": CLIP_STD,
+                                             "interpolation": "bicubic"})
+    return str(out_dir)
