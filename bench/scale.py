@@ -179,9 +179,14 @@ def build_clip(b: Bench):
     if TINY:
         model, full = open_clip.CLIP(**TINY_CLIP_CFG), {"text": 2, "visual": 4}
         size = TINY_CLIP_CFG["vision_cfg"]["image_size"]
-    else:
+    elif b.layers >= max(CLIP_LAYERS.values()):
         model, full = open_clip.create_model("ViT-L-14", pretrained=None), dict(CLIP_LAYERS)
         size = 224
+    else:   # ViT-L-14's own config with fewer layers: the same model, cut before it is built
+        cfg = open_clip.get_model_config("ViT-L-14")
+        cfg["vision_cfg"]["layers"] = min(b.layers, CLIP_LAYERS["visual"])
+        cfg["text_cfg"]["layers"] = min(b.layers, CLIP_LAYERS["text"])
+        model, full, size = open_clip.CLIP(**cfg), dict(CLIP_LAYERS), cfg["vision_cfg"]["image_size"]
     built = {}
     for tower, blocks in (("text", model.transformer), ("visual", getattr(model.visual, "transformer", None))):
         if blocks is not None and hasattr(blocks, "resblocks"):
@@ -478,8 +483,7 @@ def main():
     if unknown:
         raise V2LError(f"--stages {' '.join(sorted(unknown))}: unknown stage(s)")
     b = Bench(device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    if device.type == "cuda":     # TF32 as the stages leave it (off)
         name = torch.cuda.get_device_name(device)
     else:
         name = f"cpu x{torch.get_num_threads()} threads"
