@@ -128,7 +128,7 @@ class Bench:
     def peak_gib(self) -> float:
         if self.cuda:
             return torch.cuda.max_memory_allocated() / 2 ** 30
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # the process so far (KiB on Linux)
 
     def timed(self, fn, iters: int = 0) -> tuple[float, int]:
         """(seconds per iteration, iterations) of fn(), after a warm-up call on a GPU, stopping
@@ -468,7 +468,7 @@ def hms(seconds: float) -> str:
 
 
 def print_row(r: Row) -> None:
-    print(f"{r.stage:<17} {r.rate:>11.2f} {r.unit:<10} {r.peak_gib:>8.2f} {hms(r.projected_s):>10}"
+    print(f"{r.stage:<17} {r.rate:>11.4g} {r.unit:<10} {r.peak_gib:>8.2f} {hms(r.projected_s):>10}"
           f"  {r.shape} [{r.note}]", flush=True)
 
 
