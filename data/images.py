@@ -81,8 +81,13 @@ def _image_names(folder: str) -> tuple[list[str], bool]:
     return names, linked
 
 
-def _list_images(folder: Path) -> list[Path]:
-    return [folder / name for name in _image_names(str(folder))[0]]
+def _children(folder: Path, names: list[str]) -> list[Path]:
+    """``[folder / name for name in names]`` for entry names (one component each), built
+    without parsing each name again where pathlib allows it (several times faster)."""
+    child = getattr(folder, "_make_child_relpath", None)
+    if child is None:
+        return [folder / name for name in names]
+    return [child(name) for name in names]
 
 
 def _stamp(folder: str) -> tuple[int, ...]:
@@ -91,7 +96,7 @@ def _stamp(folder: str) -> tuple[int, ...]:
 
 
 RECENT_S = 5.0  # a folder changed less than this long before it was listed is not reused
-_LISTINGS: OrderedDict = OrderedDict()  # folder -> (stamps, class names, names per class)
+_LISTINGS: OrderedDict = OrderedDict()  # folder -> (stamps, class names, paths per class)
 _KEEP = 4  # listings a process keeps
 
 
@@ -120,7 +125,7 @@ def _fresh_listing(folder: str) -> tuple[list[str], list[list[str]], list | None
     return classes, per_class, stamps if reusable else None
 
 
-def _listing(folder: Path) -> tuple[list[str], list[list[str]]]:
+def _listing(folder: Path) -> tuple[list[str], list[list[Path]]]:
     """The folder's listing, reused from this process while the folder and its class folders
     are unchanged (identity, mtime, ctime: adding, removing or renaming an entry changes its
     folder's mtime and ctime); symlinked files or folders changed within RECENT_S of the
@@ -137,6 +142,8 @@ def _listing(folder: Path) -> tuple[list[str], list[list[str]]]:
             pass
         del _LISTINGS[key]
     classes, per_class, stamps = _fresh_listing(key)
+    per_class = [_children(folder / name, names) for name, names in zip(classes, per_class)] \
+        if classes else [_children(folder, per_class[0])]
     if stamps is not None:
         _LISTINGS[key] = (stamps, classes, per_class)
         while len(_LISTINGS) > _KEEP:
@@ -187,13 +194,12 @@ def scan_split(root, split: str | None = None, labels_file=None,
     paths, labels = [], []
     if classes:
         classes = list(classes)
-        for idx, (name, names) in enumerate(zip(classes, per_class)):
-            class_dir = folder / name
-            files = [class_dir / f for f in names[:max_per_class]]
+        for idx, files in enumerate(per_class):
+            files = files[:max_per_class]
             paths += files
             labels += [idx] * len(files)
     else:
-        files = [folder / f for f in per_class[0]]
+        files = list(per_class[0])
         lab = _read_val_labels(Path(labels_file)) if labels_file else {}
         classes = sorted(set(lab.values()))
         index = {c: i for i, c in enumerate(classes)}
