@@ -6,20 +6,24 @@ our layout, BOS alone in the authors'), ``between`` the text between the image a
 tokens (the authors' "\\n"; empty in ours), ``after`` the conversation with its answer labels.
 The VoCo weights compress the image in isolation: the compression span is ``before`` + the
 image's embeddings + ``between`` (``VoCo(bos_id, context_ids, suffix_ids)`` must hold that
-text: ``voco_text``), then k VoCo tokens, LoRA on. The reader is the frozen LLM (LoRA off):
+text: ``voco_text``), then k VoCo tokens, LoRA on. The reader is ``VoCo.reading()``: the frozen
+LLM (reader ``frozen``, LoRA off: ours), or the LLM with LoRA on (``adapted``; with no LoRA and
+LLM weights the caller trains, the authors' full fine-tuning):
 
 - student: ``before`` (ours; the authors' mask hides it, so their layout reads without it),
   the VoCo block, ``after``;
-- teacher (Eq. 1's): the same frozen LLM reading ``before`` + the image's embeddings
-  uncompressed + ``between`` + ``after``.
+- teacher (Eq. 1's): the frozen LLM (LoRA off) reading ``before`` + the image's embeddings
+  uncompressed + ``between`` + ``after``; with LLM weights in training there is no frozen
+  LLM, and ``kl`` is refused.
 
 Objectives: ``ce`` (the authors' code: cross-entropy of the answer tokens, labels of
 ``after``), ``kl`` (the paper's Eq. 1: KL(teacher || student) of the next-token distributions
 at every position of ``after`` that predicts a token of ``after``, or only the answer tokens
 with ``kl_on="answers"``), or ``both`` (their sum). The first token of ``after`` is predicted
 from the last VoCo entry, made while compressing; it is never an answer (the layouts start
-``after`` with "\\n") and is left out. Text-only samples are skipped: with the reader frozen
-they reach no trainable weight.
+``after`` with "\\n") and is left out. Text-only samples are skipped when the reader is
+frozen (they reach no trainable weight); with a trained reader their answers count in ``ce``
+(the authors' mixed data) and they add nothing to ``kl`` (teacher and student read the same).
 """
 from __future__ import annotations
 
@@ -66,7 +70,7 @@ def conversation_loss(voco: VoCo, samples: list, images: list, k: int, objective
     None for text-only samples), the images compressed here with gradients. The loss is the
     mean answer cross-entropy (``ce``), the mean KL per position (``kl``), or ``ce`` +
     ``kl_weight`` x ``kl`` (``both``). counts: ``answer_tokens``, ``kl_positions``,
-    ``samples`` (those used), ``text_only`` (skipped)."""
+    ``samples`` (those read), ``text_only`` (among them, or skipped with a frozen reader)."""
     if objective not in OBJECTIVES:
         raise V2LError(f"--objective {objective}: must be one of {', '.join(OBJECTIVES)}")
     if kl_on not in KL_ON:
@@ -75,46 +79,60 @@ def conversation_loss(voco: VoCo, samples: list, images: list, k: int, objective
         raise V2LError(f"--layout {layout}: must be one of {', '.join(LAYOUTS)}")
     if len(samples) != len(images):
         raise V2LError(f"{len(samples)} samples but {len(images)} images")
-    used = [(s, im) for s, im in zip(samples, images) if s.image is not None and im is not None]
-    counts = {"samples": len(used), "text_only": len(samples) - len(used), "answer_tokens": 0,
-              "kl_positions": 0}
-    zero = voco.embeddings.sum() * 0
-    if not used:
-        return zero, counts
-    for s, _ in used:
-        _check_span(voco, s)
-    blocks = voco.compress([im for _, im in used], k)
-    head = (lambda s: [list(s.before)]) if layout == "system" else (lambda s: [])
-    student = [head(s) + [b, list(s.after)] for (s, _), b in zip(used, blocks)]
-    s_hidden, _, _, _, s_index = voco.prefill(student, hidden=True)
-    s_rows, targets, t_rows = [], [], []
     want_kl = objective in ("kl", "both")
-    if want_kl:
+    if want_kl and any(p.requires_grad for n, p in voco.llm.named_parameters() if "lora_" not in n):
+        raise V2LError(f"--objective {objective}: the KL's teacher is the frozen LLM, but LLM weights "
+                       "are being trained (a fully fine-tuned reader); use --objective ce, or LoRA")
+    trained_reader = voco.reader != "frozen"
+    rows = [(s, im if s.image is not None else None) for s, im in zip(samples, images)
+            if trained_reader or s.image is not None]
+    text_only = sum(s.image is None for s in samples)
+    counts = {"samples": len(rows), "text_only": text_only, "answer_tokens": 0, "kl_positions": 0}
+    zero = voco.embeddings.sum() * 0
+    if not rows:
+        return zero, counts
+    for s, im in rows:
+        if s.image is not None and im is None:
+            raise V2LError(f"entry {s.id}: has an image but no embeddings were given for it")
+        if im is not None:
+            _check_span(voco, s)
+    with_image = [i for i, (_, im) in enumerate(rows) if im is not None]
+    blocks = dict(zip(with_image, voco.compress([rows[i][1] for i in with_image], k))) if with_image else {}
+    student = []
+    for i, (s, im) in enumerate(rows):
+        if im is None:
+            student.append([list(s.before) + list(s.between) + list(s.after)])
+        else:
+            head = [list(s.before)] if layout == "system" else []
+            student.append(head + [blocks[i], list(s.after)])
+    s_hidden, _, _, _, s_index = voco.prefill(student, hidden=True)
+    if want_kl and with_image:
         with torch.no_grad():
             teacher = [[list(s.before), im] + ([list(s.between)] if s.between else []) + [list(s.after)]
-                       for s, im in used]
-            t_hidden, _, _, _, t_index = voco.prefill(teacher, hidden=True)
-    ce_rows, kl_rows = [], []
-    for i, (s, _) in enumerate(used):
+                       for s, im in (rows[i] for i in with_image)]
+            t_hidden, _, _, _, t_index = voco.prefill(teacher, hidden=True, teacher=True)
+            t_of = {i: j for j, i in enumerate(with_image)}
+    ce_hidden, targets, kl_hidden, t_rows = [], [], [], []
+    for i, (s, im) in enumerate(rows):
         n = len(s.after)
         labels = torch.tensor(list(s.after_labels[1:]) + [IGNORE_INDEX], device=s_hidden.device)
         read = s_hidden[i][s_index[i] >= 0][-n:]              # the positions of ``after``
-        s_rows.append(read)
         answer = labels != IGNORE_INDEX
-        ce_rows.append(answer)
+        ce_hidden.append(read[answer])
         targets.append(labels[answer])
-        use = answer if kl_on == "answers" else torch.arange(n, device=answer.device) < n - 1
-        kl_rows.append(use)
-        if want_kl:
-            t_rows.append(t_hidden[i][t_index[i] >= 0][-n:][use])
+        if want_kl and im is not None:     # a text-only sample: teacher and student are one
+            use = answer if kl_on == "answers" else torch.arange(n, device=answer.device) < n - 1
+            kl_hidden.append(read[use])
+            j = t_of[i]
+            t_rows.append(t_hidden[j][t_index[j] >= 0][-n:][use])
     loss = zero
     if objective in ("ce", "both"):
-        hidden = torch.cat([r[m] for r, m in zip(s_rows, ce_rows)])
+        hidden = torch.cat(ce_hidden)
         counts["answer_tokens"] = int(hidden.shape[0])
         if hidden.shape[0]:
             loss = loss + F.cross_entropy(voco.logits_of(hidden), torch.cat(targets), reduction="mean")
-    if want_kl:
-        hidden = torch.cat([r[m] for r, m in zip(s_rows, kl_rows)])
+    if want_kl and kl_hidden:
+        hidden = torch.cat(kl_hidden)
         counts["kl_positions"] = int(hidden.shape[0])
         if hidden.shape[0]:
             with torch.no_grad():

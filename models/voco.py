@@ -12,7 +12,8 @@ be dropped and only the k VoCo entries kept. Here:
 - **LoRA adapters** (``peft``) are active only while an image is compressed; the
   model that reads a compressed cache is the unmodified frozen LLM (the authors
   fine-tune the whole LLM instead, which would change the LLM every other stage
-  shares). Constructing a ``VoCo`` attaches the LoRA layers to the LLM object it
+  shares). ``reader="adapted"`` reads with the adapters on as well (LoRA on the reader;
+  with ``lora_rank=0`` and LLM weights the caller trains: the authors' full fine-tuning). Constructing a ``VoCo`` attaches the LoRA layers to the LLM object it
   is given (in place); ``VoCo.remove()`` takes them out again.
 - **Isolated compression.** An image is compressed on its own: [BOS] + a fixed
   context text (``context_ids``: the prompt text every image follows) + its tokens
@@ -54,6 +55,7 @@ from transformers import DynamicCache
 from utils.errors import V2LError
 
 ATTENTION_OK = ("sdpa", "eager")
+READERS = ("frozen", "adapted")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -163,7 +165,7 @@ class VoCo(nn.Module):
 
     Constructing a VoCo changes ``model``, the caller's object, in place: peft replaces its
     targeted linear layers by LoRA layers and sets ``requires_grad=False`` on its own weights.
-    With the adapters off (``frozen()``, under which every compressed prompt is read) it
+    With the adapters off (``frozen()``, under which prompts are read by default) it
     computes exactly what it did before; ``remove()`` restores the original layers and flags.
     The initial weights come from generators of their own seeded with ``seed``; the global
     random state is left as it was.
@@ -172,10 +174,12 @@ class VoCo(nn.Module):
     def __init__(self, model, k_max: int, lora_rank: int = 8, lora_alpha: float = 16.0,
                  lora_targets=LORA_TARGETS, bos_id: int | None = None, seed: int = 0,
                  context_ids: list[int] | None = None, init_ids: list[int] | None = None,
-                 suffix_ids: list[int] | None = None):
+                 suffix_ids: list[int] | None = None, reader: str = "frozen"):
         super().__init__()
         check_llm(model)
-        self.llm, self.k_max, self.bos_id = model, int(k_max), bos_id
+        if reader not in READERS:
+            raise V2LError(f"--reader {reader}: must be one of {', '.join(READERS)}")
+        self.llm, self.k_max, self.bos_id, self.reader = model, int(k_max), bos_id, reader
         self.context_ids = list(context_ids or [])
         self.suffix_ids = list(suffix_ids or [])
         self.lora = dict(rank=int(lora_rank), alpha=float(lora_alpha), targets=list(lora_targets))
@@ -226,6 +230,11 @@ class VoCo(nn.Module):
     def frozen(self):
         """Context in which the LLM is the unmodified frozen model (LoRA off)."""
         return self.peft.disable_adapter() if self.peft is not None else contextlib.nullcontext()
+
+    def reading(self):
+        """Context in which prompts are read: the frozen LLM (``reader`` "frozen": LoRA off) or
+        the LLM as it is ("adapted": LoRA on, and whatever weights the caller trains)."""
+        return self.frozen() if self.reader == "frozen" else contextlib.nullcontext()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = [self.embeddings]
@@ -311,7 +320,7 @@ class VoCo(nn.Module):
         return [VoCoBlock(keys[i], values[i]) for i in range(b)]
 
     # -- reading compressed prompts
-    def prefill(self, prompts: list[list], hidden: bool = False):
+    def prefill(self, prompts: list[list], hidden: bool = False, teacher: bool = False):
         """Run prompts of text segments (lists of ids), embedding segments ([n, hidden] float
         tensors, read uncompressed) and ``VoCoBlock``s through the frozen LLM.
 
@@ -320,10 +329,12 @@ class VoCo(nn.Module):
         [B, T, hidden] of every token read in this pass (text tokens and embedding rows: every
         position but the blocks') instead (``logits_of`` turns the few needed into logits;
         ``text_index`` [B, T] gives the index of a token among its row's tokens read, -1 on
-        padding). The last segment of a prompt must be text or embeddings.
+        padding). The last segment of a prompt must be text or embeddings. The prompts are read
+        as ``reading()`` says; with ``teacher``, by the frozen LLM whatever the reader (the
+        distillation teacher).
         """
         inputs, key_valid, nxt, text_index = self._prefill_inputs(prompts)
-        with self.frozen():
+        with self.frozen() if teacher else self.reading():
             if hidden:    # the decoder stack alone: no [B, T, vocab] logits
                 out = _decoder(self.llm)(**inputs)
                 return out.last_hidden_state, out.past_key_values, key_valid, nxt, text_index
@@ -431,7 +442,7 @@ class VoCo(nn.Module):
         (logits [B, V], cache, key_valid, positions + 1)."""
         key_valid = torch.cat([key_valid, key_valid.new_ones(len(tokens), 1)], 1)
         mask = additive(key_valid[:, None, :], self.dtype)
-        with self.frozen():
+        with self.reading():
             out = self.llm(input_ids=tokens[:, None], attention_mask=mask,
                            position_ids=positions[:, None], past_key_values=cache, use_cache=True)
         return out.logits[:, -1].float(), out.past_key_values, key_valid, positions + 1

@@ -190,7 +190,7 @@ def test_voco_reads_llava_images(tiny, reference):
 
 # ----------------------------------------------------------------------------- the training loss
 
-def loss_case(layout, k_max=2):
+def loss_case(layout, k_max=2, **voco_kw):
     """A VoCo on a tiny random Llama and three samples in a layout's shape (two with continuous
     images, one text-only), ids drawn at random."""
     from data.llava import IGNORE_INDEX, LlavaSample
@@ -215,7 +215,7 @@ def loss_case(layout, k_max=2):
         samples.append(LlavaSample(f"s{i}", "im.jpg" if i < 2 else None, list(before),
                                    [IGNORE_INDEX] * len(before), list(between) if i < 2 else [],
                                    after, labels))
-    voco = VoCo(model, k_max, lora_rank=4, seed=0, **voco_text(samples[0], 1))
+    voco = VoCo(model, k_max, **({"lora_rank": 4, "seed": 0} | voco_kw), **voco_text(samples[0], 1))
     images = [torch.randn(5, 64, generator=g), torch.randn(7, 64, generator=g), None]
     return voco, samples, images
 
@@ -326,3 +326,33 @@ def test_conversation_loss_on_llava_data(tiny, layout):
     assert counts["answer_tokens"] == sample.n_answer_tokens > 0
     assert torch.isfinite(loss) and loss.item() > 0
     assert voco.embeddings.grad.abs().sum() > 0
+
+
+def test_conversation_loss_with_a_trained_reader():
+    """reader adapted: text-only samples' answers count in ce and LoRA learns through the reading
+    too; a fully trained reader (no LoRA, LLM weights trainable) learns from ce, and kl (whose
+    teacher is the frozen LLM) is refused."""
+    from engine.llava_voco import conversation_loss
+    voco, samples, images = loss_case("system", reader="adapted")
+    frozen, _, _ = loss_case("system")
+    with torch.no_grad():
+        for n, p in voco.llm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    loss, counts = conversation_loss(voco, samples, images, 2, "both")
+    _, frozen_counts = conversation_loss(frozen, samples, images, 2, "both")
+    text_answers = samples[2].n_answer_tokens
+    assert counts["samples"] == 3 and frozen_counts["samples"] == 2
+    assert counts["answer_tokens"] == frozen_counts["answer_tokens"] + text_answers
+    assert counts["kl_positions"] == frozen_counts["kl_positions"] > 0
+    loss.backward()
+    for name, p in voco.llm.named_parameters():
+        assert ("lora_" in name) == (p.grad is not None), name
+    full, samples, images = loss_case("system", reader="adapted", lora_rank=0)
+    for p in full.llm.parameters():
+        p.requires_grad_(True)
+    with pytest.raises(V2LError, match="--objective kl: the KL's teacher is the frozen LLM"):
+        conversation_loss(full, samples, images, 2, "kl")
+    loss, _ = conversation_loss(full, samples, images, 2, "ce")
+    loss.backward()
+    assert all(p.grad is not None for p in full.llm.parameters())

@@ -681,11 +681,12 @@ def test_step5_two_process_image_reuse_equals_one(world):
 
 # ----------------------------------------------------------------------------- continuous images
 
-def reference_one_prompt(voco, prompt, k):
+def reference_one_prompt(voco, prompt, k, adapters=False):
     """One prompt, no padding, in one forward with its mask written out position by position:
     text and embedding segments are read by everything after them; an ``Image`` is [BOS] +
     context + its embeddings + suffix, then k VoCo tokens, seen only by its own positions
-    (VoCo entries stay visible later). Returns the logits at the positions read [T, V]."""
+    (VoCo entries stay visible later). Returns the logits at the positions read [T, V]. The
+    frozen LLM runs it; with ``adapters``, the LLM with LoRA on (an adapted reader's)."""
     emb = voco.llm.get_input_embeddings()
     dtype = voco.dtype
 
@@ -720,8 +721,10 @@ def reference_one_prompt(voco, prompt, k):
     for q in range(t):
         for key in range(q + 1):
             allowed[q, key] = owner[q] == owner[key] if owner[q] else kind[key] != "span"
+    import contextlib
+
     from models.voco import additive
-    with voco.frozen():
+    with contextlib.nullcontext() if adapters else voco.frozen():
         out = voco.llm(inputs_embeds=torch.cat(xs)[None], attention_mask=additive(allowed[None], dtype),
                        position_ids=torch.tensor([pos]))
     return out.logits[0].float()[torch.tensor([c == "read" for c in kind])]
@@ -827,3 +830,30 @@ def test_gradients_reach_uncompressed_embeddings_and_voco_weights():
     assert voco.embeddings.grad.abs().sum() > 0
     for name, p in voco.llm.named_parameters():
         assert ("lora_" in name) == (p.grad is not None), name
+
+
+def test_adapted_reader_reads_with_lora():
+    """reader="adapted": compression and reading both with LoRA on, equal to one masked pass of
+    the adapted LLM; ``teacher`` reads with the frozen LLM; the default reader is unchanged."""
+    voco = make_voco(context_ids=[7, 8], suffix_ids=[13], reader="adapted")
+    frozen = make_voco(context_ids=[7, 8], suffix_ids=[13])
+    with torch.no_grad():
+        for n, p in voco.llm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    frozen.load_adapter_state(voco.adapter_state())
+    k = 2
+    imgs, single, cached = continuous_case(voco)
+    with torch.no_grad():
+        want = [reference_one_prompt(voco, prompt, k, adapters=True) for prompt in single]
+        got = text_logits(*prefill_logits(voco, cached(voco.compress(imgs, k))))
+        plain = [[s for s in p if not isinstance(s, Image)] for p in single]
+        hidden, *_, index = voco.prefill(plain, hidden=True, teacher=True)
+        as_teacher = text_logits(voco.logits_of(hidden), index)
+        by_frozen = text_logits(*prefill_logits(frozen, plain))
+        adapted = text_logits(*prefill_logits(voco, plain))
+    assert max_diff(want, got) < TOL
+    assert max_diff(as_teacher, by_frozen) == 0
+    assert max_diff(adapted, by_frozen) > 1e-3
+    with pytest.raises(V2LError, match="--reader trained: must be one of frozen, adapted"):
+        make_voco(reader="trained")
