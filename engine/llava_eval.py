@@ -70,8 +70,9 @@ BENCHMARKS = {
                            "pid_splits.json", "img_accuracy"),
     "seed": Benchmark("option", 128, "SEED-Bench.json", "accuracy"),
     "textvqa": Benchmark("short", 128, "TextVQA_0.5.1_val.json", "accuracy"),
-    "vqav2": Benchmark("short", 128, "v2_mscoco_val2014_annotations.json (none: test-dev, the "
-                       "upload file only)", "accuracy", needs_annotations=False),
+    "vqav2": Benchmark("short", 128, "v2_mscoco_val2014_annotations.json (val, scored), or for "
+                       "test-dev LLaVA's llava_vqav2_mscoco_test2015.jsonl (the upload's question "
+                       "list; none: the question file's)", "accuracy", needs_annotations=False),
     "mmbench": Benchmark("option", 1024, "the MMBench dev TSV with its answer column (none: the "
                          "question TSV's, else the upload file only)", "accuracy",
                          needs_annotations=False),
@@ -437,14 +438,13 @@ def score(benchmark: str, answers_path, questions_path, annotations: str,
     if benchmark == "exact":
         return score_exact(a, q), None
     if benchmark == "vqav2":
-        if annotations:
+        if annotations and Path(annotations).suffix != ".jsonl":
             return score_vqav2(a, annotations), None
-        if Path(q).suffix != ".jsonl":
-            raise V2LError(f"{q}: the VQAv2 test-dev upload covers LLaVA's "
-                           "llava_vqav2_mscoco_test2015.jsonl; give that as --questions, or the "
-                           "val annotations as --annotations")
-        write_vqav2_upload(a, q, Path(upload_path).with_suffix(".json"))
-        return None, str(Path(upload_path).with_suffix(".json"))
+        # test-dev: the upload lists every question of LLaVA's llava_vqav2_mscoco_test2015.jsonl
+        # (--annotations; else the question file's), "" where unanswered
+        path = Path(upload_path).with_suffix(".json")
+        write_vqav2_upload(a, annotations or q, path)
+        return None, str(path)
     if benchmark == "mmbench":
         path, _ = write_mmbench_upload(a, q, upload_path)
         tsv = annotations or q

@@ -265,3 +265,102 @@ def test_bad_inputs_one_line(world, capsys):
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert len(err) == 1 and message in err[0], (message, err)
         assert not (f["out_dir"] / "manifest.json").exists()
+
+
+def test_retention_and_scores_follow_the_answers(world, evaluated):
+    """With answers that upper and half of voco's match, the results hold the scorer's numbers
+    and llava_bench.retention of the three answers files, not None."""
+    from engine.llava_bench import retention, score_exact
+    from utils.artifacts import load_json
+    tmp = world["tmp"]
+    upper = {r["question_id"]: r["text"] for r in answers(evaluated, "upper")}
+    voco = {r["question_id"]: r["text"] for r in answers(evaluated, "voco-k1")}
+    lines = []
+    for n, (image, text, _) in enumerate(QUESTIONS):
+        qid = f"q{n}"
+        answer = (voco if n % 2 else upper).get(qid, "blue").rstrip(".")
+        lines.append(json.dumps({"question_id": qid, "image": image, "text": text, "answer": answer,
+                                 "category": "odd" if n % 2 else "even"}))
+    (tmp / "answered.jsonl").write_text("\n".join(lines) + "\n")
+    assert run("eval_llava.py", **flags(world, "answered", questions=tmp / "answered.jsonl")) == 0
+    out = tmp / "answered"
+    res = load_json(out / "results.json")
+    scores = {label: score_exact(out / f"answers-{label}.jsonl", tmp / "answered.jsonl")
+              for label in ("upper", "lower-k1", "voco-k1")}
+    want = retention(scores["upper"], scores["lower-k1"], scores["voco-k1"])
+    row = res["rows"][-1]
+    assert scores["upper"].metrics["accuracy"] > scores["lower-k1"].metrics["accuracy"]
+    assert row["retention"] == pytest.approx(want["retention"]) and row["retention"] is not None
+    assert row["retention_ci95"] == want["ci95"]
+    assert res["rows"][0]["score"] == scores["upper"].metrics["accuracy"]
+    assert res["scores"]["voco-k1"]["categories"] == scores["voco-k1"].metrics["categories"]
+
+
+@pytest.mark.parametrize("name", ["gqa", "pope", "mme", "scienceqa", "seed", "textvqa", "vqav2",
+                                       "mmbench"])
+def test_each_benchmark_is_scored_by_its_scorer(name, tmp_path):
+    """eval_llava's dispatch gives each benchmark's scorer its files (the hand-made answers of
+    tests/fixtures/llava); MMBench and VQAv2 test-dev write their upload files."""
+    from pathlib import Path
+
+    from engine import llava_bench as lb
+    from engine.llava_eval import check_annotations, score
+    f = Path(__file__).parent / "fixtures" / "llava"
+    cases = {
+        "gqa": (f / "gqa_answers.jsonl", f / "gqa_questions.jsonl", f / "gqa_questions.json",
+                lambda a: lb.score_gqa(a, f / "gqa_questions.json")),
+        "pope": (f / "pope_answers.jsonl", f / "pope" / "llava_pope_test.jsonl", f / "pope",
+                 lambda a: lb.score_pope(a, f / "pope" / "llava_pope_test.jsonl", f / "pope")),
+        "mme": (f / "mme_answers.jsonl", None, f / "mme", lambda a: lb.score_mme(a, f / "mme")),
+        "scienceqa": (f / "sqa_answers.jsonl", None, f / "sqa",
+                      lambda a: lb.score_scienceqa(a, f / "sqa" / "problems.json",
+                                                   f / "sqa" / "pid_splits.json")),
+        "seed": (f / "seed_answers.jsonl", None, f / "seed" / "SEED-Bench.json",
+                 lambda a: lb.score_seed(a, f / "seed" / "SEED-Bench.json")),
+        "textvqa": (f / "textvqa_answers.jsonl", None, f / "textvqa" / "TextVQA_0.5.1_val.json",
+                    lambda a: lb.score_textvqa(a, f / "textvqa" / "TextVQA_0.5.1_val.json")),
+        "vqav2": (f / "vqav2_answers.jsonl", None, f / "vqav2" / "v2_mscoco_val2014_annotations.json",
+                  lambda a: lb.score_vqav2(a, f / "vqav2" / "v2_mscoco_val2014_annotations.json")),
+        "mmbench": (f / "mmbench_answers.jsonl", f / "mmbench" / "mmbench_dev_20230712.tsv", "",
+                    lambda a: lb.score_mmbench(a, f / "mmbench" / "mmbench_dev_20230712.tsv")),
+    }
+    answers_path, questions, annotations, direct = cases[name]
+    check_annotations(name, str(annotations))
+    got, upload = score(name, answers_path, questions, str(annotations), tmp_path / "upload")
+    want = direct(answers_path)
+    assert got.metrics == want.metrics and got.per_question == want.per_question
+    assert (upload is not None) == (name == "mmbench") and (upload is None or Path(upload).is_file())
+    if name == "vqav2":    # test-dev: the upload over LLaVA's test2015 question list
+        test = f / "vqav2" / "llava_vqav2_mscoco_test2015.jsonl"
+        got, upload = score(name, answers_path, test, str(test), tmp_path / "upload")
+        assert got is None and json.loads(Path(upload).read_text())
+
+
+def torchrun(script: str, flags: dict, port: int) -> None:
+    import os
+    import subprocess
+    from pathlib import Path
+    repo = Path(__file__).resolve().parent.parent
+    args = []
+    for k, v in flags.items():
+        args += [f"--{k}", *map(str, v)] if isinstance(v, (list, tuple)) else [f"--{k}", str(v)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(port), str(repo / script), *args],
+                          env=env, cwd=repo, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_process_gloo_equals_one(world, evaluated):
+    """Under torchrun chunk i (of 3) is answered on rank i % 2; rank 0 writes what one process
+    writes."""
+    from utils.artifacts import load_json
+    out = world["tmp"] / "two"
+    torchrun("eval_llava.py", flags(world, "two"), 29547)
+    for label in ("upper", "lower-k1", "no_image", "voco-k1"):
+        assert answers(out, label) == answers(evaluated, label)
+    a, b = load_json(evaluated / "results.json"), load_json(out / "results.json")
+    keep = ("condition", "k", "n", "score", "mean", "ci95", "retention", "tokens_per_image",
+            "kv_bytes_per_image", "prefill_flops_per_question")
+    assert [{k: r[k] for k in keep} for r in a["rows"]] == [{k: r[k] for k in keep} for r in b["rows"]]
