@@ -39,7 +39,7 @@ from utils.tables import write_table
 
 TOKENIZER_DIR = "out/tokenizer"   # the trained tokenizer (directory or tokenizer.pt)
 LLM = "/models/llama-2-7b"        # the frozen LLM: Hugging Face dir, Meta LLaMA dir or .gguf
-LLM_DTYPE = "fp16"                # fp16 (the authors'), bf16 or fp32; a CPU runs bf16 if asked and native, else fp32
+LLM_DTYPE = "fp16"                # fp16 (the authors'), bf16, fp32 or auto (fp16 on a GPU); a CPU runs bf16 if asked (bf16, auto) and native, else fp32
 CAPTIONS_FILE = "/data/coco/dataset_coco.json"  # Karpathy dataset_coco.json, COCO captions_*.json, or {image path: caption(s)}
 IMAGE_DIR = ""                    # image root (Karpathy: COCO root with val2014/; COCO: the val2014 folder; "": the captions file's folder)
 SPLIT = "test"                    # captioned split (Karpathy: test; a mapping: first folder of its paths, e.g. val)
@@ -52,11 +52,13 @@ LOCAL_TOKENS = False              # also give each image's local tokens (grid x 
 VARIANTS = ["image", "ceiling", "floor"]  # image: tokenizer words; ceiling: own reference caption; floor: none
 MAX_NEW_TOKENS = 30               # longest caption in tokens
 SEED = 0                          # example selection seed
-BATCH_SIZE = 8                    # prompts decoded together
+BATCH_SIZE = "auto"               # prompts decoded together: auto (on a GPU the most its free memory holds, a divisor of CHUNK_SIZE; 8 on a CPU) or a number
 CHUNK_SIZE = 64                   # images per saved chunk (resume unit; batches are cut inside a chunk: keep it a multiple of --batch_size)
 PREFIX_CACHE = True               # run a batch's shared prompt prefix once (same captions, faster)
 GALLERY = 12                      # images in gallery.png, evenly spaced over the queries (0: none)
 DEVICE = "auto"                   # auto, cpu or cuda
+TF32 = False                      # image words on a CUDA GPU: let fp32 matmuls and convolutions use TF32 (faster on Ampere and later; not the faithful numbers); a CPU ignores it
+WORDS_AMP = "fp32"                # image words on a CUDA GPU: fp32 (faithful), or fp16 / bf16 autocast over the tokenizer (faster; a near-tie between codebook entries may flip); a CPU ignores it
 NUM_WORKERS = 2                   # image loading workers
 OUT_DIR = "out/eval_captioning"   # where results are written
 
@@ -107,7 +109,8 @@ def main():
                              llm_dtype=LLM_DTYPE, global_k=GLOBAL_K, local_tokens=LOCAL_TOKENS,
                              batch_size=BATCH_SIZE, chunk_size=CHUNK_SIZE,
                              max_new_tokens=MAX_NEW_TOKENS, prefix_cache=PREFIX_CACHE,
-                             num_workers=NUM_WORKERS, ddp=ddp)
+                             num_workers=NUM_WORKERS, words_tf32=TF32, words_amp=WORDS_AMP,
+                             ddp=ddp)
     files = results = None
     if ddp.is_main:
         results = {v: score(answers.rows[v], queries) for v in variants}

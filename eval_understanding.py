@@ -30,8 +30,9 @@ import torch
 
 from data.episodes import generate_episodes, read_episode_csv
 from engine.fewshot import (REFERENCES as REFERENCE_NAMES, FewShotPrompter, evaluate_episodes,
-                            fetch_count, global_token_strings, image_words, wilson_interval)
-from engine.greedy import BatchedGreedy
+                            WORDS_AMPS, fetch_count, global_token_strings, image_words,
+                            longest_prompt, wilson_interval, words_precision)
+from engine.greedy import BatchedGreedy, auto_batch_size, parse_batch_size
 from models.llm import llm_dtype, load_llm
 from models.tokenizer_io import load_tokenizer
 from utils import dist
@@ -44,7 +45,7 @@ from utils.stages import EVAL_UNDERSTANDING, EVAL_UNDERSTANDING_SETTING
 
 TOKENIZER_DIR = "out/tokenizer"   # the trained tokenizer (directory or tokenizer.pt)
 LLM = "/models/llama-2-7b"        # the frozen LLM: Hugging Face dir, Meta LLaMA dir or .gguf
-LLM_DTYPE = "fp16"                # fp16 (the authors'), bf16 or fp32; a CPU runs bf16 if asked and native, else fp32
+LLM_DTYPE = "fp16"                # fp16 (the authors'), bf16, fp32 or auto (fp16 on a GPU); a CPU runs bf16 if asked (bf16, auto) and native, else fp32
 DATA_DIR = "/data/imagenet"      # class-folder images; wnid folders -> the mini-ImageNet test classes
 SPLIT = "train"                   # sub-folder of DATA_DIR (mini-ImageNet images are ImageNet train images)
 EPISODES_CSV = ""                 # the authors' episode list (paths relative to DATA_DIR) instead of generated ones
@@ -62,12 +63,14 @@ REFERENCES = True                 # also score the ceiling (class names as words
 REPEAT = 0                        # extra repetitions of the support set in the prompt
 N_EPISODES = 1000                 # episodes per setting
 SEED = 0                          # episode sampling seed
-BATCH_SIZE = 8                    # episodes decoded together
+BATCH_SIZE = "auto"               # episodes decoded together: auto (on a GPU the most its free memory holds, a divisor of CHUNK_EPISODES; 8 on a CPU) or a number
 CHUNK_EPISODES = 64               # episodes per saved chunk (the resume granularity), a multiple of BATCH_SIZE
 MAX_NEW_TOKENS = 16               # longest answer
 PREFIX_CACHE = True               # run the batch's shared prompt prefix once (same results, faster)
 SWEEP = False                     # run the paper's grid: 2/5-way x 1/3/5-shot x k in {5, 21} (induction on)
 DEVICE = "auto"                   # auto, cpu or cuda
+TF32 = False                      # image words on a CUDA GPU: let fp32 matmuls and convolutions use TF32 (faster on Ampere and later; not the faithful numbers); a CPU ignores it
+WORDS_AMP = "fp32"                # image words on a CUDA GPU: fp32 (faithful), or fp16 / bf16 autocast over the tokenizer (faster; a near-tie between codebook entries may flip); a CPU ignores it
 NUM_WORKERS = 4                   # image loading workers
 OUT_DIR = "out/eval_understanding"  # where results are written
 
@@ -92,9 +95,12 @@ def setting_name(s: dict) -> str:
 def check_options() -> None:
     if CLASS_NAMES not in ("raw", "spaces"):
         raise V2LError(f"--class_names {CLASS_NAMES!r} unknown; use raw or spaces")
-    if BATCH_SIZE < 1 or N_EPISODES < 1:
-        raise V2LError("--batch_size and --n_episodes must be at least 1")
-    if CHUNK_EPISODES < BATCH_SIZE or CHUNK_EPISODES % BATCH_SIZE:
+    batch = parse_batch_size(BATCH_SIZE)
+    if WORDS_AMP not in WORDS_AMPS:
+        raise V2LError(f"--words_amp {WORDS_AMP!r}: use one of {', '.join(WORDS_AMPS)}")
+    if N_EPISODES < 1:
+        raise V2LError("--n_episodes must be at least 1")
+    if batch is not None and (CHUNK_EPISODES < batch or CHUNK_EPISODES % batch):
         raise V2LError(f"--chunk_episodes {CHUNK_EPISODES}: use a multiple of --batch_size "
                        f"{BATCH_SIZE}, so that a chunk's batches are those of an unchunked run")
 
@@ -129,10 +135,19 @@ def answer_chunks(s: dict, episodes: list, store: ChunkStore, strings: dict,
     words = setting_words(strings, s["global_k"])
     prompter = FewShotPrompter(llm.text_tokenizer, induction=s["induction"], repeat=s["repeat"],
                                constraint=CONSTRAINT)
-    for i in store.todo(ddp.rank, ddp.world):
+    todo = store.todo(ddp.rank, ddp.world)
+    spaces = CLASS_NAMES == "spaces"
+    batch = parse_batch_size(BATCH_SIZE)
+    if batch is None and todo:    # auto: from the longest prompt of this rank's episodes
+        mine = [ep for i in todo for ep in episodes[slice(*store.bounds(i))]]
+        batch = auto_batch_size(greedy.model, longest_prompt(prompter, mine, words, spaces,
+                                                             REFERENCES),
+                                MAX_NEW_TOKENS, 3 if REFERENCES else 1, CHUNK_EPISODES)
+        print(f"{setting_name(s)} (rank {ddp.rank}): --batch_size auto: {batch} episodes")
+    for i in todo:
         lo, hi = store.bounds(i)
         results = evaluate_episodes(greedy, prompter, episodes[lo:hi], words, MAX_NEW_TOKENS,
-                                    BATCH_SIZE, spaces=CLASS_NAMES == "spaces", references=REFERENCES)
+                                    batch, spaces=spaces, references=REFERENCES)
         store.save(i, [{"index": r.index, "prediction": r.prediction, "target": r.target,
                         "correct": r.correct, "prompt_tokens": r.prompt_tokens,
                         "prompt": r.prompt} | r.references for r in results])
@@ -200,9 +215,10 @@ def main():
                     for p, _ in ep.support + (ep.query,)})
     k_max = max(s["global_k"] for s, _ in plan)
     k_fetch = fetch_count(k_max, GLOBAL_DEDUP, tokenizer.tok_embeddings_global.weight.shape[0])
-    strings = dict(zip(paths, global_token_strings(tokenizer, paths, k_fetch,
-                                                   batch_size=64, num_workers=NUM_WORKERS,
-                                                   progress=ddp.is_main))) if paths else {}
+    with words_precision(ddp.device, TF32, WORDS_AMP):
+        strings = dict(zip(paths, global_token_strings(tokenizer, paths, k_fetch,
+                                                       batch_size=64, num_workers=NUM_WORKERS,
+                                                       progress=ddp.is_main))) if paths else {}
     pad = llm.text_tokenizer.pad_token_id if llm.text_tokenizer.pad_token_id is not None else 0
     greedy = BatchedGreedy(llm.model, pad, prefix_cache=PREFIX_CACHE)
     error = None

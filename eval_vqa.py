@@ -42,7 +42,7 @@ from utils.tables import write_table
 
 TOKENIZER_DIR = "out/tokenizer"   # the trained tokenizer (directory or tokenizer.pt)
 LLM = "/models/llama-2-7b"        # the frozen LLM: Hugging Face dir, Meta LLaMA dir or .gguf
-LLM_DTYPE = "fp16"                # fp16 (the authors'), bf16 or fp32; a CPU runs bf16 if asked and native, else fp32
+LLM_DTYPE = "fp16"                # fp16 (the authors'), bf16, fp32 or auto (fp16 on a GPU); a CPU runs bf16 if asked (bf16, auto) and native, else fp32
 QUESTIONS_FILE = "/data/vqa/v2_OpenEnded_mscoco_val2014_questions.json"  # VQAv2 questions ("": the demo world's generated questions)
 ANNOTATIONS_FILE = "/data/vqa/v2_mscoco_val2014_annotations.json"  # VQAv2 annotations (ten answers per question)
 IMAGE_DIR = "/data/coco/val2014"   # COCO images of the questions (COCO_val2014_<id>.jpg)
@@ -59,11 +59,13 @@ LOCAL_TOKENS = False              # also give each image's local tokens (grid x 
 VARIANTS = ["image", "ceiling", "floor"]  # image: tokenizer words; ceiling: own labels; floor: none
 MAX_NEW_TOKENS = 10               # longest answer in tokens
 SEED = 0                          # example selection and demo question seed
-BATCH_SIZE = 8                    # prompts decoded together
+BATCH_SIZE = "auto"               # prompts decoded together: auto (on a GPU the most its free memory holds, a divisor of CHUNK_SIZE; 8 on a CPU) or a number
 CHUNK_SIZE = 64                   # questions per saved chunk (resume unit; batches are cut inside a chunk: keep it a multiple of --batch_size)
 PREFIX_CACHE = True               # run a batch's shared prompt prefix once (same answers, faster)
 GALLERY = 12                      # images in gallery.png, evenly spaced over the queries (0: none)
 DEVICE = "auto"                   # auto, cpu or cuda
+TF32 = False                      # image words on a CUDA GPU: let fp32 matmuls and convolutions use TF32 (faster on Ampere and later; not the faithful numbers); a CPU ignores it
+WORDS_AMP = "fp32"                # image words on a CUDA GPU: fp32 (faithful), or fp16 / bf16 autocast over the tokenizer (faster; a near-tie between codebook entries may flip); a CPU ignores it
 NUM_WORKERS = 2                   # image loading workers
 OUT_DIR = "out/eval_vqa"          # where results are written
 
@@ -135,7 +137,8 @@ def main():
                              llm_dtype=LLM_DTYPE, global_k=GLOBAL_K, local_tokens=LOCAL_TOKENS,
                              batch_size=BATCH_SIZE, chunk_size=CHUNK_SIZE,
                              max_new_tokens=MAX_NEW_TOKENS, prefix_cache=PREFIX_CACHE,
-                             num_workers=NUM_WORKERS, ddp=ddp)
+                             num_workers=NUM_WORKERS, words_tf32=TF32, words_amp=WORDS_AMP,
+                             ddp=ddp)
     files = results = None
     if ddp.is_main:
         results = {v: score(answers.rows[v], queries) for v in variants}

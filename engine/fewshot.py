@@ -30,6 +30,7 @@ Episodes are decoded in batches by ``engine.greedy.BatchedGreedy``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -259,6 +260,34 @@ def global_token_strings(tokenizer, paths: list[str], k: int, batch_size: int = 
     return out
 
 
+WORDS_AMPS = ("fp32", "fp16", "bf16")
+
+
+@contextlib.contextmanager
+def words_precision(device, tf32: bool = False, amp: str = "fp32"):
+    """How the image words are computed (the tokenizer's encoder and quantiser, the nearest
+    global entries; CLIP runs as the tokenizer was trained). On a CUDA GPU, options: ``tf32``
+    lets float32 matmuls and convolutions use TF32, ``amp`` fp16/bf16 runs them under autocast
+    (faster; a near-tie between two codebook entries can then go the other way). The default,
+    fp32 without TF32, is the faithful one; on a CPU nothing changes."""
+    if amp not in WORDS_AMPS:
+        raise V2LError(f"--words_amp {amp!r}: expected one of {', '.join(WORDS_AMPS)}")
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    matmul, conv = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        if amp == "fp32":
+            yield
+        else:
+            with torch.autocast("cuda", dtype=torch.float16 if amp == "fp16" else torch.bfloat16):
+                yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, conv
+
+
 @dataclass
 class EpisodeResult:
     index: int
@@ -273,6 +302,28 @@ class EpisodeResult:
 def is_correct(prediction: str, target: str) -> bool:
     """The authors' rule: the answer starts with the true class name."""
     return prediction.strip().startswith(target)
+
+
+def episode_variants(words: dict[str, str], references: bool) -> dict:
+    """variant -> (image path, class name) -> the image's words in the prompt."""
+    variants = {"images": lambda path, name: words[path]}
+    if references:
+        variants |= {"ceiling": lambda path, name: name, "floor": lambda path, name: ""}
+    return variants
+
+
+def episode_prompt(prompter: FewShotPrompter, ep, words_of, spaces: bool = False) -> Prompt:
+    names = ep.names(spaces)
+    support = [(words_of(p, ep.name(f, spaces)), ep.name(f, spaces)) for p, f in ep.support]
+    return prompter.build(names, support, words_of(ep.query[0], ep.target(spaces)))
+
+
+def longest_prompt(prompter: FewShotPrompter, episodes: list, words: dict[str, str],
+                   spaces: bool = False, references: bool = False) -> int:
+    """Tokens of the longest prompt ``evaluate_episodes`` would decode for ``episodes``."""
+    return max((len(episode_prompt(prompter, ep, words_of, spaces).ids)
+                for words_of in episode_variants(words, references).values() for ep in episodes),
+               default=1)
 
 
 def evaluate_episodes(greedy: BatchedGreedy, prompter: FewShotPrompter, episodes: list,
@@ -291,23 +342,17 @@ def evaluate_episodes(greedy: BatchedGreedy, prompter: FewShotPrompter, episodes
     """
     context = context_length(greedy.model)
     eos = prompter.text_tokenizer.eos_token_id
-    variants = {"images": lambda path, name: words[path]}
-    if references:
-        variants |= {"ceiling": lambda path, name: name, "floor": lambda path, name: ""}
+    variants = episode_variants(words, references)
     for start in range(0, len(episodes), batch_size):
         batch = episodes[start:start + batch_size]
         prompts, constraints, groups = [], [], []
         for variant, words_of in variants.items():
             for i, ep in enumerate(batch):
-                names = ep.names(spaces)
-                support = [(words_of(p, ep.name(f, spaces)), ep.name(f, spaces))
-                           for p, f in ep.support]
-                query = words_of(ep.query[0], ep.target(spaces))
-                prompt = prompter.build(names, support, query)
+                prompt = episode_prompt(prompter, ep, words_of, spaces)
                 check_prompt_length(len(prompt.ids), max_new_tokens, context,
                                     f"episode {ep.index}")
                 prompts.append(prompt)
-                constraints.append(prompter.constraint(names))
+                constraints.append(prompter.constraint(ep.names(spaces)))
                 groups.append(i)
         if merge_variants:      # one pass; an episode's variants share its induction line
             gen = greedy.generate([p.ids for p in prompts], max_new_tokens,

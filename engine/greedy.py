@@ -227,3 +227,52 @@ def greedy_next_tokens(model, token_lists: list[list[int]], batch_size: int = 64
         idx = order[start:start + batch_size]
         out[idx] = greedy.prefill([token_lists[i] for i in idx])[0].argmax(-1).cpu()
     return out
+
+
+CPU_BATCH_SIZE = 8     # --batch_size auto on a CPU: the batch the LLM stages have always used
+
+
+def parse_batch_size(value, flag: str = "--batch_size") -> int | None:
+    """``auto`` -> None (decided by ``auto_batch_size``); else a positive whole number."""
+    if str(value).strip().lower() == "auto":
+        return None
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1 or str(n) != str(value).strip():
+        raise V2LError(f"{flag} {value!r}: use auto or a whole number of at least 1")
+    return n
+
+
+def free_device_memory(device) -> int | None:
+    """Bytes free on a CUDA device now (the model already loaded); None on a CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def auto_batch_size(model, prompt_tokens: int, new_tokens: int, rows_per_item: int = 1,
+                    divides: int | None = None, cpu_default: int = CPU_BATCH_SIZE) -> int:
+    """``--batch_size auto``: on a GPU the most items (of ``rows_per_item`` prompts each, the
+    longest ``prompt_tokens`` long, ``new_tokens`` generated) whose key/value cache and prefill
+    activations fit in the device's free memory after loading (``utils.memory.llm_batch_size``,
+    its safety margin included); on a CPU ``cpu_default``. With ``divides``, the largest divisor
+    of it at most that (a chunk of ``divides`` items is then cut into equal batches)."""
+    free = free_device_memory(next(model.parameters()).device)
+    if free is None:
+        n = cpu_default
+    else:
+        from utils.memory import llm_batch_size
+        dtype_bytes = next(model.parameters()).element_size()
+        n = llm_batch_size(model.config, dtype_bytes, prompt_tokens, new_tokens, free,
+                           include_weights=False) // max(1, rows_per_item)
+        if n < 1:
+            raise V2LError(f"one item of {rows_per_item} prompts of up to {prompt_tokens} tokens "
+                           f"does not fit the {free / 2 ** 30:.1f} GiB free on the GPU; give "
+                           "--batch_size 1 with fewer references, or shorter prompts")
+    n = max(1, n)
+    if divides:
+        n = max(d for d in range(1, min(n, divides) + 1) if divides % d == 0)
+    return n

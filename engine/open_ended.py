@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 
 from engine.fewshot import check_prompt_length, context_length
-from engine.greedy import BatchedGreedy
+from engine.greedy import BatchedGreedy, auto_batch_size, parse_batch_size
 from models.llm import encode_segment
 from utils.artifacts import ChunkStore, finished_inputs, run_key, save_text
 from utils.errors import V2LError
@@ -235,8 +235,9 @@ class Answers:
 
 def answer_queries(queries: list, pool: list, picker: ExamplePicker, variants: list[str], *,
                    out_dir, key_settings: dict, tokenizer_dir, llm: str, llm_dtype: str,
-                   global_k: int, local_tokens: bool, batch_size: int, chunk_size: int,
-                   max_new_tokens: int, prefix_cache: bool, num_workers: int, ddp) -> Answers:
+                   global_k: int, local_tokens: bool, batch_size, chunk_size: int,
+                   max_new_tokens: int, prefix_cache: bool, num_workers: int, ddp,
+                   words_tf32: bool = False, words_amp: str = "fp32") -> Answers:
     """Every variant's answers to ``queries``, resuming from the chunks on disk.
 
     ``key_settings``: the caller's settings that the answers depend on (run-only ones are
@@ -247,9 +248,12 @@ def answer_queries(queries: list, pool: list, picker: ExamplePicker, variants: l
     from models.llm import llm_dtype as effective_dtype
     if not queries:
         raise V2LError("no images or questions to answer; check the data files and --split")
-    if batch_size < 1 or chunk_size < 1:
-        raise V2LError(f"--batch_size {batch_size}, --chunk_size {chunk_size}: both must be at "
-                       "least 1")
+    from engine.fewshot import WORDS_AMPS
+    batch_size = parse_batch_size(batch_size)
+    if words_amp not in WORDS_AMPS:
+        raise V2LError(f"--words_amp {words_amp!r}: use one of {', '.join(WORDS_AMPS)}")
+    if chunk_size < 1:
+        raise V2LError(f"--chunk_size {chunk_size}: must be at least 1")
     dtype = effective_dtype(llm_dtype, ddp.device)
     stores = {v: ChunkStore(Path(out_dir) / v, len(queries), chunk_size,
                             variant_key(key_settings, v, dtype, tokenizer_dir, llm), rows=True)
@@ -257,7 +261,7 @@ def answer_queries(queries: list, pool: list, picker: ExamplePicker, variants: l
     load_llm_fn, load_tokenizer_fn = model_loaders(llm, dtype, tokenizer_dir, ddp.device)
     rows = run_variants(queries, pool, picker, stores, ddp, load_llm_fn, load_tokenizer_fn,
                         global_k, local_tokens, batch_size, max_new_tokens, prefix_cache,
-                        num_workers)
+                        num_workers, word_precision=(words_tf32, words_amp))
     files = write_answers(out_dir, rows) if ddp.is_main else []
     return Answers(rows, files, stores)
 
@@ -388,13 +392,19 @@ def answer_of(item) -> str:
 
 
 def run_variants(queries: list, pool: list, picker: ExamplePicker, stores: dict[str, ChunkStore],
-                 ddp, load_llm_fn, load_tokenizer_fn, global_k: int, local: bool, batch_size: int,
+                 ddp, load_llm_fn, load_tokenizer_fn, global_k: int, local: bool,
+                 batch_size: int | None,
                  max_new_tokens: int, prefix_cache: bool, num_workers: int = 0,
-                 progress: bool = True) -> dict[str, dict[str, dict]] | None:
+                 progress: bool = True, word_precision: tuple[bool, str] = (False, "fp32"),
+                 ) -> dict[str, dict[str, dict]] | None:
     """Answer this rank's chunks of every variant's store (chunk i: rank i % world), then, once
     every rank is done, return all rows per variant by query key on rank 0 (None elsewhere).
-    A V2LError on any rank stops every rank with it."""
+    ``batch_size`` None: ``--batch_size auto`` (``engine.greedy.auto_batch_size`` for the longest
+    prompt of this rank's work, a divisor of the chunk size). A V2LError on any rank stops
+    every rank with it. ``word_precision``: (TF32, autocast) for the image words on a GPU
+    (``engine.fewshot.words_precision``)."""
     from tqdm import tqdm
+    from engine.fewshot import words_precision
     from utils import dist
     question = (lambda it: None) if not hasattr(queries[0], "question") else (lambda it: it.question)
     examples = {q.key: picker(q) for q in queries}
@@ -407,7 +417,9 @@ def run_variants(queries: list, pool: list, picker: ExamplePicker, stores: dict[
             if todo.get("image"):
                 paths = sorted({p for _, chunk in todo["image"] for q in chunk
                                 for p in [q.path] + [pool[i].path for i in examples[q.key]]})
-                words = image_words(load_tokenizer_fn(), paths, global_k, local, num_workers)
+                tokenizer = load_tokenizer_fn()
+                with words_precision(ddp.device, *word_precision):
+                    words = image_words(tokenizer, paths, global_k, local, num_workers)
             llm = load_llm_fn()
             text_tokenizer = llm.text_tokenizer
             pad = text_tokenizer.pad_token_id if text_tokenizer.pad_token_id is not None else 0
@@ -420,6 +432,12 @@ def run_variants(queries: list, pool: list, picker: ExamplePicker, stores: dict[
             for chunks in work.values():
                 for _, _, jobs in chunks:
                     check_lengths(greedy, jobs, max_new_tokens, LENGTH_FLAGS)
+            if batch_size is None:     # auto: from the longest prompt of this rank's work
+                longest = max(len(p.ids) for chunks in work.values() for _, _, jobs in chunks
+                              for _, p in jobs)
+                chunk = next(iter(stores.values())).chunk_size
+                batch_size = auto_batch_size(llm.model, longest, max_new_tokens, divides=chunk)
+                print(f"rank {ddp.rank}: --batch_size auto: {batch_size} prompts")
             for v, chunks in work.items():
                 with tqdm(total=sum(len(chunk) for _, chunk, _ in chunks),
                           desc=f"{v} (rank {ddp.rank})", disable=not progress or not chunks) as bar:

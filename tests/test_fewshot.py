@@ -167,6 +167,49 @@ def test_allowed_mask_is_each_rows_constraint():
     assert torch.equal(got, want)
 
 
+def test_auto_batch_size_follows_free_memory(monkeypatch):
+    """--batch_size auto: on a CPU the stages' batch of 8; on a GPU utils.memory's batch for the
+    free memory after loading (weights not counted again), divided by the prompts per item, cut
+    to a divisor of the chunk; a number overrides; bad values are refused with the flag."""
+    import engine.greedy as g
+    from utils.memory import llm_batch_size
+    model = tiny_llama_model(300)
+    assert g.parse_batch_size("auto") is None and g.parse_batch_size("12") == 12 == \
+        g.parse_batch_size(12)
+    for bad in ("0", "x", "2.5", -3):
+        with pytest.raises(V2LError, match="--batch_size"):
+            g.parse_batch_size(bad)
+    assert g.auto_batch_size(model, 100, 16) == g.CPU_BATCH_SIZE
+    free = 2 ** 26
+    monkeypatch.setattr(g, "free_device_memory", lambda device: free)
+    want = llm_batch_size(model.config, 4, 100, 16, free, include_weights=False)
+    assert want > 64     # (the tiny model: many rows fit in 64 MiB)
+    assert g.auto_batch_size(model, 100, 16) == want
+    assert g.auto_batch_size(model, 100, 16, rows_per_item=3) == want // 3
+    assert g.auto_batch_size(model, 100, 16, rows_per_item=3, divides=64) == \
+        max(d for d in (1, 2, 4, 8, 16, 32, 64) if d <= want // 3)
+    assert g.auto_batch_size(model, 400, 16) < want          # longer prompts, fewer rows
+    monkeypatch.setattr(g, "free_device_memory", lambda device: 1000)
+    with pytest.raises(V2LError):
+        g.auto_batch_size(model, 100, 16)
+
+
+def test_words_precision_changes_nothing_on_a_cpu_and_restores_tf32():
+    """--tf32 / --words_amp act on a CUDA device only, and the TF32 flags come back after."""
+    from engine.fewshot import words_precision
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    x = torch.randn(8, 8)
+    with words_precision("cpu", tf32=True, amp="bf16"):
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+        assert not torch.is_autocast_enabled("cpu") and (x @ x).dtype == torch.float32
+    with words_precision("cuda", tf32=True):
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    with pytest.raises(V2LError, match="--words_amp"):
+        with words_precision("cpu", amp="int8"):
+            pass
+
+
 def test_batched_generation_matches_one_at_a_time():
     model = tiny_llama_model(300)
     prompts = [[1, 5, 6, 7, 8], [1, 5, 6, 9], [1, 5, 6, 7, 10, 11, 12]]
