@@ -30,13 +30,14 @@ An image's embeddings [n, hidden] take the place of the ``<image>`` placeholder 
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from models.llava_dirs import (architectures, is_llava_dir, is_original_llava_dir, read_config,
+                               refuse_llava_as_llm)
 from models.llm import LLM, load_llm, llm_fingerprint, resolve_dtype
 from utils.errors import V2LError
 
@@ -46,65 +47,18 @@ PROJECTOR_PREFIX = "model.mm_projector."
 
 # ----------------------------------------------------------------------------- what a path is
 
-def _config(path) -> dict | None:
-    """A directory's config.json as a dict (None when there is none or it is not JSON)."""
-    file = Path(path) / "config.json"
-    if not file.is_file():
-        return None
-    try:
-        return json.loads(file.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _architectures(config: dict | None) -> list[str]:
-    return list((config or {}).get("architectures") or [])
-
-
-def is_llava_dir(path) -> bool:
-    """True for a llava-hf directory (``LlavaForConditionalGeneration``: a config with
-    ``vision_config`` and ``text_config``)."""
-    config = _config(path)
-    return bool(config) and ("LlavaForConditionalGeneration" in _architectures(config)
-                             or (config.get("model_type") == "llava" and "text_config" in config))
-
-
-def is_original_llava_dir(path) -> bool:
-    """True for an original (liuhaotian) LLaVA directory: ``LlavaLlamaForCausalLM`` with
-    ``mm_vision_tower`` in its config."""
-    config = _config(path)
-    return bool(config) and ("LlavaLlamaForCausalLM" in _architectures(config)
-                             or "mm_vision_tower" in config)
-
-
-def refuse_llava_as_llm(path, flag: str = "--llava") -> None:
-    """Raise a one-line V2LError when ``path``, given where a causal LM is expected, is a LLaVA
-    checkpoint (``models.llm.load_llm`` cannot read one: in transformers 5.x a llava-hf
-    directory is not a causal LM)."""
-    if path is None or not Path(path).is_dir():
-        return
-    if is_llava_dir(path):
-        raise V2LError(f"{path} is a LLaVA checkpoint (LlavaForConditionalGeneration); give it as "
-                       f"{flag}, or give its language model (a Hugging Face LLaMA/Vicuna directory) "
-                       "as the LLM")
-    if is_original_llava_dir(path):
-        raise V2LError(f"{path} is an original LLaVA checkpoint (LlavaLlamaForCausalLM), which "
-                       "transformers cannot load; give a llava-hf directory as --llava, or Vicuna "
-                       "+ the CLIP vision tower + mm_projector.bin")
-
-
 def _refuse_llm_as_llava(path) -> None:
     if is_llava_dir(path):
         return
     refuse_llava_as_llm(path)       # the original layout: its own line
-    config = _config(path)
-    what = ", ".join(_architectures(config)) or (config or {}).get("model_type") or "no config.json"
+    config = read_config(path)
+    what = ", ".join(architectures(config)) or (config or {}).get("model_type") or "no config.json"
     raise V2LError(f"{path} is not a llava-hf checkpoint ({what}); give a LlavaForConditionalGeneration "
                    "directory as --llava, or a causal LM as --llm with --vision_tower and --mm_projector")
 
 
 def _check_vision_dir(path) -> dict:
-    config = _config(path)
+    config = read_config(path)
     if config is None:
         raise V2LError(f"{path}: no config.json; give a CLIP vision tower directory (e.g. "
                        "openai/clip-vit-large-patch14-336) as --vision_tower")
@@ -112,7 +66,7 @@ def _check_vision_dir(path) -> dict:
         raise V2LError(f"{path} is a LLaVA checkpoint, not a CLIP vision tower; give it as --llava "
                        "(alone), or give the CLIP directory as --vision_tower")
     if config.get("model_type") not in ("clip", "clip_vision_model"):
-        what = ", ".join(_architectures(config)) or config.get("model_type")
+        what = ", ".join(architectures(config)) or config.get("model_type")
         raise V2LError(f"{path} is not a CLIP model ({what}); give a transformers CLIP directory "
                        "(CLIPModel or CLIPVisionModel) as --vision_tower")
     return config

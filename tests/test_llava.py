@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models.llava import (expand2square, is_llava_dir, load_llava, read_projector,
-                          refuse_llava_as_llm)
+from models.llava import expand2square, load_llava, read_projector
+from models.llava_dirs import is_llava_dir, refuse_llava_as_llm
 from tiny_llava import CLIP_MEAN, CLIP_STD, IMAGE_SIZE, N_PATCHES, TEXT_VOCAB, make_tiny_llava
 from utils.errors import V2LError
 
