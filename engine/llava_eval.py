@@ -20,6 +20,12 @@ What the frozen LLM reads per condition:
   VoCo mask, no trained compression") and eval_compression.py's;
 - ``voco`` (at each k): the same with the trained weights.
 
+The reader is the VoCo weights' (``VoCo(reader=...)``): the frozen LLM (ours), or the LLM
+with LoRA on while reading too (``adapted``). Every condition but ``voco`` runs with the
+untrained start loaded, whose LoRA is the identity: upper, no_image and lower are read by the
+LLaVA itself whatever the reader. A fully fine-tuned reader (no LoRA, LLM weights trained) is
+refused: its weights are not in a VoCo directory.
+
 The compressed prompts are those the LLaVA training loss reads (``engine.llava_voco``):
 ``before`` + block + ``after`` in our layout, block + ``after`` in the authors' (their mask
 hides the text before the image). Text-only questions read the same prompt under every
@@ -45,7 +51,7 @@ from engine.llava_bench import (Score, load_questions, mmbench_questions, read_j
                                 write_vqav2_upload)
 from engine.llava_voco import voco_text
 from engine.voco import BlockStore, check_identity, greedy, synced_clock
-from models.voco import VoCo, VoCoBlock, kv_bytes_per_token
+from models.voco import READERS, VoCo, VoCoBlock, kv_bytes_per_token
 from utils.artifacts import load_json, load_tensors
 from utils.errors import V2LError
 
@@ -245,8 +251,7 @@ def load_llava_voco(voco_dir, parts, layout: str = "") -> tuple[VoCo, dict, dict
     layout) from a VoCo artifact trained on this LLaVA (voco.safetensors + voco.json with
     ``layout`` and ``k_max``). The text an image is compressed after and before its VoCo
     tokens is the layout's (``engine.llava_voco.voco_text``); where voco.json records it, it
-    must agree. Only a frozen reader is read here (the artifact's weights are VoCo embeddings
-    and LoRA, active while compressing)."""
+    must agree. The reader is voco.json's ``reader`` (frozen when absent)."""
     voco_dir = Path(voco_dir)
     info = voco_info(voco_dir)
     info_path, weights_path = voco_dir / "voco.json", voco_dir / "voco.safetensors"
@@ -254,9 +259,13 @@ def load_llava_voco(voco_dir, parts, layout: str = "") -> tuple[VoCo, dict, dict
     if layout and layout != trained_layout:
         raise V2LError(f"--layout {layout}: {voco_dir} was trained in the {trained_layout!r} "
                        f"layout; leave --layout empty or pass {trained_layout}")
-    if info.get("reader", "frozen") != "frozen":
-        raise V2LError(f"{info_path}: reader {info['reader']!r}; eval_llava.py reads VoCo weights "
-                       "of a frozen reader (VoCo embeddings + LoRA while compressing)")
+    reader = info.get("reader", "frozen")
+    if reader not in READERS:
+        raise V2LError(f"{info_path}: reader {reader!r} unknown; expected one of {', '.join(READERS)}")
+    if reader != "frozen" and not info["lora_rank"]:
+        raise V2LError(f"{info_path}: a fully fine-tuned reader (reader {reader!r}, no LoRA): its LLM "
+                       "weights are not VoCo weights; evaluate VoCo weights with LoRA (frozen or "
+                       "adapted reader)")
     check_identity(info["llm_identity"], parts.language, str(voco_dir))
     prompts = LlavaPrompts(parts.tokenizer, trained_layout)
     text = voco_text(prompts.sample({"text": "?", "question_id": "-"}, True),
@@ -276,7 +285,7 @@ def load_llava_voco(voco_dir, parts, layout: str = "") -> tuple[VoCo, dict, dict
                        f"voco.json says k_max {info['k_max']}; the directory is inconsistent")
     voco = VoCo(parts.llm, info["k_max"], info["lora_rank"], info["lora_alpha"],
                 info["lora_targets"], seed=info["seed"], init_ids=info.get("init_ids") or None,
-                **text)
+                reader=reader, **text)
     return voco, info, trained, trained_layout
 
 
@@ -356,8 +365,10 @@ def run_chunk(work: Work, groups: list[Group], labels: list[str]) -> dict[str, l
     for label in labels:
         condition, k = parse_label(label)
         compress_s, store = 0.0, None
+        if work.states is not None:   # the untrained start (LoRA = identity) but for voco: an
+            #                           adapted reader then reads upper and no_image as the LLaVA
+            work.voco.load_adapter_state(work.states["voco" if condition == "voco" else "lower"])
         if condition in VOCO_CONDITIONS:
-            work.voco.load_adapter_state(work.states[condition])
             t0 = synced_clock(work.device)
             store = compress_groups(work, groups, embeddings, k)
             compress_s = synced_clock(work.device) - t0

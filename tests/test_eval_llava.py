@@ -2,8 +2,10 @@
 format and read by the benchmark scorer, the cached VoCo (and lower, and upper) answers equal
 to greedy decoding over one masked pass per step written out without a cache, resuming
 without recomputing, bad inputs one line each."""
+import contextlib
 import json
 import sys
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -48,9 +50,9 @@ def run(script: str, **flags) -> int:
 def world(tmp_path_factory):
     """A tiny LLaVA in both forms, an image folder (one image of the question file missing),
     a generated question file with answers, and VoCo weights (k_max 2) whose state differs
-    from their untrained start: in the system layout VoCo embeddings and LoRA, in the authors'
-    VoCo embeddings only (LoRA zero, so that one masked pass without adapters is the same
-    model)."""
+    from their untrained start: in the system layout VoCo embeddings and LoRA (a frozen
+    reader, and an adapted one: LoRA on while reading too), in the authors' VoCo embeddings
+    only (LoRA zero, so that one masked pass without adapters is the same model)."""
     from engine.llava_eval import LlavaPrompts
     from engine.llava_voco import voco_text
     from engine.voco import llm_identity
@@ -69,22 +71,23 @@ def world(tmp_path_factory):
         for i, (image, text, answer) in enumerate(QUESTIONS):
             f.write(json.dumps({"question_id": f"q{i}", "image": image, "text": text,
                                 "answer": answer, "category": "demo"}) + "\n")
-    for layout in ("system", "authors"):
+    for dirname, layout, reader in (("system", "system", "frozen"), ("authors", "authors", "frozen"),
+                                    ("adapted", "system", "adapted")):
         parts = load_llava(paths["llava"], dtype="fp32", device="cpu")
         sample = LlavaPrompts(parts.tokenizer, layout).sample({"text": "?", "question_id": 0}, True)
         text = voco_text(sample, parts.tokenizer.bos_token_id)
-        voco = VoCo(parts.llm, 2, 4, 8.0, LORA_TARGETS, seed=0, **text)
+        voco = VoCo(parts.llm, 2, 4, 8.0, LORA_TARGETS, seed=0, reader=reader, **text)
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():   # "trained": away from the untrained start
             voco.embeddings.add_(torch.randn(voco.embeddings.shape, generator=g))
             for name, p in parts.llm.named_parameters():   # the authors' layout: LoRA = 0
-                if "lora_B" in name and layout == "system":
+                if "lora_B" in name and dirname != "authors":
                     p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-        out = tmp / f"voco_{layout}"
+        out = tmp / f"voco_{dirname}"
         save_tensors(out / "voco.safetensors", {k: v.float() for k, v in voco.adapter_state().items()})
         save_json(out / "voco.json", {"k_max": 2, "train_ks": [1, 2], "lora_rank": 4, "lora_alpha": 8.0,
                                       "lora_targets": list(LORA_TARGETS), "seed": 0, "init_ids": [],
-                                      "layout": layout, "llm": parts.language.ident,
+                                      "layout": layout, "reader": reader, "llm": parts.language.ident,
                                       "llm_identity": llm_identity(parts.language), **text})
     yield {"tmp": tmp, **paths}
     torch.set_num_threads(threads)
@@ -141,7 +144,7 @@ def test_end_to_end_answers_scores_and_costs(world, evaluated):
     assert (evaluated / "results.md").is_file()
 
 
-def reference_answers(parts, voco, layout, condition, questions, image_folder, k=1):
+def reference_answers(parts, voco, layout, condition, questions, image_folder, k=1, adapters=False):
     """Greedy answers of the kept questions, each step one forward over the whole prompt, no
     cache: the plain LLM over the embedded prompt (upper), or one masked pass with the image
     and its VoCo tokens inside (tests/voco_reference.py ``single_pass``); and the smallest
@@ -171,6 +174,9 @@ def reference_answers(parts, voco, layout, condition, questions, image_folder, k
             with torch.no_grad():
                 if condition in ("upper", "no_image"):   # the plain causal LM
                     logits = parts.llm(inputs_embeds=parts.embed_prompt(prompt)[None]).logits[0, -1]
+                elif adapters:                            # the same with LoRA on everywhere
+                    with patch.object(voco, "frozen", contextlib.nullcontext):
+                        logits = single_pass(voco, [prompt], k)[0][0, -1]
                 else:                                     # one masked pass (voco_reference)
                     logits = single_pass(voco, [prompt], k)[0][0, -1]
             top = logits.topk(2)
@@ -217,6 +223,29 @@ def test_cached_answers_equal_the_single_masked_pass(world, evaluated, layout):
                 assert got[qid] == text, (layout, label, qid)
                 compared += 1
     assert compared >= 8
+
+
+def test_adapted_reader(world, evaluated):
+    """VoCo weights of an adapted reader (LoRA on while reading too): voco's cached answers are
+    greedy decoding over one masked pass of the LLM with LoRA on; upper and no_image are read
+    by the LLaVA itself (the untrained start's LoRA is the identity): the frozen run's answers."""
+    from engine.llava_eval import load_llava_voco
+    from models.llava import load_llava
+    out = world["tmp"] / "adapted"
+    assert run("eval_llava.py", **flags(world, "adapted", voco_dir=world["tmp"] / "voco_adapted")) == 0
+    for label in ("upper", "no_image"):
+        assert answers(out, label) == answers(evaluated, label)
+    parts = load_llava(world["llava"], dtype="fp32", device="cpu")
+    voco, _, trained, _ = load_llava_voco(world["tmp"] / "voco_adapted", parts)
+    assert voco.reader == "adapted"
+    voco.load_adapter_state(trained)
+    want = reference_answers(parts, voco, "system", "voco", world["tmp"] / "questions.jsonl",
+                             world["tmp"] / "img", adapters=True)
+    got = {r["question_id"]: r["text"] for r in answers(out, "voco-k1")}
+    frozen = {r["question_id"]: r["text"] for r in answers(evaluated, "voco-k1")}
+    compared = [qid for qid, (_, gap) in want.items() if gap > MARGIN]
+    assert len(compared) >= 4 and all(got[q] == want[q][0] for q in compared)
+    assert got != frozen      # the same weights read by the frozen LLM answer otherwise
 
 
 def test_rerun_resumes_without_recomputing(world, evaluated, monkeypatch, capsys):
