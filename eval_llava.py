@@ -12,7 +12,10 @@ Vicuna + a CLIP vision tower + mm_projector.bin) answers greedily under each con
 - no_image: the same prompt without the image;
 - voco: the trained VoCo weights, at each k in EVAL_KS.
 
-engine/llava_eval.py describes the prompts of each. Retention = (voco - lower) / (upper -
+The reader is the VoCo weights' (voco.json's reader: the frozen LLM, or the LLM with LoRA on
+while reading too); every condition but voco runs with the untrained start loaded (LoRA = the
+identity), so that upper, no_image and lower are the LLaVA itself. engine/llava_eval.py
+describes the prompts of each. Retention = (voco - lower) / (upper -
 lower) of the mean per-question score at the same k, with a paired bootstrap 95% CI
 (engine/llava_bench.py ``retention``). Cost per condition: tokens and KV bytes kept per image,
 prefill FLOPs per question, compression FLOPs per image, images/s and questions/s measured

@@ -276,6 +276,29 @@ def test_rerun_resumes_without_recomputing(world, evaluated, monkeypatch, capsys
     assert (out / "answers-voco-k2.jsonl").is_file()
 
 
+def test_a_changed_question_file_is_not_up_to_date(world, monkeypatch, capsys):
+    """Another question file at the same path: the finished run is rebuilt and every condition
+    answered again (its chunks are keyed by the file's content)."""
+    import shutil
+
+    import engine.llava_eval as le
+    calls = []
+    real = le.run_chunk
+    monkeypatch.setattr(le, "run_chunk", lambda w, g, labels: calls.append(labels) or real(w, g, labels))
+    tmp = world["tmp"]
+    shutil.copy(tmp / "questions.jsonl", tmp / "changing.jsonl")
+    f = flags(world, "changing", questions=tmp / "changing.jsonl", conditions=["upper"])
+    assert run("eval_llava.py", **f) == 0 and len(calls) == 3
+    capsys.readouterr()
+    assert run("eval_llava.py", **f) == 0 and len(calls) == 3
+    assert "up to date" in capsys.readouterr().out
+    rows = (tmp / "changing.jsonl").read_text().splitlines()
+    (tmp / "changing.jsonl").write_text("\n".join(rows[:-1]) + "\n")    # one question less
+    assert run("eval_llava.py", **f) == 0 and len(calls) == 6
+    assert "rebuilding" in capsys.readouterr().out
+    assert len(answers(tmp / "changing", "upper")) == len(QUESTIONS) - 2
+
+
 def test_bad_inputs_one_line(world, capsys):
     tmp = world["tmp"]
     cases = [
