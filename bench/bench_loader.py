@@ -2,7 +2,8 @@
 chunks (data.images.load_chunks, workers kept), on ImageNet-sized JPEGs written on the spot
 (gradients, shapes and noise, so decoding costs what a photo costs), at the same worker count
 and batch size, the same tensors; plus what one worker pays per image (decode, CLIP's
-resize and crop) and the listing of a tree of empty files, the former stat-per-file listing
+resize and crop), eval_denoising's chunks (each loaded as one batch by one worker, against
+shared between the workers of one loader) and the listing of a tree of empty files, the former stat-per-file listing
 against os.scandir (cold, then reused as a --sweep would).
 
 Both ways run in each round, in alternating order, and the best round of each is kept, so a
@@ -26,7 +27,8 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 from data import images  # noqa: E402
-from data.images import ImageFolderDataset, collate_skip_bad, load_chunks, load_rgb  # noqa: E402
+from data.images import (ImageFolderDataset, collate_skip_bad, load_chunks, load_rgb,  # noqa: E402
+                         merge_batches)
 from data.transforms import ClipView  # noqa: E402
 from utils.cli import configure, run_main  # noqa: E402
 from utils.errors import V2LError  # noqa: E402
@@ -39,6 +41,7 @@ N_CHUNKS = 8  # chunks of the run (step 3: CHUNK_SIZE images each)
 BATCH_SIZE = 8  # images per loader batch
 NUM_WORKERS = 2  # decoding processes, both ways
 CLIP_SIZE = 224  # CLIP's input (ViT-L/14: 224, bicubic)
+DENOISE_CHUNK = 64  # eval_denoising's chunk (CHUNK_IMAGES); 0 skips its rows
 REPEATS = 3  # timed rounds (the best of each way is kept)
 LIST_FILES = 20000  # empty files of the listing tree
 LIST_FOLDERS = 100  # class folders they are spread over
@@ -129,6 +132,31 @@ def run(tmp: Path) -> None:
     maxdiff = (a - b).abs().max().item()
     del out, a, b
 
+    td = {}
+    if DENOISE_CHUNK:         # eval_denoising: a chunk is one batch for the LLM
+        n_den = -(-len(ds) // DENOISE_CHUNK)
+        den = lambda c: (c * DENOISE_CHUNK, min(len(ds), (c + 1) * DENOISE_CHUNK))   # noqa: E731
+        share = -(-DENOISE_CHUNK // NUM_WORKERS)
+
+        def one_batch_per_chunk():   # the former eval_denoising.chunk_batches
+            out = []
+            for c in range(n_den):
+                lo, hi = den(c)
+                loader = DataLoader(Subset(ds, range(lo, hi)), batch_size=hi - lo,
+                                    num_workers=NUM_WORKERS, collate_fn=collate_skip_bad)
+                out.append(next(iter(loader))["image"])
+            return out
+
+        def shared_chunks():         # eval_denoising.chunk_batches now
+            return [merge_batches(list(parts))["image"]
+                    for _, parts in load_chunks(ds, range(n_den), den, share, NUM_WORKERS)]
+
+        td, out = best_of({"one batch per chunk": one_batch_per_chunk,
+                           "shared, one loader": shared_chunks})
+        maxdiff = max(maxdiff, max((a - b).abs().max().item() for a, b in
+                                   zip(out["one batch per chunk"], out["shared, one loader"])))
+        del out
+
     # what one worker pays per image: decode, then CLIP's resize + crop + normalise
     paths = ds.paths[:min(len(ds), 64)]
     t0 = time.perf_counter()
@@ -146,6 +174,10 @@ def run(tmp: Path) -> None:
     print(f"{'data path':<34}{'seconds':>10}{'images/s':>11}")
     for name, sec in t.items():
         print(f"{name:<34}{sec:>10.3f}{n / sec:>11.1f}")
+    if td:
+        print(f"eval_denoising's chunks of {DENOISE_CHUNK}, {NUM_WORKERS} workers:")
+        for name, sec in td.items():
+            print(f"{name:<34}{sec:>10.3f}{n / sec:>11.1f}")
     print(f"{'one worker: decode':<34}{t_decode * 1e3:>9.2f}ms{1 / t_decode:>11.1f}")
     print(f"{'one worker: resize+crop+normalise':<34}{t_view * 1e3:>9.2f}ms{1 / t_view:>11.1f}")
     print(f"{'one worker: both':<34}{(t_decode + t_view) * 1e3:>9.2f}ms"
@@ -182,7 +214,9 @@ def run(tmp: Path) -> None:
           f"per_chunk_img_s={n / t['per-chunk loaders']:.1f} one_loader_img_s={n / t['one loader']:.1f} "
           f"worker_ms_per_img={(t_decode + t_view) * 1e3:.2f} list_old_s={tl['old']:.4f} "
           f"list_new_s={tl['new']:.4f} list_kept_s={t_again:.4f} "
-          f"list_speedup={tl['old'] / tl['new']:.2f} speedup={speedup:.2f} maxdiff={maxdiff:g}")
+          f"list_speedup={tl['old'] / tl['new']:.2f} "
+          + (f"denoise_speedup={td['one batch per chunk'] / td['shared, one loader']:.2f} "
+             if td else "") + f"speedup={speedup:.2f} maxdiff={maxdiff:g}")
 
 
 if __name__ == "__main__":
