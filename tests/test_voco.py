@@ -857,3 +857,30 @@ def test_adapted_reader_reads_with_lora():
     assert max_diff(adapted, by_frozen) > 1e-3
     with pytest.raises(V2LError, match="--reader trained: must be one of frozen, adapted"):
         make_voco(reader="trained")
+
+
+def test_authors_layout_single_pass_equals_cached_block():
+    """VoCo-LLaMA's layout as their single pass runs it: BOS, image, "\\n", VoCo, then text, at
+    positions 0, 1, 2, ... and their mask (the text after the VoCo tokens sees no key before the
+    first VoCo token). Our block (span BOS + image + "\\n", read at compact positions) gives the
+    same logits: rotary attention depends on position differences only."""
+    voco = make_voco(suffix_ids=[13])
+    g = torch.Generator().manual_seed(6)
+    image = torch.randn(8, voco.embeddings.shape[1], generator=g)
+    after = [13] + ids(g, 6)
+    k = 2
+    emb = voco.llm.get_input_embeddings()
+    x = torch.cat([emb(torch.tensor([1])), image, emb(torch.tensor([13])), voco.embeddings[:k],
+                   emb(torch.tensor(after))])
+    t, first_voco = x.shape[0], 1 + image.shape[0] + 1
+    allowed = torch.ones(t, t, dtype=torch.bool).tril()
+    allowed[first_voco + k:, :first_voco] = False
+    from models.voco import additive
+    with torch.no_grad():
+        with voco.frozen():
+            theirs = voco.llm(inputs_embeds=x[None], attention_mask=additive(allowed[None], voco.dtype),
+                              position_ids=torch.arange(t)[None]).logits[0, -len(after):]
+        block = voco.compress([image], k)[0]
+        ours = text_logits(*prefill_logits(voco, [[block, after]]))[0]
+    assert theirs.abs().max() > 1.0
+    assert (theirs - ours).abs().max() < TOL
