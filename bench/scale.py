@@ -46,6 +46,7 @@ BUDGET_S = 30.0  # a stage stops timing new iterations after this many seconds (
 STAGES: tuple[str, ...] = ("step1", "step2", "step3", "step4", "fewshot", "denoising", "captioning", "vqa", "step5", "eval_compression")  # rows to run
 TINY = False  # tiny widths instead of the paper's (for the test; the projections then mean nothing)
 CPU_BATCH = 1  # sequences (images, episodes) per iteration on a CPU; a GPU uses each stage's own batch
+CPU_NEW_TOKENS = 4  # on a CPU, LLM rows time at most this many new tokens (the projection uses the time per step)
 SEED = 0  # weights and inputs
 
 settings = configure(globals())
@@ -244,8 +245,9 @@ def llm_workload(stage: str) -> tuple[list[tuple[int, int, int]], int, str]:
 
 
 class ForwardClock:
-    """Times every forward pass of a model (synchronised) and tells a decoding step (one new
-    position on a cache) from the rest: one generate call gives prefill and decoding apart."""
+    """Times every forward pass of a model (synchronised). Greedy decoding without EOS runs
+    its prefill passes (a shared prefix, the rest) and then exactly new - 1 decoding steps: the
+    last new - 1 passes of a generate call are its steps."""
 
     def __init__(self, b: Bench, model):
         self.b, self.calls, self._start = b, [], 0.0
@@ -258,10 +260,7 @@ class ForwardClock:
 
     def _post(self, module, args, kwargs, output):
         self.b.sync()
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        width = int(ids.shape[1]) if ids is not None else 0
-        step = width == 1 and kwargs.get("past_key_values") is not None   # not a prefix's pass
-        self.calls.append((step, time.perf_counter() - self._start))
+        self.calls.append(time.perf_counter() - self._start)
 
     def remove(self):
         for h in self.handles:
@@ -275,23 +274,26 @@ def llm_row(b: Bench, stage: str, model, full_layers: int) -> Row:
     p = max(2, round(sum(c * pp for c, pp, _ in work) / n_seq))
     new = max(1, round(sum(c * nw for c, _, nw in work) / n_seq))
     batch = b.batch(stage_batch)
+    timed_new = new if b.cuda else min(new, CPU_NEW_TOKENS)   # a step's time is a step's time
     vocab = model.config.vocab_size
     greedy = BatchedGreedy(model, pad_id=0, prefix_cache=True)
     prompts = random_prompts(b, batch, p, vocab)
     if b.cuda:
-        greedy.generate(prompts, new, eos_id=None)            # warm-up
+        greedy.generate(prompts, timed_new, eos_id=None)      # warm-up
     b.reset_peak()
     clock = ForwardClock(b, model)
     start, n = time.perf_counter(), 0
+    steps: list[float] = []
     while n < b.iters:
-        greedy.generate(prompts, new, eos_id=None)
+        clock.calls.clear()
+        greedy.generate(prompts, timed_new, eos_id=None)
+        steps += clock.calls[len(clock.calls) - (timed_new - 1):] if timed_new > 1 else []
         n += 1
         if time.perf_counter() - start > BUDGET_S:
             break
     t_gen = (time.perf_counter() - start) / n
     clock.remove()
     peak = b.peak_gib()
-    steps = [t for step, t in clock.calls if step]
     t_step = sum(steps) / len(steps) if steps else 0.0
     t_prefill = max(t_gen - t_step * len(steps) / n, 1e-9)
     prefill_tok_s = batch * p / t_prefill
@@ -303,9 +305,11 @@ def llm_row(b: Bench, stage: str, model, full_layers: int) -> Row:
     projected = depth * (total_prompt / prefill_tok_s + total_steps * t_step)
     if batch != stage_batch:
         note += f"; batch {batch} (stage: {stage_batch})"
-    tok_s = batch * (p + new) / t_gen
+    if timed_new < new:
+        note += f"; decoding timed over {timed_new} of {new} tokens"
+    tok_s = batch * (p + timed_new) / t_gen
     dtype_bytes = next(model.parameters()).element_size()
-    modelled = llm_memory_bytes(model.config, dtype_bytes, p, new, batch) / 2 ** 30
+    modelled = llm_memory_bytes(model.config, dtype_bytes, p, timed_new, batch) / 2 ** 30
     return Row(stage, f"{'tiny LLaMA' if TINY else 'LLaMA-2-7B'}, batch {batch} x {p} prompt + "
                f"{new} new tokens ({what}); prefill {prefill_tok_s:.0f} tok/s, step "
                f"{t_step * 1e3:.1f} ms; memory model {modelled:.2f} GiB", tok_s, "tok/s", peak,
