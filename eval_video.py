@@ -13,7 +13,7 @@ alone into k VoCo positions. The frozen LLM then answers each question reading
 - last: the last frame's trained block only;
 - shuffled: the trained blocks in a seeded order other than time order.
 
-Accuracy is exact match after VQA-style normalisation, with Wilson 95% CIs, per
+Accuracy is exact match after VQA-style normalisation, with Wilson intervals, per
 condition and per question category; retention = (voco - lower) / (upper - lower)
 with a paired bootstrap CI. The paper's MSVD-QA / MSRVTT-QA / ActivityNet-QA numbers
 are judged by GPT-3.5 (a yes/no and a 0-5 score per answer), which cannot run

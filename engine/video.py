@@ -53,17 +53,21 @@ def frame_key(video: str, t: int) -> str:
 
 # ----------------------------------------------------------------------------- frame tokens
 
-def position_word(grid: torch.Tensor, margin: float = 1 / 6) -> str:
-    """Where a frame's shape lies, from its local token grid [h, w] alone: the cells whose
-    code differs from the most common code of the grid's border (the background's) are the
+def position_word(image: torch.Tensor, margin: float = 1 / 6, share: float = 0.06) -> str:
+    """Where a frame's shape lies in ``image`` ([C, H, W] or [H, W]; the demo passes the frame
+    as the tokenizer decodes it from its tokens): the pixels farthest from the border's median
+    colour (the ``share`` most distant ones, among those that differ from it at all) are the
     shape's; their centroid names a side ("left", "right", "top", "bottom") when it is more
     than ``margin`` of the frame from the centre along its larger offset, else "centre"."""
-    h, w = grid.shape
-    border = torch.cat([grid[0], grid[-1], grid[1:-1, 0], grid[1:-1, -1]])
-    background = torch.mode(border).values
-    ys, xs = torch.nonzero(grid != background, as_tuple=True)
-    if not len(xs):
+    x = image.float()
+    x = x[None] if x.dim() == 2 else x
+    _, h, w = x.shape
+    border = torch.cat([x[:, 0], x[:, -1], x[:, 1:-1, 0], x[:, 1:-1, -1]], 1)
+    distance = (x - border.median(1).values[:, None, None]).norm(dim=0)
+    if distance.max() <= 1e-6:
         return "centre"
+    cut = max(float(torch.quantile(distance.flatten(), 1 - share)), 1e-6)
+    ys, xs = torch.nonzero(distance >= cut, as_tuple=True)
     dx = (xs.float().mean().item() + 0.5) / w - 0.5
     dy = (ys.float().mean().item() + 0.5) / h - 0.5
     if max(abs(dx), abs(dy)) <= margin:
@@ -79,7 +83,10 @@ def frame_word_ids(tokenizer, text_tokenizer, frames: list, info: dict,
     """Each frame's (PIL image's) tokens exactly as ``engine.voco.image_word_ids`` makes an
     image's from a file: its local tokens when ``info["local_tokens"]``, then its global words
     (``global_k``, ``word_separator``, ``global_dedup``, ``sort_words`` of the step-5 artifact's
-    voco.json) as LLM ids; with ``position_words``, the frame's ``position_word`` after them."""
+    voco.json) as LLM ids; with ``position_words``, the ``position_word`` of the frame as the
+    tokenizer decodes it from its own tokens (local and global) after them: where the shape is,
+    read from what the tokens carry (their codes alone vary too much over a plain background
+    to be read by identity: docs/video.md)."""
     from engine.fewshot import fetch_count, image_words
     from models.quantizers import topk_nearest
     clip = tokenizer.clip
@@ -97,10 +104,15 @@ def frame_word_ids(tokenizer, text_tokenizer, frames: list, info: dict,
         strings = tokenizer.global_strings(topk_nearest(emb, weight, n, tokenizer.config.global_metric))
         grids = (tokenizer.local_tokens(torch.stack([views(f)[0] for f in batch]).to(device)).cpu()
                  if local else [None] * len(batch))
-        for st, grid in zip(strings, grids):
+        where = [None] * len(batch)
+        if position_words:
+            idx = topk_nearest(emb, weight, tokenizer.config.global_topk, tokenizer.config.global_metric)
+            decoded = tokenizer.decode(grids.to(device), global_idx=idx).cpu()
+            where = [position_word(img) for img in decoded]
+        for st, grid, pos in zip(strings, grids, where):
             text = image_words(st, k, sep, dedup, sort=sort)
             if position_words:
-                text += (sep or " ") + position_word(grid)
+                text += (sep or " ") + pos
             ids = grid.flatten().tolist() if info.get("local_tokens", False) else []
             out.append(ids + encode_segment(text_tokenizer, text))
     return out

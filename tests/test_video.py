@@ -188,17 +188,21 @@ def test_conditions():
     assert all(shuffled_order(n, s) != list(range(n)) for n in (2, 3, 8) for s in range(20))
 
 
-def test_position_word_reads_the_shape_cells():
-    grid = torch.full((8, 8), 5)
-    assert position_word(grid) == "centre"                          # no shape
-    grid[3:5, 0:2] = 9
-    assert position_word(grid) == "left"
-    grid = torch.full((8, 8), 5)
-    grid[6:8, 3:5] = torch.tensor([[9, 10], [11, 9]])
-    assert position_word(grid) == "bottom"
-    grid = torch.full((8, 8), 5)
-    grid[3:5, 3:5] = 9
-    assert position_word(grid) == "centre"
+def test_position_word_finds_the_shape():
+    image = torch.zeros(3, 32, 32) + torch.tensor([0.2, 0.1, -0.3])[:, None, None]
+    assert position_word(image) == "centre"                          # no shape
+    left = image.clone()
+    left[:, 12:20, 1:9] = torch.tensor([0.9, -0.8, 0.5])[:, None, None]
+    assert position_word(left) == "left"
+    bottom = image.clone()
+    bottom[:, 24:31, 13:19] = 1.0
+    assert position_word(bottom) == "bottom"
+    middle = image.clone()
+    middle[:, 13:19, 13:19] = 1.0
+    assert position_word(middle) == "centre"
+    grid = torch.full((8, 8), 5.0)                                   # a one-channel map works too
+    grid[0:2, 3:5] = 9.0
+    assert position_word(grid) == "top"
 
 
 def test_exact_match_after_vqa_normalisation():
