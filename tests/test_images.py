@@ -128,7 +128,10 @@ def _counting_scandir(monkeypatch) -> list:
 
 def test_a_kept_listing_is_reused_only_while_nothing_changed(tmp_path, monkeypatch):
     root = _tree(tmp_path / "train")
-    monkeypatch.setattr(images, "RECENT_S", 0.0)     # ctimes are now: allow reuse at once
+    # ctimes are now: a short guard, each listing taken longer than that after a change (the
+    # guard is what keeps two changes within one clock tick of the file system apart)
+    monkeypatch.setattr(images, "RECENT_S", 0.05)
+    time.sleep(0.1)
     calls = _counting_scandir(monkeypatch)
     first = scan_split(tmp_path, "train")
     assert len(calls) == 4
@@ -137,6 +140,7 @@ def test_a_kept_listing_is_reused_only_while_nothing_changed(tmp_path, monkeypat
     def changed(action):
         before = len(calls)
         action()
+        time.sleep(0.1)
         out = scan_split(tmp_path, "train")
         assert len(calls) > before, "a changed folder reused a kept listing"
         assert out == old_scan_split(tmp_path, "train")
@@ -162,9 +166,10 @@ def test_recent_or_symlinked_folders_are_listed_every_time(tmp_path, monkeypatch
     n = len(calls)
     scan_split(tmp_path, "train")
     assert len(calls) == 2 * n
-    monkeypatch.setattr(images, "RECENT_S", 0.0)
+    monkeypatch.setattr(images, "RECENT_S", 0.05)
     root = _tree(tmp_path / "linked")
     (root / "c0" / "link.jpg").symlink_to(root / "c1" / "0.jpg")   # its target may change unseen
+    time.sleep(0.1)
     scan_split(tmp_path, "linked")
     n = len(calls)
     scan_split(tmp_path, "linked")
