@@ -187,6 +187,18 @@ def test_one_loader_with_workers_for_all_chunks_gives_the_same_numbers(setup, fu
         assert abs(a[k] - b[k]) <= 1e-3 * abs(b[k]), k
 
 
+def test_gpu_precision_options_leave_a_cpu_run_unchanged(setup, full_run, monkeypatch, tmp_path):
+    """--precision fp16 and --tf32 act on CUDA only: on the CPU the very numbers of the fp32
+    run (in chunks of their own: the precision is part of the chunk key)."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(setup / "hub"))
+    out = tmp_path / "fp16"
+    _run_in_process(monkeypatch, setup, out, precision="fp16", tf32="true", grid_images=0)
+    a, b = load_json(out / "results.json"), load_json(full_run[0] / "results.json")
+    for k in ("n_images", "psnr", "ssim", "codebook_used", "codebook_perplexity"):
+        assert a[k] == b[k], k
+    assert load_json(out / "manifest.json")["config"]["precision"] == "fp16"
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_equal_one(setup, full_run, tmp_path):
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "PYTHONPATH": str(REPO)}
