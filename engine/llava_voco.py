@@ -65,12 +65,17 @@ def _check_span(voco: VoCo, sample) -> None:
 
 def conversation_loss(voco: VoCo, samples: list, images: list, k: int, objective: str = "ce",
                       layout: str = "system", kl_on: str = "text",
-                      kl_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+                      kl_weight: float = 1.0, ce_norm: float | None = None,
+                      kl_norm: float | None = None) -> tuple[torch.Tensor, dict]:
     """(loss, counts) for a batch of samples and their images' embeddings ([n, hidden] tensors,
     None for text-only samples), the images compressed here with gradients. The loss is the
     mean answer cross-entropy (``ce``), the mean KL per position (``kl``), or ``ce`` +
     ``kl_weight`` x ``kl`` (``both``). counts: ``answer_tokens``, ``kl_positions``,
-    ``samples`` (those read), ``text_only`` (among them, or skipped with a frozen reader)."""
+    ``samples`` (those read), ``text_only`` (among them, or skipped with a frozen reader).
+    ``ce_norm`` / ``kl_norm``
+    divide the sums instead of this batch's counts: a training step over several batches
+    (gradient accumulation, processes) passes the whole step's counts (``loss_counts``), so
+    that its loss is the mean over the step whatever the split."""
     if objective not in OBJECTIVES:
         raise V2LError(f"--objective {objective}: must be one of {', '.join(OBJECTIVES)}")
     if kl_on not in KL_ON:
@@ -130,7 +135,8 @@ def conversation_loss(voco: VoCo, samples: list, images: list, k: int, objective
         hidden = torch.cat(ce_hidden)
         counts["answer_tokens"] = int(hidden.shape[0])
         if hidden.shape[0]:
-            loss = loss + F.cross_entropy(voco.logits_of(hidden), torch.cat(targets), reduction="mean")
+            ce = F.cross_entropy(voco.logits_of(hidden), torch.cat(targets), reduction="sum")
+            loss = loss + ce / (ce_norm if ce_norm is not None else hidden.shape[0])
     if want_kl and kl_hidden:
         hidden = torch.cat(kl_hidden)
         counts["kl_positions"] = int(hidden.shape[0])
@@ -138,6 +144,18 @@ def conversation_loss(voco: VoCo, samples: list, images: list, k: int, objective
             with torch.no_grad():
                 t_log = F.log_softmax(voco.logits_of(torch.cat(t_rows)), -1)
             s_log = F.log_softmax(voco.logits_of(hidden), -1)
-            kl = (t_log.exp() * (t_log - s_log)).sum() / hidden.shape[0]
+            kl = (t_log.exp() * (t_log - s_log)).sum()
+            kl = kl / (kl_norm if kl_norm is not None else hidden.shape[0])
             loss = loss + (kl_weight if objective == "both" else 1.0) * kl
     return loss, counts
+
+
+def loss_counts(sample, reader: str = "frozen", kl_on: str = "text") -> tuple[int, int]:
+    """(answer tokens in ``ce``, positions in ``kl``) that ``conversation_loss`` counts for one
+    sample, from its ids alone (no model): what a training step divides its sums by."""
+    if sample.image is None and reader == "frozen":
+        return 0, 0
+    answers = sum(x != IGNORE_INDEX for x in sample.after_labels[1:])
+    if sample.image is None:
+        return answers, 0
+    return answers, (answers if kl_on == "answers" else max(0, len(sample.after) - 1))

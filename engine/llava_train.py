@@ -1,0 +1,194 @@
+"""Training VoCo on a LLaVA's conversation data: the pieces step7_train_llava_voco.py runs.
+
+A run is ``EPOCHS`` passes over the data in a fresh seeded order each epoch; step s trains on
+the next ``batch_size`` samples of its epoch's order (the last step of an epoch may hold
+fewer) at k = TRAIN_KS[s % len]. A step's samples are dealt to the processes in turn and
+each process reads its share in micro-batches (gradient accumulation): the loss of a step is
+the mean over the whole step (answer tokens for ``ce``, positions for ``kl``, counted from
+the samples before any forward pass: ``engine.llava_voco.loss_counts``), each micro-batch's
+sum divided by the step's counts, the gradients summed over micro-batches and processes. The
+weights therefore do not depend on the number of processes or the micro-batch size (up to
+floating-point order). LLaVA's trainer averages the per-micro-batch means instead: the same
+when every micro-batch holds as many answer tokens.
+
+Readers (what learns):
+
+- ``frozen`` (ours): VoCo embeddings + LoRA, LoRA on only while compressing; the reading LLM
+  is the LLaVA itself, untouched and shareable;
+- ``adapted``: the same weights, LoRA on while reading too;
+- ``trained`` (the authors'): the LLM fully fine-tuned with the VoCo embeddings and the
+  projector, no LoRA. The vision tower is frozen under every reader.
+
+The VoCo embeddings and LoRA learn at ``adapter_lr``, the LLM and projector at ``lr`` (the
+authors' 2e-5); both follow one schedule: linear warm-up over ``warmup`` of the steps, then
+cosine to 0 (LLaVA's).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from engine.llava_voco import conversation_loss, loss_counts, voco_text
+from models.voco import LORA_TARGETS, VoCo
+from utils.errors import V2LError
+
+READERS = ("frozen", "adapted", "trained")
+
+
+def lr_scale(step: int, steps: int, warmup: float) -> float:
+    """The schedule's factor at ``step`` (0-based) of ``steps``: linear warm-up over
+    round(warmup x steps) steps (at least 1), then cosine to 0."""
+    warm = max(1, round(warmup * steps))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return math.ceil(n / batch_size)
+
+
+def step_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
+    """The dataset indices of global step ``step``: its epoch's seeded order, cut in steps."""
+    per = steps_per_epoch(n, batch_size)
+    epoch, at = divmod(step, per)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))
+    return order[at * batch_size:(at + 1) * batch_size].tolist()
+
+
+def my_micro_batches(indices: list[int], rank: int, world: int, micro: int) -> list[list[int]]:
+    """This process's share of a step (every world-th sample from ``rank``) in micro-batches."""
+    mine = indices[rank::world]
+    return [mine[i:i + micro] for i in range(0, len(mine), micro)]
+
+
+def image_positions(parts) -> int:
+    """How many embeddings the LLaVA makes of one image (576 for CLIP-L/14-336)."""
+    from PIL import Image
+    with torch.no_grad():
+        return int(parts.embed_images(parts.preprocess([Image.new("RGB", (8, 8))])).shape[1])
+
+
+def layout_text(parts, layout: str) -> dict:
+    """The text an image is compressed with in ``layout`` (VoCo's bos_id, context_ids,
+    suffix_ids), from the evaluation's prompt: training and evaluation compress alike."""
+    from engine.llava_eval import LlavaPrompts
+    sample = LlavaPrompts(parts.tokenizer, layout).sample({"text": "?", "question_id": "-"}, True)
+    return voco_text(sample, parts.tokenizer.bos_token_id)
+
+
+def make_voco(parts, layout: str, reader: str, k_max: int, lora_rank: int, lora_alpha: float,
+              lora_targets=LORA_TARGETS, seed: int = 0) -> VoCo:
+    """The VoCo on the LLaVA's LLM for a reader; with ``trained`` the LLM's weights and the
+    projector are made trainable (no LoRA)."""
+    if reader not in READERS:
+        raise V2LError(f"--reader {reader}: must be one of {', '.join(READERS)}")
+    if reader != "trained" and lora_rank < 1 and reader == "adapted":
+        raise V2LError("--reader adapted needs LoRA (--lora_rank 1 or more); without LoRA use "
+                       "--reader trained (full fine-tuning) or frozen")
+    trained = reader == "trained"
+    voco = VoCo(parts.llm, k_max, 0 if trained else lora_rank, lora_alpha, lora_targets, seed=seed,
+                reader="adapted" if trained else reader, **layout_text(parts, layout))
+    if trained:
+        for module in (parts.llm, parts.projector):
+            for p in module.parameters():
+                p.requires_grad_(True)
+    return voco
+
+
+def named_trainables(voco: VoCo, parts, reader: str) -> dict[str, torch.nn.Parameter]:
+    """Every weight that learns, by a stable name (the checkpoint's keys)."""
+    out = {"voco.embeddings": voco.embeddings}
+    if reader == "trained":
+        out |= {f"llm.{n}": p for n, p in parts.llm.named_parameters()}
+        out |= {f"projector.{n}": p for n, p in parts.projector.named_parameters()}
+    else:
+        out |= {f"lora.{n}": p for n, p in parts.llm.named_parameters() if "lora_" in n}
+    return out
+
+
+def optimizer(named: dict, lr: float, adapter_lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with two groups: VoCo embeddings + LoRA at ``adapter_lr``, LLM + projector at
+    ``lr``; each group's ``base_lr`` is what the schedule scales."""
+    adapter = [p for n, p in named.items() if n == "voco.embeddings" or n.startswith("lora.")]
+    full = [p for n, p in named.items() if not (n == "voco.embeddings" or n.startswith("lora."))]
+    groups = [{"params": adapter, "lr": adapter_lr, "base_lr": adapter_lr}]
+    if full:
+        groups.append({"params": full, "lr": lr, "base_lr": lr})
+    return torch.optim.AdamW(groups, weight_decay=weight_decay)
+
+
+def load_image(path):
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except OSError as e:
+        raise V2LError(f"{path}: not a readable image ({e}); replace it or remove its entry") from e
+
+
+def embed(parts, paths: list, train_projector: bool) -> list[torch.Tensor | None]:
+    """Each path's image embeddings [n, hidden] (None for no path): the vision tower without
+    gradients, the projector with them when it trains."""
+    real = [p for p in paths if p is not None]
+    if not real:
+        return [None] * len(paths)
+    with torch.no_grad():
+        feats = parts.vision(parts.preprocess([load_image(p) for p in real]))
+    proj_dtype = next(parts.projector.parameters()).dtype
+    with torch.set_grad_enabled(train_projector):
+        emb = parts.projector(feats.to(proj_dtype)).to(parts.device, parts.dtype)
+    it = iter(emb)
+    return [next(it) if p is not None else None for p in paths]
+
+
+def step_norms(samples: list, reader: str, kl_on: str) -> tuple[float, float]:
+    """A whole step's (answer tokens, KL positions), at least 1 each."""
+    counts = [loss_counts(s, reader if reader == "frozen" else "adapted", kl_on) for s in samples]
+    return max(1, sum(c[0] for c in counts)), max(1, sum(c[1] for c in counts))
+
+
+def train_micro_batches(voco: VoCo, parts, data, batches: list[list[int]], k: int, objective: str,
+                        layout: str, kl_on: str, kl_weight: float, norms: tuple[float, float],
+                        train_projector: bool) -> float:
+    """Forward and backward over this process's micro-batches of a step (gradients accumulate
+    in the weights' ``.grad``); returns its part of the step's loss."""
+    total = 0.0
+    for batch in batches:
+        samples = [data[i] for i in batch]
+        images = embed(parts, [data.image_path(s) for s in samples], train_projector)
+        loss, _ = conversation_loss(voco, samples, images, k, objective, layout, kl_on, kl_weight,
+                                    ce_norm=norms[0], kl_norm=norms[1])
+        if loss.requires_grad:
+            loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+def save_projector(projector, path) -> None:
+    """A trained projector as LLaVA's mm_projector.bin (``model.mm_projector.{0,2}.*``)."""
+    from models.llava import PROJECTOR_PREFIX
+    from utils.artifacts import save_torch
+    save_torch(path, {PROJECTOR_PREFIX + k: v.detach().to("cpu", torch.float32).clone()
+                      for k, v in projector.state_dict().items()})
+
+
+def write_weights(out: Path, voco: VoCo, parts, reader: str) -> list[str]:
+    """The VoCo directory's weights: voco.safetensors (VoCo embeddings + LoRA, what
+    eval_llava.py reads); with a trained reader also the fine-tuned LLM (llm/) and projector
+    (mm_projector.bin). Returns the files written."""
+    from utils.artifacts import atomic_dir, save_tensors
+    save_tensors(out / "voco.safetensors", {k: v.float() for k, v in voco.adapter_state().items()})
+    files = ["voco.safetensors"]
+    if reader == "trained":
+        import shutil
+        shutil.rmtree(out / "llm", ignore_errors=True)   # an unfinished run's: this run's own output
+        with atomic_dir(out / "llm") as tmp:
+            parts.llm.save_pretrained(tmp)
+            parts.tokenizer.save_pretrained(tmp)
+        save_projector(parts.projector, out / "mm_projector.bin")
+        files += sorted(str(f.relative_to(out)) for f in (out / "llm").rglob("*") if f.is_file())
+        files.append("mm_projector.bin")
+    return files

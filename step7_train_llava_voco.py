@@ -1,0 +1,208 @@
+"""Step 7: train VoCo on a LLaVA-1.5 with LLaVA's conversation data (VoCo-LLaMA's own setting).
+
+The LLaVA (a llava-hf directory, or Vicuna + a CLIP vision tower + mm_projector.bin, as
+models/llava.py loads them) reads LLaVA's instruction data (llava_v1_5_mix665k.json and its
+image folder; an entry whose image is missing is skipped and counted). Each image is embedded
+by the frozen vision tower and the projector, compressed into k VoCo positions (k =
+TRAIN_KS[step % len], one set of weights for every k <= K_MAX) and the conversation reads only
+those (engine/llava_voco.py). OBJECTIVE ce is the authors' (answer cross-entropy), kl the
+paper's Eq. 1 (the frozen LLaVA reading the image uncompressed as teacher), both their sum.
+LAYOUT authors is VoCo-LLaMA's (BOS, image, "\\n", VoCo, "\\n", the conversation without
+"\\n"), system ours (compressed after the system prompt, LLaVA-1.5's own sequence). READER:
+frozen (VoCo embeddings + LoRA while compressing only; the LLaVA itself reads: the default,
+because its weights are what eval_llava.py reads and the LLM stays shared), adapted (LoRA
+while reading too), trained (the authors': the LLM and the projector fully fine-tuned, no
+LoRA; written as llm/ and mm_projector.bin beside the VoCo weights). engine/llava_train.py
+holds the steps, the schedule and how a step is shared out.
+
+The authors' hyper-parameters are the defaults: 2 epochs, global batch 128, lr 2e-5 (the
+LLM and projector) cosine with 3% warm-up, max length 2048, bf16. Not theirs: the VoCo
+embeddings and LoRA learn at ADAPTER_LR (step 5's; their VoCo row learns at 2e-5 with the
+LLM), TRAIN_KS (their code: k = 2 only), and the loss of a step is the token mean over the
+whole step (theirs: the mean of the per-device means).
+
+Writes OUT_DIR: voco.safetensors + voco.json (what eval_llava.py --voco_dir reads),
+log.jsonl, loss.png and manifest.json. checkpoint.pt every SAVE_EVERY steps; a rerun of the
+same command resumes from it exactly. Under torchrun a step's samples are shared out over
+the processes and the gradients summed: the result does not depend on the number of processes.
+
+    python step7_train_llava_voco.py --llava llava-1.5-7b-hf --data llava_v1_5_mix665k.json \
+        --image_folder playground/data
+    torchrun --nproc_per_node 8 step7_train_llava_voco.py ...
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from data.llava import LlavaConversations
+from engine.llava_train import (READERS, image_positions, lr_scale, make_voco, my_micro_batches,
+                                named_trainables, optimizer, step_indices, step_norms,
+                                steps_per_epoch, train_micro_batches, write_weights)
+from engine.llava_voco import KL_ON as KL_CHOICES, LAYOUTS, OBJECTIVES
+from engine.voco import llm_identity
+from models.llava import load_llava
+from models.llm import llm_dtype
+from utils import dist
+from utils.artifacts import (atomic_path, finished_inputs, read_checkpoint, run_key, save_json,
+                             write_checkpoint, write_manifest)
+from utils.cli import configure, run_main
+from utils.errors import V2LError
+from utils.stages import Stage
+
+# the model
+LLAVA = ""                        # a llava-hf directory (e.g. llava-1.5-7b-hf); or the three parts below
+LLM = ""                          # LLaVA's language model (Vicuna-7B-v1.5), with --vision_tower and --mm_projector
+VISION_TOWER = ""                 # a CLIP vision tower directory (clip-vit-large-patch14-336)
+MM_PROJECTOR = ""                 # LLaVA-1.5's stage-1 mm_projector.bin
+LLM_DTYPE = "bf16"                # bf16 (the authors'), fp16 or fp32; a CPU: bf16 where native, else fp32
+ATTN = "sdpa"                     # attention: sdpa or eager (flash-attention cannot take VoCo's mask)
+PAD = True                        # pad images to a square in CLIP's mean colour (LLaVA-1.5's)
+# the data
+DATA = ""                         # LLaVA's conversation JSON (llava_v1_5_mix665k.json)
+IMAGE_FOLDER = ""                 # the folder its image paths are relative to
+MAX_LENGTH = 2048                 # positions per sample, the image's and the VoCo tokens' counted (LLaVA's)
+# what is trained
+LAYOUT = "authors"                # authors (VoCo-LLaMA's) or system (compressed after the system prompt)
+READER = "frozen"                 # frozen (LoRA only while compressing), adapted (LoRA while reading too) or trained (the authors' full fine-tuning)
+OBJECTIVE = "ce"                  # ce (the authors': answer cross-entropy), kl (the paper's Eq. 1) or both
+KL_ON = "text"                    # kl positions: text (every position after the VoCo tokens) or answers
+KL_WEIGHT = 1.0                   # weight of kl in both
+K_MAX = 8                         # VoCo tokens the weights hold (the most eval can use)
+TRAIN_KS: tuple[int, ...] = (1, 2, 4, 8)  # k at step s: TRAIN_KS[s % len]; (2,) with --k_max 2 is the authors' code
+LORA_RANK = 8                     # LoRA rank (frozen and adapted readers; 0: VoCo embeddings only)
+LORA_ALPHA = 16.0                 # LoRA scaling numerator
+LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # adapted linear layers
+# optimisation
+EPOCHS = 2                        # passes over the data (the authors')
+BATCH_SIZE = 128                  # samples per step, all processes together (the authors' global batch)
+MICRO_BATCH = 16                  # samples per forward pass in a process (gradient accumulation over the rest)
+LR = 2e-5                         # peak learning rate of the LLM and the projector (reader trained; the authors')
+ADAPTER_LR = 1e-3                 # peak learning rate of the VoCo embeddings and LoRA
+WARMUP = 0.03                     # fraction of steps of linear warm-up, then cosine to 0
+WEIGHT_DECAY = 0.0                # AdamW weight decay (LLaVA's 0)
+GRAD_CLIP = 1.0                   # gradient-norm clip (0: none)
+SEED = 0                          # data order and initialisation seed
+SAVE_EVERY = 50                   # steps between checkpoints
+STOP_AFTER = 0                    # stop (checkpointed) after this many steps in this run (0: run to the end)
+DEVICE = "auto"                   # auto, cpu or cuda
+OUT_DIR = "out/llava_voco"        # where the VoCo weights are written
+
+settings = configure(globals())
+
+LLAVA_VOCO = Stage("llava_voco", "step7_train_llava_voco.py", "llava_voco", "step 7: train VoCo on LLaVA",
+                   "VoCo embeddings + LoRA (or a fine-tuned LLM) trained on LLaVA's conversations")
+
+
+def check_settings() -> None:
+    for name, value, choices in (("layout", LAYOUT, LAYOUTS), ("reader", READER, READERS),
+                                 ("objective", OBJECTIVE, OBJECTIVES), ("kl_on", KL_ON, KL_CHOICES)):
+        if value not in choices:
+            raise V2LError(f"--{name} {value}: must be one of {', '.join(choices)}")
+    if not TRAIN_KS or any(not 1 <= k <= K_MAX for k in TRAIN_KS):
+        raise V2LError(f"--train_ks {list(TRAIN_KS)}: every k must be between 1 and --k_max {K_MAX}")
+    if READER == "trained" and OBJECTIVE != "ce":
+        raise V2LError(f"--objective {OBJECTIVE}: the KL's teacher is the frozen LLaVA, which a "
+                       "trained reader changes; use --objective ce or another --reader")
+    if min(EPOCHS, BATCH_SIZE, MICRO_BATCH) < 1:
+        raise V2LError("--epochs, --batch_size and --micro_batch must be at least 1")
+    if not DATA:
+        raise V2LError("give LLaVA's conversation JSON as --data (and its --image_folder)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > BATCH_SIZE:
+        raise V2LError(f"--batch_size {BATCH_SIZE} is fewer samples per step than the {world} processes")
+
+
+def main():
+    check_settings()
+    out = Path(OUT_DIR)
+    ddp = dist.init(DEVICE, OUT_DIR)
+    parts = load_llava(LLAVA or None, llm=LLM or None, vision=VISION_TOWER or None,
+                       projector=MM_PROJECTOR or None, dtype=llm_dtype(LLM_DTYPE, ddp.device),
+                       device=ddp.device, pad=PAD, attn=ATTN)
+    voco = make_voco(parts, LAYOUT, READER, K_MAX, LORA_RANK, LORA_ALPHA, LORA_TARGETS, SEED)
+    data = LlavaConversations(DATA, parts.tokenizer, IMAGE_FOLDER or None, LAYOUT, MAX_LENGTH,
+                              image_positions(parts), K_MAX)
+    if not len(data):
+        raise V2LError(f"{DATA}: no entry with its image in {IMAGE_FOLDER}; give the data's image folder")
+    if ddp.is_main:
+        print(f"step 7: {data.summary()}")
+    steps = EPOCHS * steps_per_epoch(len(data), BATCH_SIZE)
+    named = named_trainables(voco, parts, READER)
+    params = list(named.values())
+    opt = optimizer(named, LR, ADAPTER_LR, WEIGHT_DECAY)
+    key = run_key(settings, data=DATA)   # what a checkpoint was made with: settings, data, model
+    key["inputs"]["model"] = parts.ident
+    ckpt, start, log = out / "checkpoint.pt", 0, []
+    state = read_checkpoint(ckpt, key)
+    if state is not None:
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(state["weights"][n].to(p))
+        opt.load_state_dict(state["optimizer"])
+        start, log = state["step"], state["log"]
+        if ddp.is_main:
+            print(f"resuming at step {start}")
+    end = steps if not STOP_AFTER else min(steps, start + STOP_AFTER)
+    bar = tqdm(range(start, end), desc="llava voco", disable=not ddp.is_main, initial=start, total=steps)
+    for step in bar:
+        k = TRAIN_KS[step % len(TRAIN_KS)]
+        scale = lr_scale(step, steps, WARMUP)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * scale
+        indices = step_indices(step, len(data), BATCH_SIZE, SEED)
+        norms = step_norms([data[i] for i in indices], READER, KL_ON)
+        part = train_micro_batches(voco, parts, data, my_micro_batches(indices, ddp.rank, ddp.world, MICRO_BATCH),
+                                   k, OBJECTIVE, LAYOUT, KL_ON, KL_WEIGHT, norms, READER == "trained")
+        loss = float(dist.all_reduce_sum(torch.tensor([part], dtype=torch.float64, device=ddp.device), ddp))
+        dist.all_reduce_grads(params, ddp)   # each process's loss is its part of the step's mean
+        if GRAD_CLIP:
+            torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        log.append({"step": step, "k": k, "loss": loss, "lr": ADAPTER_LR * scale,
+                    "answer_tokens": int(norms[0]), "kl_positions": int(norms[1])})
+        bar.set_postfix(k=k, loss=f"{loss:.4f}")
+        done = step + 1
+        if ddp.is_main and (done % SAVE_EVERY == 0 or done == end) and done < steps:
+            write_checkpoint(ckpt, key, {"step": done, "optimizer": opt.state_dict(), "log": log,
+                                         "weights": {n: p.detach().cpu().clone() for n, p in named.items()}})
+    bar.close()
+    if end < steps:
+        if ddp.is_main:
+            print(f"stopped after step {end} of {steps} (--stop_after); rerun to continue")
+    elif ddp.is_main:
+        finish(voco, parts, data, log)
+    dist.barrier(ddp)
+    dist.shutdown(ddp)
+
+
+def finish(voco, parts, data, log: list[dict]) -> None:
+    from utils.figures import plot_curves
+    out = Path(OUT_DIR)
+    files = write_weights(out, voco, parts, READER)
+    info = {"k_max": K_MAX, "train_ks": list(TRAIN_KS), "lora_rank": 0 if READER == "trained" else LORA_RANK,
+            "lora_alpha": LORA_ALPHA, "lora_targets": list(LORA_TARGETS), "seed": SEED, "init_ids": [],
+            "layout": LAYOUT, "reader": "adapted" if READER == "trained" else READER,
+            "trained_reader": READER, "objective": OBJECTIVE, "kl_on": KL_ON,
+            "bos_id": voco.bos_id, "context_ids": voco.context_ids, "suffix_ids": voco.suffix_ids,
+            "llm": parts.ident, "llm_identity": llm_identity(parts.language), "data": data.summary(),
+            "steps": len(log), "final_loss": log[-1]["loss"] if log else None}
+    save_json(out / "voco.json", info)
+    with atomic_path(out / "log.jsonl") as tmp:
+        Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in log), encoding="utf-8")
+    by_k = {f"k={k}": ([r["step"] for r in log if r["k"] == k], [r["loss"] for r in log if r["k"] == k])
+            for k in sorted(set(TRAIN_KS))}
+    plot_curves(by_k, out / "loss.png", "step", f"{OBJECTIVE} loss per token", "VoCo on LLaVA conversations")
+    inputs = finished_inputs(**{n: (p if Path(p).is_dir() else Path(p).parent) for n, p in (
+        ("llava", LLAVA), ("llm", LLM), ("mm_projector", MM_PROJECTOR), ("data", DATA)) if p})
+    write_manifest(out, LLAVA_VOCO, settings, files + ["voco.json", "log.jsonl", "loss.png"], inputs=inputs,
+                   info={k: info[k] for k in ("k_max", "train_ks", "layout", "trained_reader", "llm", "final_loss")})
+    (out / "checkpoint.pt").unlink(missing_ok=True)
+    print(f"VoCo weights -> {out} (final loss {info['final_loss']})")
+
+
+if __name__ == "__main__":
+    run_main(main, LLAVA_VOCO, settings)

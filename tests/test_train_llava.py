@@ -1,0 +1,172 @@
+"""step7_train_llava_voco.py and engine/llava_train.py on a tiny LLaVA with generated
+conversations: the step's loss is the mean over the whole step whatever the micro-batches,
+an interrupted and resumed run equals an uninterrupted one, the directory is what
+eval_llava.py reads, the trained reader writes its LLM and projector, bad settings refused."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_llava import make_tiny_llava  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parent.parent
+COLOURS = ("red", "green", "blue")
+
+
+def run(**flags) -> int:
+    import runpy
+    argv = [str(ROOT / "step7_train_llava_voco.py")]
+    for k, v in flags.items():
+        argv += [f"--{k}", *map(str, v)] if isinstance(v, (list, tuple)) else [f"--{k}", str(v)]
+    old, sys.argv = sys.argv, argv
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+        return 0
+    except SystemExit as e:
+        return int(e.code or 0)
+    finally:
+        sys.argv = old
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The tiny LLaVA, 6 images, 9 conversations: single and multi-turn with an image,
+    text-only, and one whose image is missing."""
+    tmp = tmp_path_factory.mktemp("train_llava")
+    paths = make_tiny_llava(tmp / "llava")
+    rng = np.random.RandomState(0)
+    (tmp / "img").mkdir()
+    entries = []
+    for i in range(6):
+        c = i % 3
+        arr = (rng.rand(40, 30 + 4 * i, 3) * 60).astype("uint8")
+        arr[..., c] += 190
+        Image.fromarray(arr).save(tmp / "img" / f"{i}.png")
+        conv = [{"from": "human", "value": "What colour is it?\n<image>"},
+                {"from": "gpt", "value": COLOURS[c]}]
+        if i % 2:
+            conv += [{"from": "human", "value": "Is it bright?"}, {"from": "gpt", "value": "yes"}]
+        entries.append({"id": f"e{i}", "image": f"{i}.png", "conversations": conv})
+    entries.append({"id": "t0", "conversations": [{"from": "human", "value": "Say hi."},
+                                                   {"from": "gpt", "value": "hi"}]})
+    entries.append({"id": "t1", "conversations": [{"from": "human", "value": "Count to two."},
+                                                   {"from": "gpt", "value": "one two"}]})
+    entries.append({"id": "gone", "image": "missing.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "x"}]})
+    (tmp / "data.json").write_text(json.dumps(entries))
+    return {"tmp": tmp, **paths}
+
+
+def flags(world, out, **extra):
+    tmp = world["tmp"]
+    return {"llava": world["llava"], "data": tmp / "data.json", "image_folder": tmp / "img",
+            "llm_dtype": "fp32", "device": "cpu", "k_max": 2, "train_ks": [1, 2], "lora_rank": 4,
+            "epochs": 1, "batch_size": 3, "micro_batch": 2, "max_length": 200,
+            "out_dir": tmp / out, **extra}
+
+
+def weights(out):
+    from utils.artifacts import load_tensors
+    return load_tensors(Path(out) / "voco.safetensors")
+
+
+@pytest.fixture(scope="module")
+def trained(world):
+    assert run(**flags(world, "full")) == 0
+    return world["tmp"] / "full"
+
+
+def test_writes_what_eval_llava_reads(world, trained):
+    from engine.llava_eval import load_llava_voco
+    from models.llava import load_llava
+    from utils.artifacts import load_json, read_manifest
+    info = load_json(trained / "voco.json")
+    assert info["data"] == {"entries": 8, "with_image": 6, "text_only": 2, "missing_image": 1}
+    log = [json.loads(x) for x in (trained / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 1, 2] and [r["k"] for r in log] == [1, 2, 1]
+    assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in log)
+    assert read_manifest(trained)["stage"] == "llava_voco" and (trained / "loss.png").is_file()
+    assert not (trained / "checkpoint.pt").exists()
+    parts = load_llava(world["llava"], dtype="fp32", device="cpu")
+    voco, _, state, layout = load_llava_voco(trained, parts)
+    assert layout == "authors" and voco.reader == "frozen"
+    start = voco.adapter_state()        # the untrained start the eval rebuilds
+    assert set(state) == set(start)
+    moved = [k for k in state if not torch.equal(state[k], start[k].float())]
+    assert "voco.embeddings" in moved and any(k.startswith("lora.") for k in moved)
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(world, trained):
+    out = world["tmp"] / "resumed"
+    assert run(**flags(world, "resumed", stop_after=1, save_every=1)) == 0
+    assert (out / "checkpoint.pt").is_file() and not (out / "voco.safetensors").exists()
+    assert run(**flags(world, "resumed", stop_after=1, save_every=1)) == 0
+    assert run(**flags(world, "resumed", adapter_lr=5e-4)) == 2     # another run's checkpoint
+    assert run(**flags(world, "resumed")) == 0
+    a, b = weights(trained), weights(out)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    la = (trained / "log.jsonl").read_text()
+    assert la == (out / "log.jsonl").read_text()
+
+
+def test_the_step_is_one_mean_whatever_the_micro_batches(world, trained):
+    """micro-batches of 1 and of the whole step: the same weights within fp32 rounding."""
+    for micro in (1, 3):
+        assert run(**flags(world, f"micro{micro}", micro_batch=micro)) == 0
+        a, b = weights(trained), weights(world["tmp"] / f"micro{micro}")
+        for k in a:
+            assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), (micro, k)
+
+
+def test_loss_counts_are_conversation_losss(world):
+    from data.llava import LlavaConversations
+    from engine.llava_train import embed, image_positions, make_voco
+    from engine.llava_voco import conversation_loss, loss_counts
+    from models.llava import load_llava
+    parts = load_llava(world["llava"], dtype="fp32", device="cpu")
+    for layout, reader in (("system", "frozen"), ("authors", "adapted")):
+        voco = make_voco(parts, layout, reader, 2, 4, 8.0)
+        data = LlavaConversations(world["tmp"] / "data.json", parts.tokenizer, world["tmp"] / "img",
+                                  layout, 200, image_positions(parts), 2)
+        samples = [data[i] for i in range(len(data))]
+        images = embed(parts, [data.image_path(s) for s in samples], False)
+        with torch.no_grad():
+            for kl_on in ("text", "answers"):
+                _, counts = conversation_loss(voco, samples, images, 1, "both", layout, kl_on)
+                got = [loss_counts(s, reader, kl_on) for s in samples]
+                assert counts["answer_tokens"] == sum(c[0] for c in got) > 0
+                assert counts["kl_positions"] == sum(c[1] for c in got) > 0
+        voco.remove()
+
+
+def test_trained_reader_writes_its_llm_and_projector(world):
+    from models.llava import load_llava
+    from utils.artifacts import load_json
+    out = world["tmp"] / "full_ft"
+    assert run(**flags(world, "full_ft", reader="trained", lr=1e-3)) == 0
+    assert load_json(out / "voco.json")["trained_reader"] == "trained"
+    before = load_llava(world["llava"], dtype="fp32", device="cpu")
+    after = load_llava(llm=out / "llm", vision=world["vision"], projector=out / "mm_projector.bin",
+                       dtype="fp32", device="cpu")
+    w0 = before.llm.get_input_embeddings().weight
+    w1 = after.llm.get_input_embeddings().weight[:w0.shape[0]]
+    assert not torch.equal(w0, w1)
+    p0 = dict(before.projector.named_parameters())
+    assert any(not torch.equal(p0[n], p) for n, p in after.projector.named_parameters())
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"reader": "trained", "objective": "kl"}, "--objective kl"),
+    ({"train_ks": [1, 4]}, "--train_ks"),
+    ({"layout": "middle"}, "--layout middle"),
+])
+def test_bad_settings_one_line(world, capsys, extra, message):
+    assert run(**flags(world, "bad", **extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
