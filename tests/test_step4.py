@@ -524,6 +524,11 @@ def test_two_rank_ddp_run_writes_the_artifact(world, tmp_path):
     assert m["info"]["global_batch"] == 4
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=False)["state"]
     assert len(ckpt["rng"]) == 2 and ckpt["step"] == 2
+    # after epoch 0 rank 0 had run CLIP on its 2 of the 4 images; the cache it saved then
+    # holds all 4: the ranks shared what they filled
+    first = torch.load(out / "checkpoints" / "epoch_0001.pt", weights_only=False)["state"]
+    assert first["epoch"] == 1 and len(first["global_cache"]["filled"]) == 4
+    assert first["global_cache"]["filled"].all()
     losses = _losses(out)
     assert len(losses) == 2 and losses[1][2] is not None   # the GAN ran under DDP
     load_tokenizer(out, clip=load_clip(world["clip"]))

@@ -295,7 +295,24 @@ def test_clip_runs_in_the_recorded_precision_on_a_gpu(tmp_path, monkeypatch):
     assert loaded.clip.embed_dim == clip.embed_dim and loaded.clip.ident == clip.ident
 
 
-def test_id_mapping(tiny):
+def test_forward_from_given_global_indices_is_the_forward_from_clip(tiny):
+    """The training pass from the global indices CLIP gave before is the pass that runs CLIP,
+    bit for bit (the decoder's input is a function of the indices); its rows are the local
+    ids' codebook rows."""
+    tokenizer, clip, _ = tiny
+    x128, x_clip = tiny_images(clip, batch=2, seed=2)
+    with torch.no_grad():
+        out = tokenizer(x128, x_clip)
+        given = tokenizer(x128, global_idx=out["global_idx"].to(torch.int16))
+    assert set(given) == set(out)
+    for k in out:
+        assert torch.equal(given[k], out[k]), k
+    assert torch.equal(tokenizer.llm_ids[out["rows"]], out["local_ids"])
+    with pytest.raises(V2LError, match="x_clip.*or their global token indices"):
+        tokenizer(x128)
+
+
+def test_id_mapping(tiny, tmp_path):
     tokenizer = tiny[0]
     rows = torch.tensor([[0, 5], [63, 1]])
     assert torch.equal(tokenizer.llm_ids_from_rows(rows), LLM_IDS[rows])
@@ -303,6 +320,13 @@ def test_id_mapping(tiny):
     for bad in (4, -1, 10_000):                 # between ids, negative, beyond the vocabulary
         with pytest.raises(V2LError, match="not in the local codebook"):
             tokenizer.rows_from_llm_ids(torch.tensor([3, bad]))
+    # the inverse table follows the ids when weights with other ids are loaded
+    other = make_tiny_tokenizer(tmp_path, llm_ids=LLM_IDS + 1)[0]
+    other.rows_from_llm_ids(LLM_IDS[rows] + 1)                # builds its table
+    other.load_state_dict(tokenizer.state_dict())
+    assert torch.equal(other.rows_from_llm_ids(LLM_IDS[rows]), rows)
+    with pytest.raises(V2LError, match="not in the local codebook"):
+        other.rows_from_llm_ids(LLM_IDS[rows] + 1)
 
 
 # ----- bad input: one clear line ---------------------------------------------------------
