@@ -16,7 +16,7 @@ LoRA; written as llm/ and mm_projector.bin beside the VoCo weights). engine/llav
 holds the steps, the schedule and how a step is shared out.
 
 The authors' hyper-parameters are the defaults: 2 epochs, global batch 128, lr 2e-5 (the
-LLM and projector) cosine with 3% warm-up, max length 2048, bf16. Not theirs: the VoCo
+LLM and projector) cosine after a warm-up over 0.03 of the steps, max length 2048, bf16. Not theirs: the VoCo
 embeddings and LoRA learn at ADAPTER_LR (step 5's; their VoCo row learns at 2e-5 with the
 LLM), TRAIN_KS (their code: k = 2 only), and the loss of a step is the token mean over the
 whole step (theirs: the mean of the per-device means).

@@ -170,3 +170,23 @@ def test_bad_settings_one_line(world, capsys, extra, message):
     assert run(**flags(world, "bad", **extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(world, trained):
+    """torchrun, 2 processes (gloo): a step's samples shared out, gradients summed: the weights
+    one process makes, within fp32 rounding."""
+    import os
+    import subprocess
+    out = world["tmp"] / "two"
+    args = []
+    for k, v in flags(world, "two").items():
+        args += [f"--{k}", *map(str, v)] if isinstance(v, (list, tuple)) else [f"--{k}", str(v)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", str(ROOT / "step7_train_llava_voco.py"), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = weights(trained), weights(out)
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
