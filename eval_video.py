@@ -53,7 +53,7 @@ from engine.video import (CONDITIONS, QUESTION_TEXT, VIDEO_TEXT, FrameBlocks, Vi
 from engine.voco import greedy, prompt_positions, retention_interval, set_attention, synced_clock
 from models.llm import llm_dtype, load_llm
 from models.tokenizer_io import load_tokenizer
-from models.voco import kv_bytes_per_token
+from models.voco import check_context, kv_bytes_per_token
 from utils import dist
 from utils.artifacts import MANIFEST, finished_inputs, save_json, write_manifest
 from utils.cli import configure, run_main
@@ -147,6 +147,12 @@ def main():
         NameTrie([prompter.encode(" " + a.strip()) for a in cands[q.category if ANSWER_SET == "category" else ""]],
                  llm.text_tokenizer.eos_token_id) for q in mine]
     seeds = [f"{SEED}:{q.qid}" for q in mine]
+    positions = {c: [prompt_positions(realize_clip(s, c, words=words)) for s in segments]
+                 for c in ("upper", "none")}
+    if "upper" in CONDITIONS_RUN and positions["upper"]:
+        check_context(llm.model, max(positions["upper"]) + MAX_NEW_TOKENS,
+                      "a clip's prompt with every frame's full tokens (upper)",
+                      "lower --frames or drop upper from --conditions_run")
 
     answers, seconds, compress_s, compressed = {}, {}, {}, {}
     for c in ("upper", "none"):
@@ -168,8 +174,6 @@ def main():
                 rows = [realize_clip(s, c, blocks=blocks, seed=sd) for s, sd in zip(segments, seeds)]
                 answers[(c, k)], seconds[(c, k)] = decode(voco, prompter, rows, f"{c} k={k}",
                                                           constraints, device)
-    positions = {c: [prompt_positions(realize_clip(s, c, words=words)) for s in segments]
-                 for c in ("upper", "none")}
     part = {"qids": [q.qid for q in mine], "answers": answers, "seconds": seconds,
             "compress_s": compress_s, "compressed": compressed, "positions": positions,
             "frame_tokens": {v: sum(len(words[frame_key(v, t)]) for t in range(FRAMES)) for v in mine_v},
