@@ -122,6 +122,8 @@ def main():
         for _ in range(REPEATS):
             for name, fn in cases.items():
                 best(fn, runs, name)
+                print(f"  {dtype} {name[0]}, {name[1]}: best {runs[name][0]:.2f} s so far",
+                      flush=True)
         for (stage, way), (sec, out) in runs.items():
             first = next(v for k, v in runs.items() if k[0] == stage)
             n_items = len(out)
