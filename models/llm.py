@@ -61,26 +61,10 @@ class LLM:
 # ----------------------------------------------------------------------------- loading
 
 LLM_DTYPES = ("fp16", "bf16", "fp32", "auto")   # an evaluation's LLM precision; fp16 is the authors'
-FAST_BF16_CAPABILITIES = ("AVX512",)   # ATen CPU kernels that keep bf16 native where the CPU has it
-# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA) under which its bf16 matmuls stay native
-ONEDNN_BF16_ISAS = ("ALL", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX",
-                    "AVX512_CORE_AMX_FP16", "AVX10_1_512", "AVX10_1_512_AMX",
-                    "AVX10_1_512_AMX_FP16")
-
-
 def cpu_native_bf16(device="cpu") -> bool:
-    """Whether this CPU computes a bf16 LLM natively: the hardware has AVX512-BF16 or AMX
-    (``utils.dist.native_bf16``), ATen runs its AVX-512 kernels on it
-    (``torch.backends.cpu.get_cpu_capability()``, which ``ATEN_CPU_CAPABILITY=avx2`` lowers) and
-    oneDNN, which runs the bf16 matmuls, is not capped below bf16 (``ONEDNN_MAX_CPU_ISA``). The
-    two variables rehearse a CPU without native bf16 on one that has it; bf16 then falls back
-    to slow paths and the LLM runs several times slower than in fp32
-    (docs/performance_llm.md)."""
-    import os
-    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL")
-    return (native_bf16(device)
-            and torch.backends.cpu.get_cpu_capability() in FAST_BF16_CAPABILITIES
-            and isa.strip().upper() in ONEDNN_BF16_ISAS)
+    """Whether this CPU computes a bf16 LLM natively (``utils.dist.native_bf16``, the one rule
+    every stage uses)."""
+    return native_bf16(device)
 
 
 def llm_dtype(name: str, device) -> str:

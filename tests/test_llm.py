@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from utils import dist
 from tiny_llm import make_sentencepiece_model, make_tiny_llama, tiny_llama_model
 
 from models.llm import (SENTENCEPIECE_ATTR, attach_sentencepiece, encode_prompts, encode_segment,
@@ -249,25 +251,27 @@ def test_hf_weights_load_onto_the_device_unchanged(tiny_dirs):
 def test_llm_dtype_auto_takes_bf16_only_where_native(monkeypatch):
     """auto: fp16 on a GPU (the paper's); on a CPU bf16 where the hardware has it and ATen runs
     its AVX-512 kernels (not under ATEN_CPU_CAPABILITY=avx2) and oneDNN is not capped below bf16
-    (ONEDNN_MAX_CPU_ISA), otherwise fp32. bf16 on a CPU
-    follows the same rule; fp16 on a CPU is fp32."""
+    (ONEDNN_MAX_CPU_ISA), otherwise fp32; the rule is utils.dist.native_bf16, the one every stage
+    asks. bf16 on a CPU follows the same rule; fp16 on a CPU is fp32."""
     import models.llm as m
     assert m.llm_dtype("auto", "cuda") == "fp16" and m.llm_dtype("bf16", "cuda") == "bf16"
     for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
         monkeypatch.delenv(name, raising=False)
     for hardware, capability, want in ((True, "AVX512", "bf16"), (True, "AVX2", "fp32"),
                                        (False, "AVX512", "fp32"), (False, "DEFAULT", "fp32")):
-        monkeypatch.setattr(m, "native_bf16", lambda device, h=hardware: h)
+        for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+            monkeypatch.setattr(torch.cpu, probe, lambda h=hardware: h, raising=False)
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
-        assert m.cpu_native_bf16() == (want == "bf16")
+        assert m.cpu_native_bf16() == dist.native_bf16("cpu") == (want == "bf16")
         assert m.llm_dtype("auto", "cpu") == m.llm_dtype("bf16", "cpu") == want
         assert m.llm_dtype("fp16", "cpu") == m.llm_dtype("fp32", "cpu") == "fp32"
-    monkeypatch.setattr(m, "native_bf16", lambda device: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     for isa, want in (("AVX2", "fp32"), ("avx512_core", "fp32"), ("AVX512_CORE_AMX", "bf16"),
                       ("ALL", "bf16")):
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
         assert m.llm_dtype("auto", "cpu") == want, isa
+        assert dist.native_bf16("cpu") == (want == "bf16"), isa   # steps 2 and 4 ask the same
     with pytest.raises(V2LError, match="llm_dtype"):
         m.llm_dtype("int8", "cpu")
 

@@ -112,17 +112,30 @@ def init(device: str = "auto", out_dir=None) -> Dist:
     return d
 
 
+FAST_BF16_CAPABILITIES = ("AVX512",)   # ATen CPU kernels that keep bf16 native where the CPU has it
+# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA) under which its bf16 matmuls stay native
+ONEDNN_BF16_ISAS = ("ALL", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX",
+                    "AVX512_CORE_AMX_FP16", "AVX10_1_512", "AVX10_1_512_AMX",
+                    "AVX10_1_512_AMX_FP16")
+
+
 def native_bf16(device) -> bool:
-    """Whether bf16 matrix products run natively on ``device``: a CUDA GPU that supports bf16,
-    or a CPU with AVX512-BF16 or AMX (where bf16 is several times faster than fp32; elsewhere
-    the CPU emulates it, slower than fp32)."""
+    """Whether bf16 runs natively on ``device``: a CUDA GPU that supports bf16, or a CPU with
+    AVX512-BF16 or AMX whose ATen kernels run at AVX-512 (``get_cpu_capability()``, which
+    ``ATEN_CPU_CAPABILITY=avx2`` lowers) and whose oneDNN, which runs the bf16 matmuls, is not
+    capped below bf16 (``ONEDNN_MAX_CPU_ISA``). Elsewhere bf16 is emulated, slower than fp32.
+    The variables rehearse a CPU without native bf16 on one that has it
+    (docs/performance_llm.md)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
-    return any(getattr(torch.cpu, probe, lambda: False)()
-               for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    hardware = any(getattr(torch.cpu, probe, lambda: False)()
+                   for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL"
+    return (hardware and torch.backends.cpu.get_cpu_capability() in FAST_BF16_CAPABILITIES
+            and isa.strip().upper() in ONEDNN_BF16_ISAS)
 
 
 # ------------------------------------------------------------ waits without a deadline --
