@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from models.llava_dirs import refuse_llava_as_llm
 from models.meta_llama import SENTENCEPIECE_ATTR, attach_sentencepiece, load_meta
 from utils.dist import native_bf16
 from utils.errors import V2LError
@@ -104,6 +105,7 @@ def detect_format(path) -> tuple[str, Path]:
             return "gguf", path
         raise V2LError(f"{path}: not a model directory or .gguf file; pass the directory instead")
     if (path / "config.json").is_file():
+        refuse_llava_as_llm(path)       # a LLaVA is not a causal LM: one line naming --llava
         return "hf", path
     if (path / "params.json").is_file() or any(path.glob("consolidated.*.pth")):
         return "meta", path

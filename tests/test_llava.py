@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from models.llava import expand2square, load_llava, read_projector
+from models.llm import load_llm
 from models.llava_dirs import is_llava_dir, refuse_llava_as_llm
 from tiny_llava import CLIP_MEAN, CLIP_STD, IMAGE_SIZE, N_PATCHES, TEXT_VOCAB, make_tiny_llava
 from utils.errors import V2LError
@@ -134,6 +135,7 @@ def test_bad_inputs_one_line(tiny, tmp_path):
     # a llava-hf directory where a causal LM is expected, and the reverse
     one_line(r"is a LLaVA checkpoint \(LlavaForConditionalGeneration\); give it as --llava, or give "
              "its language model", refuse_llava_as_llm, tiny["llava"])
+    one_line("is a LLaVA checkpoint", load_llm, tiny["llava"])     # every stage's --llm
     one_line("is a LLaVA checkpoint", load_llava, llm=tiny["llava"], vision=tiny["vision"],
              projector=tiny["projector"], device="cpu")
     one_line(r"is not a llava-hf checkpoint \(LlamaForCausalLM\).*--llm with --vision_tower",
