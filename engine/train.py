@@ -30,9 +30,15 @@ overflow: its gradients are made non-finite, so the GradScaler skips the step (t
 GAN weight, taken from scaled gradients, is NaN when they overflow, see
 models/losses.py ``adaptive_weight``). Every rank decides alike, as the gradients are
 all-reduced before the GradScaler looks at them. Training stops with one line ("training
-diverged") when ``max_overflow_steps`` iterations in a row backed the scale off, or at once
-on a non-finite loss without loss scaling (a flag all-reduced over the ranks, read where the
-finiteness check always was).
+diverged", naming the iteration) when ``max_overflow_steps`` iterations in a row backed the
+scale off, or on a non-finite loss without loss scaling (a flag all-reduced over the
+ranks). Both are watched on the device and read by ``check_divergence`` at logging steps,
+epoch ends and before every checkpoint (no wait for the device in the iteration itself), so
+a diverged state is never saved.
+
+Each image's global tokens are computed by CLIP once and reused (``use_global_cache``,
+engine/global_cache.py); a checkpoint is also written every ``save_every`` iterations and
+resumes part-way through an epoch exactly.
 """
 from __future__ import annotations
 
