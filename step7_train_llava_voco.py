@@ -129,6 +129,9 @@ def main():
         raise V2LError(f"{DATA}: no entry with its image in {IMAGE_FOLDER}; give the data's image folder")
     if ddp.is_main:
         print(f"step 7: {data.summary()}")
+        if READER == "trained" and ddp.active:
+            print("step 7: reader trained: every process holds the whole LLM, its gradients and "
+                  "AdamW state (about 16 bytes per weight in bf16); not sharded")
     steps = EPOCHS * steps_per_epoch(len(data), BATCH_SIZE)
     named = named_trainables(voco, parts, READER)
     params = list(named.values())

@@ -190,3 +190,38 @@ def test_two_processes_equal_one(world, trained):
     a, b = weights(trained), weights(out)
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+
+
+@pytest.mark.slow
+def test_trained_reader_over_two_processes_equals_one(world):
+    """reader trained under torchrun (2 processes, gloo; the LLM replicated, gradients
+    all-reduced), stopped and resumed once: the fine-tuned LLM, projector and VoCo embeddings
+    equal one process's."""
+    import os
+    import subprocess
+    from safetensors.torch import load_file
+    one, two = world["tmp"] / "ft_one", world["tmp"] / "ft_two"
+    common = {"reader": "trained", "lr": 1e-3}
+    assert run(**flags(world, "ft_one", **common)) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    for extra in ({"stop_after": 2, "save_every": 1}, {}):
+        args = []
+        for k, v in flags(world, "ft_two", **common, **extra).items():
+            args += [f"--{k}", *map(str, v)] if isinstance(v, (list, tuple)) else [f"--{k}", str(v)]
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc_per_node", "2", str(ROOT / "step7_train_llava_voco.py"), *args],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    a, b = weights(one), weights(two)
+    assert torch.allclose(a["voco.embeddings"], b["voco.embeddings"], rtol=1e-4, atol=1e-6)
+    la, lb = load_file(one / "llm" / "model.safetensors"), load_file(two / "llm" / "model.safetensors")
+    assert set(la) == set(lb)
+    step = common["lr"]      # Adam moves every weight by about lr a step, whatever its gradient's
+    #                          size: where a gradient is near fp32 rounding, summing it in another
+    #                          order changes its step by a small fraction of lr, not relative to it
+    for k in la:
+        assert torch.allclose(la[k], lb[k], rtol=1e-4, atol=0.01 * step), k
+    pa = torch.load(one / "mm_projector.bin")
+    pb = torch.load(two / "mm_projector.bin")
+    for k in pa:
+        assert torch.allclose(pa[k], pb[k], rtol=1e-4, atol=1e-6), k
