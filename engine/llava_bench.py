@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.vqa import process_punctuation, vqa_accuracy
+from engine.vqa import ARTICLES, CONTRACTIONS, NUMBERS, process_punctuation, vqa_accuracy
 from utils.artifacts import atomic_path
 from utils.errors import V2LError
 
@@ -486,36 +486,6 @@ def score_seed(answers_path, seed_path, data_type: str | None = "image") -> Scor
 
 # ----------------------------------------------------------------------------- VQA accuracy
 
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-            "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-_ARTICLES = ("a", "an", "the")
-# The EvalAI / VQA table of contractions, as it applies to lower-cased words: each form below
-# is restored from itself with one of its apostrophes left out (from itself without its only
-# apostrophe); the table's capitalised keys ("Im", "Ive", "Id've", "I'dve") never match a
-# lower-cased word, its "let's" and "she's" map to themselves, and its "somebody'd" maps to
-# "somebodyd".
-_CONTRACTED = """ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't
-hadn't've hasn't haven't he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am
-mightn't mightn't've might've mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't
-she'd've should've shouldn't shouldn't've somebody'd've somebody'll somebody's someone'd
-someone'd've someone'll someone's something'd something'd've something'll that's there'd
-there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've we've
-weren't what'll what're what's what've when's where'd where's where've who'd who'd've who'll
-who's who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've
-you'd you'd've you'll you're you've""".split()
-
-
-def _contraction_table() -> dict[str, str]:
-    table = {}
-    for word in _CONTRACTED:
-        cuts = [i for i, c in enumerate(word) if c == "'"]
-        for i in cuts:
-            table[word[:i] + word[i + 1:] if len(cuts) > 1 else word.replace("'", "")] = word
-    table["somebody'd"] = "somebodyd"
-    return table
-
-
-_CONTRACTIONS = _contraction_table()
 
 
 def evalai_answer(text: str) -> str:
@@ -525,8 +495,8 @@ def evalai_answer(text: str) -> str:
     contractions restored."""
     t = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
     t = process_punctuation(t.replace("\n", " ").replace("\t", " ").strip())
-    words = [_NUMBERS.get(w, w) for w in t.lower().split()]
-    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
+    words = [NUMBERS.get(w, w) for w in t.lower().split()]
+    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
 
 
 def textvqa_accuracy(answer: str, human_answers: list[str]) -> float:

@@ -36,6 +36,17 @@ def test_vqa_accuracy():
     assert normalize("a man/woman") == "man woman" and normalize("one (1)") == "1 1"
 
 
+def test_contractions_follow_the_official_table():
+    """The VQA/EvalAI table as it applies to lower-cased answers: a form with one apostrophe
+    left out is restored, its capitalised keys ("Im", "Ive") never match, "somebody'd" becomes
+    "somebodyd"; common words stay."""
+    assert normalize("couldnt") == "couldn't" and normalize("couldn'tve") == "couldn't've"
+    assert normalize("couldnt've") == "couldn't've" and normalize("hed've") == "he'd've"
+    assert normalize("somebody'd") == "somebodyd"
+    for word in ("im", "ive", "lets", "shes", "well", "its"):
+        assert normalize(word) == word
+
+
 def test_demo_questions(setup):
     qs = demo_questions(setup["world"], "val", seed=0)
     assert len(qs) == 4 * 3 * 3 and qs == demo_questions(setup["world"], "val", seed=0)
