@@ -59,7 +59,7 @@ from utils.artifacts import (MANIFEST, ChunkStore, artifact_id, finished_inputs,
                              run_key, save_json, write_manifest)
 from utils.cli import configure, run_main
 from utils.errors import V2LError
-from utils.stages import Stage
+from utils.stages import EVAL_LLAVA
 from utils.tables import write_table
 
 # the model
@@ -93,8 +93,6 @@ OUT_DIR = "out/eval_llava"        # where results are written
 
 settings = configure(globals())
 
-EVAL_LLAVA = Stage("eval_llava", "eval_llava.py", "eval_llava", "eval: LLaVA benchmarks",
-                   "LLaVA benchmark answers per condition, scores, retention per k, cost")
 # settings that do not change a condition's answers (left out of its chunks' key)
 NOT_IN_ANSWERS = {"eval_ks", "conditions", "annotations", "n_boot", "seed", "max_new_tokens",
                   "layout", "voco_dir", "max_chunks"}

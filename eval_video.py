@@ -58,6 +58,7 @@ from utils import dist
 from utils.artifacts import MANIFEST, finished_inputs, save_json, write_manifest
 from utils.cli import configure, run_main
 from utils.errors import V2LError
+from utils.stages import EVAL_VIDEO
 from utils.tables import write_table
 
 TOKENIZER_DIR = "out/tokenizer"   # the trained V2L tokenizer the VoCo weights were trained with
@@ -86,7 +87,7 @@ DEVICE = "auto"                   # auto, cpu or cuda
 OUT_DIR = "out/eval_video"        # where results are written
 
 settings = configure(globals())
-STAGE = "eval_video"
+STAGE = EVAL_VIDEO
 IS_MAIN = True
 
 

@@ -47,6 +47,7 @@ from PIL import Image, ImageDraw
 
 from demo.world import COLOURS, SHAPES, SUPERSAMPLE, _rng, background, parallel_imap, shape_polygon
 from utils.artifacts import atomic_dir, is_complete, save_json, write_manifest
+from utils.stages import DEMO_VIDEO
 from utils.cli import configure, run_main
 
 OUT_DIR = "out/demo/video"  # where the clips and question files go
@@ -58,7 +59,7 @@ SIZE = 128  # frame side in pixels
 FPS = 4  # frames per second of the written mp4
 
 settings = configure(globals())
-STAGE = "demo_video"
+STAGE = DEMO_VIDEO
 
 KINDS = ("direction", "colour", "order")
 SIDES = ("left", "right", "top", "bottom")

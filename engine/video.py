@@ -40,6 +40,7 @@ from engine.voco import Slot, realize
 from models.llm import encode_segment
 from models.voco import VoCo
 from utils.errors import V2LError
+from utils.stages import VOCO_VIDEO
 
 CONDITIONS = ("upper", "none", "lower", "voco", "last", "shuffled")
 VIDEO_TEXT = "Video:"                                # before the frames
@@ -290,7 +291,7 @@ def answer_loss(voco: VoCo, rows: list[list], words: dict[str, list[int]], k: in
 
 # ----------------------------------------------------------------------------- artifacts
 
-VIDEO_VOCO = "voco_video"    # the stage id of step 6's artifact (a VoCo artifact continued on video)
+VIDEO_VOCO = VOCO_VIDEO.id    # step 6's artifact (a VoCo artifact continued on video)
 
 
 def load_video_voco(voco_dir, llm, tokenizer_dir):

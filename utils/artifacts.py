@@ -46,7 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # settings that change how a stage runs, never what it makes: changing one reruns nothing
 RUN_ONLY = frozenset({"out_dir", "device", "num_workers", "max_chunks", "stop_after", "log_every",
                       "save_every", "save_every_epoch", "show_top", "results_csv",
-                      "block_cache_gb"})
+                      "block_cache_gb", "cudnn_benchmark", "tokenize_workers"})
 
 
 def current_umask() -> int:

@@ -49,13 +49,24 @@ VOCO = Stage("voco", "step5_train_voco.py", "voco", "step 5: train VoCo",
              "VoCo embeddings + LoRA that compress an image's words into k KV positions")
 EVAL_COMPRESSION = Stage("eval_compression", "eval_compression.py", "eval_compression",
                          "eval: compression", "few-shot with compressed images, retention per k")
+VOCO_VIDEO = Stage("voco_video", "step6_train_video.py", "voco_video", "step 6: train VoCo on video",
+                   "VoCo weights continued on video QA (each frame compressed on its own)")
+EVAL_VIDEO = Stage("eval_video", "eval_video.py", "eval_video", "eval: video",
+                   "video QA through compressed frames: upper, lower, none, last, shuffled, VoCo per k")
+LLAVA_VOCO = Stage("llava_voco", "step7_train_llava_voco.py", "llava_voco",
+                   "step 7: train VoCo on LLaVA",
+                   "VoCo embeddings + LoRA (or a fine-tuned LLM) trained on LLaVA's conversations")
+EVAL_LLAVA = Stage("eval_llava", "eval_llava.py", "eval_llava", "eval: LLaVA benchmarks",
+                   "LLaVA benchmark answers per condition, scores, retention per k, cost")
 
 # the pipeline, in run.sh's order
 PIPELINE = (VOCAB, CODEBOOK, GLOBAL, TOKENIZER, EVAL_RECONSTRUCTION, EVAL_UNDERSTANDING,
-            EVAL_DENOISING, EVAL_CAPTIONING, EVAL_VQA, VOCO, EVAL_COMPRESSION)
+            EVAL_DENOISING, EVAL_CAPTIONING, EVAL_VQA, VOCO, EVAL_COMPRESSION, VOCO_VIDEO, EVAL_VIDEO,
+            LLAVA_VOCO, EVAL_LLAVA)
 # pipeline stages run.sh runs only when asked: captioning with COCO, VQA with VQA and COCO (always
-# in the demo), VoCo with VOCO=true
-OPTIONAL = (EVAL_CAPTIONING, EVAL_VQA, VOCO, EVAL_COMPRESSION)
+# in the demo), VoCo with VOCO=true, video with its datasets, LLaVA with LLAVA and its data
+OPTIONAL = (EVAL_CAPTIONING, EVAL_VQA, VOCO, EVAL_COMPRESSION, VOCO_VIDEO, EVAL_VIDEO, LLAVA_VOCO,
+            EVAL_LLAVA)
 
 # artifacts inside a stage's directory, and the demo's inputs (made by demo/setup.py)
 EVAL_UNDERSTANDING_SETTING = Stage("eval_understanding_setting", "eval_understanding.py",
@@ -65,8 +76,10 @@ DEMO_DATA = Stage("demo_data", DEMO, "demo/data", "demo: images")
 DEMO_LLM = Stage("demo_llm", DEMO, "demo/llm", "demo: stand-in LLM")
 DEMO_VOCAB_IDS = Stage("demo_vocab_ids", DEMO, "demo/vocab_ids", "demo: vocabulary ids")
 DEMO_CLIP = Stage("demo_clip", DEMO, "demo/clip", "demo: stand-in CLIP")
+DEMO_VIDEO = Stage("demo_video", "python -m demo.video", "demo/video", "demo: clips")
 
-ALL = PIPELINE + (EVAL_UNDERSTANDING_SETTING, DEMO_DATA, DEMO_LLM, DEMO_VOCAB_IDS, DEMO_CLIP)
+ALL = PIPELINE + (EVAL_UNDERSTANDING_SETTING, DEMO_DATA, DEMO_LLM, DEMO_VOCAB_IDS, DEMO_CLIP,
+                                                DEMO_VIDEO)
 BY_ID = {s.id: s for s in ALL}
 assert len(BY_ID) == len(ALL), "two stages share an id"
 
