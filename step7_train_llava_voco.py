@@ -50,7 +50,7 @@ from utils.artifacts import (atomic_path, finished_inputs, read_checkpoint, run_
                              write_checkpoint, write_manifest)
 from utils.cli import configure, run_main
 from utils.errors import V2LError
-from utils.stages import Stage
+from utils.stages import LLAVA_VOCO
 
 # the model
 LLAVA = ""                        # a llava-hf directory (e.g. llava-1.5-7b-hf); or the three parts below
@@ -91,9 +91,6 @@ DEVICE = "auto"                   # auto, cpu or cuda
 OUT_DIR = "out/llava_voco"        # where the VoCo weights are written
 
 settings = configure(globals())
-
-LLAVA_VOCO = Stage("llava_voco", "step7_train_llava_voco.py", "llava_voco", "step 7: train VoCo on LLaVA",
-                   "VoCo embeddings + LoRA (or a fine-tuned LLM) trained on LLaVA's conversations")
 
 
 def check_settings() -> None:
