@@ -41,6 +41,23 @@ EVAL_CAPTIONING_ARGS="${EVAL_CAPTIONING_ARGS:-}"; EVAL_VQA_ARGS="${EVAL_VQA_ARGS
 VOCO="${VOCO:-true}"                # false: skip VoCo compression (step 5 and its evaluation)
 STEP5_ARGS="${STEP5_ARGS:-}"; EVAL_COMPRESSION_ARGS="${EVAL_COMPRESSION_ARGS:-}"
 DEMO_ARGS="${DEMO_ARGS:-}"          # extra flags for demo/setup.py (e.g. "--clip_seconds 60")
+# video QA through compressed frames (after step 5; paper configuration): one dataset in its
+# released layout; with VIDEO_TRAIN_QA step 6 continues the VoCo weights on it first
+VIDEO_DATASET="${VIDEO_DATASET:-msrvtt}"   # msvd, msrvtt or activitynet
+VIDEO_TRAIN_QA="${VIDEO_TRAIN_QA:-}"       # training questions (msrvtt: train_qa.json); empty: no step 6
+VIDEO_TEST_QA="${VIDEO_TEST_QA:-}"         # test questions (msrvtt: test_qa.json); empty: no video stages
+VIDEO_DIR="${VIDEO_DIR:-}"                 # the clips
+STEP6_ARGS="${STEP6_ARGS:-}"; EVAL_VIDEO_ARGS="${EVAL_VIDEO_ARGS:-}"
+# VoCo-LLaMA's own configuration: a LLaVA-1.5 (llava-hf directory), its conversation data and
+# one benchmark in LLaVA's layout; LLAVA alone (IMAGENET, LLM, CLIP unset) runs only these stages
+LLAVA="${LLAVA:-}"                  # llava-1.5-7b-hf (LlavaForConditionalGeneration)
+LLAVA_DATA="${LLAVA_DATA:-}"        # llava_v1_5_mix665k.json; empty: no step 7 (eval_llava: upper, no image)
+LLAVA_IMAGES="${LLAVA_IMAGES:-}"    # the folder LLAVA_DATA's image paths are relative to
+LLAVA_BENCHMARK="${LLAVA_BENCHMARK:-gqa}"   # gqa, pope, mme, scienceqa, seed, textvqa, vqav2, mmbench
+LLAVA_QUESTIONS="${LLAVA_QUESTIONS:-}"      # its LLaVA question file (gqa: llava_gqa_testdev_balanced.jsonl)
+LLAVA_BENCH_IMAGES="${LLAVA_BENCH_IMAGES:-}"  # the folder the questions' images are in
+LLAVA_ANNOTATIONS="${LLAVA_ANNOTATIONS:-}"  # what its scorer reads (gqa: testdev_balanced_questions.json)
+STEP7_ARGS="${STEP7_ARGS:-}"; EVAL_LLAVA_ARGS="${EVAL_LLAVA_ARGS:-}"
 # ----------------------------------------------------------------------------
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
@@ -63,6 +80,10 @@ Settings (edit the top of run.sh, or set them in the environment):
   DIST_TIMEOUT_MIN       minutes a collective may wait for a rank (default 30); uneven
                          work and rank 0's long phases (scoring, writing) wait without limit
   STEPn_ARGS, EVAL_*_ARGS, DEMO_ARGS                   extra flags per stage (see each script's --help)
+  VIDEO_DATASET, VIDEO_TRAIN_QA, VIDEO_TEST_QA, VIDEO_DIR   video QA (step 6, eval_video) after step 5
+  LLAVA, LLAVA_DATA, LLAVA_IMAGES   VoCo-LLaMA's configuration: LLaVA-1.5 (llava-hf) and its data (step 7)
+  LLAVA_BENCHMARK, LLAVA_QUESTIONS, LLAVA_BENCH_IMAGES, LLAVA_ANNOTATIONS   one benchmark (eval_llava)
+                         LLAVA with IMAGENET, LLM and CLIP unset runs only the LLaVA stages
 
 With IMAGENET, LLM and CLIP all unset, the demo runs: demo/setup.py makes a
 generated colour x shape image world, fetches the stand-in LLM (SmolLM2-135M,
@@ -78,12 +99,14 @@ fi
 cd "$(dirname "$0")"
 export PYTHONUNBUFFERED=1
 
-if [[ -z "$IMAGENET" && -z "$LLM" && -z "$CLIP" ]]; then
+if [[ -z "$IMAGENET" && -z "$LLM" && -z "$CLIP" && -n "$LLAVA" ]]; then
+  MODE=llava
+elif [[ -z "$IMAGENET" && -z "$LLM" && -z "$CLIP" ]]; then
   MODE=demo
 elif [[ -n "$IMAGENET" && -n "$LLM" && -n "$CLIP" ]]; then
   MODE=paper
 else
-  echo "error: set all of IMAGENET, LLM and CLIP (paper configuration) or none of them (demo)" >&2
+  echo "error: set all of IMAGENET, LLM and CLIP (paper configuration) or none of them (demo; with LLAVA: the LLaVA stages alone)" >&2
   exit 2
 fi
 
@@ -210,7 +233,7 @@ LABEL_ARGS=(); [[ -n "$VAL_LABELS" ]] && LABEL_ARGS=(--val_labels "$VAL_LABELS")
 VGG_ARGS=(); [[ -n "$LPIPS_VGG" ]] && VGG_ARGS=(--vgg_path "$LPIPS_VGG")
 
 # shellcheck disable=SC2086
-{
+if [[ $MODE != llava ]]; then
 run_stage vocab yes \
   --llm "$LLM" --out_dir "${DIR[vocab]}" "${S1[@]}" $STEP1_ARGS
 if [[ $MODE == demo ]]; then
@@ -256,10 +279,36 @@ if [[ $VOCO == true ]]; then
   run_stage eval_compression yes \
     --tokenizer_dir "${DIR[tokenizer]}" --llm "$LLM" --voco_dir "${DIR[voco]}" --data_dir "$IMAGENET" \
     --out_dir "${DIR[eval_compression]}" "${VE[@]}" $EVAL_COMPRESSION_ARGS
+  if [[ -n "$VIDEO_TEST_QA" ]]; then
+    VOCO_FOR_VIDEO="${DIR[voco]}"
+    if [[ -n "$VIDEO_TRAIN_QA" ]]; then
+      run_stage voco_video yes \
+        --tokenizer_dir "${DIR[tokenizer]}" --llm "$LLM" --voco_dir "${DIR[voco]}" --dataset "$VIDEO_DATASET" \
+        --questions_file "$VIDEO_TRAIN_QA" --video_dir "$VIDEO_DIR" --out_dir "${DIR[voco_video]}" $STEP6_ARGS
+      VOCO_FOR_VIDEO="${DIR[voco_video]}"
+    fi
+    run_stage eval_video yes \
+      --tokenizer_dir "${DIR[tokenizer]}" --llm "$LLM" --voco_dir "$VOCO_FOR_VIDEO" --dataset "$VIDEO_DATASET" \
+      --questions_file "$VIDEO_TEST_QA" --video_dir "$VIDEO_DIR" --out_dir "${DIR[eval_video]}" $EVAL_VIDEO_ARGS
+  fi
 else
   echo "== ${STAGE_TITLE[voco]}: skipped (VOCO=false)"
 fi
-}
+fi
+if [[ -n "$LLAVA" ]]; then
+  LLAVA_VOCO_ARGS=()
+  if [[ -n "$LLAVA_DATA" ]]; then
+    run_stage llava_voco yes \
+      --llava "$LLAVA" --data "$LLAVA_DATA" --image_folder "$LLAVA_IMAGES" --out_dir "${DIR[llava_voco]}" $STEP7_ARGS
+    LLAVA_VOCO_ARGS=(--voco_dir "${DIR[llava_voco]}")
+  fi
+  if [[ -n "$LLAVA_QUESTIONS" ]]; then
+    run_stage eval_llava yes \
+      --llava "$LLAVA" "${LLAVA_VOCO_ARGS[@]}" --benchmark "$LLAVA_BENCHMARK" --questions "$LLAVA_QUESTIONS" \
+      --image_folder "$LLAVA_BENCH_IMAGES" --annotations "$LLAVA_ANNOTATIONS" \
+      --out_dir "${DIR[eval_llava]}" $EVAL_LLAVA_ARGS
+  fi
+fi
 
 echo
 echo "== stage times (seconds)"

@@ -197,3 +197,51 @@ def test_run_sh_on_two_nodes_with_an_out_each_stops_with_one_line(tmp_path):
             and "one output folder shared by all of them" in errors[0], node.stderr[-3000:]
     assert not [p for out in outs for p in out.rglob("manifest.json")]
     assert not [p for out in outs for p in out.rglob(".shared-output-check-*")]
+
+
+@pytest.mark.slow
+def test_run_sh_llava_alone_trains_and_evaluates_then_skips(tmp_path):
+    """LLAVA set, IMAGENET/LLM/CLIP not: step 7 on the conversations, then eval_llava on a question
+    file; a rerun with the same settings skips both, a changed step-7 setting reruns both."""
+    import numpy as np
+    from PIL import Image
+    from tiny_llava import make_tiny_llava
+    from utils.stages import EVAL_LLAVA, LLAVA_VOCO
+    llava = make_tiny_llava(tmp_path / "llava")["llava"]
+    (tmp_path / "img").mkdir()
+    rng = np.random.RandomState(0)
+    colours = ("red", "green", "blue")
+    entries, questions = [], []
+    for i in range(4):
+        arr = (rng.rand(36, 30, 3) * 60).astype("uint8")
+        arr[..., i % 3] += 190
+        Image.fromarray(arr).save(tmp_path / "img" / f"{i}.png")
+        entries.append({"id": f"e{i}", "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is it?"},
+            {"from": "gpt", "value": colours[i % 3]}]})
+        questions.append({"question_id": f"q{i}", "image": f"{i}.png", "text": "What colour is it?",
+                          "answer": colours[i % 3], "category": "colour"})
+    (tmp_path / "data.json").write_text(json.dumps(entries))
+    (tmp_path / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    step7 = ("--llm_dtype fp32 --device cpu --k_max 1 --train_ks 1 --lora_rank 2 --epochs 1 "
+             "--batch_size 2 --micro_batch 2 --max_length 200")
+    env = {k: v for k, v in os.environ.items() if k not in ("IMAGENET", "LLM", "CLIP")} | {
+        "LLAVA": llava, "LLAVA_DATA": str(tmp_path / "data.json"),
+        "LLAVA_IMAGES": str(tmp_path / "img"), "LLAVA_BENCHMARK": "exact",
+        "LLAVA_QUESTIONS": str(tmp_path / "questions.jsonl"),
+        "LLAVA_BENCH_IMAGES": str(tmp_path / "img"), "OUT": str(tmp_path / "out"),
+        "OMP_NUM_THREADS": "1", "PYTHON": "python", "STEP7_ARGS": step7,
+        "EVAL_LLAVA_ARGS": "--eval_ks 1 --max_new_tokens 3 --batch_size 2 --device cpu --llm_dtype fp32"}
+    out = tmp_path / "out"
+    first = subprocess.run(["bash", "run.sh"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert is_complete(out / LLAVA_VOCO.out_dir, LLAVA_VOCO)
+    assert is_complete(out / EVAL_LLAVA.out_dir, EVAL_LLAVA)
+    results = json.loads((out / EVAL_LLAVA.out_dir / "results.json").read_text())
+    assert "voco" in json.dumps(results) and "upper" in json.dumps(results)
+    assert not (out / "vocab").exists()                  # the V2L stages did not run
+    again = subprocess.run(["bash", "run.sh"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout.count("up to date") == 2, again.stdout[-2000:]
+    env["STEP7_ARGS"] = step7 + " --adapter_lr 0.01"
+    third = subprocess.run(["bash", "run.sh"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert third.returncode == 0 and "up to date" not in third.stdout, third.stdout[-2000:]
