@@ -240,6 +240,10 @@ def test_run_sh_llava_alone_trains_and_evaluates_then_skips(tmp_path):
     results = json.loads((out / EVAL_LLAVA.out_dir / "results.json").read_text())
     assert "voco" in json.dumps(results) and "upper" in json.dumps(results)
     assert not (out / "vocab").exists()                  # the V2L stages did not run
+    rows = json.loads((out / "summary.json").read_text())["llava"]
+    assert {(r["condition"], r["k"]) for r in rows} == {("upper", None), ("no_image", None),
+                                                        ("lower", 1), ("voco", 1)}
+    assert "LLaVA benchmark exact" in first.stdout
     again = subprocess.run(["bash", "run.sh"], cwd=REPO, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and again.stdout.count("up to date") == 2, again.stdout[-2000:]
     env["STEP7_ARGS"] = step7 + " --adapter_lr 0.01"

@@ -34,7 +34,7 @@ from pathlib import Path
 from utils.artifacts import broken_chain, load_json, read_manifest, save_json
 from utils.errors import V2LError
 from utils.stages import (EVAL_CAPTIONING, EVAL_COMPRESSION, EVAL_DENOISING, EVAL_RECONSTRUCTION,
-                          EVAL_UNDERSTANDING, EVAL_VQA)
+                          EVAL_LLAVA, EVAL_UNDERSTANDING, EVAL_VIDEO, EVAL_VQA)
 
 SUMMARY_JSON = "summary.json"
 RECONSTRUCTION_KEYS = ["n_images", "psnr", "ssim", "lpips", "fid", "is", "codebook_used",
@@ -127,6 +127,27 @@ def compression_rows(out: Path) -> list[dict] | None:
     return [_clean({k: x.get(k) for k in COMPRESSION_KEYS}) for x in r.get("summary", [])]
 
 
+VIDEO_KEYS = ["condition", "k", "n", "accuracy", "ci95", "retention", "retention_ci95",
+              "tokens_per_clip", "kv_reduction", "clips_per_s"]
+LLAVA_KEYS = ["condition", "k", "n", "score", "ci95", "retention", "retention_ci95",
+              "tokens_per_image", "kv_bytes_per_image", "images_per_s"]
+
+
+def video_rows(out: Path) -> list[dict] | None:
+    r = _results(out, EVAL_VIDEO)
+    if r is None:
+        return None
+    return [_clean({k: x.get(k) for k in VIDEO_KEYS}) for x in r.get("summary", [])]
+
+
+def llava_rows(out: Path) -> list[dict] | None:
+    r = _results(out, EVAL_LLAVA)
+    if r is None:
+        return None
+    return [_clean({"benchmark": r.get("benchmark")} | {k: x.get(k) for k in LLAVA_KEYS})
+            for x in r.get("rows", [])]
+
+
 def collect(out, stage_seconds: dict[str, float | None] | None = None) -> dict:
     """Everything summary.json holds (see the module docstring)."""
     out = Path(out)
@@ -134,7 +155,8 @@ def collect(out, stage_seconds: dict[str, float | None] | None = None) -> dict:
             "reconstruction": reconstruction_results(out),
             "understanding": understanding_rows(out), "denoising": denoising_rows(out),
             "captioning": captioning_rows(out), "vqa": vqa_rows(out),
-            "compression": compression_rows(out)}
+            "compression": compression_rows(out), "video": video_rows(out),
+            "llava": llava_rows(out)}
 
 
 def _f(x, digits=3) -> str:
@@ -243,6 +265,32 @@ def compression_text(out: Path, rows: list[dict] | None) -> str:
     return text + (f"\n  picture: {plot}" if plot.is_file() else "")
 
 
+def video_text(rows: list[dict] | None) -> str:
+    if rows is None:        # run only with a video dataset: nothing to say otherwise
+        return ""
+    body = [[r["condition"], "-" if r["k"] is None else r["k"], r["n"], _pct(r["accuracy"]),
+             _pct_ci(r["ci95"]), _pct(r["retention"]), _pct_ci(r["retention_ci95"]),
+             _f(r["tokens_per_clip"], 1), _pct(r["kv_reduction"]), _f(r["clips_per_s"], 2)]
+            for r in rows]
+    return ("video QA through compressed frames, exact match % (not the paper's GPT judge; "
+            "controls: last frame only, frames shuffled):\n"
+            + _table(["condition", "k", "n", "acc", "95% CI", "retention %", "95% CI",
+                      "tokens/clip", "KV saved %", "clips/s"], body))
+
+
+def llava_text(rows: list[dict] | None) -> str:
+    if rows is None:        # run only with LLAVA: nothing to say otherwise
+        return ""
+    body = [[r["condition"], "-" if r["k"] is None else r["k"], r["n"], _f(r["score"], 2),
+             _pct_ci(r["ci95"]), _pct(r["retention"]), _pct_ci(r["retention_ci95"]),
+             _f(r["tokens_per_image"], 1), _f(r["images_per_s"], 2)] for r in rows]
+    name = rows[0]["benchmark"] if rows else ""
+    return (f"LLaVA benchmark {name} (upper: image embeddings read whole; lower: untrained VoCo; "
+            "retention = (voco - lower) / (upper - lower)):\n"
+            + _table(["condition", "k", "n", "score", "95% CI (mean %)", "retention %", "95% CI",
+                      "tokens/image", "images/s"], body))
+
+
 def summary(out, stage_seconds: dict[str, float | None] | None = None, write: bool = True) -> str:
     """The summary tables; with ``write``, also OUT/summary.json."""
     out = Path(out)
@@ -250,7 +298,9 @@ def summary(out, stage_seconds: dict[str, float | None] | None = None, write: bo
     parts = ["== summary", reconstruction_text(out, data["reconstruction"]),
              understanding_text(data["understanding"]), denoising_text(out, data["denoising"]),
              captioning_text(out, data["captioning"]), vqa_text(out, data["vqa"]),
-             compression_text(out, data["compression"])]
+             compression_text(out, data["compression"]), video_text(data["video"]),
+             llava_text(data["llava"])]
+    parts = [p for p in parts if p]
     if write:
         save_json(out / SUMMARY_JSON, data)
         parts.append(f"numbers: {out / SUMMARY_JSON}")
