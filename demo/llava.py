@@ -44,6 +44,7 @@ from utils.artifacts import (atomic_dir, is_complete, read_checkpoint, read_mani
                              write_checkpoint, write_manifest)
 from utils.cli import configure, run_main
 from utils.errors import V2LError
+from utils.stages import DEMO_LLAVA_DATA, DEMO_LLAVA_PROJECTOR
 
 OUT_DIR = "out/demo"  # the demo folder: llm/ and clip/ are read from it, llava_data/ and llava_projector/ written
 LLM_DIR = ""  # the stand-in LLM (empty: OUT_DIR/llm)
@@ -70,8 +71,8 @@ MAX_NEW_TOKENS = 8  # greedy answer length (bounds)
 
 settings = configure(globals())
 
-DATA_STAGE = "demo_llava_data"
-PROJECTOR_STAGE = "demo_llava_projector"
+DATA_STAGE = DEMO_LLAVA_DATA
+PROJECTOR_STAGE = DEMO_LLAVA_PROJECTOR
 PROJECTOR_FILE = "mm_projector.bin"
 READING_FILE = "demo_llava.json"      # how the vision part reads the CLIP (layers, grid)
 

@@ -77,9 +77,13 @@ DEMO_LLM = Stage("demo_llm", DEMO, "demo/llm", "demo: stand-in LLM")
 DEMO_VOCAB_IDS = Stage("demo_vocab_ids", DEMO, "demo/vocab_ids", "demo: vocabulary ids")
 DEMO_CLIP = Stage("demo_clip", DEMO, "demo/clip", "demo: stand-in CLIP")
 DEMO_VIDEO = Stage("demo_video", "python -m demo.video", "demo/video", "demo: clips")
+DEMO_LLAVA_DATA = Stage("demo_llava_data", "python -m demo.llava", "demo/llava_data",
+                        "demo: LLaVA data")
+DEMO_LLAVA_PROJECTOR = Stage("demo_llava_projector", "python -m demo.llava", "demo/llava_projector",
+                             "demo: LLaVA projector")
 
 ALL = PIPELINE + (EVAL_UNDERSTANDING_SETTING, DEMO_DATA, DEMO_LLM, DEMO_VOCAB_IDS, DEMO_CLIP,
-                                                DEMO_VIDEO)
+                                                DEMO_VIDEO, DEMO_LLAVA_DATA, DEMO_LLAVA_PROJECTOR)
 BY_ID = {s.id: s for s in ALL}
 assert len(BY_ID) == len(ALL), "two stages share an id"
 
