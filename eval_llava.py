@@ -46,12 +46,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from engine.llava_bench import answer_row, retention, write_answers
+from engine.llava_voco import load_model
 from engine.llava_eval import (CONDITIONS as KNOWN_CONDITIONS, VOCO_CONDITIONS, LlavaPrompts, Work, benchmark_of,
                                check_annotations, check_ks, condition_labels, costs, drop_missing,
                                group_questions, load_llava_voco, mean_interval, parse_label,
                                plain_reader, read_benchmark_questions, run_chunk, score,
                                split_rows, voco_info)
-from models.llava import load_llava
 from models.llm import llm_dtype
 from models.voco import check_context
 from utils import dist
@@ -66,7 +66,7 @@ from utils.tables import write_table
 LLAVA = ""                        # a llava-hf directory (LlavaForConditionalGeneration, e.g. llava-1.5-7b-hf); or the three parts below
 LLM = ""                          # LLaVA's language model (Vicuna-7B-v1.5), with --vision_tower and --mm_projector
 VISION_TOWER = ""                 # a CLIP vision tower directory (clip-vit-large-patch14-336)
-MM_PROJECTOR = ""                 # LLaVA-1.5's mm_projector.bin
+MM_PROJECTOR = ""                 # LLaVA-1.5's mm_projector.bin (or the folder demo.llava wrote: the demo LLaVA)
 LLM_DTYPE = "fp16"                # fp16 (LLaVA's evaluation), bf16 or fp32; a CPU: bf16 where native, else fp32
 ATTN = "sdpa"                     # attention: sdpa or eager (flash-attention cannot take VoCo's mask)
 PAD = True                        # pad images to a square in CLIP's mean colour (LLaVA-1.5's image_aspect_ratio pad)
@@ -160,8 +160,7 @@ def chunk_key(label: str, layout: str, max_new: int, parts, groups) -> dict:
 
 def context_fits(parts, prompts: LlavaPrompts, questions, groups, max_new: int) -> None:
     """Refuse, before any work, a question whose uncompressed prompt and answer do not fit."""
-    tower = parts.vision.tower.config
-    n = (tower.image_size // tower.patch_size) ** 2 + (parts.vision.strategy == "full")
+    n = parts.image_tokens()
     longest = max(len(s.before) + len(s.between) + len(s.after) + (n if s.image else 0)
                   for g in groups for s in (prompts.sample(questions[i], g.image is not None)
                                             for i in g.questions))
@@ -188,7 +187,7 @@ def main():
     if not groups:
         raise V2LError(f"{QUESTIONS}: no question has its image in {IMAGE_FOLDER}; give the image "
                        "folder of this question file")
-    parts = load_llava(LLAVA or None, llm=LLM or None, vision=VISION_TOWER or None,
+    parts = load_model(LLAVA or None, llm=LLM or None, vision=VISION_TOWER or None,
                        projector=MM_PROJECTOR or None, dtype=llm_dtype(LLM_DTYPE, ddp.device),
                        device=ddp.device, pad=PAD, attn=ATTN)
     info, states = None, None

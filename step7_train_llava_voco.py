@@ -38,12 +38,11 @@ import torch
 from tqdm import tqdm
 
 from data.llava import LlavaConversations
-from engine.llava_train import (READERS, image_positions, lr_scale, make_voco, my_micro_batches,
+from engine.llava_train import (READERS, lr_scale, make_voco, my_micro_batches,
                                 named_trainables, optimizer, step_indices, step_norms,
                                 steps_per_epoch, train_micro_batches, write_weights)
-from engine.llava_voco import KL_ON as KL_CHOICES, LAYOUTS, OBJECTIVES
+from engine.llava_voco import KL_ON as KL_CHOICES, LAYOUTS, OBJECTIVES, load_model
 from engine.voco import llm_identity
-from models.llava import load_llava
 from models.llm import llm_dtype
 from utils import dist
 from utils.artifacts import (atomic_path, finished_inputs, read_checkpoint, run_key, save_json,
@@ -56,7 +55,7 @@ from utils.stages import LLAVA_VOCO
 LLAVA = ""                        # a llava-hf directory (e.g. llava-1.5-7b-hf); or the three parts below
 LLM = ""                          # LLaVA's language model (Vicuna-7B-v1.5), with --vision_tower and --mm_projector
 VISION_TOWER = ""                 # a CLIP vision tower directory (clip-vit-large-patch14-336)
-MM_PROJECTOR = ""                 # LLaVA-1.5's stage-1 mm_projector.bin
+MM_PROJECTOR = ""                 # LLaVA-1.5's stage-1 mm_projector.bin (or the folder demo.llava wrote: the demo LLaVA)
 LLM_DTYPE = "bf16"                # bf16 (the authors'), fp16 or fp32; a CPU: bf16 where native, else fp32
 ATTN = "sdpa"                     # attention: sdpa or eager (flash-attention cannot take VoCo's mask)
 PAD = True                        # pad images to a square in CLIP's mean colour (LLaVA-1.5's)
@@ -116,12 +115,12 @@ def main():
     check_settings()
     out = Path(OUT_DIR)
     ddp = dist.init(DEVICE, OUT_DIR)
-    parts = load_llava(LLAVA or None, llm=LLM or None, vision=VISION_TOWER or None,
+    parts = load_model(LLAVA or None, llm=LLM or None, vision=VISION_TOWER or None,
                        projector=MM_PROJECTOR or None, dtype=llm_dtype(LLM_DTYPE, ddp.device),
                        device=ddp.device, pad=PAD, attn=ATTN)
     voco = make_voco(parts, LAYOUT, READER, K_MAX, LORA_RANK, LORA_ALPHA, LORA_TARGETS, SEED)
     data = LlavaConversations(DATA, parts.tokenizer, IMAGE_FOLDER or None, LAYOUT, MAX_LENGTH,
-                              image_positions(parts), K_MAX)
+                              parts.image_tokens(), K_MAX)
     if not len(data):
         raise V2LError(f"{DATA}: no entry with its image in {IMAGE_FOLDER}; give the data's image folder")
     if ddp.is_main:

@@ -18,8 +18,8 @@ path in the files relative to that folder):
   position), each question with LLaVA's short-answer instruction, ``<image>\\n`` at the start
   of the first;
 - ``questions.jsonl``: the evaluation questions in LLaVA's question-file layout
-  (``{"question_id", "image", "text", "category"}``) with ``answer`` for
-  ``engine.llava_bench.score_exact``; the same number of questions per type, each type's
+  (``{"question_id", "image", "text", "category"}``) with ``answer`` and the type's
+  ``options`` for ``engine.llava_bench.score_exact``; the same number of questions per type, each type's
   answers balanced over its values (every evaluation image carries one question of each type).
 
 Everything is a pure function of (seed, split, index): the same files in any order or process.
@@ -174,7 +174,8 @@ def write_llava_world(out_dir, seed: int = 0, n_pretrain: int = 2000, n_instruct
         for cat in CATEGORIES:
             rows.append({"question_id": f"{i:05d}-{cat}", "image": rel,
                          "text": questions[cat][0] + "\n" + SHORT_ANSWER, "category": cat,
-                         "answer": getattr(sc, "quadrant" if cat == "position" else cat)})
+                         "answer": getattr(sc, "quadrant" if cat == "position" else cat),
+                         "options": list(questions[cat][1])})
     save_json(out / "pretrain.json", pretrain)
     save_json(out / "instruct.json", instruct)
     _write_jsonl(out / "questions.jsonl", rows)

@@ -615,10 +615,26 @@ def score_mmbench(answers_path, tsv_path) -> Score:
                              "n_annotated": len(rows), "complete": n == len(rows)}, per)
 
 
+def named_option(text: str, options) -> str | None:
+    """The option ``text`` names first (whole words, any case; of two starting at the same
+    place the longer), or None where it names none: "The shape is red" -> "red",
+    "circle\nUSER: ..." -> "circle". As LLaVA's MME and POPE scorers find "yes" or "no" in a
+    free answer, for a generated question file that lists each question's ``options``."""
+    best = None
+    for option in options:
+        m = re.search(r"(?<!\w)" + re.escape(str(option).lower()) + r"(?!\w)", text.lower())
+        if m and (best is None or (m.start(), -len(option)) < (best[0], -len(best[1]))):
+            best = (m.start(), str(option))
+    return None if best is None else best[1]
+
+
 def score_exact(answers_path, questions_path) -> Score:
     """Exact match for a question file whose rows carry their ``answer`` (a generated set in
     LLaVA's format, e.g. the demo's): the output with GQA's conversion (trailing periods
-    removed, lower case) against the answer in lower case; overall and per ``category``."""
+    removed, lower case) against the answer in lower case; overall and per ``category``.
+    A row that lists its ``options`` is scored by the option the output names first
+    (``named_option``) instead: for a model that answers in a sentence or runs on past its
+    answer (the demo's frozen stand-in LLM has no end-of-answer in vicuna_v1)."""
     questions = {str(q["question_id"]): q for q in load_questions(questions_path)}
     missing = [k for k, q in questions.items() if "answer" not in q]
     if missing:
@@ -629,7 +645,11 @@ def score_exact(answers_path, questions_path) -> Score:
     per, cats = {}, {}
     for qid, row in answers.items():
         q = questions[qid]
-        per[qid] = float(row["text"].rstrip(".").lower() == str(q["answer"]).lower())
+        if q.get("options"):
+            per[qid] = float((named_option(row["text"], q["options"]) or "").lower()
+                             == str(q["answer"]).lower())
+        else:
+            per[qid] = float(row["text"].rstrip(".").lower() == str(q["answer"]).lower())
         cats.setdefault(q.get("category") or "all", []).append(per[qid])
     n = len(per)
     return Score("exact", {"accuracy": _pct(sum(per.values()) / n) if n else None,

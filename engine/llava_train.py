@@ -64,13 +64,6 @@ def my_micro_batches(indices: list[int], rank: int, world: int, micro: int) -> l
     return [mine[i:i + micro] for i in range(0, len(mine), micro)]
 
 
-def image_positions(parts) -> int:
-    """How many embeddings the LLaVA makes of one image (576 for CLIP-L/14-336)."""
-    from PIL import Image
-    with torch.no_grad():
-        return int(parts.embed_images(parts.preprocess([Image.new("RGB", (8, 8))])).shape[1])
-
-
 def layout_text(parts, layout: str) -> dict:
     """The text an image is compressed with in ``layout`` (VoCo's bos_id, context_ids,
     suffix_ids), from the evaluation's prompt: training and evaluation compress alike."""

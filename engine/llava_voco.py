@@ -34,6 +34,24 @@ from data.llava import IGNORE_INDEX
 from models.voco import VoCo
 from utils.errors import V2LError
 
+def load_model(llava=None, llm=None, vision=None, projector=None, **kw):
+    """The frozen LLaVA a LLaVA stage reads: ``models.llava.load_llava`` (a llava-hf directory, or
+    its three parts), or the demo's tiny LLaVA where ``projector`` is the folder ``demo.llava``
+    wrote (``mm_projector.bin`` beside ``demo_llava.json``; ``vision`` the demo CLIP). ``kw``:
+    load_llava's dtype, device, pad and attn."""
+    from pathlib import Path
+
+    from models.llava import load_llava
+    if llava is None and projector is not None and (Path(projector) / "demo_llava.json").is_file():
+        from demo.llava import load_demo_llava
+        if llm is None or vision is None:
+            raise V2LError(f"{projector}: the demo LLaVA needs --llm (the stand-in LLM) and "
+                           "--vision_tower (the demo CLIP) too")
+        return load_demo_llava(projector, llm, vision, dtype=kw.get("dtype"),
+                               device=kw.get("device") or "cpu", attn=kw.get("attn", "sdpa"))
+    return load_llava(llava, llm=llm, vision=vision, projector=projector, **kw)
+
+
 OBJECTIVES = ("ce", "kl", "both")
 KL_ON = ("text", "answers")
 LAYOUTS = ("system", "authors")

@@ -231,6 +231,13 @@ class LlavaParts:
         """PIL image(s) -> pixels [B, 3, H, W] (float32, CPU)."""
         return self.image_processor(images)
 
+    def image_tokens(self) -> int:
+        """How many embeddings the LLaVA makes of one image (576 for CLIP-L/14-336), whatever
+        the vision tower: those of one blank image."""
+        from PIL import Image
+        with torch.no_grad():
+            return int(self.embed_images(self.preprocess([Image.new("RGB", (8, 8))])).shape[1])
+
     def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels [B, 3, H, W] -> image embeddings [B, n, hidden] in the LLM's dtype."""
         feats = self.vision(pixels)

@@ -244,6 +244,14 @@ def test_projector_file_loads_through_models_llava(tiny, world, tmp_path):
         want = projector(feats[samples[0].image][None])[0]
     assert got.shape == (16, lang.model.config.hidden_size)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert parts.image_tokens() == 16
+    # the LLaVA stages (step 7, eval_llava) take the folder as --mm_projector
+    from engine.llava_voco import load_model
+    staged = load_model(llm=tiny[0], vision=tiny[1], projector=out, dtype="fp32", device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(staged.embed_images(staged.preprocess(img))[0], got)
+    with pytest.raises(V2LError, match="needs --llm"):
+        load_model(vision=tiny[1], projector=out, dtype="fp32", device="cpu")
     # a projector for another vision width is refused with one line
     (out / demo_llava.READING_FILE).write_text(json.dumps({"layers": ["layer3"], "grid": 4}))
     with pytest.raises(V2LError, match="vision features"):

@@ -58,6 +58,7 @@ def test_logits_equal_transformers_llava(tiny, reference, form):
         blank = reference(input_ids=ids, pixel_values=torch.zeros_like(pixels)).logits
         images = parts.embed_images(pixels)
         assert images.shape == (2, N_PATCHES, 64)
+        assert parts.image_tokens() == N_PATCHES       # what the stages size prompts by
         got = torch.stack([parts.llm(inputs_embeds=parts.embed_prompt([before, im, after])[None]).logits[0]
                            for im in images])
     vocab = got.shape[-1]          # the Vicuna form has no "<image>" row

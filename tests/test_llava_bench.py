@@ -230,6 +230,25 @@ def test_exact_match_on_a_generated_set(tmp_path):
     assert s.metrics["accuracy"] == approx(75.0)
 
 
+def test_named_option_finds_the_first_option_a_free_answer_names(tmp_path):
+    from engine.llava_bench import named_option
+    places = ["top left", "top right", "bottom left", "bottom right"]
+    assert named_option("The shape is red, not blue", ["blue", "red"]) == "red"
+    assert named_option("circle\nUSER: is it red", ["red", "circle"]) == "circle"
+    assert named_option("In the Top Left.", places) == "top left"
+    assert named_option("reddish", ["red"]) is None          # whole words only
+    assert named_option("a gradient", ["plain", "gradient"]) == "gradient"
+    assert named_option("nothing", ["red"]) is None
+    qs = [{"question_id": 0, "image": "0.png", "text": "q", "answer": "red", "options": ["red", "blue"]},
+          {"question_id": 1, "image": "1.png", "text": "q", "answer": "blue", "options": ["red", "blue"]},
+          {"question_id": 2, "image": "2.png", "text": "q", "answer": "red"}]
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(q) for q in qs))
+    texts = ["The shape is red\nUSER", "red or blue", "The shape is red"]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(answer_row(q, t, "m")) for q, t in zip(qs, texts)))
+    s = score_exact(tmp_path / "a.jsonl", tmp_path / "q.jsonl")
+    assert s.per_question == {"0": 1.0, "1": 0.0, "2": 0.0}   # no options: exact match still
+
+
 # ----------------------------------------------------------------------------- uploads
 
 def test_vqav2_upload(tmp_path):

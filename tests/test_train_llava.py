@@ -126,14 +126,14 @@ def test_the_step_is_one_mean_whatever_the_micro_batches(world, trained):
 
 def test_loss_counts_are_conversation_losss(world):
     from data.llava import LlavaConversations
-    from engine.llava_train import embed, image_positions, make_voco
+    from engine.llava_train import embed, make_voco
     from engine.llava_voco import conversation_loss, loss_counts
     from models.llava import load_llava
     parts = load_llava(world["llava"], dtype="fp32", device="cpu")
     for layout, reader in (("system", "frozen"), ("authors", "adapted")):
         voco = make_voco(parts, layout, reader, 2, 4, 8.0)
         data = LlavaConversations(world["tmp"] / "data.json", parts.tokenizer, world["tmp"] / "img",
-                                  layout, 200, image_positions(parts), 2)
+                                  layout, 200, parts.image_tokens(), 2)
         samples = [data[i] for i in range(len(data))]
         images = embed(parts, [data.image_path(s) for s in samples], False)
         with torch.no_grad():
