@@ -8,7 +8,10 @@ TRAIN_KS[step % len], one set of weights for every k <= K_MAX) and the conversat
 those (engine/llava_voco.py). OBJECTIVE ce is the authors' (answer cross-entropy), kl the
 paper's Eq. 1 (the frozen LLaVA reading the image uncompressed as teacher), both their sum.
 LAYOUT authors is VoCo-LLaMA's (BOS, image, "\\n", VoCo, "\\n", the conversation without
-"\\n"), system ours (compressed after the system prompt, LLaVA-1.5's own sequence). READER:
+"\\n"), system ours (compressed after the system prompt, LLaVA-1.5's own sequence); auto
+(the default) is system for a frozen or adapted reader, which reads as the LLaVA was trained
+to, and authors for a trained one (their configuration); why, as measured on the demo:
+docs/demo_llava.md. READER:
 frozen (VoCo embeddings + LoRA while compressing only; the LLaVA itself reads: the default,
 because its weights are what eval_llava.py reads and the LLM stays shared), adapted (LoRA
 while reading too), trained (the authors': the LLM and the projector fully fine-tuned, no
@@ -64,7 +67,7 @@ DATA = ""                         # LLaVA's conversation JSON (llava_v1_5_mix665
 IMAGE_FOLDER = ""                 # the folder its image paths are relative to
 MAX_LENGTH = 2048                 # positions per sample, the image's and the VoCo tokens' counted (LLaVA's)
 # what is trained
-LAYOUT = "authors"                # authors (VoCo-LLaMA's) or system (compressed after the system prompt)
+LAYOUT = "auto"                   # authors (VoCo-LLaMA's), system (compressed after the system prompt) or auto (system unless --reader trained)
 READER = "frozen"                 # frozen (LoRA only while compressing), adapted (LoRA while reading too) or trained (the authors' full fine-tuning)
 OBJECTIVE = "ce"                  # ce (the authors': answer cross-entropy), kl (the paper's Eq. 1) or both
 KL_ON = "text"                    # kl positions: text (every position after the VoCo tokens) or answers
@@ -93,6 +96,10 @@ settings = configure(globals())
 
 
 def check_settings() -> None:
+    global LAYOUT
+    if LAYOUT == "auto":
+        LAYOUT = "authors" if READER == "trained" else "system"
+        print(f"layout: {LAYOUT} (auto, for the {READER} reader)")
     for name, value, choices in (("layout", LAYOUT, LAYOUTS), ("reader", READER, READERS),
                                  ("objective", OBJECTIVE, OBJECTIVES), ("kl_on", KL_ON, KL_CHOICES)):
         if value not in choices:

@@ -95,7 +95,7 @@ def test_writes_what_eval_llava_reads(world, trained):
     assert not (trained / "checkpoint.pt").exists()
     parts = load_llava(world["llava"], dtype="fp32", device="cpu")
     voco, _, state, layout = load_llava_voco(trained, parts)
-    assert layout == "authors" and voco.reader == "frozen"
+    assert layout == "system" and voco.reader == "frozen"      # --layout auto with a frozen reader
     start = voco.adapter_state()        # the untrained start the eval rebuilds
     assert set(state) == set(start)
     moved = [k for k in state if not torch.equal(state[k], start[k].float())]
@@ -151,6 +151,7 @@ def test_trained_reader_writes_its_llm_and_projector(world):
     out = world["tmp"] / "full_ft"
     assert run(**flags(world, "full_ft", reader="trained", lr=1e-3)) == 0
     assert load_json(out / "voco.json")["trained_reader"] == "trained"
+    assert load_json(out / "voco.json")["layout"] == "authors"   # --layout auto: the authors' configuration
     before = load_llava(world["llava"], dtype="fp32", device="cpu")
     after = load_llava(llm=out / "llm", vision=world["vision"], projector=out / "mm_projector.bin",
                        dtype="fp32", device="cpu")
