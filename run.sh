@@ -41,6 +41,9 @@ EVAL_CAPTIONING_ARGS="${EVAL_CAPTIONING_ARGS:-}"; EVAL_VQA_ARGS="${EVAL_VQA_ARGS
 VOCO="${VOCO:-true}"                # false: skip VoCo compression (step 5 and its evaluation)
 STEP5_ARGS="${STEP5_ARGS:-}"; EVAL_COMPRESSION_ARGS="${EVAL_COMPRESSION_ARGS:-}"
 DEMO_ARGS="${DEMO_ARGS:-}"          # extra flags for demo/setup.py (e.g. "--clip_seconds 60")
+DEMO_LLAVA="${DEMO_LLAVA:-false}"   # true: the demo also makes its tiny LLaVA (demo/llava.py), trains VoCo on
+                                    # it (step 7) and runs its benchmark (eval_llava); docs/demo_llava.md
+DEMO_LLAVA_ARGS="${DEMO_LLAVA_ARGS:-}"  # extra flags for demo/llava.py
 # video QA through compressed frames (after step 5; paper configuration): one dataset in its
 # released layout; with VIDEO_TRAIN_QA step 6 continues the VoCo weights on it first
 VIDEO_DATASET="${VIDEO_DATASET:-msrvtt}"   # msvd, msrvtt or activitynet
@@ -84,6 +87,7 @@ Settings (edit the top of run.sh, or set them in the environment):
   LLAVA, LLAVA_DATA, LLAVA_IMAGES   VoCo-LLaMA's configuration: LLaVA-1.5 (llava-hf) and its data (step 7)
   LLAVA_BENCHMARK, LLAVA_QUESTIONS, LLAVA_BENCH_IMAGES, LLAVA_ANNOTATIONS   one benchmark (eval_llava)
                          LLAVA with IMAGENET, LLM and CLIP unset runs only the LLaVA stages
+  DEMO_LLAVA             true: the demo runs the LLaVA stages too, on its tiny LLaVA
 
 With IMAGENET, LLM and CLIP all unset, the demo runs: demo/setup.py makes a
 generated colour x shape image world, fetches the stand-in LLM (SmolLM2-135M,
@@ -295,18 +299,36 @@ else
   echo "== ${STAGE_TITLE[voco]}: skipped (VOCO=false)"
 fi
 fi
+LLAVA_MODEL=(); L7=(); LE=()
 if [[ -n "$LLAVA" ]]; then
+  LLAVA_MODEL=(--llava "$LLAVA")
+elif [[ $MODE == demo && $DEMO_LLAVA == true ]]; then
+  # the demo's tiny LLaVA: the demo CLIP's 4 x 4 feature grid, a projector trained here (LLaVA's
+  # stage 1), the stand-in LLM; its instruction data and a 480-question set (docs/demo_llava.md)
+  t0=$(now_us)
+  "$PYTHON" -m demo.llava --out_dir "$DEMO" --parts data,projector $DEMO_LLAVA_ARGS || exit 1
+  TIMES+=("demo_llava|demo setup: LLaVA data, projector|$(seconds_since "$t0")")
+  LLAVA_MODEL=(--llm "$DEMO/llm" --vision_tower "$DEMO/clip" --mm_projector "$DEMO/llava_projector")
+  LLAVA_DATA="$DEMO/llava_data/instruct.json"; LLAVA_IMAGES="$DEMO/llava_data"
+  LLAVA_BENCHMARK=exact; LLAVA_QUESTIONS="$DEMO/llava_data/questions.jsonl"
+  LLAVA_BENCH_IMAGES="$DEMO/llava_data"; LLAVA_ANNOTATIONS=""
+  # one epoch at batch 16, 8 VoCo tokens at most, in bf16 where native (docs/demo_llava.md)
+  L7=(--epochs 1 --batch_size 16 --micro_batch 16 --k_max 8 --train_ks 1 2 4 8 --llm_dtype bf16)
+  LE=(--eval_ks 1 8 --max_new_tokens 6 --batch_size 32 --llm_dtype bf16)
+fi
+if (( ${#LLAVA_MODEL[@]} )); then
   LLAVA_VOCO_ARGS=()
   if [[ -n "$LLAVA_DATA" ]]; then
     run_stage llava_voco yes \
-      --llava "$LLAVA" --data "$LLAVA_DATA" --image_folder "$LLAVA_IMAGES" --out_dir "${DIR[llava_voco]}" $STEP7_ARGS
+      "${LLAVA_MODEL[@]}" --data "$LLAVA_DATA" --image_folder "$LLAVA_IMAGES" --out_dir "${DIR[llava_voco]}" \
+      "${L7[@]}" $STEP7_ARGS
     LLAVA_VOCO_ARGS=(--voco_dir "${DIR[llava_voco]}")
   fi
   if [[ -n "$LLAVA_QUESTIONS" ]]; then
     run_stage eval_llava yes \
-      --llava "$LLAVA" "${LLAVA_VOCO_ARGS[@]}" --benchmark "$LLAVA_BENCHMARK" --questions "$LLAVA_QUESTIONS" \
+      "${LLAVA_MODEL[@]}" "${LLAVA_VOCO_ARGS[@]}" --benchmark "$LLAVA_BENCHMARK" --questions "$LLAVA_QUESTIONS" \
       --image_folder "$LLAVA_BENCH_IMAGES" --annotations "$LLAVA_ANNOTATIONS" \
-      --out_dir "${DIR[eval_llava]}" $EVAL_LLAVA_ARGS
+      --out_dir "${DIR[eval_llava]}" "${LE[@]}" $EVAL_LLAVA_ARGS
   fi
 fi
 
