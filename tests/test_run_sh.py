@@ -1,4 +1,5 @@
-"""run.sh end to end on tiny random models: all seven stages, interrupted mid-stage and rerun.
+"""run.sh end to end on tiny random models: all seven stages, interrupted mid-stage and rerun;
+the demo's calls recorded, with and without its LLaVA stages.
 
 The first run is killed (SIGTERM to its whole process group) while step 2 is
 between chunks; the rerun must skip step 1, resume step 2 from its chunks,
@@ -249,3 +250,36 @@ def test_run_sh_llava_alone_trains_and_evaluates_then_skips(tmp_path):
     env["STEP7_ARGS"] = step7 + " --adapter_lr 0.01"
     third = subprocess.run(["bash", "run.sh"], cwd=REPO, env=env, capture_output=True, text=True)
     assert third.returncode == 0 and "up to date" not in third.stdout, third.stdout[-2000:]
+
+
+def _recorded_demo_calls(tmp_path: Path, **settings) -> list[str]:
+    """run.sh in demo mode with PYTHON a stand-in that runs run.sh's own helpers (python -m
+    utils.*) and records every other command (the stages, demo set-up) as done: the calls the
+    demo makes, in order, without running them."""
+    calls, stub = tmp_path / "calls.txt", tmp_path / "python"
+    stub.write_text('#!/usr/bin/env bash\nif [[ "$1" == "-m" && "$2" == utils.* ]]; then exec python "$@"; fi\n'
+                    'printf "%s\\n" "$*" >> "$CALLS"\n')
+    stub.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("IMAGENET", "LLM", "CLIP", "LLAVA")}
+    env |= {"PYTHON": str(stub), "CALLS": str(calls), "OUT": str(tmp_path / "out"), **settings}
+    r = subprocess.run(["bash", "run.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return calls.read_text().splitlines()
+
+
+def test_run_sh_demo_runs_the_llava_stages_only_when_asked(tmp_path):
+    demo = tmp_path / "on" / "out" / "demo"
+    (tmp_path / "on").mkdir()
+    calls = _recorded_demo_calls(tmp_path / "on", DEMO_LLAVA="true")
+    llava = [c for c in calls if "llava" in c]
+    assert len(llava) == 3, llava
+    assert llava[0].startswith(f"-m demo.llava --out_dir {demo} --parts data,projector")
+    model = f"--llm {demo}/llm --vision_tower {demo}/clip --mm_projector {demo}/llava_projector"
+    assert llava[1].startswith(f"step7_train_llava_voco.py {model} --data {demo}/llava_data/instruct.json "
+                               f"--image_folder {demo}/llava_data ")
+    assert llava[2].startswith(f"eval_llava.py {model} --voco_dir ") and "--benchmark exact" in llava[2] \
+        and f"--questions {demo}/llava_data/questions.jsonl" in llava[2]
+    assert calls.index(llava[0]) > max(i for i, c in enumerate(calls) if c.startswith("eval_compression.py"))
+    (tmp_path / "off").mkdir()
+    plain = _recorded_demo_calls(tmp_path / "off")
+    assert not [c for c in plain if "llava" in c] and len(plain) == len(calls) - 3
