@@ -105,11 +105,11 @@ def make_image_folder(root, n_per_class: int = 4, classes=("cls_a", "cls_b"),
 
 
 def run_script(name: str, **flags) -> int:
-    """Run a top-level script in this process with ``--flag value`` arguments; return its
-    exit status (0 on success, 2 for a V2LError)."""
+    """Run a top-level script in this process with ``--flag value`` arguments (a list or tuple
+    value: ``--flag v1 v2 ...``); return its exit status (0 on success, 2 for a V2LError)."""
     argv = [str(REPO / name)]
     for k, v in flags.items():
-        argv += [f"--{k}", str(v)]
+        argv += [f"--{k}", *map(str, v)] if isinstance(v, (list, tuple)) else [f"--{k}", str(v)]
     old = sys.argv
     sys.argv = argv
     try:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fixtures_artifacts import run_script as run
 from tiny_llava import make_tiny_llava
 from voco_reference import Image as Uncompressed, single_pass
 
@@ -27,23 +28,6 @@ QUESTIONS = [           # (image, question, answer); e.png is not in the folder
     ("c.png", "Is it big?", "yes"), (None, "Say yes.", "yes"), ("d.png", "What shape?", "square"),
     ("c.png", "What colour is it?", "green"),
 ]
-
-
-def run(script: str, **flags) -> int:
-    """Run a script in this process (lists as several values); its exit status."""
-    import runpy
-    from pathlib import Path
-    argv = [str(Path(__file__).resolve().parent.parent / script)]
-    for k, v in flags.items():
-        argv += [f"--{k}", *map(str, v)] if isinstance(v, (list, tuple)) else [f"--{k}", str(v)]
-    old, sys.argv = sys.argv, argv
-    try:
-        runpy.run_path(argv[0], run_name="__main__")
-        return 0
-    except SystemExit as e:
-        return int(e.code or 0)
-    finally:
-        sys.argv = old
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
+from fixtures_artifacts import run_script  # noqa: E402
 from tiny_llava import make_tiny_llava  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -20,18 +21,7 @@ COLOURS = ("red", "green", "blue")
 
 
 def run(**flags) -> int:
-    import runpy
-    argv = [str(ROOT / "step7_train_llava_voco.py")]
-    for k, v in flags.items():
-        argv += [f"--{k}", *map(str, v)] if isinstance(v, (list, tuple)) else [f"--{k}", str(v)]
-    old, sys.argv = sys.argv, argv
-    try:
-        runpy.run_path(argv[0], run_name="__main__")
-        return 0
-    except SystemExit as e:
-        return int(e.code or 0)
-    finally:
-        sys.argv = old
+    return run_script("step7_train_llava_voco.py", **flags)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from engine.video import (FrameBlocks, VideoPrompter, answer_loss, exact_match, 
                           realize_clip, shuffled_order)
 from engine.voco import Slot
 from models.voco import VoCo, VoCoBlock
+from fixtures_artifacts import run_script as run
 from tiny_llm import tiny_llama_model
 from utils.errors import V2LError
 from voco_reference import Image, prefill_logits, single_pass, text_logits
@@ -283,23 +284,6 @@ def world(tmp_path_factory):
     write_manifest(tmp / "clips", "demo_video", {}, files, info=info)
     yield tmp
     torch.set_num_threads(threads)
-
-
-def run(name: str, **flags) -> int:
-    """``fixtures_artifacts.run_script`` with list values passed as several arguments."""
-    import runpy
-    import sys
-    argv = [str(Path(__file__).resolve().parent.parent / name)]
-    for k, v in flags.items():
-        argv += [f"--{k}", *(str(x) for x in (v if isinstance(v, (list, tuple)) else [v]))]
-    old, sys.argv = sys.argv, argv
-    try:
-        runpy.run_path(argv[0], run_name="__main__")
-        return 0
-    except SystemExit as e:
-        return int(e.code or 0)
-    finally:
-        sys.argv = old
 
 
 def step6_flags(world, out, **extra):
