@@ -16,7 +16,9 @@ frozen (VoCo embeddings + LoRA while compressing only; the LLaVA itself reads: t
 because its weights are what eval_llava.py reads and the LLM stays shared), adapted (LoRA
 while reading too), trained (the authors': the LLM and the projector fully fine-tuned, no
 LoRA; written as llm/ and mm_projector.bin beside the VoCo weights). engine/llava_train.py
-holds the steps, the schedule and how a step is shared out.
+holds the steps, the schedule and how a step is shared out. Under torchrun a trained reader's
+LLM is sharded over the processes (FSDP2, engine/shard.py: whole weights during a step,
+gradients and AdamW state sharded); --shard false keeps a whole copy in every process.
 
 The authors' hyper-parameters are the defaults: 2 epochs, global batch 128, lr 2e-5 (the
 LLM and projector) cosine after a warm-up over 0.03 of the steps, max length 2048, bf16. Not theirs: the VoCo
@@ -35,6 +37,7 @@ the processes and the gradients summed: the result does not depend on the number
 """
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -44,6 +47,7 @@ from data.llava import LlavaConversations
 from engine.llava_train import (READERS, lr_scale, make_voco, my_micro_batches,
                                 named_trainables, optimizer, step_indices, step_norms,
                                 steps_per_epoch, train_micro_batches, write_weights)
+from engine.shard import Sharding, Trainables, clip_grad_norm, full_state, is_sharded, load_full_state
 from engine.llava_voco import KL_ON as KL_CHOICES, LAYOUTS, OBJECTIVES, load_model
 from engine.voco import llm_identity
 from models.llm import llm_dtype
@@ -86,6 +90,7 @@ ADAPTER_LR = 1e-3                 # peak learning rate of the VoCo embeddings an
 WARMUP = 0.03                     # fraction of steps of linear warm-up, then cosine to 0
 WEIGHT_DECAY = 0.0                # AdamW weight decay (LLaVA's 0)
 GRAD_CLIP = 1.0                   # gradient-norm clip (0: none)
+SHARD = True                      # reader trained under torchrun: shard the LLM over the processes (FSDP2); False: a whole copy each
 SEED = 0                          # data order and initialisation seed
 SAVE_EVERY = 50                   # steps between checkpoints
 STOP_AFTER = 0                    # stop (checkpointed) after this many steps in this run (0: run to the end)
@@ -132,22 +137,33 @@ def main():
         raise V2LError(f"{DATA}: no entry with its image in {IMAGE_FOLDER}; give the data's image folder")
     if ddp.is_main:
         print(f"step 7: {data.summary()}")
-        if READER == "trained" and ddp.active:
-            print("step 7: reader trained: every process holds the whole LLM, its gradients and "
-                  "AdamW state (about 16 bytes per weight in bf16); not sharded")
+    sharding = None
+    if READER == "trained" and ddp.active:
+        if SHARD:
+            sharding = Sharding(parts.llm, ddp.device, ddp.world)
+        if ddp.is_main:
+            print(f"step 7: reader trained: the LLM sharded over {ddp.world} processes (FSDP2)" if SHARD else
+                  "step 7: reader trained: every process holds the whole LLM, its gradients and "
+                  "AdamW state (about 16 bytes per weight in bf16); --shard true shares them out")
     steps = EPOCHS * steps_per_epoch(len(data), BATCH_SIZE)
     named = named_trainables(voco, parts, READER)
     params = list(named.values())
+    plain = [p for p in params if not is_sharded(p)]   # gradients summed over the processes here
     opt = optimizer(named, LR, ADAPTER_LR, WEIGHT_DECAY)
+    # a trained reader's checkpoint: full tensors by name, whether sharded or not
+    whole = Trainables(parts.llm, parts.projector, voco.embeddings) if READER == "trained" else None
     key = run_key(settings, data=DATA)   # what a checkpoint was made with: settings, data, model
     key["inputs"]["model"] = parts.ident
     ckpt, start, log = out / "checkpoint.pt", 0, []
     state = read_checkpoint(ckpt, key)
     if state is not None:
-        with torch.no_grad():
-            for n, p in named.items():
-                p.copy_(state["weights"][n].to(p))
-        opt.load_state_dict(state["optimizer"])
+        if whole is not None:
+            load_full_state(whole, opt, state["weights"], state["optimizer"])
+        else:
+            with torch.no_grad():
+                for n, p in named.items():
+                    p.copy_(state["weights"][n].to(p))
+            opt.load_state_dict(state["optimizer"])
         start, log = state["step"], state["log"]
         if ddp.is_main:
             print(f"resuming at step {start}")
@@ -160,35 +176,53 @@ def main():
             g["lr"] = g["base_lr"] * scale
         indices = step_indices(step, len(data), BATCH_SIZE, SEED)
         norms = step_norms([data[i] for i in indices], READER, KL_ON)
-        part = train_micro_batches(voco, parts, data, my_micro_batches(indices, ddp.rank, ddp.world, MICRO_BATCH),
-                                   k, OBJECTIVE, LAYOUT, KL_ON, KL_WEIGHT, norms, READER == "trained")
+        batches = my_micro_batches(indices, ddp.rank, ddp.world, MICRO_BATCH)
+        train = (voco, parts, data)
+        with sharding.step() if sharding else nullcontext():
+            if sharding and not batches:   # a step's end reduces in every process: one backward each
+                train_micro_batches(*train, [indices[:1]], k, OBJECTIVE, LAYOUT, KL_ON, KL_WEIGHT, norms,
+                                    True, weight=0.0)
+            part = train_micro_batches(*train, batches, k, OBJECTIVE, LAYOUT, KL_ON, KL_WEIGHT, norms,
+                                       READER == "trained")
         loss = float(dist.all_reduce_sum(torch.tensor([part], dtype=torch.float64, device=ddp.device), ddp))
-        dist.all_reduce_grads(params, ddp)   # each process's loss is its part of the step's mean
+        dist.all_reduce_grads(plain, ddp)   # each process's loss is its part of the step's mean
         if GRAD_CLIP:
-            torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+            if sharding:
+                clip_grad_norm(params, GRAD_CLIP, ddp.active)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
         log.append({"step": step, "k": k, "loss": loss, "lr": ADAPTER_LR * scale,
                     "answer_tokens": int(norms[0]), "kl_positions": int(norms[1])})
         bar.set_postfix(k=k, loss=f"{loss:.4f}")
         done = step + 1
-        if ddp.is_main and (done % SAVE_EVERY == 0 or done == end) and done < steps:
-            write_checkpoint(ckpt, key, {"step": done, "optimizer": opt.state_dict(), "log": log,
-                                         "weights": {n: p.detach().cpu().clone() for n, p in named.items()}})
+        if (done % SAVE_EVERY == 0 or done == end) and done < steps:
+            if whole is not None:     # gathered by every process when sharded
+                weights, optim = full_state(whole, opt)
+            else:
+                weights = {n: p.detach().cpu().clone() for n, p in named.items()}
+                optim = opt.state_dict()
+            if ddp.is_main:
+                write_checkpoint(ckpt, key, {"step": done, "optimizer": optim, "log": log, "weights": weights})
     bar.close()
     if end < steps:
         if ddp.is_main:
             print(f"stopped after step {end} of {steps} (--stop_after); rerun to continue")
-    elif ddp.is_main:
-        finish(voco, parts, data, log)
+    else:
+        llm_state = None
+        if sharding:     # the fine-tuned LLM's full weights, gathered by every process
+            llm_state = {n[len("llm."):]: v for n, v in full_state(whole)[0].items() if n.startswith("llm.")}
+        if ddp.is_main:
+            finish(voco, parts, data, log, llm_state)
     dist.barrier(ddp)
     dist.shutdown(ddp)
 
 
-def finish(voco, parts, data, log: list[dict]) -> None:
+def finish(voco, parts, data, log: list[dict], llm_state: dict | None) -> None:
     from utils.figures import plot_curves
     out = Path(OUT_DIR)
-    files = write_weights(out, voco, parts, READER)
+    files = write_weights(out, voco, parts, READER, llm_state)
     info = {"k_max": K_MAX, "train_ks": list(TRAIN_KS), "lora_rank": 0 if READER == "trained" else LORA_RANK,
             "lora_alpha": LORA_ALPHA, "lora_targets": list(LORA_TARGETS), "seed": SEED, "init_ids": [],
             "layout": LAYOUT, "reader": "adapted" if READER == "trained" else READER,

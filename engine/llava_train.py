@@ -103,13 +103,15 @@ def named_trainables(voco: VoCo, parts, reader: str) -> dict[str, torch.nn.Param
 
 
 def optimizer(named: dict, lr: float, adapter_lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with two groups: VoCo embeddings + LoRA at ``adapter_lr``, LLM + projector at
-    ``lr``; each group's ``base_lr`` is what the schedule scales."""
+    """AdamW over the VoCo embeddings + LoRA at ``adapter_lr``, the LLM and the projector at
+    ``lr`` (separate groups: a sharded LLM's weights and plain ones do not mix in one group);
+    each group's ``base_lr`` is what the schedule scales."""
     adapter = [p for n, p in named.items() if n == "voco.embeddings" or n.startswith("lora.")]
-    full = [p for n, p in named.items() if not (n == "voco.embeddings" or n.startswith("lora."))]
     groups = [{"params": adapter, "lr": adapter_lr, "base_lr": adapter_lr}]
-    if full:
-        groups.append({"params": full, "lr": lr, "base_lr": lr})
+    for prefix in ("llm.", "projector."):
+        full = [p for n, p in named.items() if n.startswith(prefix)]
+        if full:
+            groups.append({"params": full, "lr": lr, "base_lr": lr})
     return torch.optim.AdamW(groups, weight_decay=weight_decay)
 
 
@@ -145,9 +147,10 @@ def step_norms(samples: list, reader: str, kl_on: str) -> tuple[float, float]:
 
 def train_micro_batches(voco: VoCo, parts, data, batches: list[list[int]], k: int, objective: str,
                         layout: str, kl_on: str, kl_weight: float, norms: tuple[float, float],
-                        train_projector: bool) -> float:
-    """Forward and backward over this process's micro-batches of a step (gradients accumulate
-    in the weights' ``.grad``); returns its part of the step's loss."""
+                        train_projector: bool, weight: float = 1.0) -> float:
+    """Forward and backward over this process's micro-batches of a step (gradients of
+    ``weight`` x the loss accumulate in the weights' ``.grad``); returns its part of the
+    step's loss, times ``weight``."""
     total = 0.0
     for batch in batches:
         samples = [data[i] for i in batch]
@@ -155,8 +158,8 @@ def train_micro_batches(voco: VoCo, parts, data, batches: list[list[int]], k: in
         loss, _ = conversation_loss(voco, samples, images, k, objective, layout, kl_on, kl_weight,
                                     ce_norm=norms[0], kl_norm=norms[1])
         if loss.requires_grad:
-            loss.backward()
-        total += float(loss.detach())
+            (loss * weight).backward()
+        total += float(loss.detach()) * weight
     return total
 
 
@@ -168,9 +171,10 @@ def save_projector(projector, path) -> None:
                       for k, v in projector.state_dict().items()})
 
 
-def write_weights(out: Path, voco: VoCo, parts, reader: str) -> list[str]:
+def write_weights(out: Path, voco: VoCo, parts, reader: str, llm_state: dict | None = None) -> list[str]:
     """The VoCo directory's weights: voco.safetensors (VoCo embeddings + LoRA, what
-    eval_llava.py reads); with a trained reader also the fine-tuned LLM (llm/) and projector
+    eval_llava.py reads); with a trained reader also the fine-tuned LLM (llm/; its weights
+    from ``llm_state`` where given: a sharded LLM's, gathered) and projector
     (mm_projector.bin). Returns the files written."""
     from utils.artifacts import atomic_dir, save_tensors
     save_tensors(out / "voco.safetensors", {k: v.float() for k, v in voco.adapter_state().items()})
@@ -179,7 +183,7 @@ def write_weights(out: Path, voco: VoCo, parts, reader: str) -> list[str]:
         import shutil
         shutil.rmtree(out / "llm", ignore_errors=True)   # an unfinished run's: this run's own output
         with atomic_dir(out / "llm") as tmp:
-            parts.llm.save_pretrained(tmp)
+            parts.llm.save_pretrained(tmp, state_dict=llm_state)
             parts.tokenizer.save_pretrained(tmp)
         save_projector(parts.projector, out / "mm_projector.bin")
         files += sorted(str(f.relative_to(out)) for f in (out / "llm").rglob("*") if f.is_file())

@@ -148,7 +148,9 @@ def conversation_loss(voco: VoCo, samples: list, images: list, k: int, objective
             kl_hidden.append(read[use])
             j = t_of[i]
             t_rows.append(t_hidden[j][t_index[j] >= 0][-n:][use])
-    loss = zero
+    # joined to the reading even where the batch holds no answer token: every process's
+    # backward then reaches every layer (a sharded LLM reduces its gradients collectively)
+    loss = zero + s_hidden.flatten()[:1].sum() * 0
     if objective in ("ce", "both"):
         hidden = torch.cat(ce_hidden)
         counts["answer_tokens"] = int(hidden.shape[0])

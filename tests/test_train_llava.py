@@ -189,35 +189,43 @@ def test_two_processes_equal_one(world, trained):
 
 
 @pytest.mark.slow
-def test_trained_reader_over_two_processes_equals_one(world):
-    """reader trained under torchrun (2 processes, gloo; the LLM replicated, gradients
-    all-reduced), stopped and resumed once: the fine-tuned LLM, projector and VoCo embeddings
-    equal one process's."""
+@pytest.mark.parametrize("shard", [True, False])
+def test_trained_reader_over_two_processes_equals_one(world, shard):
+    """reader trained under torchrun (2 processes, gloo), the LLM sharded (FSDP2) or whole in
+    each: the fine-tuned LLM, projector and VoCo embeddings equal one process's. The batch of 7
+    over 8 entries leaves one sample for a step (one process without any) and steps of text
+    only (the projector and the VoCo embeddings without a gradient: not moved, as in one
+    process): both are steps 1 and 3 here. Stopped after 2 steps, resumed in one process for
+    one, finished in two: the checkpoint holds full tensors whatever the number of processes."""
     import os
     import subprocess
     from safetensors.torch import load_file
-    one, two = world["tmp"] / "ft_one", world["tmp"] / "ft_two"
-    common = {"reader": "trained", "lr": 1e-3}
-    assert run(**flags(world, "ft_one", **common)) == 0
+    common = {"reader": "trained", "lr": 1e-3, "batch_size": 7, "epochs": 2}
+    one, two = world["tmp"] / "ft_one", world["tmp"] / f"ft_two_{shard}"
+    if not (one / "voco.json").is_file():
+        assert run(**flags(world, "ft_one", **common)) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
-    for extra in ({"stop_after": 2, "save_every": 1}, {}):
+    for procs, extra in ((2, {"stop_after": 2}), (1, {"stop_after": 1}), (2, {})):
         args = []
-        for k, v in flags(world, "ft_two", **common, **extra).items():
+        for k, v in flags(world, two.name, **common, **extra, save_every=1, shard=shard).items():
             args += [f"--{k}", *map(str, v)] if isinstance(v, (list, tuple)) else [f"--{k}", str(v)]
-        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                               "--nproc_per_node", "2", str(ROOT / "step7_train_llava_voco.py"), *args],
+        launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if procs == 2 else []
+        done = subprocess.run([sys.executable, *launch, str(ROOT / "step7_train_llava_voco.py"), *args],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
+        if procs == 2:
+            assert ("the LLM sharded over 2 processes" in done.stdout) == shard, done.stdout
     a, b = weights(one), weights(two)
     assert torch.allclose(a["voco.embeddings"], b["voco.embeddings"], rtol=1e-4, atol=1e-6)
-    la, lb = load_file(one / "llm" / "model.safetensors"), load_file(two / "llm" / "model.safetensors")
-    assert set(la) == set(lb)
-    step = common["lr"]      # Adam moves every weight by about lr a step, whatever its gradient's
-    #                          size: where a gradient is near fp32 rounding, summing it in another
-    #                          order changes its step by a small fraction of lr, not relative to it
-    for k in la:
-        assert torch.allclose(la[k], lb[k], rtol=1e-4, atol=0.01 * step), k
-    pa = torch.load(one / "mm_projector.bin")
-    pb = torch.load(two / "mm_projector.bin")
+    pa, pb = torch.load(one / "mm_projector.bin"), torch.load(two / "mm_projector.bin")
     for k in pa:
         assert torch.allclose(pa[k], pb[k], rtol=1e-4, atol=1e-6), k
+    la, lb = load_file(one / "llm" / "model.safetensors"), load_file(two / "llm" / "model.safetensors")
+    assert set(la) == set(lb)
+    diff = torch.cat([(la[k] - lb[k]).abs().flatten() for k in la])
+    # AdamW moves a weight by about lr a step whatever its gradient's size: where a gradient is
+    # near fp32 rounding, summing it in another order may change that step by up to a few lr.
+    # Everywhere else the two runs agree to fp32 rounding of the weights.
+    steps = 4
+    assert diff.max() <= 4 * steps * common["lr"]
+    assert (diff > 1e-6).float().mean() <= 1e-3, f"{int((diff > 1e-6).sum())} of {diff.numel()} weights differ"

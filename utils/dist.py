@@ -296,14 +296,18 @@ def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
 
 def all_reduce_grads(params: list[torch.Tensor], d: Dist) -> None:
     """Sum the parameters' gradients over the ranks, in one flat all-reduce (a missing gradient
-    counts as zeros). For a model DDP cannot wrap (adapters inside a frozen LLM)."""
-    if not d.active:
+    counts as zeros). A parameter without a gradient in every rank keeps none, as in one
+    process (AdamW leaves it alone, moments and all). For a model DDP cannot wrap (adapters
+    inside a frozen LLM)."""
+    if not d.active or not params:
         return
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
                       for p in params])
-    all_reduce_sum(flat, d)
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad = g.view_as(p).clone()
+    used = torch.tensor([p.grad is not None for p in params], dtype=flat.dtype, device=flat.device)
+    flat = all_reduce_sum(torch.cat([flat, used]), d)
+    grads = flat[:-len(params)].split([p.numel() for p in params])
+    for p, g, u in zip(params, grads, flat[-len(params):].tolist()):
+        p.grad = g.view_as(p).to(p.dtype, copy=True) if u else None
 
 
 def all_gather_objects(obj, d: Dist) -> list:
