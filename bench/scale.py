@@ -4,7 +4,10 @@ projected time on this device.
 Shapes: LLaMA-2-7B (hidden 4096, 32 layers, 32 heads, MLP 11008, vocab 32000) for the LLM
 stages, open_clip's ViT-L-14 (random init) for CLIP, the paper's 75.2M tokenizer at 128 px
 with LPIPS (random VGG16 trunk: same cost), the PatchGAN discriminator and CLIP for step 4,
-and VoCo (models/voco.py, LoRA rank 8) on the LLaMA shape for step 5 and eval_compression.
+and VoCo (models/voco.py, LoRA rank 8) on the LLaMA shape for step 5 and eval_compression;
+LLaVA-1.5-7B (CLIP ViT-L/14-336 tower read at layer -2, the mlp2x_gelu projector, the LLaMA
+shape as Vicuna-7B) for step 7 (frozen reader and the authors' fully trained one) and
+eval_llava (full image tokens against cached VoCo blocks).
 Each row runs the stage's own code (engine.greedy.BatchedGreedy, models.clip,
 engine.train.train_step, engine.voco) for --iters iterations (fewer when --budget_s runs
 out) and prints the shape, the rate, the peak memory and the projected time of the whole
@@ -43,7 +46,7 @@ DEVICE = "auto"  # auto (CUDA when available), cuda or cpu
 LAYERS = 0  # decoder/transformer layers built (0: full depth on a GPU, 2 on a CPU); the projection scales to full depth
 ITERS = 0  # timed iterations per stage, after one warm-up on a GPU (0: 10 on a GPU, 1 on a CPU)
 BUDGET_S = 30.0  # a stage stops timing new iterations after this many seconds (at least one is timed)
-STAGES: tuple[str, ...] = ("step1", "step2", "step3", "step4", "fewshot", "denoising", "captioning", "vqa", "step5", "eval_compression")  # rows to run
+STAGES: tuple[str, ...] = ("step1", "step2", "step3", "step4", "fewshot", "denoising", "captioning", "vqa", "step5", "eval_compression", "step7", "step7_trained", "eval_llava")  # rows to run
 TINY = False  # tiny widths instead of the paper's (for the test; the projections then mean nothing)
 CPU_BATCH = 1  # sequences (images, episodes) per iteration on a CPU; a GPU uses each stage's own batch
 CPU_NEW_TOKENS = 4  # on a CPU, LLM rows time at most this many new tokens (the projection uses the time per step)
@@ -82,6 +85,20 @@ VOCO_STEPS = 2000             # step5_train_voco.py STEPS
 VOCO_BATCH = 8                # step5_train_voco.py BATCH_SIZE (episodes per step)
 COMPRESSION_EPISODES = 1000   # eval_compression.py N_EPISODES
 COMPRESSION_KS = 4            # eval_compression.py EVAL_KS (1, 2, 4, 8)
+LLAVA_SAMPLES = 665_000       # LLaVA-1.5's instruction mix (llava_v1_5_mix665k.json, "665K")
+LLAVA_EPOCHS = 2              # step7_train_llava_voco.py EPOCHS (the authors')
+LLAVA_MICRO = 16              # step7_train_llava_voco.py MICRO_BATCH (the authors' per-device batch)
+LLAVA_TRAINED_MICRO = 4       # the fully trained reader's micro-batch in this bench on a GPU (no activation checkpointing)
+LLAVA_TRAIN_K = 2             # VoCo tokens while timing step 7 (the authors' k)
+LLAVA_IMAGE_TOKENS = 576      # CLIP ViT-L/14-336: 24 x 24 patches, CLS dropped
+LLAVA_GQA_QUESTIONS = 12_578  # GQA testdev-balanced, LLaVA's GQA file (docs/Evaluation.md)
+LLAVA_EVAL_KS = 4             # eval_llava.py EVAL_KS (1, 2, 4, 8): lower and voco at each
+LLAVA_EVAL_BATCH = 8          # eval_llava.py BATCH_SIZE
+# estimates, not measured: tokens of a conversation after the image (system prompt included),
+# of a benchmark prompt around the image, and of a short answer
+LLAVA_TEXT_TOKENS = 256
+LLAVA_PROMPT_TOKENS = 64
+LLAVA_ANSWER_TOKENS = 3
 # prompt-length model (estimates): LLM tokens per global word (a subword, bigram or trigram)
 TOKENS_PER_WORD = 2.0
 FORMAT_TOKENS = 8             # "###\nInput: < ... >\nOutput: " around one image
@@ -95,6 +112,10 @@ LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32
 LLAMA_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=4, vocab_size=LLAMA2_VOCAB)
 CLIP_LAYERS = {"text": 12, "visual": 24}   # ViT-L/14's towers
+CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                  num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+CLIP_VISION_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, image_size=56, patch_size=14, projection_dim=32)
 TOKENIZER_TINY = dict(ch=32, num_res_blocks=1, z_channels=32, cross_heads=2, cross_head_dim=32,
                       global_topk=5)
 
@@ -459,6 +480,140 @@ def compression_row(b: Bench, voco, full_layers: int) -> Row:
                projected, f"{note}; VoCo conditions only, {COMPRESSION_KS} k values; {n} iters")
 
 
+# ----------------------------------------------------------------------------- LLaVA stages
+
+def build_llava_vision(b: Bench):
+    """(LLaVA's image path on a random CLIP ViT-L/14-336 cut to --layers + the mlp2x_gelu
+    projector into the LLM's width, the tower's full depth)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from models.llava import VisionFeatures
+    shape = dict(CLIP_VISION_TINY if TINY else CLIP_L_336)
+    full = shape["num_hidden_layers"]
+    shape["num_hidden_layers"] = min(b.layers, full) + 1      # layer -2 is read: one more is run
+    torch.manual_seed(SEED)
+    tower = CLIPVisionModel(CLIPVisionConfig(**shape)).to(b.device, torch.float16 if b.cuda else torch.float32)
+    return VisionFeatures(tower.eval().requires_grad_(False)), full, shape["image_size"]
+
+
+def llava_samples(b: Bench, voco, n: int, text: int) -> list:
+    """n conversations in LLaVA's form around one image each: the VoCo's compression text,
+    then ``text`` tokens of which every other one after the first is an answer token."""
+    from data.llava import IGNORE_INDEX, LlavaSample
+    vocab = voco.llm.config.vocab_size
+    before = [voco.bos_id] + voco.context_ids
+    out = []
+    for i in range(n):
+        after = [b.rng.randrange(3, vocab) for _ in range(text)]
+        labels = [IGNORE_INDEX] + [t if j % 2 else IGNORE_INDEX for j, t in enumerate(after[1:])]
+        out.append(LlavaSample(f"s{i}", "x.png", before, [IGNORE_INDEX] * len(before),
+                               list(voco.suffix_ids), after, labels))
+    return out
+
+
+def step7_row(b: Bench, stage: str, voco, vision, projector, size: int, full: dict, built: dict) -> Row:
+    """One optimiser step of step 7 on a micro-batch: the frozen tower, the projector (trained
+    with the reader), VoCo's compression and the conversation's answer cross-entropy."""
+    from engine.llava_voco import conversation_loss
+    trained = stage == "step7_trained"
+    micro = LLAVA_TRAINED_MICRO if trained else LLAVA_MICRO
+    batch = b.batch(micro)
+    samples = llava_samples(b, voco, batch, LLAVA_TEXT_TOKENS)
+    pixels = torch.randn(batch, 3, size, size, device=b.device)
+    params = [voco.embeddings] + [p for p in voco.llm.parameters() if p.requires_grad]
+    if trained:
+        params += list(projector.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-5)
+
+    def step():
+        with torch.no_grad():
+            feats = vision(pixels)
+        with torch.set_grad_enabled(trained):
+            emb = projector(feats.to(next(projector.parameters()).dtype)).to(voco.embeddings.device,
+                                                                              voco.llm.dtype)
+        loss, _ = conversation_loss(voco, samples, list(emb), LLAVA_TRAIN_K, "ce",
+                                    "authors" if trained else "system")
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    b.reset_peak()
+    t, n = b.timed(step)
+    del opt
+    llm_depth, note = b.depth_note(full["llm"], built["llm"])
+    # the tower runs without gradients: a small share, projected with the LLM's depth factor
+    note += f"; tower {built['vision']} of {full['vision']} layers" if built["vision"] < full["vision"] else ""
+    if batch != micro:
+        note += f"; batch {batch} ({'on a GPU' if trained else 'stage'}: {micro})"
+    projected = llm_depth * LLAVA_EPOCHS * LLAVA_SAMPLES / batch * t
+    reader = "LLM + projector fully trained, authors' layout" if trained else "frozen reader (VoCo + LoRA), system layout"
+    return Row(stage, f"{'tiny LLaVA' if TINY else 'LLaVA-1.5-7B'}, {batch} samples x ({LLAVA_IMAGE_TOKENS} image -> k={LLAVA_TRAIN_K} "
+               f"+ {LLAVA_TEXT_TOKENS} text tokens), {reader}", batch / t, "samples/s", b.peak_gib(),
+               projected, f"{note}; {LLAVA_EPOCHS} epochs of {LLAVA_SAMPLES:,}, one process; {n} iters")
+
+
+def eval_llava_row(b: Bench, voco, vision, projector, size: int, full: dict, built: dict) -> Row:
+    """A batch of questions answered reading the image's embeddings (the upper bound) and
+    reading its cached VoCo block (k=1; the block made once per image, as eval_llava does)."""
+    from engine.voco import greedy
+    batch = b.batch(LLAVA_EVAL_BATCH)
+    vocab = voco.llm.config.vocab_size
+    before, between = [voco.bos_id] + voco.context_ids, list(voco.suffix_ids)
+    questions = [[b.rng.randrange(3, vocab) for _ in range(LLAVA_PROMPT_TOKENS)] for _ in range(batch)]
+    pixels = torch.randn(batch, 3, size, size, device=b.device)
+    with torch.no_grad():
+        emb = projector(vision(pixels).to(next(projector.parameters()).dtype)).to(voco.llm.dtype)
+
+    def full_reading():
+        with torch.no_grad():
+            greedy(voco, [[before, e, between + q] for e, q in zip(emb, questions)],
+                   LLAVA_ANSWER_TOKENS, None, None)
+
+    def cached_reading():
+        with torch.no_grad():
+            blocks = voco.compress(list(emb), 1)
+            greedy(voco, [[block, q] for block, q in zip(blocks, questions)], LLAVA_ANSWER_TOKENS, None, None)
+    b.reset_peak()
+    t_full, n = b.timed(full_reading)
+    t_voco, _ = b.timed(cached_reading)
+    depth, note = b.depth_note(full["llm"], built["llm"])
+    if batch != LLAVA_EVAL_BATCH:
+        note += f"; batch {batch} (stage: {LLAVA_EVAL_BATCH})"
+    # GQA under eval_llava's conditions: upper and no image (taken as a full reading), lower and
+    # voco at each k (a compression and a cached reading; no compression cache across k)
+    per_batch = 2 * t_full + 2 * LLAVA_EVAL_KS * t_voco
+    projected = depth * LLAVA_GQA_QUESTIONS / batch * per_batch
+    return Row("eval_llava", f"{'tiny LLaVA' if TINY else 'LLaVA-1.5-7B'}, {batch} questions x ({LLAVA_IMAGE_TOKENS} image + "
+               f"{LLAVA_PROMPT_TOKENS} prompt tokens), {LLAVA_ANSWER_TOKENS} new; full reading "
+               f"{t_full * 1e3:.0f} ms, compressed + cached reading {t_voco * 1e3:.0f} ms per batch "
+               f"({t_full / t_voco:.2f}x); rate: cached", batch / t_voco, "q/s", b.peak_gib(), projected,
+               f"{note}; GQA testdev x (upper, no image, lower and voco at {LLAVA_EVAL_KS} k); {n} iters")
+
+
+def llava_rows(b: Bench, model, full_layers: int, rows: dict) -> None:
+    """step 7 (frozen reader, then the trained one) and eval_llava on one LLaVA-1.5 shape."""
+    from models.llava import mlp2x_gelu
+    from models.voco import VoCo
+    vision, vision_full, size = build_llava_vision(b)
+    torch.manual_seed(SEED)
+    hidden = model.config.hidden_size
+    projector = mlp2x_gelu(vision.width, hidden).to(b.device, model.dtype)
+    full = {"llm": full_layers, "vision": vision_full}
+    built = {"llm": model.config.num_hidden_layers, "vision": vision.tower.config.num_hidden_layers - 1}
+    context = [b.rng.randrange(3, model.config.vocab_size) for _ in range(40)]  # system prompt + "USER:"
+    stages = [s for s in ("step7", "eval_llava", "step7_trained") if s in STAGES]
+    for stage in stages:
+        trained = stage == "step7_trained"
+        voco = VoCo(model, 8, lora_rank=0 if trained else 8, bos_id=1, seed=SEED, context_ids=context,
+                    suffix_ids=[13], reader="adapted" if trained else "frozen")
+        for p in (list(model.parameters()) + list(projector.parameters())) if trained else []:
+            p.requires_grad_(True)
+        rows[stage] = (eval_llava_row(b, voco, vision, projector, size, full, built) if stage == "eval_llava"
+                       else step7_row(b, stage, voco, vision, projector, size, full, built))
+        print_row(rows[stage])
+        voco.remove()
+        model.requires_grad_(False)
+        projector.requires_grad_(False)
+
+
 # ----------------------------------------------------------------------------- main
 
 def hms(seconds: float) -> str:
@@ -483,7 +638,8 @@ def main():
     if device.type == "cuda" and not torch.cuda.is_available():
         raise V2LError("--device cuda: no CUDA device here; use --device cpu")
     unknown = set(STAGES) - {"step1", "step2", "step3", "step4", "fewshot", "denoising",
-                             "captioning", "vqa", "step5", "eval_compression"}
+                             "captioning", "vqa", "step5", "eval_compression", "step7",
+                             "step7_trained", "eval_llava"}
     if unknown:
         raise V2LError(f"--stages {' '.join(sorted(unknown))}: unknown stage(s)")
     b = Bench(device)
@@ -504,7 +660,8 @@ def main():
         del clip
     llm_stages = [s for s in ("step1", "fewshot", "denoising", "captioning", "vqa") if s in STAGES]
     voco_stages = [s for s in ("step5", "eval_compression") if s in STAGES]
-    if llm_stages or voco_stages:
+    llava_stages = [s for s in ("step7", "step7_trained", "eval_llava") if s in STAGES]
+    if llm_stages or voco_stages or llava_stages:
         half = torch.float16 if b.cuda else torch.float32
         model, full_layers = build_llm(b, half)
         from engine.greedy import BatchedGreedy       # one-time set-up costs out of the rows
@@ -512,19 +669,24 @@ def main():
         for stage in llm_stages:
             rows[stage] = llm_row(b, stage, model, full_layers)
             print_row(rows[stage])
-        if voco_stages:
+        if voco_stages or llava_stages:
             from models.voco import VoCo
             if b.cuda:
                 model.to(torch.bfloat16)     # VoCo's stages run bf16 (step5_train_voco.py LLM_DTYPE)
+        if voco_stages:
             voco = VoCo(model, 8, lora_rank=8, bos_id=1, seed=SEED)
             for stage, fn in (("step5", step5_row), ("eval_compression", compression_row)):
                 if stage in voco_stages:
                     rows[stage] = fn(b, voco, full_layers)
                     print_row(rows[stage])
+            voco.remove()
+        if llava_stages:
+            llava_rows(b, model, full_layers, rows)
     keys = {"step4": "step4_it_s", "step3": "step3_img_s", "fewshot": "fewshot_tok_s",
             "step1": "step1_tok_s", "step2": "step2_str_s", "denoising": "denoising_tok_s",
             "captioning": "captioning_tok_s", "vqa": "vqa_tok_s", "step5": "step5_steps_s",
-            "eval_compression": "compression_eps_s"}
+            "eval_compression": "compression_eps_s", "step7": "step7_samples_s",
+            "step7_trained": "step7_trained_samples_s", "eval_llava": "llava_q_s"}
     parts = [f"device={device.type}", f"layers={b.layers}"]
     parts += [f"{keys[s]}={rows[s].rate:.4g}" for s in keys if s in rows]
     parts += [f"{s}_projected_h={rows[s].projected_s / 3600:.3g}" for s in keys if s in rows]

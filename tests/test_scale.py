@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["step1", "step2", "step3", "step4", "fewshot", "denoising", "captioning", "vqa",
-          "step5", "eval_compression"]
+          "step5", "eval_compression", "step7", "step7_trained", "eval_llava"]
 
 
 @pytest.mark.slow
@@ -27,7 +27,8 @@ def test_scale_prints_every_stage_finite():
     summary = [line for line in lines if line.startswith("bench scale: ")]
     assert len(summary) == 1
     values = dict(kv.split("=") for kv in summary[0].split()[2:])
-    for key in ("step4_it_s", "step3_img_s", "fewshot_tok_s", "step5_steps_s"):
+    for key in ("step4_it_s", "step3_img_s", "fewshot_tok_s", "step5_steps_s", "step7_samples_s",
+                "step7_trained_samples_s", "llava_q_s"):
         assert math.isfinite(float(values[key])) and float(values[key]) > 0
     assert all(math.isfinite(float(values[f"{s}_projected_h"])) for s in STAGES)
 
