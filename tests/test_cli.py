@@ -247,3 +247,35 @@ def test_every_script_help_runs():
         assert code in (0, None), (script, code, text[-2000:])
         first = ast.get_docstring(ast.parse((REPO / script).read_text())).splitlines()[0]
         assert first.split()[0] in text and "default:" in text, script
+
+
+@pytest.mark.parametrize("stage, settings, says", [
+    ("llava_voco", {"micro_batch": 16, "batch_size": 128}, "lower --micro_batch (now 16)"),
+    ("eval_llava", {"batch_size": 8}, "lower --batch_size (now 8): the results do not depend on it"),
+    ("voco", {"batch_size": 8}, "--batch_size 8 is the training's own (lowering it changes the run)"),
+    ("tokenizer", {"batch_size": 8}, "it is per process"),
+])
+def test_out_of_memory_is_one_line_naming_the_setting(tmp_path, capsys, stage, settings, says):
+    import torch
+    from utils.cli import run_main
+    from utils.stages import ALL
+
+    def main():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has "
+                                     "a total capacity of 79.11 GiB of which 1.02 GiB is free")
+    entry = next(s for s in ALL if s.id == stage)
+    with pytest.raises(SystemExit) as done:
+        run_main(main, entry, settings | {"out_dir": str(tmp_path / "out")})
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "out of device memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in err[0], err
+    assert says in err[0], err
+
+
+def test_other_errors_are_not_taken_for_out_of_memory():
+    from utils.cli import run_main
+
+    def main():
+        raise RuntimeError("something else")
+    with pytest.raises(RuntimeError, match="something else"):
+        run_main(main)

@@ -345,10 +345,42 @@ def run_main(main: Callable[[], Any], stage=None, settings: dict | None = None) 
     except V2LError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:
+        line = out_of_memory_line(e, stage, settings or {})
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: completed chunks are kept; rerun the same command to resume",
               file=sys.stderr)
         sys.exit(130)
+
+
+# stages whose --batch_size is the training's own: what to do instead of lowering it
+TRAINING = {"tokenizer": "it is per process: use devices with more memory",
+            "voco": "use more processes (a step's episodes are shared out) or devices with more memory",
+            "voco_video": "use more processes (a step's questions are shared out) or devices with more memory"}
+
+
+def out_of_memory_line(e: BaseException, stage, settings: dict) -> str | None:
+    """One line for a device out-of-memory error, naming the setting that lowers the memory
+    and what changing it does; None for any other error."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(e, torch.OutOfMemoryError):
+        return None
+    what = ". ".join(str(e).split(". ")[:2]).strip().rstrip(".")[:200]
+    if "micro_batch" in settings:
+        fix = (f"lower --micro_batch (now {settings['micro_batch']}): the gradient is accumulated "
+               "over a step's micro-batches, so the result does not change")
+    elif "batch_size" in settings and stage is not None and stage.id in TRAINING:
+        fix = (f"--batch_size {settings['batch_size']} is the training's own (lowering it changes "
+               f"the run); {TRAINING[stage.id]}")
+    elif "batch_size" in settings:
+        fix = f"lower --batch_size (now {settings['batch_size']}): the results do not depend on it"
+    else:
+        fix = "free the device of other jobs or use one with more memory"
+    return f"out of device memory ({what}); {fix}; rerun to resume from what was saved"
 
 
 def needs_run(stage, settings: dict) -> bool:
