@@ -314,7 +314,7 @@ elif [[ $MODE == demo && $DEMO_LLAVA == true ]]; then
   LLAVA_BENCHMARK=exact; LLAVA_QUESTIONS="$DEMO/llava_data/questions.jsonl"
   LLAVA_BENCH_IMAGES="$DEMO/llava_data"; LLAVA_ANNOTATIONS=""
   # one epoch at batch 16, 8 VoCo tokens at most, in bf16 where native (docs/demo_llava.md)
-  L7=(--epochs 1 --batch_size 16 --micro_batch 16 --k_max 8 --train_ks 1 2 4 8 --llm_dtype bf16)
+  L7=(--epochs 1 --batch_size 16 --micro_batch 16 --k_max 8 --train_ks 1 2 4 8 --llm_dtype bf16 --num_workers 1)
   LE=(--eval_ks 1 8 --max_new_tokens 6 --batch_size 32 --llm_dtype bf16)
 fi
 if (( ${#LLAVA_MODEL[@]} )); then

@@ -44,9 +44,8 @@ import torch
 from tqdm import tqdm
 
 from data.llava import LlavaConversations
-from engine.llava_train import (READERS, lr_scale, make_voco, my_micro_batches,
-                                named_trainables, optimizer, step_indices, step_norms,
-                                steps_per_epoch, train_micro_batches, write_weights)
+from engine.llava_train import (READERS, StepLoader, loader, lr_scale, make_voco, named_trainables,
+                                optimizer, steps_per_epoch, train_micro_batches, write_weights)
 from engine.shard import Sharding, Trainables, clip_grad_norm, full_state, is_sharded, load_full_state
 from engine.llava_voco import KL_ON as KL_CHOICES, LAYOUTS, OBJECTIVES, load_model
 from engine.voco import llm_identity
@@ -70,6 +69,7 @@ PAD = True                        # pad images to a square in CLIP's mean colour
 DATA = ""                         # LLaVA's conversation JSON (llava_v1_5_mix665k.json)
 IMAGE_FOLDER = ""                 # the folder its image paths are relative to
 MAX_LENGTH = 2048                 # positions per sample, the image's and the VoCo tokens' counted (LLaVA's)
+NUM_WORKERS = 4                   # processes preparing the next steps' samples and images (0: in this process, when read)
 # what is trained
 LAYOUT = "auto"                   # authors (VoCo-LLaMA's), system (compressed after the system prompt) or auto (system unless --reader trained)
 READER = "frozen"                 # frozen (LoRA only while compressing), adapted (LoRA while reading too) or trained (the authors' full fine-tuning)
@@ -168,22 +168,22 @@ def main():
         if ddp.is_main:
             print(f"resuming at step {start}")
     end = steps if not STOP_AFTER else min(steps, start + STOP_AFTER)
-    bar = tqdm(range(start, end), desc="llava voco", disable=not ddp.is_main, initial=start, total=steps)
-    for step in bar:
+    # each step's samples and images, prepared ahead; a process without samples in a sharded
+    # step gets a zero-weighted stand-in (the step's end reduces in every process)
+    inputs = loader(StepLoader(data, parts.preprocess, range(start, end), BATCH_SIZE, SEED, ddp.rank,
+                               ddp.world, MICRO_BATCH, READER, KL_ON, fill=sharding is not None), NUM_WORKERS)
+    bar = tqdm(inputs, desc="llava voco", disable=not ddp.is_main, initial=start, total=steps)
+    for got in bar:
+        if got.error:
+            raise V2LError(got.error)
+        step, norms = got.step, got.norms
         k = TRAIN_KS[step % len(TRAIN_KS)]
         scale = lr_scale(step, steps, WARMUP)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * scale
-        indices = step_indices(step, len(data), BATCH_SIZE, SEED)
-        norms = step_norms([data[i] for i in indices], READER, KL_ON)
-        batches = my_micro_batches(indices, ddp.rank, ddp.world, MICRO_BATCH)
-        train = (voco, parts, data)
         with sharding.step() if sharding else nullcontext():
-            if sharding and not batches:   # a step's end reduces in every process: one backward each
-                train_micro_batches(*train, [indices[:1]], k, OBJECTIVE, LAYOUT, KL_ON, KL_WEIGHT, norms,
-                                    True, weight=0.0)
-            part = train_micro_batches(*train, batches, k, OBJECTIVE, LAYOUT, KL_ON, KL_WEIGHT, norms,
-                                       READER == "trained")
+            part = train_micro_batches(voco, parts, got.batches, k, OBJECTIVE, LAYOUT, KL_ON, KL_WEIGHT,
+                                       norms, READER == "trained", weight=0.0 if got.filler else 1.0)
         loss = float(dist.all_reduce_sum(torch.tensor([part], dtype=torch.float64, device=ddp.device), ddp))
         dist.all_reduce_grads(plain, ddp)   # each process's loss is its part of the step's mean
         if GRAD_CLIP:

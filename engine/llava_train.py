@@ -26,6 +26,7 @@ cosine to 0 (LLaVA's).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -124,19 +125,81 @@ def load_image(path):
         raise V2LError(f"{path}: not a readable image ({e}); replace it or remove its entry") from e
 
 
-def embed(parts, paths: list, train_projector: bool) -> list[torch.Tensor | None]:
-    """Each path's image embeddings [n, hidden] (None for no path): the vision tower without
-    gradients, the projector with them when it trains."""
+def load_pixels(preprocess, paths: list) -> torch.Tensor | None:
+    """The pixels [n, 3, H, W] of the paths that are not None (None when none is)."""
     real = [p for p in paths if p is not None]
-    if not real:
+    return preprocess([load_image(p) for p in real]) if real else None
+
+
+def embed(parts, paths: list, train_projector: bool, pixels: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+    """Each path's image embeddings [n, hidden] (None for no path): the vision tower without
+    gradients, the projector with them when it trains. ``pixels``: the images already loaded
+    (``load_pixels``), else they are loaded here."""
+    if pixels is None:
+        pixels = load_pixels(parts.preprocess, paths)
+    if pixels is None:
         return [None] * len(paths)
     with torch.no_grad():
-        feats = parts.vision(parts.preprocess([load_image(p) for p in real]))
+        feats = parts.vision(pixels)
     proj_dtype = next(parts.projector.parameters()).dtype
     with torch.set_grad_enabled(train_projector):
         emb = parts.projector(feats.to(proj_dtype)).to(parts.device, parts.dtype)
     it = iter(emb)
     return [next(it) if p is not None else None for p in paths]
+
+
+@dataclass
+class StepInputs:
+    """What one process reads in a step: the step's loss normalisers (``step_norms`` over all
+    its samples), and its micro-batches as (samples, their images' pixels or None). ``filler``:
+    the one micro-batch is a zero-weighted stand-in (a process without samples in a step whose
+    end is collective). ``error``: a problem met while loading, raised by the reader."""
+    step: int
+    norms: tuple[float, float] = (1.0, 1.0)
+    batches: list = field(default_factory=list)
+    filler: bool = False
+    error: str | None = None
+
+
+class StepLoader(torch.utils.data.Dataset):
+    """The inputs of steps ``steps`` for process ``rank``, item i = step steps[i]: the
+    samples tokenised and the images decoded and preprocessed, in DataLoader workers ahead of
+    the step that reads them (``loader``) or in the reader's process with 0 workers."""
+
+    def __init__(self, data, preprocess, steps: range, batch_size: int, seed: int, rank: int,
+                 world: int, micro: int, reader: str, kl_on: str, fill: bool):
+        self.data, self.preprocess, self.steps = data, preprocess, steps
+        self.batch_size, self.seed, self.rank, self.world, self.micro = batch_size, seed, rank, world, micro
+        self.reader, self.kl_on, self.fill = reader, kl_on, fill
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, i: int) -> StepInputs:
+        step = self.steps[i]
+        try:
+            indices = step_indices(step, len(self.data), self.batch_size, self.seed)
+            norms = step_norms([self.data[j] for j in indices], self.reader, self.kl_on)
+            batches = my_micro_batches(indices, self.rank, self.world, self.micro)
+            filler = self.fill and not batches
+            out = []
+            for batch in (batches or ([indices[:1]] if filler else [])):
+                samples = [self.data[j] for j in batch]
+                out.append((samples, load_pixels(self.preprocess, [self.data.image_path(s) for s in samples])))
+            return StepInputs(step, norms, out, filler)
+        except V2LError as e:       # one line in the reader's process, not a worker's traceback
+            return StepInputs(step, error=str(e))
+
+
+def _as_is(item):
+    return item
+
+
+def loader(steps: StepLoader, workers: int):
+    """The steps' inputs in order: ``workers`` processes prepare the next ones while a step
+    runs (0: each prepared when it is read)."""
+    return torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=workers,
+                                       collate_fn=_as_is, prefetch_factor=2 if workers else None)
 
 
 def step_norms(samples: list, reader: str, kl_on: str) -> tuple[float, float]:
@@ -145,16 +208,15 @@ def step_norms(samples: list, reader: str, kl_on: str) -> tuple[float, float]:
     return max(1, sum(c[0] for c in counts)), max(1, sum(c[1] for c in counts))
 
 
-def train_micro_batches(voco: VoCo, parts, data, batches: list[list[int]], k: int, objective: str,
+def train_micro_batches(voco: VoCo, parts, batches: list, k: int, objective: str,
                         layout: str, kl_on: str, kl_weight: float, norms: tuple[float, float],
                         train_projector: bool, weight: float = 1.0) -> float:
-    """Forward and backward over this process's micro-batches of a step (gradients of
-    ``weight`` x the loss accumulate in the weights' ``.grad``); returns its part of the
-    step's loss, times ``weight``."""
+    """Forward and backward over this process's micro-batches of a step, each (samples, their
+    images' pixels) (gradients of ``weight`` x the loss accumulate in the weights' ``.grad``);
+    returns its part of the step's loss, times ``weight``."""
     total = 0.0
-    for batch in batches:
-        samples = [data[i] for i in batch]
-        images = embed(parts, [data.image_path(s) for s in samples], train_projector)
+    for samples, pixels in batches:
+        images = embed(parts, [s.image for s in samples], train_projector, pixels)
         loss, _ = conversation_loss(voco, samples, images, k, objective, layout, kl_on, kl_weight,
                                     ce_norm=norms[0], kl_norm=norms[1])
         if loss.requires_grad:

@@ -225,7 +225,7 @@ def test_run_sh_llava_alone_trains_and_evaluates_then_skips(tmp_path):
     (tmp_path / "data.json").write_text(json.dumps(entries))
     (tmp_path / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
     step7 = ("--llm_dtype fp32 --device cpu --k_max 1 --train_ks 1 --lora_rank 2 --epochs 1 "
-             "--batch_size 2 --micro_batch 2 --max_length 200")
+             "--batch_size 2 --micro_batch 2 --max_length 200 --num_workers 1")
     env = {k: v for k, v in os.environ.items() if k not in ("IMAGENET", "LLM", "CLIP")} | {
         "LLAVA": llava, "LLAVA_DATA": str(tmp_path / "data.json"),
         "LLAVA_IMAGES": str(tmp_path / "img"), "LLAVA_BENCHMARK": "exact",

@@ -57,7 +57,7 @@ def flags(world, out, **extra):
     tmp = world["tmp"]
     return {"llava": world["llava"], "data": tmp / "data.json", "image_folder": tmp / "img",
             "llm_dtype": "fp32", "device": "cpu", "k_max": 2, "train_ks": [1, 2], "lora_rank": 4,
-            "epochs": 1, "batch_size": 3, "micro_batch": 2, "max_length": 200,
+            "epochs": 1, "batch_size": 3, "micro_batch": 2, "max_length": 200, "num_workers": 2,
             "out_dir": tmp / out, **extra}
 
 
@@ -111,9 +111,10 @@ def test_interrupted_and_resumed_equals_uninterrupted(world, trained):
 
 
 def test_the_step_is_one_mean_whatever_the_micro_batches(world, trained):
-    """micro-batches of 1 and of the whole step: the same weights within fp32 rounding."""
-    for micro in (1, 3):
-        assert run(**flags(world, f"micro{micro}", micro_batch=micro)) == 0
+    """micro-batches of 1 and of the whole step, the inputs prepared in this process (0
+    workers) and in one worker: the same weights within fp32 rounding."""
+    for micro, workers in ((1, 0), (3, 1)):
+        assert run(**flags(world, f"micro{micro}", micro_batch=micro, num_workers=workers)) == 0
         a, b = weights(trained), weights(world["tmp"] / f"micro{micro}")
         for k in a:
             assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), (micro, k)
@@ -155,6 +156,18 @@ def test_trained_reader_writes_its_llm_and_projector(world):
     assert not torch.equal(w0, w1)
     p0 = dict(before.projector.named_parameters())
     assert any(not torch.equal(p0[n], p) for n, p in after.projector.named_parameters())
+
+
+def test_an_unreadable_image_is_one_line(world, capsys):
+    """a file that is not an image, met in a worker: one line naming it (not a worker's traceback)."""
+    tmp = world["tmp"]
+    (tmp / "img" / "broken.png").write_text("not an image")
+    entries = [{"id": "b", "image": "broken.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "x"}]}]
+    (tmp / "broken.json").write_text(json.dumps(entries))
+    assert run(**flags(world, "broken", data=tmp / "broken.json", batch_size=1)) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert len(err) == 1 and "broken.png: not a readable image" in err[0], err
 
 
 @pytest.mark.parametrize("extra, message", [
