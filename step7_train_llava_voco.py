@@ -44,9 +44,10 @@ import torch
 from tqdm import tqdm
 
 from data.llava import LlavaConversations
-from engine.llava_train import (READERS, StepLoader, loader, lr_scale, make_voco, named_trainables,
-                                optimizer, steps_per_epoch, train_micro_batches, write_weights)
-from engine.shard import Sharding, Trainables, clip_grad_norm, full_state, is_sharded, load_full_state
+from engine.llava_train import (READERS, MasterWeights, StepLoader, loader, lr_scale, make_voco,
+                                named_trainables, optimizer, steps_per_epoch, train_micro_batches,
+                                write_weights)
+from engine.shard import Learned, Sharding, clip_grad_norm, full_state, is_sharded, load_full_state
 from engine.llava_voco import KL_ON as KL_CHOICES, LAYOUTS, OBJECTIVES, load_model
 from engine.voco import llm_identity
 from models.llm import llm_dtype
@@ -147,23 +148,18 @@ def main():
                   "AdamW state (about 16 bytes per weight in bf16); --shard true shares them out")
     steps = EPOCHS * steps_per_epoch(len(data), BATCH_SIZE)
     named = named_trainables(voco, parts, READER)
-    params = list(named.values())
-    plain = [p for p in params if not is_sharded(p)]   # gradients summed over the processes here
-    opt = optimizer(named, LR, ADAPTER_LR, WEIGHT_DECAY)
-    # a trained reader's checkpoint: full tensors by name, whether sharded or not
-    whole = Trainables(parts.llm, parts.projector, voco.embeddings) if READER == "trained" else None
+    plain = [p for p in named.values() if not is_sharded(p)]   # gradients summed over the processes here
+    masters = MasterWeights(named)     # float32 copies of bf16 / fp16 weights that learn
+    params = list(masters.named.values())
+    opt = optimizer(masters.named, LR, ADAPTER_LR, WEIGHT_DECAY)
+    learned = Learned(masters.named)   # the checkpoint: full tensors by name, sharded or not
     key = run_key(settings, data=DATA)   # what a checkpoint was made with: settings, data, model
     key["inputs"]["model"] = parts.ident
     ckpt, start, log = out / "checkpoint.pt", 0, []
     state = read_checkpoint(ckpt, key)
     if state is not None:
-        if whole is not None:
-            load_full_state(whole, opt, state["weights"], state["optimizer"])
-        else:
-            with torch.no_grad():
-                for n, p in named.items():
-                    p.copy_(state["weights"][n].to(p))
-            opt.load_state_dict(state["optimizer"])
+        load_full_state(learned, opt, state["weights"], state["optimizer"])
+        masters.to_model()
         start, log = state["step"], state["log"]
         if ddp.is_main:
             print(f"resuming at step {start}")
@@ -186,23 +182,21 @@ def main():
                                        norms, READER == "trained", weight=0.0 if got.filler else 1.0)
         loss = float(dist.all_reduce_sum(torch.tensor([part], dtype=torch.float64, device=ddp.device), ddp))
         dist.all_reduce_grads(plain, ddp)   # each process's loss is its part of the step's mean
+        masters.take_grads()
         if GRAD_CLIP:
             if sharding:
                 clip_grad_norm(params, GRAD_CLIP, ddp.active)
             else:
                 torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
         opt.step()
+        masters.to_model()
         opt.zero_grad(set_to_none=True)
         log.append({"step": step, "k": k, "loss": loss, "lr": ADAPTER_LR * scale,
                     "answer_tokens": int(norms[0]), "kl_positions": int(norms[1])})
         bar.set_postfix(k=k, loss=f"{loss:.4f}")
         done = step + 1
         if (done % SAVE_EVERY == 0 or done == end) and done < steps:
-            if whole is not None:     # gathered by every process when sharded
-                weights, optim = full_state(whole, opt)
-            else:
-                weights = {n: p.detach().cpu().clone() for n, p in named.items()}
-                optim = opt.state_dict()
+            weights, optim = full_state(learned, opt)   # gathered by every process when sharded
             if ddp.is_main:
                 write_checkpoint(ckpt, key, {"step": done, "optimizer": optim, "log": log, "weights": weights})
     bar.close()
@@ -212,7 +206,7 @@ def main():
     else:
         llm_state = None
         if sharding:     # the fine-tuned LLM's full weights, gathered by every process
-            llm_state = {n[len("llm."):]: v for n, v in full_state(whole)[0].items() if n.startswith("llm.")}
+            llm_state = full_state(parts.llm)[0]
         if ddp.is_main:
             finish(voco, parts, data, log, llm_state)
     dist.barrier(ddp)

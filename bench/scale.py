@@ -519,10 +519,13 @@ def step7_row(b: Bench, stage: str, voco, vision, projector, size: int, full: di
     batch = b.batch(micro)
     samples = llava_samples(b, voco, batch, LLAVA_TEXT_TOKENS)
     pixels = torch.randn(batch, 3, size, size, device=b.device)
-    params = [voco.embeddings] + [p for p in voco.llm.parameters() if p.requires_grad]
+    from engine.llava_train import MasterWeights
+    named = {"voco.embeddings": voco.embeddings}
+    named |= {f"llm.{n}": p for n, p in voco.llm.named_parameters() if p.requires_grad}
     if trained:
-        params += list(projector.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-5)
+        named |= {f"projector.{n}": p for n, p in projector.named_parameters()}
+    masters = MasterWeights(named)     # float32 copies of bf16 weights that learn, as step 7 keeps
+    opt = torch.optim.AdamW(list(masters.named.values()), lr=1e-5)
 
     def step():
         with torch.no_grad():
@@ -533,11 +536,13 @@ def step7_row(b: Bench, stage: str, voco, vision, projector, size: int, full: di
         loss, _ = conversation_loss(voco, samples, list(emb), LLAVA_TRAIN_K, "ce",
                                     "authors" if trained else "system")
         loss.backward()
+        masters.take_grads()
         opt.step()
+        masters.to_model()
         opt.zero_grad(set_to_none=True)
     b.reset_peak()
     t, n = b.timed(step)
-    del opt
+    del opt, masters
     llm_depth, note = b.depth_note(full["llm"], built["llm"])
     # the tower runs without gradients: a small share, projected with the LLM's depth factor
     note += f"; tower {built['vision']} of {full['vision']} layers" if built["vision"] < full["vision"] else ""

@@ -103,6 +103,38 @@ def named_trainables(voco: VoCo, parts, reader: str) -> dict[str, torch.nn.Param
     return out
 
 
+class MasterWeights:
+    """float32 copies of the weights that learn in bf16 or fp16 (a trained reader's LLM and
+    projector), which the optimiser updates; the model's weights are their rounding, copied
+    back after each step. AdamW's steps at the authors' lr (2e-5) are mostly below half a bf16
+    unit of a weight of LLaMA's size and would round away on bf16 weights; the authors'
+    DeepSpeed bf16 training keeps such float32 copies too. Sharded weights get sharded copies.
+    float32 weights (VoCo embeddings, LoRA, an fp32 run) are their own copies."""
+
+    def __init__(self, named: dict[str, torch.nn.Parameter]):
+        self.pairs = []
+        self.named = {}
+        for name, p in named.items():
+            if p.dtype == torch.float32:
+                self.named[name] = p
+                continue
+            master = torch.nn.Parameter(p.detach().float().clone())
+            self.pairs.append((p, master))
+            self.named[name] = master
+
+    def take_grads(self) -> None:
+        """Move the model's gradients to the copies, as float32."""
+        for p, master in self.pairs:
+            master.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+
+    @torch.no_grad()
+    def to_model(self) -> None:
+        """The model's weights := the copies, rounded to the model's dtype."""
+        for p, master in self.pairs:
+            p.copy_(master)
+
+
 def optimizer(named: dict, lr: float, adapter_lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW over the VoCo embeddings + LoRA at ``adapter_lr``, the LLM and the projector at
     ``lr`` (separate groups: a sharded LLM's weights and plain ones do not mix in one group);

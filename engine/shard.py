@@ -18,8 +18,8 @@ weights before the compression's part of the backward needs them. Hence:
   run at least one backward (a process without samples runs a zero-weighted one);
 - gradients are summed over the processes, not averaged, as the rest of step 7 sums them.
 
-The checkpoint is gathered to full tensors (``full_state``), so a run resumes under any number
-of processes, sharded or not.
+The checkpoint is gathered to full tensors (``full_state`` of ``Learned``), so a run resumes
+under any number of processes, sharded or not.
 """
 from __future__ import annotations
 
@@ -97,16 +97,13 @@ def clip_grad_norm(params: list, max_norm: float, active: bool) -> float:
     return float(norm)
 
 
-class Trainables(torch.nn.Module):
-    """What a trained reader learns as one module (the LLM, the projector, the VoCo
-    embeddings), named as ``engine.llava_train.named_trainables`` names them: its full state
-    and its optimiser's are the checkpoint's, sharded or not."""
+class Learned(torch.nn.Module):
+    """The weights the optimiser updates, by name ("/" for "."), as one module: its full
+    state and its optimiser's are the checkpoint's, whether the weights are sharded or not."""
 
-    def __init__(self, llm, projector, embeddings: torch.nn.Parameter):
+    def __init__(self, named: dict[str, torch.nn.Parameter]):
         super().__init__()
-        self.llm, self.projector = llm, projector
-        self.voco = torch.nn.Module()
-        self.voco.embeddings = embeddings
+        self.weights = torch.nn.ParameterDict({n.replace(".", "/"): p for n, p in named.items()})
 
 
 def full_state(module: torch.nn.Module, opt=None) -> tuple[dict, dict | None]:

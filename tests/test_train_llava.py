@@ -158,6 +158,39 @@ def test_trained_reader_writes_its_llm_and_projector(world):
     assert any(not torch.equal(p0[n], p) for n, p in after.projector.named_parameters())
 
 
+def test_master_weights_keep_the_steps_that_bf16_rounds_away():
+    """A bf16 weight trained through its float32 copy is the float32 trajectory rounded; AdamW
+    on the bf16 weight itself (lr 2e-5, LLaMA-sized weights) loses most of the movement."""
+    from engine.llava_train import MasterWeights
+    bf16 = torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    w0 = (torch.randn(64, 64, generator=g) * 0.02).to(bf16)
+    base = torch.randn(64, 64, generator=g)
+    grads = [(base + 0.5 * torch.randn(64, 64, generator=g)).to(bf16) for _ in range(50)]
+    p, e = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(torch.zeros(3))
+    masters = MasterWeights({"w": p, "e": e})
+    assert masters.named["e"] is e and masters.named["w"].dtype == torch.float32
+    opt = torch.optim.AdamW(list(masters.named.values()), lr=2e-5, weight_decay=0.0)
+    ref = torch.nn.Parameter(w0.float())
+    ref_opt = torch.optim.AdamW([ref], lr=2e-5, weight_decay=0.0)
+    alone = torch.nn.Parameter(w0.clone())
+    alone_opt = torch.optim.AdamW([alone], lr=2e-5, weight_decay=0.0)
+    for grad in grads:
+        p.grad = grad.clone()
+        masters.take_grads()
+        opt.step()
+        masters.to_model()
+        opt.zero_grad(set_to_none=True)
+        assert p.grad is None
+        ref.grad = grad.float()
+        ref_opt.step()
+        alone.grad = grad.clone()
+        alone_opt.step()
+    assert p.dtype == bf16 and torch.equal(p.detach(), ref.detach().to(bf16))
+    moved = (ref.detach() - w0.float()).abs().mean()
+    assert (alone.detach().float() - w0.float()).abs().mean() < 0.5 * moved
+
+
 def test_an_unreadable_image_is_one_line(world, capsys):
     """a file that is not an image, met in a worker: one line naming it (not a worker's traceback)."""
     tmp = world["tmp"]
@@ -242,3 +275,28 @@ def test_trained_reader_over_two_processes_equals_one(world, shard):
     steps = 4
     assert diff.max() <= 4 * steps * common["lr"]
     assert (diff > 1e-6).float().mean() <= 1e-3, f"{int((diff > 1e-6).sum())} of {diff.numel()} weights differ"
+
+
+@pytest.mark.slow
+def test_bf16_sharded_reader_resumes_exactly(world):
+    """reader trained in bf16 under torchrun, sharded: its float32 copies (sharded too) are in
+    the checkpoint, so stopped after a step and resumed it ends with the uninterrupted run's
+    weights, bit for bit."""
+    import os
+    import subprocess
+    from safetensors.torch import load_file
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    common = {"reader": "trained", "lr": 1e-3, "batch_size": 7, "llm_dtype": "bf16", "save_every": 1}
+    for name, extra in (("bf16_whole", {}), ("bf16_resumed", {"stop_after": 1}), ("bf16_resumed", {})):
+        args = []
+        for k, v in flags(world, name, **common, **extra).items():
+            args += [f"--{k}", *map(str, v)] if isinstance(v, (list, tuple)) else [f"--{k}", str(v)]
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                               "2", str(ROOT / "step7_train_llava_voco.py"), *args],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    a = load_file(world["tmp"] / "bf16_whole" / "llm" / "model.safetensors")
+    b = load_file(world["tmp"] / "bf16_resumed" / "llm" / "model.safetensors")
+    assert a["lm_head.weight"].dtype == torch.bfloat16
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
