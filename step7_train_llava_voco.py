@@ -145,7 +145,7 @@ def main():
         if ddp.is_main:
             print(f"step 7: reader trained: the LLM sharded over {ddp.world} processes (FSDP2)" if SHARD else
                   "step 7: reader trained: every process holds the whole LLM, its gradients and "
-                  "AdamW state (about 16 bytes per weight in bf16); --shard true shares them out")
+                  "AdamW state with float32 copies (about 20 bytes per weight); --shard true shares them out")
     steps = EPOCHS * steps_per_epoch(len(data), BATCH_SIZE)
     named = named_trainables(voco, parts, READER)
     plain = [p for p in named.values() if not is_sharded(p)]   # gradients summed over the processes here
