@@ -20,8 +20,10 @@ holds the steps, the schedule and how a step is shared out. Under torchrun a tra
 LLM is sharded over the processes (FSDP2, engine/shard.py: whole weights during a step,
 gradients and AdamW state sharded); --shard false keeps a whole copy in every process.
 
-The authors' hyper-parameters are the defaults: 2 epochs, global batch 128, lr 2e-5 (the
-LLM and projector) cosine after a warm-up over 0.03 of the steps, max length 2048, bf16. Not theirs: the VoCo
+The authors' hyper-parameters are the defaults: 2 epochs, global batch 128 (8 per GPU), lr 2e-5
+(the LLM and projector) cosine after a warm-up over 0.03 of the steps, max length 2048, bf16
+with float32 copies of the weights that learn, steps of one modality (LLaVA's
+group_by_modality_length) for the trained reader. Not theirs: the VoCo
 embeddings and LoRA learn at ADAPTER_LR (step 5's; their VoCo row learns at 2e-5 with the
 LLM), TRAIN_KS (their code: k = 2 only), and the loss of a step is the token mean over the
 whole step (theirs: the mean of the per-device means).
@@ -44,9 +46,9 @@ import torch
 from tqdm import tqdm
 
 from data.llava import LlavaConversations
-from engine.llava_train import (READERS, MasterWeights, StepLoader, loader, lr_scale, make_voco,
-                                named_trainables, optimizer, steps_per_epoch, train_micro_batches,
-                                write_weights)
+from engine.llava_train import (GROUPINGS, READERS, MasterWeights, RunOrder, StepLoader, loader,
+                                lr_scale, make_voco, named_trainables, optimizer, steps_per_epoch,
+                                train_micro_batches, write_weights)
 from engine.shard import Learned, Sharding, clip_grad_norm, full_state, is_sharded, load_full_state
 from engine.llava_voco import KL_ON as KL_CHOICES, LAYOUTS, OBJECTIVES, load_model
 from engine.voco import llm_identity
@@ -85,7 +87,8 @@ LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # adap
 # optimisation
 EPOCHS = 2                        # passes over the data (the authors')
 BATCH_SIZE = 128                  # samples per step, all processes together (the authors' global batch)
-MICRO_BATCH = 16                  # samples per forward pass in a process (gradient accumulation over the rest)
+MICRO_BATCH = 8                   # samples per forward pass in a process (the authors' 8 per GPU; gradient accumulation over the rest)
+GROUPING = "auto"                 # a step's samples: random, modality (LLaVA's group_by_modality_length: image and text-only apart) or auto (modality for --reader trained)
 LR = 2e-5                         # peak learning rate of the LLM and the projector (reader trained; the authors')
 ADAPTER_LR = 1e-3                 # peak learning rate of the VoCo embeddings and LoRA
 WARMUP = 0.03                     # fraction of steps of linear warm-up, then cosine to 0
@@ -102,11 +105,14 @@ settings = configure(globals())
 
 
 def check_settings() -> None:
-    global LAYOUT
+    global LAYOUT, GROUPING
     if LAYOUT == "auto":
         LAYOUT = "authors" if READER == "trained" else "system"
         print(f"layout: {LAYOUT} (auto, for the {READER} reader)")
+    if GROUPING == "auto":
+        GROUPING = "modality" if READER == "trained" else "random"
     for name, value, choices in (("layout", LAYOUT, LAYOUTS), ("reader", READER, READERS),
+                                 ("grouping", GROUPING, GROUPINGS),
                                  ("objective", OBJECTIVE, OBJECTIVES), ("kl_on", KL_ON, KL_CHOICES)):
         if value not in choices:
             raise V2LError(f"--{name} {value}: must be one of {', '.join(choices)}")
@@ -166,8 +172,9 @@ def main():
     end = steps if not STOP_AFTER else min(steps, start + STOP_AFTER)
     # each step's samples and images, prepared ahead; a process without samples in a sharded
     # step gets a zero-weighted stand-in (the step's end reduces in every process)
-    inputs = loader(StepLoader(data, parts.preprocess, range(start, end), BATCH_SIZE, SEED, ddp.rank,
-                               ddp.world, MICRO_BATCH, READER, KL_ON, fill=sharding is not None), NUM_WORKERS)
+    order = RunOrder(len(data), BATCH_SIZE, SEED, data.modality_lengths() if GROUPING == "modality" else None)
+    inputs = loader(StepLoader(data, parts.preprocess, range(start, end), order, ddp.rank, ddp.world,
+                               MICRO_BATCH, READER, KL_ON, fill=sharding is not None), NUM_WORKERS)
     bar = tqdm(inputs, desc="llava voco", disable=not ddp.is_main, initial=start, total=steps)
     for got in bar:
         if got.error:

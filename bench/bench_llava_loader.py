@@ -58,9 +58,9 @@ def write_data(root: Path, tokenizer_dir: str):
 
 
 def run(data, preprocess, workers: int) -> tuple[float, list]:
-    from engine.llava_train import StepLoader, loader
-    steps = StepLoader(data, preprocess, range(STEPS), MICRO_BATCH, SEED, 0, 1, MICRO_BATCH,
-                       "frozen", "text", fill=False)
+    from engine.llava_train import RunOrder, StepLoader, loader
+    steps = StepLoader(data, preprocess, range(STEPS), RunOrder(len(data), MICRO_BATCH, SEED), 0, 1,
+                       MICRO_BATCH, "frozen", "text", fill=False)
     got, start = [], time.perf_counter()
     for item in loader(steps, workers):
         time.sleep(COMPUTE_S)      # the device's share of the step

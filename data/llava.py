@@ -339,6 +339,12 @@ class LlavaConversations:
             return None
         return (self.image_folder / sample.image) if self.image_folder is not None else Path(sample.image)
 
+    def modality_lengths(self) -> list[int]:
+        """Each entry's words over its messages, negative for a text-only entry: what LLaVA's
+        ``group_by_modality_length`` orders by."""
+        return [(1 if image is not None else -1) * sum(len(t.split()) for t in turns)
+                for _, image, turns in self.items]
+
     def summary(self) -> dict:
         with_image = sum(1 for _, image, _ in self.items if image is not None)
         return {"entries": len(self.items), "with_image": with_image,

@@ -1,8 +1,9 @@
 """Training VoCo on a LLaVA's conversation data: the pieces step7_train_llava_voco.py runs.
 
-A run is ``EPOCHS`` passes over the data in a fresh seeded order each epoch; step s trains on
-the next ``batch_size`` samples of its epoch's order (the last step of an epoch may hold
-fewer) at k = TRAIN_KS[s % len]. A step's samples are dealt to the processes in turn and
+A run is ``EPOCHS`` passes over the data in a fresh seeded order each epoch (random, or
+LLaVA's grouping by modality and length: ``RunOrder``); step s trains on the next
+``batch_size`` samples of its epoch's order (the last step of an epoch may hold fewer) at
+k = TRAIN_KS[s % len]. A step's samples are dealt to the processes in turn and
 each process reads its share in micro-batches (gradient accumulation): the loss of a step is
 the mean over the whole step (answer tokens for ``ce``, positions for ``kl``, counted from
 the samples before any forward pass: ``engine.llava_voco.loss_counts``), each micro-batch's
@@ -51,12 +52,57 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return math.ceil(n / batch_size)
 
 
+GROUPINGS = ("random", "modality")
+
+
+def modality_grouped(lengths: list[int], batch_size: int, generator: torch.Generator) -> list[int]:
+    """LLaVA's ``group_by_modality_length`` order of one epoch. ``lengths``: a sample's words,
+    positive with an image, negative without. Each modality in a random order cut in steps of
+    ``batch_size`` (one modality per step), the steps shuffled; each modality's last step
+    (full or not) goes into one mixed step at the end. A step's samples are sorted longest
+    first (LLaVA sorts them so to share them out in micro-batches of like lengths). With one
+    modality: the random order cut in steps, each sorted."""
+    def by_length(step):
+        return sorted(step, key=lambda i: -abs(lengths[i]))
+    groups = [g for g in ([i for i, x in enumerate(lengths) if x > 0],
+                          [i for i, x in enumerate(lengths) if x <= 0]) if g]
+    cut = []
+    for group in groups:
+        order = [group[j] for j in torch.randperm(len(group), generator=generator).tolist()]
+        cut.append([order[i:i + batch_size] for i in range(0, len(order), batch_size)])
+    if len(cut) == 1:
+        return [i for step in cut[0] for i in by_length(step)]
+    last = sorted(cut[0].pop() + cut[1].pop())
+    steps = cut[0] + cut[1]
+    steps = [steps[j] for j in torch.randperm(len(steps), generator=generator).tolist()] + [last]
+    return [i for step in steps for i in (by_length(step) if step is not last else step)]
+
+
+class RunOrder:
+    """Which samples each step of a run reads: every epoch a fresh seeded order of the data
+    (``random``, or LLaVA's grouping by modality and length with ``lengths``), cut in steps of
+    ``batch_size`` (the last of an epoch may hold fewer)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, lengths: list[int] | None = None):
+        self.n, self.batch_size, self.seed, self.lengths = n, batch_size, seed, lengths
+        self._epoch: tuple[int, list[int]] | None = None
+
+    def order(self, epoch: int) -> list[int]:
+        if self._epoch is None or self._epoch[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+            order = (torch.randperm(self.n, generator=g).tolist() if self.lengths is None
+                     else modality_grouped(self.lengths, self.batch_size, g))
+            self._epoch = (epoch, order)
+        return self._epoch[1]
+
+    def step(self, step: int) -> list[int]:
+        epoch, at = divmod(step, steps_per_epoch(self.n, self.batch_size))
+        return self.order(epoch)[at * self.batch_size:(at + 1) * self.batch_size]
+
+
 def step_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
-    """The dataset indices of global step ``step``: its epoch's seeded order, cut in steps."""
-    per = steps_per_epoch(n, batch_size)
-    epoch, at = divmod(step, per)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))
-    return order[at * batch_size:(at + 1) * batch_size].tolist()
+    """The dataset indices of global step ``step`` in the random order."""
+    return RunOrder(n, batch_size, seed).step(step)
 
 
 def my_micro_batches(indices: list[int], rank: int, world: int, micro: int) -> list[list[int]]:
@@ -198,10 +244,10 @@ class StepLoader(torch.utils.data.Dataset):
     samples tokenised and the images decoded and preprocessed, in DataLoader workers ahead of
     the step that reads them (``loader``) or in the reader's process with 0 workers."""
 
-    def __init__(self, data, preprocess, steps: range, batch_size: int, seed: int, rank: int,
-                 world: int, micro: int, reader: str, kl_on: str, fill: bool):
-        self.data, self.preprocess, self.steps = data, preprocess, steps
-        self.batch_size, self.seed, self.rank, self.world, self.micro = batch_size, seed, rank, world, micro
+    def __init__(self, data, preprocess, steps: range, order: RunOrder, rank: int, world: int,
+                 micro: int, reader: str, kl_on: str, fill: bool):
+        self.data, self.preprocess, self.steps, self.run_order = data, preprocess, steps, order
+        self.rank, self.world, self.micro = rank, world, micro
         self.reader, self.kl_on, self.fill = reader, kl_on, fill
 
     def __len__(self) -> int:
@@ -210,7 +256,7 @@ class StepLoader(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> StepInputs:
         step = self.steps[i]
         try:
-            indices = step_indices(step, len(self.data), self.batch_size, self.seed)
+            indices = self.run_order.step(step)
             norms = step_norms([self.data[j] for j in indices], self.reader, self.kl_on)
             batches = my_micro_batches(indices, self.rank, self.world, self.micro)
             filler = self.fill and not batches

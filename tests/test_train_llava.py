@@ -158,6 +158,25 @@ def test_trained_reader_writes_its_llm_and_projector(world):
     assert any(not torch.equal(p0[n], p) for n, p in after.projector.named_parameters())
 
 
+def test_modality_grouping_is_llavas():
+    """LLaVA's group_by_modality_length: steps of one modality in a shuffled order, the two
+    modalities' last steps merged into one at the end; every sample once an epoch."""
+    from engine.llava_train import RunOrder, steps_per_epoch
+    lengths = [5 + i % 7 for i in range(23)] + [-(3 + i % 5) for i in range(11)]   # 23 images, 11 text
+    order = RunOrder(len(lengths), 4, 0, lengths)
+    steps = [order.step(s) for s in range(steps_per_epoch(len(lengths), 4))]
+    assert sorted(i for step in steps for i in step) == list(range(len(lengths)))
+    # 5 + 2 whole steps of one modality, then the 3 + 3 left merged (cut 4 + 2)
+    signs = [{x > 0 for x in (lengths[i] for i in step)} for step in steps]
+    assert all(len(sign) == 1 for sign in signs[:7]) and signs[:7].count({True}) == 5
+    assert {lengths[i] > 0 for i in steps[7] + steps[8]} == {True, False} and len(steps[8]) == 2
+    for step in steps[:7]:      # longest first
+        assert [abs(lengths[i]) for i in step] == sorted((abs(lengths[i]) for i in step), reverse=True)
+    assert order.order(0) != order.order(1)
+    assert RunOrder(len(lengths), 4, 0, lengths).order(1) == order.order(1)
+    assert RunOrder(len(lengths), 4, 0).order(0) != order.order(0)    # random: no grouping
+
+
 def test_master_weights_keep_the_steps_that_bf16_rounds_away():
     """A bf16 weight trained through its float32 copy is the float32 trajectory rounded; AdamW
     on the bf16 weight itself (lr 2e-5, LLaMA-sized weights) loses most of the movement."""
@@ -246,7 +265,7 @@ def test_trained_reader_over_two_processes_equals_one(world, shard):
     import os
     import subprocess
     from safetensors.torch import load_file
-    common = {"reader": "trained", "lr": 1e-3, "batch_size": 7, "epochs": 2}
+    common = {"reader": "trained", "lr": 1e-3, "batch_size": 7, "epochs": 2, "grouping": "random"}
     one, two = world["tmp"] / "ft_one", world["tmp"] / f"ft_two_{shard}"
     if not (one / "voco.json").is_file():
         assert run(**flags(world, "ft_one", **common)) == 0
