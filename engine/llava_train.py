@@ -27,6 +27,7 @@ cosine to 0 (LLaVA's).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -276,6 +277,8 @@ def _as_is(item):
 def loader(steps: StepLoader, workers: int):
     """The steps' inputs in order: ``workers`` processes prepare the next ones while a step
     runs (0: each prepared when it is read)."""
+    if workers:     # the tokenizer's own threads in forked workers: off, without its warning
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=workers,
                                        collate_fn=_as_is, prefetch_factor=2 if workers else None)
 
