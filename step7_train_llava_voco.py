@@ -96,7 +96,7 @@ WEIGHT_DECAY = 0.0                # AdamW weight decay (LLaVA's 0)
 GRAD_CLIP = 1.0                   # gradient-norm clip (0: none)
 SHARD = True                      # reader trained under torchrun: shard the LLM over the processes (FSDP2); False: a whole copy each
 SEED = 0                          # data order and initialisation seed
-SAVE_EVERY = 50                   # steps between checkpoints
+SAVE_EVERY = 0                    # steps between checkpoints (0: 50, or 500 for --reader trained, whose checkpoint holds the LLM, its float32 copies and AdamW's moments: 16 bytes per weight)
 STOP_AFTER = 0                    # stop (checkpointed) after this many steps in this run (0: run to the end)
 DEVICE = "auto"                   # auto, cpu or cuda
 OUT_DIR = "out/llava_voco"        # where the VoCo weights are written
@@ -105,12 +105,14 @@ settings = configure(globals())
 
 
 def check_settings() -> None:
-    global LAYOUT, GROUPING
+    global LAYOUT, GROUPING, SAVE_EVERY
     if LAYOUT == "auto":
         LAYOUT = "authors" if READER == "trained" else "system"
         print(f"layout: {LAYOUT} (auto, for the {READER} reader)")
     if GROUPING == "auto":
         GROUPING = "modality" if READER == "trained" else "random"
+    if SAVE_EVERY <= 0:
+        SAVE_EVERY = 500 if READER == "trained" else 50
     for name, value, choices in (("layout", LAYOUT, LAYOUTS), ("reader", READER, READERS),
                                  ("grouping", GROUPING, GROUPINGS),
                                  ("objective", OBJECTIVE, OBJECTIVES), ("kl_on", KL_ON, KL_CHOICES)):
