@@ -51,7 +51,7 @@ from engine.llava_eval import (CONDITIONS as KNOWN_CONDITIONS, VOCO_CONDITIONS, 
                                check_annotations, check_ks, condition_labels, costs, drop_missing,
                                group_questions, load_llava_voco, mean_interval, parse_label,
                                plain_reader, read_benchmark_questions, run_chunk, score,
-                               split_rows, voco_info)
+                               split_rows, trained_reader_work, voco_info)
 from models.llm import llm_dtype
 from models.voco import check_context
 from utils import dist
@@ -207,6 +207,11 @@ def main():
     todo = todo[:MAX_CHUNKS] if MAX_CHUNKS > 0 else todo
     work = Work(parts, voco, prompts, questions, IMAGE_FOLDER, BATCH_SIZE, max_new, ddp.device,
                 int(BLOCK_CACHE_GB * 2**30), states)
+    if info is not None and info.get("trained_reader") == "trained" and "voco" in conditions:
+        work.trained = trained_reader_work(work, VOCO_DIR, info, trained, ATTN)   # voco: its own LLaVA
+        if ddp.is_main:
+            print(f"voco: answered by the fully fine-tuned LLaVA in {VOCO_DIR} (llm/, mm_projector.bin); "
+                  "upper, no_image and lower by the given one")
     error = None
     try:
         for i in tqdm(todo, desc=f"chunks (rank {ddp.rank})", disable=not todo):
@@ -274,7 +279,8 @@ def report(stores, labels, questions, groups, missing, parts, voco, info, layout
                "layout": layout, "max_new_tokens": max_new, "rows": rows,
                "scores": {lb: (scores[lb].metrics if scores[lb] else None) for lb in labels},
                "cost": cost, "uploads": uploads,
-               "trained": {k: info.get(k) for k in ("k_max", "train_ks", "layout", "llm")} if info else None}
+               "trained": {k: info.get(k) for k in ("k_max", "train_ks", "layout", "llm", "trained_reader")}
+               if info else None}
     save_json(out / "results.json", results)
     table = write_table(out, COLUMNS, [[cell(r, col) for col in COLUMNS] for r in rows],
                         note=f"{BENCHMARK}: {bench.headline} and the mean per-question score (%); "

@@ -23,8 +23,11 @@ What the frozen LLM reads per condition:
 The reader is the VoCo weights' (``VoCo(reader=...)``): the frozen LLM (ours), or the LLM
 with LoRA on while reading too (``adapted``). Every condition but ``voco`` runs with the
 untrained start loaded, whose LoRA is the identity: upper, no_image and lower are read by the
-LLaVA itself whatever the reader. A fully fine-tuned reader (no LoRA, LLM weights trained) is
-refused: its weights are not in a VoCo directory.
+LLaVA itself whatever the reader. A fully fine-tuned reader (step 7's ``--reader trained``:
+``llm/`` and ``mm_projector.bin`` beside the VoCo embeddings, no LoRA) answers ``voco`` with
+that LLaVA (``trained_reader_work``); upper, no_image and lower stay the given LLaVA's, which
+is the paper's definition (the upper bound a model trained with the causal mask, the lower
+bound that model under the VoCo mask).
 
 The compressed prompts are those the LLaVA training loss reads (``engine.llava_voco``):
 ``before`` + block + ``after`` in our layout, block + ``after`` in the authors' (their mask
@@ -262,10 +265,9 @@ def load_llava_voco(voco_dir, parts, layout: str = "") -> tuple[VoCo, dict, dict
     reader = info.get("reader", "frozen")
     if reader not in READERS:
         raise V2LError(f"{info_path}: reader {reader!r} unknown; expected one of {', '.join(READERS)}")
-    if reader != "frozen" and not info["lora_rank"]:
-        raise V2LError(f"{info_path}: a fully fine-tuned reader (reader {reader!r}, no LoRA): its LLM "
-                       "weights are not VoCo weights; evaluate VoCo weights with LoRA (frozen or "
-                       "adapted reader)")
+    if reader != "frozen" and not info["lora_rank"] and info.get("trained_reader") != "trained":
+        raise V2LError(f"{info_path}: reader {reader!r} without LoRA and not a fully fine-tuned "
+                       "reader of step 7; retrain the directory")
     check_identity(info["llm_identity"], parts.language, str(voco_dir))
     prompts = LlavaPrompts(parts.tokenizer, trained_layout)
     text = voco_text(prompts.sample({"text": "?", "question_id": "-"}, True),
@@ -316,6 +318,28 @@ class Work:
     device: torch.device
     cache_bytes: int | None = None
     states: dict | None = None      # "lower" / "voco" -> adapter state
+    trained: "Work | None" = None   # a fully fine-tuned reader's LLaVA, which answers voco
+
+
+def trained_reader_work(work: Work, voco_dir, info: dict, trained: dict, attn: str = "sdpa") -> Work:
+    """The work that answers ``voco`` for a VoCo directory of a fully fine-tuned reader (step
+    7's ``--reader trained``): its LLM (``llm/``) and projector (``mm_projector.bin``) on the
+    given LLaVA's vision tower, its VoCo embeddings loaded, no LoRA."""
+    from dataclasses import replace
+    from models.llava import with_language
+    voco_dir = Path(voco_dir)
+    for need in (voco_dir / "llm", voco_dir / "mm_projector.bin"):
+        if not need.exists():
+            raise V2LError(f"{need}: not found; a fully fine-tuned reader's directory holds its LLM "
+                           "(llm/) and projector (mm_projector.bin); rerun step 7 to the end")
+    parts = with_language(work.parts, voco_dir / "llm", voco_dir / "mm_projector.bin", attn)
+    check_identity(info["llm_identity"], parts.language, str(voco_dir / "llm"))
+    base = work.voco
+    voco = VoCo(parts.llm, info["k_max"], 0, seed=info["seed"], init_ids=info.get("init_ids") or None,
+                reader="adapted", bos_id=base.bos_id, context_ids=base.context_ids,
+                suffix_ids=base.suffix_ids)
+    voco.load_adapter_state(trained)
+    return replace(work, parts=parts, voco=voco, states=None, trained=None)
 
 
 def embed_groups(work: Work, groups: list[Group]) -> dict[str, torch.Tensor]:
@@ -354,39 +378,41 @@ def run_chunk(work: Work, groups: list[Group], labels: list[str]) -> dict[str, l
     """Answer every question of ``groups`` under each condition of ``labels``: per label the
     rows ``{"index", "text", "positions"}`` (question order within the chunk) and a last row
     ``{"meta": ...}`` with the chunk's seconds (embedding, compression, decoding), images,
-    questions and image tokens."""
-    t0 = synced_clock(work.device)
-    embeddings = embed_groups(work, groups)
-    embed_s = synced_clock(work.device) - t0
+    questions and image tokens. ``voco`` is answered by ``work.trained`` where there is one."""
     order = [(i, g.image) for g in groups for i in g.questions]
     samples = {i: work.prompts.sample(work.questions[i], key is not None) for i, key in order}
-    n_tokens = next((e.shape[0] for e in embeddings.values()), 0)
+    embedded: dict[int, tuple[dict, float]] = {}     # per LLaVA: its image embeddings, seconds
     out = {}
     for label in labels:
         condition, k = parse_label(label)
+        w = work.trained if condition == "voco" and work.trained is not None else work
+        if id(w) not in embedded:
+            t0 = synced_clock(w.device)
+            embedded[id(w)] = (embed_groups(w, groups), synced_clock(w.device) - t0)
+        embeddings, embed_s = embedded[id(w)]
         compress_s, store = 0.0, None
-        if work.states is not None:   # the untrained start (LoRA = identity) but for voco: an
-            #                           adapted reader then reads upper and no_image as the LLaVA
-            work.voco.load_adapter_state(work.states["voco" if condition == "voco" else "lower"])
+        if w.states is not None:   # the untrained start (LoRA = identity) but for voco: an
+            #                        adapted reader then reads upper and no_image as the LLaVA
+            w.voco.load_adapter_state(w.states["voco" if condition == "voco" else "lower"])
         if condition in VOCO_CONDITIONS:
-            t0 = synced_clock(work.device)
-            store = compress_groups(work, groups, embeddings, k)
-            compress_s = synced_clock(work.device) - t0
+            t0 = synced_clock(w.device)
+            store = compress_groups(w, groups, embeddings, k)
+            compress_s = synced_clock(w.device) - t0
         rows, decode_s = [], 0.0
-        for s in range(0, len(order), work.batch_size):
-            batch = order[s:s + work.batch_size]
-            prompts = [work.prompts.realize(samples[i], condition,
-                                            embeddings.get(key) if key is not None else None,
-                                            store[key] if store is not None and key is not None else None)
+        for s in range(0, len(order), w.batch_size):
+            batch = order[s:s + w.batch_size]
+            prompts = [w.prompts.realize(samples[i], condition,
+                                         embeddings.get(key) if key is not None else None,
+                                         store[key] if store is not None and key is not None else None)
                        for i, key in batch]
-            t0 = synced_clock(work.device)
-            texts = answer(work, prompts)
-            decode_s += synced_clock(work.device) - t0
+            t0 = synced_clock(w.device)
+            texts = answer(w, prompts)
+            decode_s += synced_clock(w.device) - t0
             rows += [{"index": i, "text": t, "positions": positions(p)}
                      for (i, _), t, p in zip(batch, texts, prompts)]
         rows.append({"meta": {"embed_s": embed_s, "compress_s": compress_s, "decode_s": decode_s,
                               "images": len(embeddings), "questions": len(order),
-                              "image_tokens": n_tokens}})
+                              "image_tokens": next((e.shape[0] for e in embeddings.values()), 0)}})
         out[label] = rows
     return out
 

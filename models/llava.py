@@ -308,6 +308,28 @@ def load_llava(path=None, llm=None, vision=None, projector=None, dtype=None, dev
     return parts
 
 
+def with_language(parts: LlavaParts, llm_path, projector_path, attn: str = "sdpa") -> LlavaParts:
+    """``parts`` with another language model and projector (a fine-tuned LLaVA: step 7's
+    trained reader writes ``llm/`` and ``mm_projector.bin``), the vision tower shared; frozen,
+    in ``parts``' dtype and device."""
+    refuse_llava_as_llm(llm_path)
+    state = read_projector(Path(projector_path))
+    language = load_llm(str(llm_path), dtype=parts.dtype, device=parts.device)
+    if attn in ("sdpa", "eager"):
+        language.model.set_attn_implementation(attn)
+    hidden = language.model.config.hidden_size
+    check_projector(state, parts.vision.width, hidden, projector_path)
+    projector = mlp2x_gelu(parts.vision.width, hidden)
+    projector.load_state_dict(state)
+    projector = projector.to(parts.device, next(parts.projector.parameters()).dtype)
+    for module in (projector, language.model):
+        module.eval()
+        for q in module.parameters():
+            q.requires_grad_(False)
+    return LlavaParts(parts.vision, projector, language, parts.image_processor, parts.image_token_id,
+                      f"llava-parts:{language.ident}+{parts.ident}+{projector_path}")
+
+
 def _load_llava_hf(path: Path, dtype, device, pad: bool, attn: str) -> LlavaParts:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
 

@@ -73,6 +73,28 @@ def world(tmp_path_factory):
                                       "lora_targets": list(LORA_TARGETS), "seed": 0, "init_ids": [],
                                       "layout": layout, "reader": reader, "llm": parts.language.ident,
                                       "llm_identity": llm_identity(parts.language), **text})
+    # a fully fine-tuned reader (step 7's --reader trained, authors' layout): its own LLM and
+    # projector beside the VoCo embeddings, no LoRA
+    from engine.llava_train import save_projector
+    parts = load_llava(paths["llava"], dtype="fp32", device="cpu")
+    sample = LlavaPrompts(parts.tokenizer, "authors").sample({"text": "?", "question_id": 0}, True)
+    text = voco_text(sample, parts.tokenizer.bos_token_id)
+    voco = VoCo(parts.llm, 2, 0, seed=0, reader="adapted", **text)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        voco.embeddings.add_(torch.randn(voco.embeddings.shape, generator=g))
+        for q in list(parts.llm.parameters()) + list(parts.projector.parameters()):
+            q.add_(torch.randn(q.shape, generator=g) * 0.05)
+    out = tmp / "voco_trained"
+    parts.llm.save_pretrained(out / "llm")
+    parts.tokenizer.save_pretrained(out / "llm")
+    save_projector(parts.projector, out / "mm_projector.bin")
+    save_tensors(out / "voco.safetensors", {k: v.float() for k, v in voco.adapter_state().items()})
+    save_json(out / "voco.json", {"k_max": 2, "train_ks": [1, 2], "lora_rank": 0, "lora_alpha": 16.0,
+                                  "lora_targets": list(LORA_TARGETS), "seed": 0, "init_ids": [],
+                                  "layout": "authors", "reader": "adapted", "trained_reader": "trained",
+                                  "llm": parts.language.ident, "llm_identity": llm_identity(parts.language),
+                                  **text})
     yield {"tmp": tmp, **paths}
     torch.set_num_threads(threads)
 
@@ -230,6 +252,37 @@ def test_adapted_reader(world, evaluated):
     compared = [qid for qid, (_, gap) in want.items() if gap > MARGIN]
     assert len(compared) >= 4 and all(got[q] == want[q][0] for q in compared)
     assert got != frozen      # the same weights read by the frozen LLM answer otherwise
+
+
+def test_fully_fine_tuned_reader(world):
+    """VoCo weights of a fully fine-tuned reader (llm/ and mm_projector.bin beside them): voco
+    is answered by that LLaVA (one masked pass of it, no LoRA), upper and lower by the given
+    LLaVA, as the paper defines the bounds."""
+    from engine.llava_eval import load_llava_voco, trained_reader_work, Work
+    from models.llava import load_llava, with_language
+    out = world["tmp"] / "trained"
+    assert run("eval_llava.py", **flags(world, "trained", voco_dir=world["tmp"] / "voco_trained",
+                                        conditions=["upper", "lower", "voco"])) == 0
+    parts = load_llava(world["llava"], dtype="fp32", device="cpu")
+    voco, info, trained, layout = load_llava_voco(world["tmp"] / "voco_trained", parts)
+    assert layout == "authors" and info["trained_reader"] == "trained"
+    fine = with_language(parts, world["tmp"] / "voco_trained" / "llm",
+                         world["tmp"] / "voco_trained" / "mm_projector.bin")
+    work = Work(parts, voco, None, [], "", 1, MAX_NEW, torch.device("cpu"))
+    tuned = trained_reader_work(work, world["tmp"] / "voco_trained", info, trained)
+    assert torch.equal(tuned.voco.embeddings, trained["voco.embeddings"])
+    compared = 0
+    for label, condition, (p, v) in (("upper", "upper", (parts, voco)), ("lower-k1", "lower", (parts, voco)),
+                                     ("voco-k1", "voco", (fine, tuned.voco))):
+        want = reference_answers(p, v, "authors", condition, world["tmp"] / "questions.jsonl", world["tmp"] / "img")
+        got = {r["question_id"]: r["text"] for r in answers(out, label)}
+        assert got.keys() == want.keys()
+        for qid, (text, gap) in want.items():
+            if gap > MARGIN:
+                assert got[qid] == text, (label, qid)
+                compared += 1
+    assert compared >= 10
+    assert [r["text"] for r in answers(out, "voco-k1")] != [r["text"] for r in answers(out, "lower-k1")]
 
 
 def test_rerun_resumes_without_recomputing(world, evaluated, monkeypatch, capsys):
