@@ -317,11 +317,8 @@ def with_language(parts: LlavaParts, llm_path, projector_path, attn: str = "sdpa
     language = load_llm(str(llm_path), dtype=parts.dtype, device=parts.device)
     if attn in ("sdpa", "eager"):
         language.model.set_attn_implementation(attn)
-    hidden = language.model.config.hidden_size
-    check_projector(state, parts.vision.width, hidden, projector_path)
-    projector = mlp2x_gelu(parts.vision.width, hidden)
-    projector.load_state_dict(state)
-    projector = projector.to(parts.device, next(parts.projector.parameters()).dtype)
+    projector = _projector(state, projector_path, parts.vision.width, language.model.config.hidden_size,
+                           parts.device, next(parts.projector.parameters()).dtype)
     for module in (projector, language.model):
         module.eval()
         for q in module.parameters():
@@ -399,13 +396,18 @@ def _load_parts(llm_path, vision_path, projector_path, dtype, device, pad: bool,
     else:
         vision = VisionFeatures(_hf_clip_tower(vision_path, dtype), feature_layer, "default").to(device)
         preprocess = ImagePreprocess(vision_path, pad)
-    hidden = language.model.config.hidden_size
-    check_projector(state, vision.width, hidden, projector_path)
-    projector = mlp2x_gelu(vision.width, hidden)
-    projector.load_state_dict(state)
-    projector = projector.to(device, dtype)
+    projector = _projector(state, projector_path, vision.width, language.model.config.hidden_size,
+                           device, dtype)
     return LlavaParts(vision, projector, language, preprocess, None,
                       f"llava-parts:{language.ident}+{vision_path}+{projector_path}")
+
+
+def _projector(state: dict, path, width: int, hidden: int, device, dtype) -> nn.Module:
+    """``read_projector``'s state as LLaVA's mlp2x_gelu from ``width`` to ``hidden``, checked."""
+    check_projector(state, width, hidden, path)
+    projector = mlp2x_gelu(width, hidden)
+    projector.load_state_dict(state)
+    return projector.to(device, dtype)
 
 
 def _hf_clip_tower(path: Path, dtype):
