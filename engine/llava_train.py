@@ -101,10 +101,6 @@ class RunOrder:
         return self.order(epoch)[at * self.batch_size:(at + 1) * self.batch_size]
 
 
-def step_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
-    """The dataset indices of global step ``step`` in the random order."""
-    return RunOrder(n, batch_size, seed).step(step)
-
 
 def my_micro_batches(indices: list[int], rank: int, world: int, micro: int) -> list[list[int]]:
     """This process's share of a step (every world-th sample from ``rank``) in micro-batches."""
@@ -258,12 +254,13 @@ class StepLoader(torch.utils.data.Dataset):
         step = self.steps[i]
         try:
             indices = self.run_order.step(step)
-            norms = step_norms([self.data[j] for j in indices], self.reader, self.kl_on)
+            tokenised = {j: self.data[j] for j in indices}
+            norms = step_norms(list(tokenised.values()), self.reader, self.kl_on)
             batches = my_micro_batches(indices, self.rank, self.world, self.micro)
             filler = self.fill and not batches
             out = []
             for batch in (batches or ([indices[:1]] if filler else [])):
-                samples = [self.data[j] for j in batch]
+                samples = [tokenised[j] for j in batch]
                 out.append((samples, load_pixels(self.preprocess, [self.data.image_path(s) for s in samples])))
             return StepInputs(step, norms, out, filler)
         except V2LError as e:       # one line in the reader's process, not a worker's traceback

@@ -301,11 +301,15 @@ def load_llava(path=None, llm=None, vision=None, projector=None, dtype=None, dev
                            "directory as --llava)")
         parts = _load_parts(llm, vision, projector, torch_dtype, device, pad, attn, feature_layer,
                             vision_pretrained, vision_allow_unsafe)
-    for module in (parts.vision, parts.projector, parts.llm):
-        module.eval()
-        for p in module.parameters():
-            p.requires_grad_(False)
+    _freeze(parts.vision, parts.projector, parts.llm)
     return parts
+
+
+def _freeze(*modules: nn.Module) -> None:
+    """Eval mode, no gradients."""
+    for module in modules:
+        module.eval()
+        module.requires_grad_(False)
 
 
 def with_language(parts: LlavaParts, llm_path, projector_path, attn: str = "sdpa") -> LlavaParts:
@@ -319,10 +323,7 @@ def with_language(parts: LlavaParts, llm_path, projector_path, attn: str = "sdpa
         language.model.set_attn_implementation(attn)
     projector = _projector(state, projector_path, parts.vision.width, language.model.config.hidden_size,
                            parts.device, next(parts.projector.parameters()).dtype)
-    for module in (projector, language.model):
-        module.eval()
-        for q in module.parameters():
-            q.requires_grad_(False)
+    _freeze(projector, language.model)
     return LlavaParts(parts.vision, projector, language, parts.image_processor, parts.image_token_id,
                       f"llava-parts:{language.ident}+{parts.ident}+{projector_path}")
 
