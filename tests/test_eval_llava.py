@@ -347,7 +347,11 @@ def test_bad_inputs_one_line(world, capsys):
         (flags(world, "bad5", max_new_tokens=100), "over the LLM context of 256"),
         (flags(world, "bad6", voco_dir=tmp / "voco_system", layout="authors"),
          "trained in the 'system' layout"),
+        (flags(world, "bad7", voco_dir=tmp / "voco_trained_unfinished"), "llm: not found"),
     ]
+    import shutil      # a fully fine-tuned reader's directory without its LLM
+    shutil.copytree(tmp / "voco_trained", tmp / "voco_trained_unfinished", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("llm"))
     for f, message in cases:
         capsys.readouterr()
         assert run("eval_llava.py", **f) == 2
